@@ -1,0 +1,84 @@
+"""Atomic writes and machine-readable records.
+
+Every artifact is written to a temporary file next to its destination and renamed into
+place, so a crash or a full disk never leaves a half-written file that looks complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+class DiskFullError(OSError):
+    """Raised when a write fails for lack of space; nothing partial is left behind."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    """Call ``write(fileobj)`` on a temporary file, fsync it, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                e.errno,
+                f"disk full while writing {path}: free some space (or choose another --out) "
+                "and run the same command again; finished work is kept and resumes",
+            ) from e
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n"
+    return atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    return atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON line (a record of progress). Appends are line-atomic for small lines."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True, default=_jsonable) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, slice):
+        return [obj.start, obj.stop]
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")

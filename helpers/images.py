@@ -1,0 +1,167 @@
+"""Image sources: a folder, a text file of paths, or Imagenette; labels from ImageNet wnids.
+
+Every source resolves to an ``ImageList``: a sorted list of files with an optional
+ImageNet class per file (read from a wnid in the file or folder name, e.g.
+``n01440764_tench.JPEG`` or ``train/n01440764/x.JPEG``). Loading converts any mode PIL
+reads (greyscale, CMYK, RGBA, palette PNG) to RGB and resizes small images up; a file that
+cannot be decoded is reported back, never raised, so a harvest counts and lists it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+WNID = re.compile(r"(?<![0-9a-z])(n\d{8})(?![0-9])")
+RESIZE, CROP = 256, 224
+
+
+@lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[tuple[str, str], ...]:
+    """The 1000 ILSVRC-2012 classes as ``(wnid, label)``; position = class index."""
+    path = Path(__file__).parent / "data" / "imagenet_classes.tsv"
+    rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines() if not line.startswith("#")]
+    return tuple((w, l) for w, l in rows)
+
+
+@lru_cache(maxsize=1)
+def _class_index() -> dict[str, int]:
+    return {wnid: i for i, (wnid, _) in enumerate(imagenet_classes())}
+
+
+def wnid_of(path: Path) -> str | None:
+    """The ImageNet wnid in a file's name or, failing that, its nearest folder name."""
+    for part in (path.name, *(p.name for p in path.parents)):
+        m = WNID.search(part)
+        if m and m.group(1) in _class_index():
+            return m.group(1)
+    return None
+
+
+@dataclass
+class ImageList:
+    """Files in a fixed order, with ImageNet class indices (-1 where unknown)."""
+
+    paths: list[Path]
+    classes: list[int] = field(default_factory=list)
+    source: str = ""
+
+    def __post_init__(self):
+        if not self.classes:
+            idx = _class_index()
+            self.classes = [idx.get(wnid_of(p) or "", -1) for p in self.paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def head(self, n: int | None) -> "ImageList":
+        if n is None or n >= len(self):
+            return self
+        return ImageList(self.paths[:n], self.classes[:n], self.source)
+
+    def to_record(self) -> dict:
+        labels = imagenet_classes()
+        return {
+            "source": self.source,
+            "paths": [str(p) for p in self.paths],
+            "classes": self.classes,
+            "labels": [labels[c][1] if c >= 0 else None for c in self.classes],
+        }
+
+
+def list_images(source: str | Path, *, cache_dir: str | Path | None = None) -> ImageList:
+    """Resolve an image source to an ``ImageList``.
+
+    source: a folder (searched recursively), a ``.txt`` file of paths (one per line,
+    relative to the file), or ``"imagenette"`` (torchvision's Imagenette validation split,
+    downloaded once into ``cache_dir``).
+    """
+    if str(source) == "imagenette":
+        return _imagenette(cache_dir)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise FileNotFoundError(
+                f"no images in {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, recursively); "
+                "point --images at a folder of images, a .txt list of paths, or 'imagenette'"
+            )
+        return ImageList(files, source=str(path))
+    if path.is_file() and path.suffix.lower() == ".txt":
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        files = [(path.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines if ln and not ln.startswith("#")]
+        if not files:
+            raise FileNotFoundError(f"the image list {path} names no files")
+        return ImageList(files, source=str(path))
+    raise FileNotFoundError(
+        f"image source {str(source)!r} not found: give a folder of images, a .txt list of paths, or 'imagenette'"
+    )
+
+
+def default_cache_dir() -> Path:
+    return Path(torch.hub.get_dir()).parent / "inception-sae" / "datasets"
+
+
+def _imagenette(cache_dir) -> ImageList:
+    from torchvision.datasets import Imagenette
+
+    root = Path(cache_dir or default_cache_dir())
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        ds = Imagenette(str(root), split="val", size="320px", download=not (root / "imagenette2-320").is_dir())
+    except Exception as e:  # network errors surface as URLError, OSError, RuntimeError
+        raise FileNotFoundError(
+            f"could not download Imagenette into {root} ({e}). With internet this happens once; "
+            "offline, pass --images with a folder of images instead"
+        ) from e
+    del ds  # downloaded and verified; its folders are named by wnid
+    images = list_images(root / "imagenette2-320" / "val")
+    images.source = "imagenette:val:320px"
+    return images
+
+
+def load_image(path: Path, resize: int = RESIZE, crop: int = CROP) -> np.ndarray:
+    """Decode, convert to RGB, Resize(resize) + CenterCrop(crop): uint8 [crop, crop, 3]."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")
+        # torchvision Resize(256): shorter side to 256; then CenterCrop(224)
+        img = TF.center_crop(TF.resize(img, resize), crop)
+        return np.array(img, dtype=np.uint8)
+
+
+class ImageDataset(Dataset):
+    """Items are ``(index, uint8 tensor [3, H, W] or None, error message or None)``."""
+
+    def __init__(self, images: ImageList, resize: int = RESIZE, crop: int = CROP):
+        self.images, self.resize, self.crop = images, resize, crop
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        try:
+            arr = load_image(self.images.paths[i], self.resize, self.crop)
+        except Exception as e:  # a corrupt, truncated or non-image file: reported, not raised
+            return i, None, f"{type(e).__name__}: {e}"
+        return i, torch.from_numpy(arr).permute(2, 0, 1).contiguous(), None
+
+
+def collate(items):
+    """Stack the images that decoded; return ``(indices, images, [(index, error), ...])``."""
+    good = [(i, x) for i, x, err in items if err is None]
+    bad = [(i, err) for i, _, err in items if err is not None]
+    if good:
+        idx = torch.tensor([i for i, _ in good], dtype=torch.long)
+        return idx, torch.stack([x for _, x in good]), bad
+    return torch.empty(0, dtype=torch.long), None, bad

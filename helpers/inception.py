@@ -1,0 +1,212 @@
+"""InceptionV1 (Lucid's ``inception5h``, via Lucent): weights, layers, branch slices, input.
+
+The paper studies the outputs of the mixed4a-mixed4e blocks. Each block concatenates four
+branches along channels, in this order: 1x1, 3x3, 5x5 and pool (the pool branch's 1x1
+projection). ``branch_slices`` reads the channel slice of each branch off the model itself,
+by watching which branch output lands where in the concatenation, so nothing here is a
+hard-coded width.
+
+Input convention: RGB pixels in [0, 1], mapped by ``x * 255 - 117`` (what Lucent's
+``render_vis`` does for this model); not torchvision's mean/std normalisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import urllib.error
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MIXED_LAYERS = ("mixed3a", "mixed3b", "mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e", "mixed5a", "mixed5b")
+PAPER_LAYERS = ("mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e")
+BRANCHES = ("1x1", "3x3", "5x5", "pool")
+# the module whose output is each branch's contribution to the concatenation
+_BRANCH_MODULE = {"1x1": "{}_1x1", "3x3": "{}_3x3", "5x5": "{}_5x5", "pool": "{}_pool_reduce"}
+
+LUCENT_URL = "https://github.com/ProGamerGov/pytorch-old-tensorflow-models/raw/master/inception5h.pth"
+RANDOM_WARNING = (
+    "InceptionV1 has RANDOM weights: everything computed from it tests the pipeline only "
+    "and is not a result about the trained network"
+)
+
+
+class WeightsUnavailable(RuntimeError):
+    """The pretrained weights could not be fetched or read."""
+
+
+def check_layers(layers) -> tuple[str, ...]:
+    """Validate layer names; return them in network order."""
+    if isinstance(layers, str):
+        layers = [s.strip() for s in layers.split(",") if s.strip()]
+    layers = list(layers)
+    unknown = [name for name in layers if name not in MIXED_LAYERS]
+    if unknown:
+        raise ValueError(
+            f"layer {unknown[0]!r} is not a layer of InceptionV1; choose from {', '.join(MIXED_LAYERS)}"
+        )
+    if not layers:
+        raise ValueError(f"no layers given; choose from {', '.join(MIXED_LAYERS)}")
+    return tuple(name for name in MIXED_LAYERS if name in layers)
+
+
+def lucent_cache_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(LUCENT_URL).name
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
+               redirected_relu: bool = False, seed: int = 0) -> tuple[nn.Module, str]:
+    """Build Lucent's InceptionV1 and return ``(model, weights_id)`` in eval mode.
+
+    weights: ``"lucent"`` (Lucent's pretrained file, downloaded once into the torch hub
+    cache), ``"random"`` (explicitly random, seeded; for pipeline tests only), or a path to
+    a ``.pth`` state dict (loaded with ``weights_only=True``).
+    redirected_relu: Lucent's gradient-redirecting ReLU, useful for feature visualisation
+    from a random start; leave it off for attribution (it changes gradients, not values).
+    The ``weights_id`` names the weights in every artifact made with them.
+    """
+    from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = InceptionV1(pretrained=False, redirected_ReLU=redirected_relu)
+    if weights == "random":
+        weights_id = f"random(seed={seed})"
+        log.warning(RANDOM_WARNING)
+    elif weights == "lucent":
+        try:
+            state = torch.hub.load_state_dict_from_url(LUCENT_URL, progress=True, map_location="cpu",
+                                                       weights_only=True)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+            raise WeightsUnavailable(
+                f"could not download the pretrained InceptionV1 weights from {LUCENT_URL} ({e}). "
+                f"Download that file on a machine with internet and put it at {lucent_cache_path()}, "
+                "or pass weights=PATH.pth (--weights PATH.pth); weights='random' runs the pipeline "
+                "without meaning"
+            ) from e
+        model.load_state_dict(state)
+        weights_id = f"lucent:inception5h.pth:sha256={_sha256(lucent_cache_path())[:16]}"
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsUnavailable(
+                f"weights {weights!r} is neither 'lucent', 'random' nor an existing .pth file"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise WeightsUnavailable(
+                f"{path} is not an InceptionV1 (inception5h) state dict: "
+                f"missing {list(missing)[:3]}..., unexpected {list(unexpected)[:3]}..."
+            )
+        weights_id = f"file:{path.name}:sha256={_sha256(path)[:16]}"
+    model.weights_id = weights_id
+    return model.eval().requires_grad_(False).to(device), weights_id
+
+
+def is_random(weights_id: str) -> bool:
+    return weights_id.startswith("random")
+
+
+def model_input(pixels01: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1], [B, 3, H, W] -> the model's input scale."""
+    return pixels01 * 255.0 - 117.0
+
+
+def model_input_from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB [B, 3, H, W] -> model input; equals ``model_input(pixels / 255)``."""
+    return model_input(pixels.float() / 255.0)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class LayerCapture:
+    """Run the model and return the outputs of the named mixed layers.
+
+    The forward pass stops right after the last requested layer, so capturing mixed4a-4e
+    never computes mixed5a/5b or the classifier. One pass serves every layer.
+
+    >>> acts = LayerCapture(model, ["mixed4a", "mixed4c"])(x)   # {name: [B, C, H, W]}
+    """
+
+    def __init__(self, model: nn.Module, layers):
+        self.model = model
+        self.layers = check_layers(layers)
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        last = self.layers[-1]
+
+        def hook_for(name):
+            def hook(module, inputs, output):
+                out[name] = output
+                if name == last:
+                    raise _StopForward
+            return hook
+
+        handles = [getattr(self.model, name).register_forward_hook(hook_for(name)) for name in self.layers]
+        try:
+            self.model(x)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return out
+
+
+def branch_slices(model: nn.Module, layers=MIXED_LAYERS) -> dict[str, dict[str, tuple[int, int]]]:
+    """Channel range ``(start, stop)`` of each branch in each layer, read off the model.
+
+    A forward pass on a small input records every branch module's output tensor and the
+    tensors handed to each layer's concatenation; the position of each branch's tensor in
+    that list, and the widths before it, give its slice.
+    """
+    layers = check_layers(layers)
+    produced: dict[int, tuple[str, str]] = {}
+    concatenated: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for layer in layers:
+        for branch, pattern in _BRANCH_MODULE.items():
+            module = getattr(model, pattern.format(layer))
+            handles.append(module.register_forward_hook(
+                lambda m, i, o, key=(layer, branch): produced.__setitem__(id(o), key)))
+        handles.append(getattr(model, layer).register_forward_pre_hook(
+            lambda m, args, layer=layer: concatenated.__setitem__(layer, list(args[0]))))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            LayerCapture(model, layers)(torch.zeros(1, 3, 64, 64, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    slices: dict[str, dict[str, tuple[int, int]]] = {}
+    for layer in layers:
+        start, slices[layer] = 0, {}
+        for t in concatenated[layer]:
+            owner = produced.get(id(t))
+            if owner is None or owner[0] != layer:
+                raise RuntimeError(f"{layer}: a concatenated tensor does not come from a known branch")
+            slices[layer][owner[1]] = (start, start + t.shape[1])
+            start += t.shape[1]
+        if set(slices[layer]) != set(BRANCHES):
+            raise RuntimeError(f"{layer}: found branches {sorted(slices[layer])}, expected {BRANCHES}")
+    return slices
+
+
+def layer_width(slices: dict[str, tuple[int, int]]) -> int:
+    return max(stop for _, stop in slices.values())

@@ -1,0 +1,245 @@
+"""A TopK sparse autoencoder (Gao et al. 2024), as trained in the paper.
+
+    z  = TopK(W_enc (x - b_dec) + b_enc)      ReLU on the k kept values, 0 elsewhere
+    x' = W_dec z + b_dec
+
+x: [batch, d_in]; z: [batch, d_sae]. Weights are kept in SAELens' layout: ``W_enc``
+[d_in, d_sae], ``W_dec`` [d_sae, d_in] (row i of ``W_dec`` is latent i's decoder
+direction, the vector whose split over InceptionV1's branches the paper measures).
+
+tied="full": one matrix, W_dec = W_enc^T throughout training (the paper's released code).
+tied="init": W_dec starts as W_enc^T, then trains separately with unit-norm rows and the
+gradient's radial part projected out (Gao et al.).
+
+Only the encoder's pre-activations are dense ([batch, d_sae]: the one big matmul). Past the
+TopK everything works on the k kept latents: the decoder is an ``embedding_bag`` over them,
+and the backward pass touches only their rows of W_enc and W_dec.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TIED = ("full", "init")
+WEIGHTS_FILE, CFG_FILE = "sae_weights.safetensors", "cfg.json"
+
+
+class _KeptPreacts(torch.autograd.Function):
+    """``pre[b, j] = x_c[b] . W[idx[b, j]] + b_enc[idx[b, j]]`` for the kept latents.
+
+    The values come from the dense matmul already done for the TopK; the backward pass is
+    sparse: O(batch * k * d_in) instead of O(batch * d_sae * d_in).
+    """
+
+    @staticmethod
+    def forward(ctx, x_c, weight, b_enc, idx, values):
+        ctx.save_for_backward(x_c, weight, idx)
+        ctx.d_sae = b_enc.shape[0]
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_c, weight, idx = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx, weight, per_sample_weights=grad, mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_w = _scatter_rows(idx, grad, x_c.to(weight.dtype), weight)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(ctx.d_sae, dtype=grad.dtype, device=grad.device)
+            grad_b.index_add_(0, idx.flatten(), grad.flatten())
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _scatter_rows(idx, coef, rows_in, like):
+    """``out[r] = sum over (b, j) with idx[b, j] == r of coef[b, j] * rows_in[b]``, [d_sae, d_in].
+
+    This is the weight gradient of ``embedding_bag``, which torch computes without
+    materialising [batch, k, d_in]; we borrow it.
+    """
+    w = like.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = F.embedding_bag(idx, w, per_sample_weights=coef, mode="sum")
+    return torch.autograd.grad(out, w, rows_in)[0]
+
+
+class SparseCode(NamedTuple):
+    values: torch.Tensor  # [batch, k] after ReLU
+    indices: torch.Tensor  # [batch, k] latent ids
+
+
+class TrainOutput(NamedTuple):
+    x_hat: torch.Tensor  # [batch, d_in]
+    code: SparseCode
+    aux_recon: torch.Tensor | None  # [batch, d_in], AuxK reconstruction of the residual
+
+
+class TopKSAE(nn.Module):
+    def __init__(self, d_in: int, d_sae: int, k: int = 32, tied: str = "full", *, seed: int | None = None):
+        super().__init__()
+        if tied not in TIED:
+            raise ValueError(f"tied={tied!r}; choose 'full' (the paper's code) or 'init' (Gao et al.)")
+        if not 0 < k <= d_sae:
+            raise ValueError(f"k={k} must be between 1 and d_sae={d_sae}")
+        self.d_in, self.d_sae, self.k, self.tied = d_in, d_sae, k, tied
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        directions = torch.randn(d_sae, d_in, generator=gen)
+        directions /= directions.norm(dim=1, keepdim=True)
+        self.encoder_weight = nn.Parameter(directions)  # [d_sae, d_in], row i = latent i's encoder
+        self.decoder_weight = nn.Parameter(directions.clone()) if tied == "init" else None
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    # --- weights in SAELens' layout ---------------------------------------------------
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """[d_in, d_sae]."""
+        return self.encoder_weight.T
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        """[d_sae, d_in]; for tied='full' the same tensor as the encoder's rows."""
+        return self.encoder_weight if self.decoder_weight is None else self.decoder_weight
+
+    @property
+    def decoder_directions(self) -> torch.Tensor:
+        """[d_sae, d_in]: latent i writes ``z_i * W_dec[i]`` into the layer."""
+        return self.W_dec
+
+    # --- the model ----------------------------------------------------------------------
+    def preacts(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense encoder pre-activations ``W_enc (x - b_dec) + b_enc``, [batch, d_sae]."""
+        return torch.addmm(self.b_enc, x - self.b_dec, self.encoder_weight.T)
+
+    def encode_topk(self, x: torch.Tensor) -> SparseCode:
+        """The k kept latents per vector: values [batch, k] (after ReLU) and their indices."""
+        return self._topk(x - self.b_dec, self.k)[0]
+
+    def _topk(self, x_c, k, dead: torch.Tensor | None = None, aux_k: int = 0):
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, x_c, self.encoder_weight.T)
+            kept, idx = pre.topk(k, dim=-1, sorted=False)
+            if aux_k:
+                aux_kept, aux_idx = pre.masked_fill_(~dead, float("-inf")).topk(aux_k, dim=-1, sorted=False)
+        code = SparseCode(F.relu(_KeptPreacts.apply(x_c, self.encoder_weight, self.b_enc, idx, kept.float())), idx)
+        aux = None
+        if aux_k:
+            aux = SparseCode(F.relu(_KeptPreacts.apply(x_c, self.encoder_weight, self.b_enc, aux_idx,
+                                                       aux_kept.float())), aux_idx)
+        return code, aux
+
+    def decode_topk(self, code: SparseCode, bias: bool = True) -> torch.Tensor:
+        """Sum of the kept latents' decoder rows, [batch, d_in]; no dense [batch, d_sae]."""
+        out = F.embedding_bag(code.indices, self.W_dec, per_sample_weights=code.values.to(self.W_dec.dtype),
+                              mode="sum")
+        return out + self.b_dec if bias else out
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense latents z [batch, d_sae] (zeros except the k kept), as SAELens' ``encode``."""
+        code = self.encode_topk(x)
+        return torch.zeros(x.shape[0], self.d_sae, dtype=code.values.dtype, device=x.device).scatter_(
+            1, code.indices, code.values)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Dense latents z [batch, d_sae] -> x' [batch, d_in]."""
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode_topk(self.encode_topk(x))
+
+    def forward_train(self, x: torch.Tensor, dead: torch.Tensor | None = None, aux_k: int = 0) -> TrainOutput:
+        """Reconstruction plus, when ``dead`` [d_sae] marks dead latents, the AuxK code."""
+        aux_k = min(aux_k, int(dead.sum())) if (aux_k and dead is not None) else 0
+        code, aux = self._topk(x - self.b_dec, self.k, dead, aux_k)
+        aux_recon = self.decode_topk(aux, bias=False) if aux is not None else None
+        return TrainOutput(self.decode_topk(code), code, aux_recon)
+
+    # --- Gao et al.'s decoder constraint (tied="init") ------------------------------------
+    @torch.no_grad()
+    def remove_radial_grad(self) -> None:
+        """Project out the gradient component parallel to each decoder row."""
+        w = self.decoder_weight
+        if w is not None and w.grad is not None:
+            w.grad -= (w.grad * w).sum(dim=1, keepdim=True) * w
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        if self.decoder_weight is not None:
+            self.decoder_weight /= self.decoder_weight.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    # --- saving, in a layout SAELens' SAE.load_from_disk reads ---------------------------
+    def config(self) -> dict:
+        return {
+            "architecture": "topk", "d_in": self.d_in, "d_sae": self.d_sae, "k": self.k,
+            "activation_fn_kwargs": {"k": self.k}, "apply_b_dec_to_input": True,
+            "normalize_activations": "none", "dtype": "float32", "device": "cpu", "tied": self.tied,
+        }
+
+    def save(self, directory: str | Path, **extra) -> Path:
+        """Write ``cfg.json`` (architecture, sizes, plus ``extra`` keys) and the weights."""
+        from safetensors.torch import save as save_bytes
+
+        from .files import atomic_write, write_json
+
+        directory = Path(directory)
+        tensors = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
+        data = save_bytes({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
+        atomic_write(directory / WEIGHTS_FILE, lambda f: f.write(data))
+        write_json(directory / CFG_FILE, {**extra, **self.config()})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "TopKSAE":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / CFG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{directory} is not a saved SAE: it needs {CFG_FILE} and {WEIGHTS_FILE}")
+        cfg = json.loads((directory / CFG_FILE).read_text())
+        if cfg.get("architecture") != "topk":
+            raise ValueError(f"{directory} holds a {cfg.get('architecture')!r} SAE, not a TopK SAE")
+        k = cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k")
+        tensors = load_file(directory / WEIGHTS_FILE)
+        tied = cfg.get("tied", "init")
+        if tied == "full" and not torch.equal(tensors["W_enc"].T, tensors["W_dec"]):
+            raise ValueError(f"{directory} says tied='full' but its W_enc is not W_dec^T")
+        sae = cls(cfg["d_in"], cfg["d_sae"], k, tied)
+        with torch.no_grad():
+            sae.encoder_weight.copy_(tensors["W_enc"].T)
+            if sae.decoder_weight is not None:
+                sae.decoder_weight.copy_(tensors["W_dec"])
+            sae.b_enc.copy_(tensors["b_enc"])
+            sae.b_dec.copy_(tensors["b_dec"])
+        sae.cfg = cfg
+        return sae.to(device)
+
+
+# --- losses and metrics -------------------------------------------------------------------
+def normalized_mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The paper's loss: mean over vectors of ||x' - x||^2 / ||x||^2."""
+    return ((x_hat - x).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
+def fvu(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained: sum ||x - x'||^2 / sum ||x - mean(x)||^2."""
+    return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of distances to the rows of x."""
+    x = x.float()
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=1).clamp_min(1e-8)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - m).norm() <= tol * m.norm().clamp_min(1e-8):
+            return new
+        m = new
+    return m

@@ -1,0 +1,200 @@
+"""The on-disk activation store a harvest writes, and shuffled batches streamed from it.
+
+Layout of a run directory::
+
+    manifest.json                      what produced the store (model, weights, layers,
+                                       branch slices, sampling, seed, images and labels)
+    shards/000123.json                 the commit record of shard 123: its image range,
+                                       vectors per layer and skipped files
+    mixed4c/000123.vectors.npy         float16 [n, d]: the harvested activation vectors
+    mixed4c/000123.provenance.npy      [n] (image, y, x, norm) of each vector
+    harvest.jsonl                      one progress record per finished shard
+
+A shard counts only once its record exists; the record is written last, atomically, so a
+crash or a full disk never leaves a partial shard that looks complete. Arrays are plain
+``.npy`` files, memory-mapped on reading: nothing loads a whole store into memory.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .files import read_json, write_json, write_npy
+
+PROVENANCE = np.dtype([("image", "<i4"), ("y", "<i2"), ("x", "<i2"), ("norm", "<f4")])
+
+
+class StoreError(RuntimeError):
+    """The run directory is missing, unreadable or does not hold what was asked for."""
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:06d}"
+
+
+def shard_record_path(run: Path, shard: int) -> Path:
+    return Path(run) / "shards" / f"{shard_name(shard)}.json"
+
+
+def finished_shards(run: Path) -> list[int]:
+    folder = Path(run) / "shards"
+    return sorted(int(p.stem) for p in folder.glob("[0-9]*.json")) if folder.is_dir() else []
+
+
+def read_shard_record(run: Path, shard: int) -> dict:
+    return read_json(shard_record_path(run, shard))
+
+
+def write_shard(run: Path, shard: int, arrays: dict[str, tuple[np.ndarray, np.ndarray]], record: dict) -> None:
+    """Write every layer's (vectors, provenance) for a shard, then its record (the commit)."""
+    for layer, (vectors, provenance) in arrays.items():
+        write_npy(Path(run) / layer / f"{shard_name(shard)}.vectors.npy", vectors)
+        write_npy(Path(run) / layer / f"{shard_name(shard)}.provenance.npy", provenance)
+    write_json(shard_record_path(run, shard), record)
+
+
+def read_manifest(run: str | Path) -> dict:
+    path = Path(run) / "manifest.json"
+    if not path.is_file():
+        raise StoreError(
+            f"{run} has no manifest.json, so it is not a harvest run directory; "
+            "make one with `python -m helpers harvest --out DIR ...`"
+        )
+    try:
+        return read_json(path)
+    except ValueError as e:
+        raise StoreError(f"{path} is not readable JSON ({e}); rerun the harvest into a fresh --out") from e
+
+
+class ActivationStore:
+    """The vectors of one layer of a harvest run, shard by shard, memory-mapped.
+
+    >>> store = ActivationStore("runs/smoke/harvest", "mixed4c")
+    >>> store.d, len(store)           # width, number of vectors
+    >>> store.vectors(0)[:5]          # float16 memmap [n, d] of shard 0
+    >>> store.provenance(0)["image"]  # which image each vector came from
+    """
+
+    def __init__(self, run: str | Path, layer: str, *, allow_partial: bool = False):
+        self.run = Path(run)
+        self.manifest = read_manifest(self.run)
+        layers = self.manifest["layers"]
+        if layer not in layers:
+            raise StoreError(f"layer {layer!r} was not harvested in {self.run}; it holds {', '.join(layers)}")
+        if not self.manifest.get("complete") and not allow_partial:
+            raise StoreError(
+                f"the harvest in {self.run} is not finished; run the same harvest command again to "
+                "complete it (it resumes), or pass allow_partial=True to read the finished shards"
+            )
+        self.layer = layer
+        self.shards = finished_shards(self.run)
+        self.records = {k: read_shard_record(self.run, k) for k in self.shards}
+        self.d = int(self.manifest["widths"][layer])
+        self.branch_slices = {b: tuple(s) for b, s in self.manifest["branch_slices"][layer].items()}
+        self.weights_id = self.manifest["weights_id"]
+
+    def __len__(self) -> int:
+        return sum(r["vectors"] for r in self.records.values())
+
+    def _path(self, shard: int, kind: str) -> Path:
+        return self.run / self.layer / f"{shard_name(shard)}.{kind}.npy"
+
+    def _open(self, shard: int, kind: str) -> np.ndarray:
+        path = self._path(shard, kind)
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise StoreError(f"cannot read {path} ({e}); delete {shard_record_path(self.run, shard)} "
+                             "and rerun the harvest to rewrite that shard") from e
+
+    def vectors(self, shard: int) -> np.ndarray:
+        """float16 memmap [n, d]."""
+        return self._open(shard, "vectors")
+
+    def provenance(self, shard: int) -> np.ndarray:
+        """Structured memmap [n] with fields image, y, x, norm."""
+        return self._open(shard, "provenance")
+
+    def vector_arrays(self) -> list[np.ndarray]:
+        return [self.vectors(k) for k in self.shards]
+
+    def load(self, max_vectors: int | None = None) -> np.ndarray:
+        """The first ``max_vectors`` vectors (all by default) as one float16 array."""
+        out, n = [], 0
+        for k in self.shards:
+            if max_vectors is not None and n >= max_vectors:
+                break
+            v = self.vectors(k)
+            take = v if max_vectors is None else v[: max_vectors - n]
+            out.append(np.asarray(take))
+            n += len(take)
+        return np.concatenate(out) if out else np.zeros((0, self.d), np.float16)
+
+    def load_provenance(self) -> np.ndarray:
+        return np.concatenate([np.asarray(self.provenance(k)) for k in self.shards])
+
+
+def _rng(*keys) -> np.random.Generator:
+    return np.random.default_rng([zlib.crc32(repr(keys).encode())])
+
+
+class ShuffledBatches:
+    """An endless, deterministic, resumable stream of shuffled batches over row arrays.
+
+    The rows of all ``arrays`` (memmaps are fine) are cut into blocks; each epoch visits
+    the blocks in a seeded random order, loads ``buffer_rows`` rows at a time and shuffles
+    them. Row position ``p`` of the stream is a fixed function of the seed, so
+    ``batches(start=p)`` continues a stream exactly where an interrupted run stopped.
+    """
+
+    def __init__(self, arrays: Sequence[np.ndarray], batch_size: int, seed: int = 0, *,
+                 buffer_rows: int = 1 << 20, block_rows: int = 1 << 15):
+        self.arrays = [a for a in arrays if len(a)]
+        if not self.arrays:
+            raise StoreError("no vectors to train on: the store or file is empty")
+        self.batch_size, self.seed = batch_size, seed
+        self.buffer_rows = max(buffer_rows, block_rows)
+        self.blocks = [(i, s, min(s + block_rows, len(a)))
+                       for i, a in enumerate(self.arrays) for s in range(0, len(a), block_rows)]
+        self.rows = sum(len(a) for a in self.arrays)
+        self.d = self.arrays[0].shape[1]
+
+    def _chunks(self, epoch: int) -> list[list[tuple[int, int, int]]]:
+        order = _rng(self.seed, "blocks", epoch).permutation(len(self.blocks))
+        chunks, current, n = [], [], 0
+        for b in order:
+            block = self.blocks[b]
+            if current and n + block[2] - block[1] > self.buffer_rows:
+                chunks.append(current)
+                current, n = [], 0
+            current.append(block)
+            n += block[2] - block[1]
+        return chunks + [current]
+
+    def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
+        """float32 tensors [batch_size, d], starting at stream row ``start``."""
+        epoch, skip = divmod(start, self.rows)
+        carry = np.zeros((0, self.d), dtype=self.arrays[0].dtype)
+        while True:
+            for c, chunk in enumerate(self._chunks(epoch)):
+                size = sum(stop - s for _, s, stop in chunk)
+                if skip >= size:
+                    skip -= size
+                    continue
+                rows = np.concatenate([self.arrays[i][s:stop] for i, s, stop in chunk])
+                rows = rows[_rng(self.seed, "rows", epoch, c).permutation(len(rows))][skip:]
+                skip = 0
+                carry = np.concatenate([carry, rows]) if len(carry) else rows
+                while len(carry) >= self.batch_size:
+                    yield torch.from_numpy(np.ascontiguousarray(carry[: self.batch_size])).float()
+                    carry = carry[self.batch_size:]
+            epoch += 1
+
+
+def save_manifest(run: Path, manifest: dict) -> None:
+    write_json(Path(run) / "manifest.json", manifest)

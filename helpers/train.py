@@ -1,0 +1,254 @@
+"""Train a TopK SAE on harvested activation vectors (or any [N, d] array).
+
+The budget is counted in vectors seen (the paper: about 1e9 per SAE). Batches stream
+shuffled from the memory-mapped store (``store.ShuffledBatches``), so a store larger than
+RAM trains fine. A held-out slice of the vectors gives the final FVU.
+
+Records, all in ``--out``: ``metrics.jsonl`` (one line per logging step), ``checkpoint.safetensors``
+(weights, Adam state, dead-latent counters; no pickle), and at the end the SAE itself
+(``cfg.json`` + ``sae_weights.safetensors``, SAELens' layout) with ``train.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .files import append_jsonl, atomic_write, write_json
+from .sae import TIED, TopKSAE, fvu, geometric_median, normalized_mse
+from .store import ActivationStore, ShuffledBatches, StoreError
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    run: str | None = field(default=None, metadata={"help": "harvest run directory (with --layer)"})
+    layer: str | None = field(default=None, metadata={"help": "layer of the run to train on, e.g. mixed4c"})
+    vectors: str | None = field(default=None, metadata={"help": "instead of --run: an .npy file of shape [N, d]"})
+    out: str = field(default="runs/sae", metadata={"help": "directory for the SAE, metrics and checkpoints"})
+    expansion: int = field(default=16, metadata={"help": "latents = expansion x layer width"})
+    k: int = field(default=32, metadata={"help": "latents kept per vector"})
+    tied: str = field(default="full", metadata={"help": "full (paper's code: W_dec = W_enc^T) or init (Gao et al.)",
+                                                            "choices": TIED})
+    aux_k: int = field(default=0, metadata={"help": "AuxK latents against dead latents (0: off; Gao: d_in/2)"})
+    aux_coef: float = field(default=1 / 32, metadata={"help": "weight of the AuxK loss"})
+    lr: float | None = field(default=None, metadata={"help": "Adam learning rate (default 2e-4 / sqrt(latents / 2^14))"})
+    batch_size: int = field(default=4096, metadata={"help": "vectors per step"})
+    vectors_seen: int = field(default=10_000_000, metadata={"help": "training budget in vectors (paper: ~1e9)"})
+    dead_after: int = field(default=1_000_000, metadata={"help": "a latent silent for this many vectors is dead"})
+    holdout: int = field(default=16384, metadata={"help": "vectors held out for the final FVU"})
+    log_every: int = field(default=25, metadata={"help": "steps between metrics records"})
+    checkpoint_every: int = field(default=5_000_000, metadata={"help": "vectors between checkpoints"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+    seed: int = field(default=0, metadata={"help": "seeds initialisation and data order"})
+    resume: bool = field(default=False, metadata={"help": "continue from --out's checkpoint"})
+
+
+# settings a resumed run must share with the checkpoint (the budget may grow)
+_RESUME_KEYS = ("run", "layer", "vectors", "expansion", "k", "tied", "aux_k", "aux_coef", "lr", "batch_size",
+                "seed", "holdout", "dead_after")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def default_lr(d_sae: int) -> float:
+    """Gao et al.'s scaling of the learning rate with the number of latents."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def open_source(cfg: TrainConfig) -> tuple[list[np.ndarray], dict]:
+    """The arrays to train on and what is known about them (layer, branch slices, weights)."""
+    if (cfg.run is None) == (cfg.vectors is None):
+        raise ValueError("give either --run DIR --layer NAME (a harvest) or --vectors FILE.npy, not both or neither")
+    if cfg.run is not None:
+        if cfg.layer is None:
+            raise ValueError("--run needs --layer (e.g. --layer mixed4c)")
+        store = ActivationStore(cfg.run, cfg.layer)
+        return store.vector_arrays(), {"layer": cfg.layer, "branch_slices": store.branch_slices,
+                                       "weights_id": store.weights_id, "source": str(Path(cfg.run).resolve())}
+    path = Path(cfg.vectors)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"cannot read {path} as an .npy array ({e})") from e
+    if array.ndim != 2 or array.dtype.kind != "f":
+        raise StoreError(f"{path} holds a {array.dtype} array of shape {array.shape}; need float [N, d]")
+    info = {"layer": cfg.layer, "branch_slices": None, "weights_id": None, "source": str(path.resolve())}
+    if cfg.layer is not None:
+        from .inception import branch_slices, layer_width, load_model
+
+        slices = branch_slices(load_model("random")[0], [cfg.layer])[cfg.layer]
+        if layer_width(slices) != array.shape[1]:
+            raise StoreError(f"{path} has vectors of width {array.shape[1]} but {cfg.layer} is "
+                             f"{layer_width(slices)} wide; pass the matching --layer or none")
+        info["branch_slices"] = slices
+    return [array], info
+
+
+def _split_holdout(arrays: list[np.ndarray], holdout: int):
+    total = sum(len(a) for a in arrays)
+    n = min(holdout, total // 10)
+    last = arrays[-1]
+    n = min(n, len(last) - 1) if len(last) > 1 else 0
+    return arrays[:-1] + [last[: len(last) - n]], last[len(last) - n:]
+
+
+def _save_checkpoint(path: Path, sae, opt, since_fired, vectors_seen, step, cfg) -> None:
+    from safetensors.torch import save as save_bytes
+
+    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
+    names = {id(p): n for n, p in sae.named_parameters()}
+    for p, st in opt.state.items():
+        for key, value in st.items():
+            tensors[f"adam/{names[id(p)]}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["since_fired"] = since_fired.cpu()
+    meta = {"vectors_seen": str(vectors_seen), "step": str(step), "config": json.dumps(asdict(cfg))}
+    data = save_bytes(tensors, metadata=meta)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _load_checkpoint(path: Path, sae, opt, cfg, device):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    old = json.loads(meta["config"])
+    differ = [k for k in _RESUME_KEYS if old.get(k) != asdict(cfg).get(k)]
+    if differ:
+        raise ValueError(f"cannot resume: the checkpoint in {path.parent} was made with other settings "
+                         f"({', '.join(f'{k}={old.get(k)!r}' for k in differ)}); use those or a new --out")
+    with torch.no_grad():
+        for n, p in sae.named_parameters():
+            p.copy_(tensors[f"param/{n}"])
+    names = dict(sae.named_parameters())
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith("adam/"):
+            _, n, field_name = key.split("/")
+            state.setdefault(n, {})[field_name] = value.to(device)
+    for n, st in state.items():
+        opt.state[names[n]] = st
+    return tensors["since_fired"].to(device), int(meta["vectors_seen"]), int(meta["step"])
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train (or resume) one SAE; returns the output directory."""
+    from .harvest import resolve_device
+
+    if cfg.tied not in TIED:
+        raise ValueError(f"--tied {cfg.tied!r}; choose from {', '.join(TIED)}")
+    arrays, info = open_source(cfg)
+    device = resolve_device(cfg.device)
+    cuda = device.type == "cuda"
+    d_in = arrays[0].shape[1]
+    d_sae = cfg.expansion * d_in
+    train_arrays, held = _split_holdout(arrays, cfg.holdout)
+    out = Path(cfg.out)
+    ckpt = out / CHECKPOINT
+    if ckpt.exists() and not cfg.resume:
+        raise FileExistsError(f"{out} already holds a training checkpoint; pass --resume to continue it "
+                              "or choose another --out")
+
+    sae = TopKSAE(d_in, d_sae, cfg.k, cfg.tied, seed=cfg.seed).to(device)
+    lr = cfg.lr or default_lr(d_sae)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, **({"fused": True} if cuda else {"foreach": True}))
+    since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+    seen, step = 0, 0
+    if cfg.resume and ckpt.exists():
+        since_fired, seen, step = _load_checkpoint(ckpt, sae, opt, cfg, device)
+        log.info("resuming %s at %d vectors", out, seen)
+    else:
+        sample = ShuffledBatches(train_arrays, min(16384, sum(map(len, train_arrays))), cfg.seed)
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(next(sample.batches()).to(device)))
+    if seen == 0 and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+
+    stream = ShuffledBatches(train_arrays, cfg.batch_size, cfg.seed).batches(start=seen)
+    total_steps = math.ceil(cfg.vectors_seen / cfg.batch_size)
+    bar = tqdm(total=total_steps, initial=step, unit="step", desc=f"train {info['layer'] or 'sae'}")
+    next_ckpt = (seen // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+    t0, seen0 = time.perf_counter(), seen
+    record = {}
+    while step < total_steps:
+        x = next(stream).to(device, non_blocking=True)
+        dead = since_fired >= min(cfg.dead_after, max(seen, 1))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            out_ = sae.forward_train(x, dead, cfg.aux_k)
+        x_hat = out_.x_hat.float()
+        loss = normalized_mse(x_hat, x)
+        total = loss
+        aux_loss = None
+        if out_.aux_recon is not None:
+            aux_loss = fvu(out_.aux_recon.float(), (x - x_hat).detach())
+            total = loss + cfg.aux_coef * aux_loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        sae.remove_radial_grad()
+        opt.step()
+        sae.normalize_decoder()
+        fired = out_.code.indices[out_.code.values > 0]
+        since_fired += x.shape[0]
+        since_fired[fired] = 0
+        seen += x.shape[0]
+        step += 1
+        bar.update(1)
+
+        last = step == total_steps
+        if step % cfg.log_every == 0 or last or seen >= next_ckpt:
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLoss(
+                    f"the loss became {loss.item()} at step {step}; the last good checkpoint is kept in {ckpt} "
+                    "(if any). Lower --lr, check the vectors for inf/nan, and run again with --resume")
+            with torch.no_grad():
+                record = {"step": step, "vectors_seen": seen, "loss_nmse": loss.item(),
+                          "fvu": fvu(x_hat, x).item(),
+                          "l0": (out_.code.values > 0).sum(1).float().mean().item(),
+                          "dead_fraction": dead.float().mean().item(),
+                          "aux_loss": None if aux_loss is None else aux_loss.item(), "lr": lr,
+                          "vectors_per_s": (seen - seen0) / (time.perf_counter() - t0)}
+            append_jsonl(out / "metrics.jsonl", record)
+            bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2f}")
+        if seen >= next_ckpt or last:
+            _save_checkpoint(ckpt, sae, opt, since_fired, seen, step, cfg)
+            next_ckpt += cfg.checkpoint_every
+    bar.close()
+    return _finish(out, sae, cfg, info, held, since_fired, seen, lr, record, device)
+
+
+def _finish(out, sae, cfg, info, held, since_fired, seen, lr, last_record, device) -> Path:
+    from .inception import RANDOM_WARNING, is_random
+
+    held_fvu = held_nmse = None
+    if len(held):
+        with torch.no_grad():
+            x = torch.from_numpy(np.array(held, dtype=np.float32)).to(device)
+            x_hat = sae(x)
+            held_fvu, held_nmse = fvu(x_hat, x).item(), normalized_mse(x_hat, x).item()
+    dead_fraction = (since_fired >= min(cfg.dead_after, max(seen, 1))).float().mean().item()
+    weights_id = info["weights_id"]
+    extra = {
+        "layer": info["layer"], "branch_slices": info["branch_slices"], "weights_id": weights_id,
+        "random_weights": bool(weights_id and is_random(weights_id)),
+        "warning": RANDOM_WARNING if weights_id and is_random(weights_id) else None,
+        "source": info["source"], "vectors_seen": seen, "final_fvu": held_fvu, "final_nmse": held_nmse,
+        "final_fvu_on": f"{len(held)} held-out vectors", "dead_fraction": dead_fraction,
+        "dead_after": cfg.dead_after, "lr": lr, "expansion": cfg.expansion, "helpers_version": __version__,
+    }
+    sae.save(out, **extra)
+    write_json(out / "train.json", {"config": asdict(cfg), "last_metrics": last_record, **extra})
+    return out

@@ -1,0 +1,200 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SAMPLE, make_images, needs_sample
+from helpers import store as store_module
+from helpers.files import DiskFullError, read_json
+from helpers.harvest import HarvestConfig, harvest, select_positions
+from helpers.images import list_images, load_image
+from helpers.inception import LayerCapture, model_input_from_uint8
+from helpers.store import ActivationStore, StoreError, finished_shards
+
+
+def recompute(model, path, layers):
+    """Activations of one image, from scratch: decode, preprocess, full-precision forward."""
+    x = model_input_from_uint8(torch.from_numpy(load_image(path)).permute(2, 0, 1)[None])
+    with torch.no_grad():
+        return {k: v[0] for k, v in LayerCapture(model, layers)(x).items()}
+
+
+def test_stored_vectors_are_the_activations_at_their_positions(harvest_run, random_model):
+    manifest = read_json(harvest_run / "manifest.json")
+    paths = [Path(p) for p in manifest["images"]["paths"]]
+    for layer in ("mixed4a", "mixed4c"):
+        store = ActivationStore(harvest_run, layer)
+        vectors = store.load().astype(np.float32)
+        prov = store.load_provenance()
+        assert len(vectors) == len(prov) == 7 * 10 and vectors.shape[1] == store.d
+        for image in (0, 3, 6):
+            acts = recompute(random_model, paths[image], [layer])[layer]  # [C, 14, 14]
+            rows = np.flatnonzero(prov["image"] == image)
+            assert len(rows) == 10
+            for r in rows:
+                truth = acts[:, prov["y"][r], prov["x"][r]].numpy()
+                np.testing.assert_allclose(vectors[r], truth, rtol=2e-3, atol=1e-3 * np.abs(truth).max())
+                assert prov["norm"][r] == pytest.approx(np.linalg.norm(truth), rel=1e-4)
+
+
+def test_top_norm_keeps_the_largest_norms(harvest_run, random_model):
+    manifest = read_json(harvest_run / "manifest.json")
+    store = ActivationStore(harvest_run, "mixed4c")
+    prov = store.load_provenance()
+    for image in range(7):
+        acts = recompute(random_model, Path(manifest["images"]["paths"][image]), ["mixed4c"])["mixed4c"]
+        norms = acts.flatten(1).norm(dim=0).numpy()
+        kept = prov[prov["image"] == image]
+        assert len(set(zip(kept["y"], kept["x"]))) == 10  # no position twice
+        np.testing.assert_allclose(np.sort(kept["norm"]), np.sort(norms)[-10:], rtol=1e-4)
+
+
+def test_manifest_records_what_made_the_store(harvest_run):
+    m = read_json(harvest_run / "manifest.json")
+    assert m["complete"] and m["random_weights"] and "RANDOM" in m["warning"]
+    assert m["weights_id"] == "random(seed=0)" and m["layers"] == ["mixed4a", "mixed4c"]
+    assert m["branch_slices"]["mixed4c"]["5x5"] == [384, 448] and m["widths"] == {"mixed4a": 508, "mixed4c": 512}
+    assert m["grid"]["mixed4c"] == [14, 14] and m["per_image"] == 10 and m["sampling"] == "top-norm"
+    assert m["vectors"] == 70 and m["skipped"] == [] and len(m["images"]["paths"]) == 7
+    assert m["images"]["labels"][1] == "box turtle" and m["images"]["classes"][1] == 37  # from the file name
+    assert finished_shards(harvest_run) == [0, 1]
+    assert [r["shard"] for r in map(json.loads, (harvest_run / "harvest.jsonl").read_text().splitlines())] == [0, 1]
+
+
+def test_norm_weighted_sampling_follows_the_norms():
+    torch.manual_seed(0)
+    norms = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 0.0])  # 6 positions on a 2x3 grid
+    acts = torch.randn(1, 5, 6)
+    acts = (acts / acts.norm(dim=1, keepdim=True) * norms).reshape(1, 5, 2, 3)
+    draws = 200_000
+    vectors, pos, got_norms = select_positions(acts, draws, "norm-weighted", torch.rand(1, draws))
+    freq = torch.bincount(pos[0], minlength=6).float() / draws
+    np.testing.assert_allclose(freq.numpy(), (norms / norms.sum()).numpy(), atol=0.005)
+    assert torch.allclose(got_norms[0], norms[pos[0]], atol=1e-5)
+    assert torch.allclose(vectors[0, :, :], acts.flatten(2).transpose(1, 2)[0, pos[0]])
+
+
+def test_norm_weighted_is_deterministic_for_a_seed_and_batch_size_free(tmp_path, image_dir):
+    def run(name, seed, batch):
+        out = harvest(HarvestConfig(images=str(image_dir), out=str(tmp_path / name), layers="mixed4b",
+                                    weights="random", sampling="norm-weighted", batch_size=batch, shard_images=4,
+                                    workers=0, seed=seed, max_images=5))
+        return ActivationStore(out, "mixed4b").load_provenance()
+
+    a, b, c = run("a", 1, 2), run("b", 1, 5), run("c", 2, 2)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a[["y", "x"]], c[["y", "x"]])
+    assert (a["norm"] > 0).all()
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*.npy"))}
+
+
+def _records(run: Path) -> list[dict]:
+    return [{k: v for k, v in read_json(p).items() if k != "seconds"} for p in sorted((run / "shards").glob("*.json"))]
+
+
+def test_interrupted_harvest_resumes_to_an_identical_store(tmp_path, image_dir, harvest_run, monkeypatch):
+    cfg = dict(images=str(image_dir), layers="mixed4a,mixed4c", weights="random", batch_size=3, shard_images=4,
+               workers=0, device="cpu")
+    real_write = store_module.write_npy
+    calls = []
+
+    def dying_write(path, array):  # the process dies half-way through writing shard 1
+        calls.append(path)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_write(path, array)
+
+    monkeypatch.setattr(store_module, "write_npy", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(HarvestConfig(out=str(tmp_path / "run"), **cfg))
+    assert finished_shards(tmp_path / "run") == [0]  # shard 1 has files but no record: not done
+    assert not read_json(tmp_path / "run" / "manifest.json")["complete"]
+    with pytest.raises(StoreError, match="not finished"):
+        ActivationStore(tmp_path / "run", "mixed4a")
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+
+    monkeypatch.setattr(store_module, "write_npy", real_write)
+    harvest(HarvestConfig(out=str(tmp_path / "run"), **cfg))
+    assert _files(tmp_path / "run") == _files(harvest_run)
+    assert _records(tmp_path / "run") == _records(harvest_run)
+
+
+def test_disk_full_leaves_no_shard_looking_complete(tmp_path, image_dir, monkeypatch):
+    import errno
+
+    real_save = np.save
+    saved = []
+
+    def filling_disk(f, array, allow_pickle=False):  # room for shard 0's two files only
+        if len(saved) == 2:
+            f.write(b"\x93NUMPY partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(1)
+        return real_save(f, array, allow_pickle=allow_pickle)
+
+    cfg = HarvestConfig(images=str(image_dir), out=str(tmp_path / "run"), layers="mixed4a", weights="random",
+                        batch_size=4, shard_images=2, workers=0, max_images=5)
+    monkeypatch.setattr(np, "save", filling_disk)
+    with pytest.raises(DiskFullError, match="disk full while writing .*resumes"):
+        harvest(cfg)
+    run = tmp_path / "run"
+    assert finished_shards(run) == [0]
+    assert sorted(p.name for p in run.rglob("*.npy")) == ["000000.provenance.npy", "000000.vectors.npy"]
+    assert not list(run.rglob("*.tmp"))
+
+    monkeypatch.setattr(np, "save", real_save)  # space freed: the same command finishes the job
+    harvest(cfg)
+    assert finished_shards(run) == [0, 1, 2] and len(ActivationStore(run, "mixed4a")) == 50
+
+
+def test_corrupt_files_are_counted_skipped_and_listed(tmp_path):
+    folder = tmp_path / "imgs"
+    make_images(folder, 3)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = harvest(HarvestConfig(images=str(folder), out=str(tmp_path / "run"), layers="mixed4a", weights="random",
+                                batch_size=2, workers=0))
+    m = read_json(out / "manifest.json")
+    assert len(m["skipped"]) == 1 and m["skipped"][0][1].endswith("broken.jpg") and m["skipped"][0][2]
+    assert m["vectors"] == 30
+    prov = ActivationStore(out, "mixed4a").load_provenance()
+    broken = [str(p) for p in list_images(folder).paths].index(str(folder / "broken.jpg"))
+    assert broken not in set(prov["image"])
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, image_dir):
+    cfg = HarvestConfig(images=str(image_dir), out=str(tmp_path / "run"), layers="mixed4a", weights="random",
+                        workers=0, max_images=2)
+    harvest(cfg)
+    cfg.per_image = 5
+    with pytest.raises(StoreError, match="other settings \\(per_image"):
+        harvest(cfg)
+
+
+def test_bad_settings_have_clear_errors(tmp_path, image_dir):
+    with pytest.raises(ValueError, match="exceeds the 14x14 grid"):
+        harvest(HarvestConfig(images=str(image_dir), out=str(tmp_path / "a"), layers="mixed4a", weights="random",
+                              workers=0, per_image=197, max_images=1))
+    with pytest.raises(ValueError, match="sampling 'random' is unknown"):
+        harvest(HarvestConfig(images=str(image_dir), out=str(tmp_path / "b"), sampling="random", weights="random"))
+    with pytest.raises(StoreError, match="no manifest.json"):
+        ActivationStore(tmp_path, "mixed4a")
+
+
+@needs_sample
+def test_harvest_real_imagenet_images(tmp_path):
+    """Greyscale and small images from the real sample go through; labels come from the names."""
+    names = sorted(p.name for p in SAMPLE.glob("*.JPEG"))
+    from PIL import Image
+    odd = [n for n in names[:400] if Image.open(SAMPLE / n).mode != "RGB" or min(Image.open(SAMPLE / n).size) < 224]
+    chosen = (odd[:3] + names[:3])
+    (tmp_path / "list.txt").write_text("\n".join(str(SAMPLE / n) for n in chosen))
+    out = harvest(HarvestConfig(images=str(tmp_path / "list.txt"), out=str(tmp_path / "run"), layers="mixed4e",
+                                weights="random", workers=0))
+    m = read_json(out / "manifest.json")
+    assert m["vectors"] == 10 * len(chosen) and m["skipped"] == []
+    assert m["images"]["classes"][-3:] == [0, 1, 2]

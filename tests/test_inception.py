@@ -1,0 +1,106 @@
+import urllib.error
+
+import pytest
+import torch
+
+from helpers.inception import (PAPER_LAYERS, LayerCapture, WeightsUnavailable, branch_slices, check_layers,
+                               layer_width, load_model, lucent_cache_path, model_input, model_input_from_uint8)
+
+# widths per branch (1x1, 3x3, 5x5, pool) as listed in PAPER.md, read from the paper's sources
+PAPER_WIDTHS = {
+    "mixed4a": (192, 204, 48, 64),
+    "mixed4b": (160, 224, 64, 64),
+    "mixed4c": (128, 256, 64, 64),
+    "mixed4d": (112, 288, 64, 64),
+    "mixed4e": (256, 320, 128, 128),
+}
+
+
+def test_branch_slices_match_the_paper(random_model):
+    slices = branch_slices(random_model, PAPER_LAYERS)
+    for layer, widths in PAPER_WIDTHS.items():
+        got = [slices[layer][b] for b in ("1x1", "3x3", "5x5", "pool")]
+        assert [stop - start for start, stop in got] == list(widths)
+        assert got[0][0] == 0 and all(a[1] == b[0] for a, b in zip(got, got[1:]))  # contiguous, in order
+        assert layer_width(slices[layer]) == sum(widths)
+    assert slices["mixed4c"]["5x5"] == (384, 448)
+    assert layer_width(slices["mixed4a"]) == 508
+
+
+def test_branch_slices_locate_each_branch_output(random_model):
+    """The slice really holds that branch's output: compare with the branch module's own output."""
+    seen = {}
+    handle = random_model.mixed4d_5x5.register_forward_hook(lambda m, i, o: seen.__setitem__("5x5", o))
+    try:
+        with torch.no_grad():
+            acts = LayerCapture(random_model, ["mixed4d"])(model_input(torch.rand(1, 3, 224, 224)))
+    finally:
+        handle.remove()
+    start, stop = branch_slices(random_model, ["mixed4d"])["mixed4d"]["5x5"]
+    assert torch.equal(acts["mixed4d"][:, start:stop], seen["5x5"])
+
+
+def test_capture_equals_full_forward_and_stops_early(random_model):
+    x = model_input(torch.rand(2, 3, 224, 224))
+    reference, mixed5b_calls = {}, []
+    hooks = [getattr(random_model, n).register_forward_hook(lambda m, i, o, n=n: reference.__setitem__(n, o))
+             for n in ("mixed4b", "mixed4e")]
+    with torch.no_grad():
+        random_model(x)  # the whole network, classifier included
+    for h in hooks:
+        h.remove()
+    spy = random_model.mixed5b.register_forward_hook(lambda *a: mixed5b_calls.append(1))
+    try:
+        with torch.no_grad():
+            captured = LayerCapture(random_model, ["mixed4e", "mixed4b"])(x)
+    finally:
+        spy.remove()
+    assert set(captured) == {"mixed4b", "mixed4e"}
+    for name in captured:
+        assert torch.equal(captured[name], reference[name])
+    assert mixed5b_calls == []  # the forward pass stopped after mixed4e
+    assert captured["mixed4e"].shape[1:] == (832, 14, 14)
+
+
+def test_unknown_layer_lists_valid_ones():
+    with pytest.raises(ValueError, match="mixed4z.*choose from mixed3a.*mixed4e"):
+        check_layers("mixed4a,mixed4z")
+    assert check_layers("mixed4e, mixed4a") == ("mixed4a", "mixed4e")
+
+
+def test_input_scale():
+    u = torch.tensor([[[[0, 117, 255]]]], dtype=torch.uint8).expand(1, 3, 1, 3)
+    assert torch.allclose(model_input_from_uint8(u)[0, 0, 0], torch.tensor([-117.0, 0.0, 138.0]))
+    assert torch.allclose(model_input(torch.tensor([0.0, 1.0])), torch.tensor([-117.0, 138.0]))
+
+
+def test_offline_lucent_weights_fail_with_url_and_cache_path(monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsUnavailable) as e:
+        load_model("lucent")
+    assert "https://github.com/ProGamerGov" in str(e.value) and str(lucent_cache_path()) in str(e.value)
+
+
+def test_weights_from_a_pth_file(tmp_path, random_model):
+    path = tmp_path / "w.pth"
+    torch.save(load_model("random", seed=7)[0].state_dict(), path)
+    model, weights_id = load_model(str(path))
+    assert weights_id.startswith("file:w.pth:sha256=")
+    reference = load_model("random", seed=7)[0]
+    assert torch.equal(model.mixed4c_5x5_pre_relu_conv.weight, reference.mixed4c_5x5_pre_relu_conv.weight)
+    assert not torch.equal(model.mixed4c_5x5_pre_relu_conv.weight, random_model.mixed4c_5x5_pre_relu_conv.weight)
+
+    torch.save({"not": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(WeightsUnavailable, match="not an InceptionV1"):
+        load_model(str(tmp_path / "bad.pth"))
+    with pytest.raises(WeightsUnavailable, match="neither 'lucent', 'random'"):
+        load_model(str(tmp_path / "missing.pth"))
+
+
+def test_random_weights_are_labelled(caplog):
+    _, weights_id = load_model("random", seed=3)
+    assert weights_id == "random(seed=3)"
+    assert "RANDOM weights" in caplog.text

@@ -1,0 +1,153 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers.sae import TopKSAE, fvu, geometric_median, normalized_mse
+
+
+def _randomised(tied, d_in=12, d_sae=48, k=5, seed=0):
+    sae = TopKSAE(d_in, d_sae, k, tied, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(d_in, generator=g))
+        if sae.decoder_weight is not None:
+            sae.decoder_weight.copy_(torch.randn(d_sae, d_in, generator=g))
+    return sae
+
+
+def dense_reference(W_enc, W_dec, b_enc, b_dec, x, k, dead=None, aux_k=0):
+    """The SAE written out densely: [batch, d_sae] latents and plain matmuls."""
+    pre = (x - b_dec) @ W_enc + b_enc
+    idx = pre.detach().topk(k, dim=-1).indices
+    z = torch.zeros_like(pre).scatter(1, idx, torch.relu(pre.gather(1, idx)))
+    x_hat = z @ W_dec + b_dec
+    aux = None
+    if aux_k:
+        masked = pre.detach().masked_fill(~dead, float("-inf"))
+        aidx = masked.topk(aux_k, dim=-1).indices
+        za = torch.zeros_like(pre).scatter(1, aidx, torch.relu(pre.gather(1, aidx)))
+        aux = za @ W_dec
+    return x_hat, aux
+
+
+@pytest.mark.parametrize("tied", ["full", "init"])
+def test_sparse_path_equals_dense_computation_values_and_gradients(tied):
+    sae = _randomised(tied)
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(5)) * 2
+    dead = torch.arange(48) % 3 == 0
+    out = sae.forward_train(x, dead=dead, aux_k=6)
+    loss = normalized_mse(out.x_hat, x) + 0.3 * out.aux_recon.pow(2).mean()
+    loss.backward()
+    sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+    params = {n: p.detach().clone().requires_grad_() for n, p in sae.named_parameters()}
+    W_dec = params["encoder_weight"] if tied == "full" else params["decoder_weight"]
+    x_hat, aux = dense_reference(params["encoder_weight"].T, W_dec, params["b_enc"], params["b_dec"], x, 5, dead, 6)
+    (normalized_mse(x_hat, x) + 0.3 * aux.pow(2).mean()).backward()
+
+    torch.testing.assert_close(out.x_hat, x_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.aux_recon, aux, rtol=1e-5, atol=1e-5)
+    for name, p in params.items():
+        torch.testing.assert_close(sparse_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert sparse_grads["encoder_weight"].abs().sum() > 0
+
+
+def test_public_encode_decode_match_saelens_math():
+    sae = _randomised("init")
+    x = torch.randn(10, 12)
+    z = sae.encode(x)
+    assert z.shape == (10, 48) and ((z > 0).sum(1) <= 5).all()
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    top = pre.topk(5, dim=-1)
+    expected = torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values))
+    torch.testing.assert_close(z, expected)
+    torch.testing.assert_close(sae.decode(z), z @ sae.W_dec + sae.b_dec)
+    torch.testing.assert_close(sae(x), sae.decode(z), rtol=1e-5, atol=1e-5)
+
+
+def test_fully_tied_is_one_matrix():
+    sae = TopKSAE(8, 32, 4, "full")
+    assert sae.W_dec is sae.encoder_weight and torch.equal(sae.W_enc, sae.W_dec.T)
+    assert sum(p.numel() for p in sae.parameters()) == 8 * 32 + 32 + 8
+
+
+def test_radial_gradient_is_removed_and_rows_stay_unit():
+    sae = _randomised("init")
+    sae.normalize_decoder()
+    sae.decoder_weight.grad = torch.randn_like(sae.decoder_weight)
+    sae.remove_radial_grad()
+    radial = (sae.decoder_weight.grad * sae.decoder_weight).sum(1)
+    assert radial.abs().max() < 1e-5
+    torch.testing.assert_close(sae.decoder_weight.norm(dim=1), torch.ones(48))
+
+
+def test_save_load_round_trip_in_saelens_layout(tmp_path):
+    sae = _randomised("init", seed=4)
+    sae.save(tmp_path / "sae", layer="mixed4c", weights_id="random(seed=0)")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["d_in"] == 12 and cfg["d_sae"] == 48 and cfg["k"] == 5
+    assert cfg["apply_b_dec_to_input"] is True and cfg["layer"] == "mixed4c" and cfg["tied"] == "init"
+    tensors = load_file(tmp_path / "sae" / "sae_weights.safetensors")
+    assert tensors["W_enc"].shape == (12, 48) and tensors["W_dec"].shape == (48, 12)
+    assert tensors["b_enc"].shape == (48,) and tensors["b_dec"].shape == (12,)
+    loaded = TopKSAE.load(tmp_path / "sae")
+    x = torch.randn(20, 12)
+    torch.testing.assert_close(loaded(x), sae(x))
+
+    full = _randomised("full", seed=2)
+    full.save(tmp_path / "full")
+    again = TopKSAE.load(tmp_path / "full")
+    assert again.tied == "full" and again.decoder_weight is None
+    torch.testing.assert_close(again(x), full(x))
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="needs cfg.json"):
+        TopKSAE.load(tmp_path)
+    TopKSAE(4, 8, 2, "full").save(tmp_path / "s")
+    w = load_file(tmp_path / "s" / "sae_weights.safetensors")
+    w["W_dec"] = w["W_dec"] + 1
+    from safetensors.torch import save_file
+    save_file(w, tmp_path / "s" / "sae_weights.safetensors")
+    with pytest.raises(ValueError, match="not W_dec"):
+        TopKSAE.load(tmp_path / "s")
+
+
+def test_losses_by_hand():
+    x = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    x_hat = torch.tensor([[3.0, 3.0], [0.0, 0.0]])
+    # per vector: 1/25 and 1/1
+    assert normalized_mse(x_hat, x).item() == pytest.approx((1 / 25 + 1) / 2)
+    # residual energy 2; variance about the mean (2, 2): 1+4+1+4 = 10
+    assert fvu(x_hat, x).item() == pytest.approx(2 / 10)
+
+
+def test_geometric_median_resists_outliers():
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [100.0, 0.0]])
+    torch.testing.assert_close(geometric_median(x), torch.tensor([2.0, 0.0]), atol=1e-3, rtol=0)
+
+
+def test_tied_init_sae_recovers_a_planted_dictionary(tmp_path):
+    """Synthetic sparse data from a known dictionary: the SAE's decoder finds its atoms."""
+    from helpers.train import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    d, atoms, n = 32, 96, 60_000
+    D = rng.standard_normal((atoms, d))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    codes = np.zeros((n, atoms), np.float32)
+    for _ in range(3):
+        codes[np.arange(n), rng.integers(0, atoms, n)] = rng.uniform(1, 3, n)
+    np.save(tmp_path / "x.npy", (codes @ D).astype(np.float32))
+    out = train(TrainConfig(vectors=str(tmp_path / "x.npy"), out=str(tmp_path / "sae"), expansion=4, k=3,
+                            tied="init", batch_size=512, vectors_seen=600_000, lr=4e-3, device="cpu",
+                            dead_after=20_000, aux_k=16))
+    W = TopKSAE.load(out).W_dec.detach().numpy()
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    best = (D @ W.T).max(axis=1)
+    print("mean best cosine", best.mean())
+    assert best.mean() >= 0.9, best.mean()

@@ -1,0 +1,89 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers.files import read_jsonl
+from helpers.sae import TopKSAE
+from helpers.store import StoreError
+from helpers.train import CHECKPOINT, NonFiniteLoss, TrainConfig, train
+
+
+@pytest.fixture
+def vectors(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "v.npy"
+    np.save(path, np.abs(rng.standard_normal((3000, 16))).astype(np.float16))
+    return path
+
+
+def small(vectors, out, **kw):
+    base = dict(vectors=str(vectors), out=str(out), expansion=4, k=4, batch_size=128, vectors_seen=128 * 8,
+                device="cpu", log_every=2, holdout=256)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("tied", ["full", "init"])
+def test_resumed_training_equals_uninterrupted(tmp_path, vectors, tied):
+    straight = train(small(vectors, tmp_path / "a", tied=tied, aux_k=8, dead_after=256))
+    train(small(vectors, tmp_path / "b", tied=tied, aux_k=8, dead_after=256, vectors_seen=128 * 3))
+    resumed = train(small(vectors, tmp_path / "b", tied=tied, aux_k=8, dead_after=256, resume=True))
+    a, b = load_file(straight / "sae_weights.safetensors"), load_file(resumed / "sae_weights.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [r["step"] for r in read_jsonl(resumed / "metrics.jsonl")]
+    assert steps == [2, 3, 4, 6, 8]
+
+
+def test_fully_tied_sae_is_still_tied_after_training(tmp_path, vectors):
+    out = train(small(vectors, tmp_path / "s", tied="full"))
+    w = load_file(out / "sae_weights.safetensors")
+    assert torch.equal(w["W_enc"].T, w["W_dec"])
+    initial = TopKSAE(16, 64, 4, "full", seed=0).W_dec
+    assert not torch.allclose(w["W_dec"], initial)  # it trained
+
+
+def test_tied_init_keeps_unit_decoder_rows(tmp_path, vectors):
+    out = train(small(vectors, tmp_path / "s", tied="init"))
+    w = load_file(out / "sae_weights.safetensors")
+    torch.testing.assert_close(w["W_dec"].norm(dim=1), torch.ones(64))
+    assert not torch.allclose(w["W_enc"].T, w["W_dec"])
+
+
+def test_records_and_cfg(tmp_path, harvest_run):
+    out = train(TrainConfig(run=str(harvest_run), layer="mixed4c", out=str(tmp_path / "sae"), expansion=2, k=8,
+                            batch_size=16, vectors_seen=64, device="cpu", log_every=1, holdout=8))
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["layer"] == "mixed4c" and cfg["d_in"] == 512 and cfg["d_sae"] == 1024
+    assert cfg["branch_slices"]["5x5"] == [384, 448] and cfg["weights_id"] == "random(seed=0)"
+    assert cfg["random_weights"] is True and "RANDOM" in cfg["warning"]
+    assert cfg["vectors_seen"] == 64 and 0 <= cfg["dead_fraction"] <= 1 and cfg["final_fvu"] > 0
+    records = read_jsonl(out / "metrics.jsonl")
+    assert len(records) == 4 and {"fvu", "l0", "dead_fraction", "loss_nmse", "vectors_seen"} <= set(records[0])
+    assert all(0 < r["l0"] <= 8 for r in records)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, vectors):
+    cfg = small(vectors, tmp_path / "s", lr=1e30, log_every=1, checkpoint_every=128, vectors_seen=128 * 20)
+    with pytest.raises(NonFiniteLoss, match="last good checkpoint .*Lower --lr"):
+        train(cfg)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "s" / CHECKPOINT), framework="pt") as f:
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys() if k.startswith("param/"))
+
+
+def test_bad_inputs(tmp_path, vectors):
+    with pytest.raises(StoreError, match="width 16 but mixed4c is 512 wide"):
+        train(small(vectors, tmp_path / "a", layer="mixed4c"))
+    with pytest.raises(ValueError, match="either --run"):
+        train(TrainConfig(out=str(tmp_path / "b")))
+    train(small(vectors, tmp_path / "c"))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(small(vectors, tmp_path / "c"))
+    with pytest.raises(ValueError, match="cannot resume.*k=4"):
+        train(small(vectors, tmp_path / "c", k=5, resume=True))
+    np.save(tmp_path / "ints.npy", np.zeros((10, 3), np.int64))
+    with pytest.raises(StoreError, match="need float"):
+        train(small(tmp_path / "ints.npy", tmp_path / "d"))

@@ -75,3 +75,14 @@ def test_text_list_of_paths(tmp_path):
     (tmp_path / "list.txt").write_text("# my images\nimgs/n01443537_goldfish.png\n\n")
     images = list_images(tmp_path / "list.txt")
     assert images.paths == [tmp_path / "imgs" / "n01443537_goldfish.png"] and images.classes == [1]
+
+
+def test_imagenette_offline_says_what_to_do(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*a, **k):
+        raise RuntimeError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(torchvision.datasets, "Imagenette", offline)
+    with pytest.raises(FileNotFoundError, match="could not download Imagenette .*pass --images"):
+        list_images("imagenette", cache_dir=tmp_path)

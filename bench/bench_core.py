@@ -1,0 +1,173 @@
+"""Core benchmarks, measured side by side in one run (no assertions on time).
+
+1. Harvest throughput (images/s) for all five mixed4 layers: one forward pass per batch
+   for every layer (ours) vs one pass per layer (the paper's released code).
+2. SAE training throughput (vectors/s) at d=512, n=8192, k=32, batch 4096: our sparse
+   decoder and sparse backward (tied full and tied init) vs a dense-decoder TopK SAE, with
+   the encoder matmul alone as the floor.
+
+Each case runs in its own subprocess so that its peak resident memory (ru_maxrss) is its
+own. Results print as tables and are written to bench/results/core-<device>.json.
+
+    python bench/bench_core.py [--images ../shared/imagenet-sample] [--n-images 96]
+                               [--device cpu] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------- cases ---
+def case_harvest(mode: str, images: str, n_images: int, device: str, batch: int) -> dict:
+    from helpers.harvest import HarvestConfig, harvest
+    from helpers.inception import PAPER_LAYERS
+
+    groups = [PAPER_LAYERS] if mode == "one-pass" else [(layer,) for layer in PAPER_LAYERS]
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        for i, layers in enumerate(groups):
+            harvest(HarvestConfig(images=images, out=f"{tmp}/{i}", layers=",".join(layers), weights="random",
+                                  max_images=n_images, batch_size=batch, device=device,
+                                  workers=min(4, os.cpu_count() or 1)))
+        seconds = time.perf_counter() - t
+    return {"images_per_s": n_images / seconds, "seconds": seconds, "peak_mib": _peak_mib()}
+
+
+def case_train(mode: str, device: str, steps: int, d: int = 512, n: int = 8192, k: int = 32,
+               batch: int = 4096) -> dict:
+    import torch
+
+    from helpers.sae import TopKSAE, normalized_mse
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    data = torch.relu(torch.randn(batch, d, device=dev))
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if mode == "encoder-matmul":
+        w = torch.randn(n, d, device=dev)
+        b = torch.zeros(n, device=dev)
+
+        def step():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                torch.addmm(b, data, w.T)
+    else:
+        tied = "init" if mode.endswith("tied-init") else "full"
+        sae = TopKSAE(d, n, k, tied, seed=0).to(dev)
+        opt = torch.optim.Adam(sae.parameters(), lr=4e-4, **({"fused": True} if cuda else {"foreach": True}))
+
+        def step():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                if mode.startswith("dense"):
+                    pre = sae.preacts(data)
+                    top = pre.topk(k, dim=-1, sorted=False)
+                    z = torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values))
+                    x_hat = z @ sae.W_dec + sae.b_dec
+                else:
+                    x_hat = sae.forward_train(data).x_hat
+            loss = normalized_mse(x_hat.float(), data)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.remove_radial_grad()
+            opt.step()
+            sae.normalize_decoder()
+
+    step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    seconds = time.perf_counter() - t
+    out = {"vectors_per_s": steps * batch / seconds, "seconds": seconds, "peak_mib": _peak_mib()}
+    if cuda:
+        out["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+# ----------------------------------------------------------------------------- driver ---
+def run_case(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--case", *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"case {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", default=str(ROOT.parent / "shared" / "imagenet-sample"))
+    p.add_argument("--n-images", type=int, default=96)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--case", nargs="*")
+    a = p.parse_args()
+    if a.case is not None:
+        kind, mode = a.case[0], a.case[1]
+        if kind == "harvest":
+            result = case_harvest(mode, a.images, a.n_images, a.device, a.batch)
+        else:
+            result = case_train(mode, a.device, a.steps)
+        print(json.dumps(result))
+        return
+
+    common = ["--device", a.device, "--images", a.images, "--n-images", str(a.n_images), "--batch", str(a.batch),
+              "--steps", str(a.steps)]
+    results = {"device": a.device, "torch_threads": os.cpu_count(), "harvest": {}, "train": {}}
+    if Path(a.images).exists():
+        for mode in ("one-pass", "pass-per-layer"):
+            results["harvest"][mode] = run_case(["harvest", mode] + common)
+    else:
+        print(f"(no images at {a.images}: harvest benchmark skipped)")
+    for mode in ("encoder-matmul", "sparse-tied-full", "sparse-tied-init", "dense-tied-full", "dense-tied-init"):
+        results["train"][mode] = run_case(["train", mode] + common)
+
+    print(f"\ndevice: {a.device}; random weights (speed only); {a.n_images} images, batch {a.batch}")
+    if results["harvest"]:
+        base = results["harvest"]["pass-per-layer"]["images_per_s"]
+        print("\nharvest, mixed4a-4e          images/s   vs per-layer   peak RSS MiB")
+        for mode, r in results["harvest"].items():
+            print(f"  {mode:<26} {r['images_per_s']:9.1f}   {r['images_per_s'] / base:8.2f}x   {r['peak_mib']:10.0f}")
+    floor = results["train"]["encoder-matmul"]["vectors_per_s"]
+    print("\nSAE training d=512 n=8192 k=32 batch=4096")
+    print("  case                        vectors/s  vs dense   of floor   peak RSS MiB")
+    for mode, r in results["train"].items():
+        dense = results["train"].get("dense-" + mode.split("-", 1)[1], r) if mode.startswith("sparse") else r
+        gpu = f"   GPU {r['gpu_peak_mib']:.0f}" if "gpu_peak_mib" in r else ""
+        print(f"  {mode:<26} {r['vectors_per_s']:10.0f}   {r['vectors_per_s'] / dense['vectors_per_s']:6.2f}x"
+              f"   {r['vectors_per_s'] / floor:7.2f}   {r['peak_mib']:10.0f}{gpu}")
+    out = ROOT / "bench" / "results" / f"core-{a.device.replace(':', '')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten {out}")
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -17,8 +17,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# PROFILE=smoke|cpu|gpu|paper; none: cpu, or smoke with a banner where cpu cannot run
 book: $(STAMP)
-	$(VENV)/bin/jupyter-book build . --path-output .
+	$(PY) -m helpers book $(if $(PROFILE),--profile $(PROFILE))
 
 bench: $(STAMP)
 	$(PY) bench/bench_core.py

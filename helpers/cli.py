@@ -1,4 +1,4 @@
-"""Command line: ``python -m helpers harvest ...`` and ``python -m helpers train ...``.
+"""Command line: ``python -m helpers harvest|train|book ...``.
 
 Each command's flags are generated from its config dataclass (``HarvestConfig``,
 ``TrainConfig``), so a run is fully described by the config written next to its output.
@@ -40,8 +40,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["book"]:
+        from .book import main as book_main
+
+        return book_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("book", help="execute the notebooks in a profile and build the Jupyter Book")
     for name, (cls, _, help_) in COMMANDS.items():
         add_dataclass_arguments(sub.add_parser(name, help=help_, description=help_), cls)
     ns = parser.parse_args(argv)

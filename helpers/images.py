@@ -165,3 +165,35 @@ def collate(items):
         idx = torch.tensor([i for i, _ in good], dtype=torch.long)
         return idx, torch.stack([x for _, x in good]), bad
     return torch.empty(0, dtype=torch.long), None, bad
+
+
+def generate_images(folder: str | Path, n: int, seed: int = 0, size: tuple[int, int] = (256, 320)) -> ImageList:
+    """Synthetic test images: smooth colour fields with a few discs and bars, PNG.
+
+    Named ``<wnid>_<label>_<i>.png`` after ImageNet classes spread over the 1000, so they
+    carry labels like real sample images. For pipeline runs where no photographs exist.
+    """
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    paths = []
+    for i in range(n):
+        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.integers(1, 5)):
+            x, y, r = rng.integers(0, w), rng.integers(0, h), rng.integers(8, 60)
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            if rng.random() < 0.5:
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+            else:
+                draw.rectangle([x - r, y - r // 4, x + r, y + r // 4], fill=colour)
+        wnid, label = imagenet_classes()[(i * 37) % 1000]
+        path = folder / f"{wnid}_{label.replace(' ', '_').replace('/', '_')}_{i:04d}.png"
+        if not path.exists():
+            img.save(path)
+        paths.append(path)
+    return ImageList(paths, source=f"generated(n={n}, seed={seed})")

@@ -198,3 +198,17 @@ class ShuffledBatches:
 
 def save_manifest(run: Path, manifest: dict) -> None:
     write_json(Path(run) / "manifest.json", manifest)
+
+
+def summary(run: str | Path) -> list[dict]:
+    """Per layer: width, vectors, images used and skipped, for a finished harvest."""
+    m = read_manifest(run)
+    n_images = len(m["images"]["paths"])
+    return [{"layer": layer, "width": m["widths"][layer], "vectors": len(ActivationStore(run, layer)),
+             "images": n_images - len(m.get("skipped", [])), "skipped": len(m.get("skipped", [])),
+             "per image": m["per_image"], "sampling": m["sampling"]} for layer in m["layers"]]
+
+
+def norms_by_layer(run: str | Path) -> dict[str, np.ndarray]:
+    m = read_manifest(run)
+    return {layer: ActivationStore(run, layer).load_provenance()["norm"] for layer in m["layers"]}

@@ -252,3 +252,23 @@ def _finish(out, sae, cfg, info, held, since_fired, seen, lr, last_record, devic
     sae.save(out, **extra)
     write_json(out / "train.json", {"config": asdict(cfg), "last_metrics": last_record, **extra})
     return out
+
+
+def read_metrics(sae_dirs: dict[str, Path]) -> dict[str, list[dict]]:
+    """``metrics.jsonl`` of each SAE (empty for SAEs not trained here, e.g. the author's)."""
+    from .files import read_jsonl
+
+    return {layer: read_jsonl(Path(d) / "metrics.jsonl") if (Path(d) / "metrics.jsonl").exists() else []
+            for layer, d in sae_dirs.items()}
+
+
+def summary(sae_dirs: dict[str, Path]) -> list[dict]:
+    """Per SAE: its size and how well it reconstructs held-out vectors."""
+    rows = []
+    for layer, d in sae_dirs.items():
+        cfg = json.loads((Path(d) / "cfg.json").read_text())
+        rows.append({"layer": layer, "d_in": cfg["d_in"], "latents": cfg["d_sae"], "k": cfg["k"],
+                     "tied": cfg["tied"], "vectors seen": cfg.get("vectors_seen"),
+                     "held-out FVU": cfg.get("final_fvu"), "held-out NMSE": cfg.get("final_nmse"),
+                     "dead fraction": cfg.get("dead_fraction")})
+    return rows

@@ -3,29 +3,16 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import numpy as np
 import pytest
-from PIL import Image
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "imagenet-sample"
 needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"the ImageNet sample is not at {SAMPLE}")
 
 
-def make_images(folder: Path, n: int, seed: int = 0, size=(256, 320)) -> list[Path]:
-    """Smooth random colour images named like ImageNet files (wnid_label.png)."""
-    from helpers.images import imagenet_classes
+def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    from helpers.images import generate_images
 
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        coarse = rng.integers(0, 256, (8, 10, 3), dtype=np.uint8)
-        img = Image.fromarray(coarse).resize(size[::-1], Image.BICUBIC)
-        wnid, label = imagenet_classes()[(i * 37) % 1000]
-        path = folder / f"{wnid}_{label.replace(' ', '_')}_{i:03d}.png"
-        img.save(path)
-        paths.append(path)
-    return paths
+    return generate_images(folder, n, seed).paths
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +37,19 @@ def harvest_run(tmp_path_factory, image_dir) -> Path:
     out = tmp_path_factory.mktemp("runs") / "harvest"
     return harvest(HarvestConfig(images=str(image_dir), out=str(out), layers="mixed4a,mixed4c", weights="random",
                                  batch_size=3, shard_images=4, workers=0, device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def smoke_book(tmp_path_factory):
+    """Every notebook executed in the smoke profile, and the book built from them (once)."""
+    from helpers import book
+    from helpers.profiles import context
+
+    root = tmp_path_factory.mktemp("book")
+    env = {"SAE_PROFILE": "smoke", "SAE_BOOK_BUILD": "1", "SAE_FALLBACK_REASON": "", "TQDM_DISABLE": "1",
+           "SAE_RUN_DIR": str(root / "run")}
+    executed = book.execute_notebooks(root / "executed", env, timeout=900)
+    os.environ.update({k: v for k, v in env.items() if k != "SAE_BOOK_BUILD"})
+    banner = context("smoke").banner()
+    html = book.build_html(book.stage(executed, banner, root / "src"), root / "out")
+    return {"executed": {p.stem: p for p in executed}, "html": html, "run": root / "run"}

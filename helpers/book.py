@@ -1,0 +1,178 @@
+"""Build the Jupyter Book: pick the profile, execute the notebooks once, stage, build.
+
+``python -m helpers book`` (what ``make book`` runs):
+
+1. Profile. With none given it tries ``cpu`` (real weights, Imagenette). If the weights or
+   images cannot be had here, it says what failed and how to fix it, and falls back to
+   ``smoke``, whose pages all carry the random-weights warning. A profile given explicitly
+   (``--profile cpu``) never falls back: it stops at once with the same message.
+2. Execute every notebook in ``nbs/`` with nbclient, in that profile, into
+   ``_build/executed/`` (``execution.jsonl`` records each).
+3. Stage the book in ``_build/src``: config, prose pages (each given the profile banner),
+   executed notebooks, and plotly.js copied once into ``_static`` (served offline, not
+   inlined per page).
+4. ``jupyter-book build`` -> ``_build/html``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .files import append_jsonl
+from .profiles import PROFILES, ROOT, context, get_profile
+
+NOTEBOOK_DIR = ROOT / "nbs"
+
+
+class ProfileUnavailable(RuntimeError):
+    pass
+
+
+def preflight(name: str) -> str | None:
+    """Why the profile's weights or images cannot be had here, or None if they can."""
+    from .images import list_images
+    from .inception import WeightsUnavailable, load_model
+
+    p = PROFILES[name]
+    reasons = []
+    if p.weights != "random":
+        try:
+            load_model(p.weights)
+        except WeightsUnavailable as e:
+            reasons.append(str(e))
+    if p.images != "sample-or-generated":
+        try:
+            list_images(p.images)
+        except FileNotFoundError as e:
+            reasons.append(str(e))
+    return " ".join(reasons) or None
+
+
+def choose_profile(requested: str | None) -> tuple[str, str | None]:
+    """``(profile, fallback_reason)``; an explicit profile that cannot run raises."""
+    if requested:
+        get_profile(requested)
+        reason = preflight(requested)
+        if reason:
+            raise ProfileUnavailable(f"profile {requested!r} cannot run here: {reason}")
+        return requested, None
+    reason = preflight("cpu")
+    if reason is None:
+        return "cpu", None
+    bar = "=" * 78
+    print(f"{bar}\nThe cpu profile (real weights, Imagenette) cannot run here, so this book is built with\n"
+          f"the smoke profile (random weights: its figures are not results).\nWhat failed: {reason}\n{bar}",
+          file=sys.stderr)
+    return "smoke", reason
+
+
+def notebooks() -> list[Path]:
+    return sorted(NOTEBOOK_DIR.glob("[0-9]*.ipynb"))
+
+
+def execute_notebooks(out_dir: Path, env: dict[str, str], paths: list[Path] | None = None,
+                      timeout: int | None = None) -> list[Path]:
+    """Run each notebook top to bottom in a fresh kernel with ``env`` set; save it executed."""
+    import nbformat
+    from nbclient import NotebookClient
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    done = []
+    try:
+        for path in tqdm(paths or notebooks(), desc="notebooks", unit="nb"):
+            nb = nbformat.read(path, as_version=4)
+            t = time.perf_counter()
+            client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                    resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+            status = "ok"
+            try:
+                client.execute()
+            except Exception as e:
+                status = f"{type(e).__name__}: {str(e)[-2000:]}"
+                raise RuntimeError(f"notebook {path.name} failed in profile {env.get('SAE_PROFILE')}:\n{status}") from e
+            finally:
+                nbformat.write(nb, out_dir / path.name)
+                append_jsonl(out_dir / "execution.jsonl", {"notebook": path.name, "status": status,
+                                                           "seconds": round(time.perf_counter() - t, 2), **env})
+            done.append(out_dir / path.name)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return done
+
+
+def _with_banner(markdown: str, banner: str) -> str:
+    lines = markdown.split("\n")
+    at = next((i + 1 for i, line in enumerate(lines) if line.startswith("# ")), 0)
+    return "\n".join(lines[:at] + ["", banner] + lines[at:])
+
+
+def stage(executed: list[Path], banner: str, src: Path) -> Path:
+    """Lay out the book's sources, with executed notebooks and a local plotly.js."""
+    import plotly
+
+    if src.exists():
+        shutil.rmtree(src)
+    (src / "nbs").mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "book", src / "book")
+    for page in (src / "book").glob("*.md"):
+        page.write_text(_with_banner(page.read_text(), banner))
+    for nb in executed:
+        shutil.copy(nb, src / "nbs" / nb.name)
+    static = src / "_static"
+    static.mkdir()
+    shutil.copy(Path(plotly.__file__).parent / "package_data" / "plotly.min.js", static / "plotly.min.js")
+    return src
+
+
+def build_html(src: Path, out: Path) -> Path:
+    exe = Path(sys.executable).parent / "jupyter-book"
+    subprocess.run([str(exe if exe.exists() else "jupyter-book"), "build", str(src), "--path-output", str(out)],
+                   check=True)
+    return out / "_build" / "html"
+
+
+def build(profile: str | None = None, run_dir: str | None = None, timeout: int | None = None) -> Path:
+    """The whole book; returns the folder holding ``index.html``."""
+    t = time.perf_counter()
+    name, reason = choose_profile(profile)
+    # progress bars would land in the pages as widgets; the build log records each notebook instead
+    env = {"SAE_PROFILE": name, "SAE_BOOK_BUILD": "1", "SAE_FALLBACK_REASON": reason or "", "TQDM_DISABLE": "1"}
+    if run_dir:
+        env["SAE_RUN_DIR"] = str(Path(run_dir).resolve())
+    executed = execute_notebooks(ROOT / "_build" / "executed", env, timeout=timeout)
+    os.environ.update(env)
+    banner = context(name).banner()
+    html = build_html(stage(executed, banner, ROOT / "_build" / "src"), ROOT)
+    print(f"book ({name} profile) built in {time.perf_counter() - t:.0f} s: {html / 'index.html'}")
+    return html
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m helpers book", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=os.environ.get("PROFILE") or None, choices=list(PROFILES),
+                        help="smoke, cpu, gpu or paper (default: cpu, falling back to smoke offline)")
+    parser.add_argument("--run-dir", default=None, help="reuse artifacts from this run directory")
+    args = parser.parse_args(argv)
+    try:
+        build(args.profile, args.run_dir)
+    except ProfileUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

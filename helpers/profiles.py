@@ -1,0 +1,177 @@
+"""Profiles: one switch that sets the scale of every notebook, from CI smoke to the paper.
+
+``SAE_PROFILE`` (environment) or the notebook's ``profile`` parameter picks one of
+``smoke``, ``cpu``, ``gpu``, ``paper``. All notebooks of a profile share one run directory
+(``SAE_RUN_DIR``, default ``runs/<profile>``): the harvest and the SAEs are made once, by
+whichever notebook needs them first, and reused after; a run made with the CLI elsewhere
+can be pointed at instead. ``SAE_SAES=author`` uses the paper's published SAEs instead of
+training new ones.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .inception import PAPER_LAYERS, RANDOM_WARNING
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT.parent / "shared" / "imagenet-sample"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    weights: str  # lucent | random | path
+    images: str  # folder, .txt, imagenette, or "sample-or-generated"
+    max_images: int | None
+    per_image: int = 10
+    sampling: str = "top-norm"
+    expansion: int = 16
+    k: int = 32
+    tied: str = "full"
+    vectors_seen: int = 10_000_000
+    batch_size: int = 4096
+    aux_k: int = 0
+    harvest_batch: int = 64
+    layers: tuple = PAPER_LAYERS
+
+
+PROFILES = {
+    "smoke": Profile("smoke", "CI and a first look: random weights, 64 images, tiny SAEs; minutes on 2 CPU cores",
+                     weights="random", images="sample-or-generated", max_images=64, expansion=4, k=16,
+                     vectors_seen=24_576, batch_size=1024, harvest_batch=16),
+    "cpu": Profile("cpu", "a laptop afternoon: real weights, Imagenette validation images (3,925)",
+                   weights="lucent", images="imagenette", max_images=None, vectors_seen=2_000_000, aux_k=256),
+    "gpu": Profile("gpu", "a Colab T4: real weights, Imagenette validation images, 50M vectors per SAE",
+                   weights="lucent", images="imagenette", max_images=None, vectors_seen=50_000_000, aux_k=256,
+                   harvest_batch=256),
+    "paper": Profile("paper", "as the paper: ImageNet train ($IMAGENET_TRAIN), ~1e9 vectors per SAE",
+                     weights="lucent", images=os.environ.get("IMAGENET_TRAIN", "/data/imagenet/train"),
+                     max_images=None, vectors_seen=1_000_000_000, aux_k=256, harvest_batch=512),
+}
+
+
+def default_profile_name() -> str:
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def get_profile(name: str | None = None) -> Profile:
+    name = name or os.environ.get("SAE_PROFILE") or default_profile_name()
+    if name not in PROFILES:
+        raise ValueError(f"profile {name!r} is unknown; choose from {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+@dataclass
+class Context:
+    """Where a notebook's artifacts live and what produced them."""
+
+    profile: Profile
+    run_dir: Path
+    saes: str = "train"  # or "author"
+    fallback_reason: str | None = None
+
+    @property
+    def harvest_dir(self) -> Path:
+        return self.run_dir / "harvest"
+
+    def sae_dir(self, layer: str) -> Path:
+        return self.run_dir / ("author-saes" if self.saes == "author" else "saes") / layer
+
+    @property
+    def random_weights(self) -> bool:
+        return self.profile.weights == "random"
+
+    def banner(self) -> str:
+        """A MyST admonition naming the profile and weights (a warning for random weights)."""
+        p = self.profile
+        lines = [f"Built with the **{p.name}** profile ({p.description}); weights: `{p.weights}`; "
+                 f"SAEs: {'the paper author' + chr(39) + 's published SAEs' if self.saes == 'author' else 'trained here'}; "
+                 f"run directory `{self.run_dir.name}`."]
+        if self.fallback_reason:
+            lines.append(f"The `cpu` profile could not run here: {self.fallback_reason}")
+        if self.random_weights:
+            lines.insert(0, f"**Not a result.** {RANDOM_WARNING}. The figures below show that the pipeline "
+                            "runs, nothing about the trained network.")
+        kind = "warning" if self.random_weights or self.fallback_reason else "note"
+        return f":::{{{kind}}}\n" + "\n\n".join(lines) + "\n:::\n"
+
+    def to_record(self) -> dict:
+        return {"profile": asdict(self.profile), "run_dir": str(self.run_dir), "saes": self.saes,
+                "fallback_reason": self.fallback_reason}
+
+
+def context(profile: str | None = None, run_dir: str | None = None, saes: str | None = None) -> Context:
+    p = get_profile(profile)
+    run = Path(run_dir or os.environ.get("SAE_RUN_DIR") or ROOT / "runs" / p.name)
+    saes = saes or os.environ.get("SAE_SAES", "train")
+    if saes not in ("train", "author"):
+        raise ValueError(f"SAE_SAES={saes!r}; choose 'train' or 'author'")
+    return Context(p, run, saes, os.environ.get("SAE_FALLBACK_REASON") or None)
+
+
+def with_overrides(p: Profile, **kw) -> Profile:
+    return replace(p, **kw)
+
+
+# --- making (or reusing) a profile's artifacts ------------------------------------------------
+def image_source(ctx: Context) -> str:
+    """The profile's images; for smoke, an even spread of the ImageNet sample, else generated ones."""
+    p = ctx.profile
+    if p.images != "sample-or-generated":
+        return p.images
+    if SAMPLE.is_dir():
+        files = sorted(SAMPLE.glob("*.JPEG"))
+        step = max(1, len(files) // p.max_images)
+        listing = ctx.run_dir / "images.txt"
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        listing.write_text("\n".join(str(f) for f in files[::step][: p.max_images]) + "\n")
+        return str(listing)
+    from .images import generate_images
+
+    folder = ctx.run_dir / "generated-images"
+    generate_images(folder, p.max_images)
+    return str(folder)
+
+
+def ensure_harvest(ctx: Context) -> Path:
+    """The profile's harvest: reused when finished, resumed when not, made otherwise."""
+    from .harvest import HarvestConfig, harvest
+    from .store import read_manifest
+
+    manifest = ctx.harvest_dir / "manifest.json"
+    if manifest.exists() and read_manifest(ctx.harvest_dir).get("complete"):
+        return ctx.harvest_dir
+    p = ctx.profile
+    return harvest(HarvestConfig(images=image_source(ctx), out=str(ctx.harvest_dir), layers=",".join(p.layers),
+                                 per_image=p.per_image, sampling=p.sampling, weights=p.weights,
+                                 max_images=p.max_images, batch_size=p.harvest_batch,
+                                 workers=min(4, os.cpu_count() or 1)))
+
+
+def ensure_saes(ctx: Context) -> dict[str, Path]:
+    """One SAE per layer: reused when saved, trained (or fetched, for SAE_SAES=author) otherwise."""
+    from .train import CHECKPOINT, TrainConfig, train
+
+    p = ctx.profile
+    out = {}
+    for layer in p.layers:
+        directory = ctx.sae_dir(layer)
+        if not (directory / "cfg.json").exists():
+            if ctx.saes == "author":
+                from .author import REPO_ID, fetch_author_sae
+
+                fetch_author_sae(layer).save(directory, layer=layer, source=f"hf:{REPO_ID}",
+                                             weights_id="lucent (the author's)", random_weights=False)
+            else:
+                train(TrainConfig(run=str(ensure_harvest(ctx)), layer=layer, out=str(directory),
+                                  expansion=p.expansion, k=p.k, tied=p.tied, aux_k=p.aux_k,
+                                  batch_size=p.batch_size, vectors_seen=p.vectors_seen,
+                                  resume=(directory / CHECKPOINT).exists()))
+        out[layer] = directory
+    return out

@@ -1,0 +1,59 @@
+"""The built book, opened in a real headless Chromium."""
+
+import time
+
+import pytest
+import yaml
+
+from browser import chromium, js_errors, screenshot
+from helpers.profiles import ROOT
+
+FIGURES = {"nbs/01_inceptionv1_branches": 1, "nbs/02_harvesting": 2, "nbs/03_training": 1}
+
+
+def toc_pages() -> list[str]:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    return [toc["root"]] + [ch["file"] for part in toc["parts"] for ch in part["chapters"]]
+
+
+def test_every_page_is_built_with_the_profile_banner(smoke_book):
+    html = smoke_book["html"]
+    for page in toc_pages():
+        text = (html / f"{page}.html").read_text()
+        if page != "book/references":
+            assert "Not a result" in text and "smoke" in text, page
+        assert len(text) < 1_000_000, f"{page} is {len(text)} bytes: plotly.js inlined?"
+    assert (html / "_static" / "plotly.min.js").stat().st_size > 1_000_000
+    assert (html / "book" / "references.html").read_text().count("Bozoukov") >= 1
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = chromium()
+    yield driver
+    driver.quit()
+
+
+def test_pages_load_and_draw_their_figures_without_js_errors(smoke_book, browser):
+    html = smoke_book["html"]
+    for page in toc_pages():
+        browser.get((html / f"{page}.html").as_uri())
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            drawn = browser.execute_script(
+                "return [...document.querySelectorAll('.plotly-graph-div')].filter(d => d.querySelector('.main-svg')).length")
+            if drawn >= FIGURES.get(page, 0):
+                break
+            time.sleep(0.2)
+        divs = browser.execute_script("return document.querySelectorAll('.plotly-graph-div').length")
+        assert drawn == divs == FIGURES.get(page, 0), f"{page}: {drawn} of {divs} figures drawn"
+        broken = browser.execute_script(
+            "return [...document.images].filter(i => i.src.startsWith('file:') && !(i.complete && i.naturalWidth > 0))"
+            ".map(i => i.src)")
+        assert broken == [], f"{page}: images not loaded {broken}"
+        assert js_errors(browser) == [], page
+        assert browser.execute_script("return document.querySelector('h1') !== null"), page
+        if page == "book/intro":
+            screenshot(browser, "book-intro.png")
+        if page == "nbs/02_harvesting":
+            screenshot(browser, "book-02-harvesting.png")

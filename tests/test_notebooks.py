@@ -1,0 +1,69 @@
+"""The notebooks: committed clean, and each runs top to bottom in the smoke profile."""
+
+import json
+import re
+
+import nbformat
+import pytest
+
+from helpers.book import notebooks
+
+CHAPTERS = ["01_inceptionv1_branches", "02_harvesting", "03_training", "04_branch_specialization", "05_circuits",
+            "06_umap", "07_feature_visualization", "08_feature_explorer"]
+FIGURES = {"01_inceptionv1_branches": 1, "02_harvesting": 2, "03_training": 1}
+
+
+def test_the_book_has_the_chapters_of_the_paper():
+    assert [p.stem for p in notebooks()] == CHAPTERS
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.stem)
+def test_committed_without_outputs(path):
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            assert not cell.get("outputs") and cell.get("execution_count") is None, f"{path.name} has outputs"
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.stem)
+def test_parameters_cell_and_colab_badge(path):
+    nb = nbformat.read(path, as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and "profile = None" in tagged[0].source
+    assert f"colab.research.google.com/github/" in nb.cells[0].source and f"/nbs/{path.name}" in nb.cells[0].source
+    colab = [c for c in nb.cells if "google.colab" in c.source]
+    assert colab and "remove-cell" in colab[0].metadata.get("tags", [])
+
+
+def _outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_executes_in_smoke_profile_with_the_random_weights_warning(smoke_book, name):
+    outputs = _outputs(smoke_book["executed"][name])
+    assert not [o for o in outputs if o.output_type == "error"]
+    markdown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    assert markdown and markdown[0].startswith(":::{warning}") and "Not a result" in markdown[0]
+    assert "**smoke** profile" in markdown[0]
+    html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    figures = [h for h in html if "plotly-graph-div" in h]
+    assert len(figures) == FIGURES.get(name, 0)
+    for fig in figures:
+        assert "RANDOM WEIGHTS: NOT A RESULT" in fig
+        assert len(fig) < 500_000 and not re.search(r"plotly\.js v\d", fig)  # plotly.js is not inlined
+
+
+def test_placeholders_say_so(smoke_book):
+    for name in CHAPTERS[3:]:
+        nb = nbformat.read(smoke_book["executed"][name], as_version=4)
+        assert any("not written yet" in c.source for c in nb.cells if c.cell_type == "markdown")
+
+
+def test_later_chapters_reuse_the_run(smoke_book):
+    run = smoke_book["run"]
+    assert (run / "harvest" / "manifest.json").exists()
+    assert sorted(p.name for p in (run / "saes").iterdir()) == ["mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"]
+    cfg = json.loads((run / "saes" / "mixed4c" / "cfg.json").read_text())
+    assert cfg["random_weights"] is True and cfg["d_sae"] == 4 * 512

@@ -1,0 +1,61 @@
+import pytest
+
+from helpers import book, profiles
+
+
+def test_profiles_scale_up():
+    p = profiles.PROFILES
+    assert p["smoke"].weights == "random" and p["cpu"].weights == p["gpu"].weights == p["paper"].weights == "lucent"
+    assert p["smoke"].vectors_seen < p["cpu"].vectors_seen < p["gpu"].vectors_seen < p["paper"].vectors_seen
+    assert (p["cpu"].expansion, p["cpu"].k) == (16, 32)  # the paper's SAEs from cpu up
+    with pytest.raises(ValueError, match="profile 'huge' is unknown"):
+        profiles.get_profile("huge")
+
+
+def test_context_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAE_PROFILE", "smoke")
+    monkeypatch.setenv("SAE_RUN_DIR", str(tmp_path))
+    ctx = profiles.context()
+    assert ctx.profile.name == "smoke" and ctx.run_dir == tmp_path and ctx.random_weights
+    assert ctx.sae_dir("mixed4c") == tmp_path / "saes" / "mixed4c"
+    assert ctx.banner().startswith(":::{warning}") and "Not a result" in ctx.banner()
+    monkeypatch.setenv("SAE_SAES", "author")
+    assert profiles.context().sae_dir("mixed4c") == tmp_path / "author-saes" / "mixed4c"
+
+
+def test_real_profile_banner_is_a_note():
+    ctx = profiles.Context(profiles.PROFILES["cpu"], profiles.ROOT / "runs" / "cpu")
+    assert ctx.banner().startswith(":::{note}") and "Not a result" not in ctx.banner()
+
+
+def test_default_build_falls_back_to_smoke_with_the_reason(monkeypatch, capsys):
+    monkeypatch.setattr(book, "preflight", lambda name: "no internet (URL x, put the file at y)")
+    assert book.choose_profile(None) == ("smoke", "no internet (URL x, put the file at y)")
+    assert "cannot run here" in capsys.readouterr().err
+    with pytest.raises(book.ProfileUnavailable, match="profile 'cpu' cannot run here: no internet"):
+        book.choose_profile("cpu")
+    monkeypatch.setattr(book, "preflight", lambda name: None)
+    assert book.choose_profile(None) == ("cpu", None)
+    assert book.choose_profile("gpu") == ("gpu", None)
+
+
+def test_preflight_offline_names_what_failed(monkeypatch):
+    import urllib.error
+
+    import torch
+    import torchvision.datasets
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    monkeypatch.setattr(torchvision.datasets, "Imagenette", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("offline")))
+    reason = book.preflight("cpu")
+    assert "inception5h.pth" in reason and "Imagenette" in reason
+    assert book.preflight("smoke") is None
+
+
+def test_smoke_images_come_from_the_sample_or_are_generated(tmp_path, monkeypatch):
+    ctx = profiles.Context(profiles.PROFILES["smoke"], tmp_path)
+    monkeypatch.setattr(profiles, "SAMPLE", tmp_path / "absent")
+    folder = profiles.image_source(ctx)
+    from helpers.images import list_images
+    assert len(list_images(folder)) == 64

@@ -50,7 +50,7 @@ def preflight(name: str) -> str | None:
             list_images(p.images)
         except FileNotFoundError as e:
             reasons.append(str(e))
-    return " ".join(reasons) or None
+    return "\n".join(f"- {r}" for r in reasons) or None
 
 
 def choose_profile(requested: str | None) -> tuple[str, str | None]:
@@ -59,14 +59,14 @@ def choose_profile(requested: str | None) -> tuple[str, str | None]:
         get_profile(requested)
         reason = preflight(requested)
         if reason:
-            raise ProfileUnavailable(f"profile {requested!r} cannot run here: {reason}")
+            raise ProfileUnavailable(f"profile {requested!r} cannot run here:\n{reason}")
         return requested, None
     reason = preflight("cpu")
     if reason is None:
         return "cpu", None
     bar = "=" * 78
     print(f"{bar}\nThe cpu profile (real weights, Imagenette) cannot run here, so this book is built with\n"
-          f"the smoke profile (random weights: its figures are not results).\nWhat failed: {reason}\n{bar}",
+          f"the smoke profile (random weights: its figures are not results). What failed:\n{reason}\n{bar}",
           file=sys.stderr)
     return "smoke", reason
 

@@ -94,7 +94,8 @@ class Context:
                  f"SAEs: {'the paper author' + chr(39) + 's published SAEs' if self.saes == 'author' else 'trained here'}; "
                  f"run directory `{self.run_dir.name}`."]
         if self.fallback_reason:
-            lines.append(f"The `cpu` profile could not run here: {self.fallback_reason}")
+            lines.append(f"The `cpu` profile could not run here, so this is the smoke profile. What failed:\n\n"
+                         f"{self.fallback_reason}")
         if self.random_weights:
             lines.insert(0, f"**Not a result.** {RANDOM_WARNING}. The figures below show that the pipeline "
                             "runs, nothing about the trained network.")

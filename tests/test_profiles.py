@@ -32,7 +32,7 @@ def test_default_build_falls_back_to_smoke_with_the_reason(monkeypatch, capsys):
     monkeypatch.setattr(book, "preflight", lambda name: "no internet (URL x, put the file at y)")
     assert book.choose_profile(None) == ("smoke", "no internet (URL x, put the file at y)")
     assert "cannot run here" in capsys.readouterr().err
-    with pytest.raises(book.ProfileUnavailable, match="profile 'cpu' cannot run here: no internet"):
+    with pytest.raises(book.ProfileUnavailable, match="profile 'cpu' cannot run here:\\nno internet"):
         book.choose_profile("cpu")
     monkeypatch.setattr(book, "preflight", lambda name: None)
     assert book.choose_profile(None) == ("cpu", None)

@@ -97,8 +97,7 @@ class Context:
             lines.append(f"The `cpu` profile could not run here, so this is the smoke profile. What failed:\n\n"
                          f"{self.fallback_reason}")
         if self.random_weights:
-            lines.insert(0, f"**Not a result.** {RANDOM_WARNING}. The figures below show that the pipeline "
-                            "runs, nothing about the trained network.")
+            lines.insert(0, f"**Not a result.** {RANDOM_WARNING}.")
         kind = "warning" if self.random_weights or self.fallback_reason else "note"
         return f":::{{{kind}}}\n" + "\n\n".join(lines) + "\n:::\n"
 

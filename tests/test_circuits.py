@@ -1,0 +1,115 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.circuits import (ablation_edges, ablation_effects, attribution, circuit_graph, mixed_block, spearman,
+                              weight_edges)
+from helpers.inception import LayerCapture, branch_slices, model_input
+from helpers.sae import TopKSAE
+
+
+@pytest.fixture(scope="module")
+def acts(random_model):
+    x = model_input(torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        return LayerCapture(random_model, ["mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"])(x)
+
+
+def active_features(sae, acts):
+    """Features of ``sae`` that fire somewhere in ``acts``, most active first."""
+    with torch.no_grad():
+        z = sae.encode(acts.flatten(2).transpose(1, 2).reshape(-1, acts.shape[1]))
+    total = z.sum(0)
+    return [int(i) for i in torch.argsort(total, descending=True) if total[i] > 0]
+
+
+def fitted_sae(acts, d_sae=256, k=8, seed=0):
+    """A random SAE centred on the data, so that features fire."""
+    sae = TopKSAE(acts.shape[1], d_sae, k, "full", seed=seed)
+    with torch.no_grad():
+        sae.b_dec.copy_(acts.mean(dim=(0, 2, 3)))
+    return sae
+
+
+@pytest.mark.parametrize("layer,prev", [("mixed4b", "mixed4a"), ("mixed4c", "mixed4b"), ("mixed4d", "mixed4c"),
+                                        ("mixed4e", "mixed4d")])
+def test_mixed_block_reproduces_the_network(random_model, acts, layer, prev):
+    with torch.no_grad():
+        torch.testing.assert_close(mixed_block(random_model, layer, acts[prev]), acts[layer], rtol=1e-5, atol=1e-5)
+
+
+def test_attribution_is_the_derivative_of_the_target_preactivations(random_model, acts):
+    """Against finite differences (float64): the block is piecewise linear, so they agree closely."""
+    model = copy.deepcopy(random_model).double()
+    x = acts["mixed4b"].double()
+    sb, sc = fitted_sae(acts["mixed4b"]).double(), fitted_sae(acts["mixed4c"], seed=1).double()
+    sources, eff = attribution(model, sb, sc, "mixed4b", x, chunk=8)
+    assert len(sources) > 10 and eff.shape == (len(sources), 256)
+    with torch.no_grad():
+        z = sb.encode(x.flatten(2).transpose(1, 2).reshape(-1, 512)).reshape(3, 14, 14, -1)
+        pre = lambda y: y.flatten(2).sum(-1) @ sc.encoder_weight.T
+        for row in (0, len(sources) // 2, len(sources) - 1):
+            i = int(sources[row])
+            delta = z[..., i][:, None] * sb.decoder_directions[i][None, :, None, None]
+            eps = 1e-7  # one-sided, in the direction of removing the feature
+            fd = (pre(mixed_block(model, "mixed4c", x)) - pre(mixed_block(model, "mixed4c", x - eps * delta))).sum(0) / eps
+            np.testing.assert_allclose(eff[row], fd.numpy(), rtol=1e-4, atol=1e-4 * np.abs(fd.numpy()).max())
+
+
+def test_attribution_ranks_edges_like_true_ablation(random_model, acts):
+    sb, sc = fitted_sae(acts["mixed4b"]), fitted_sae(acts["mixed4c"], seed=1)
+    active = active_features(sb, acts["mixed4b"])[:60]
+    sources, eff = attribution(random_model, sb, sc, "mixed4b", acts["mixed4b"], sources=active, chunk=16)
+    strongest = sources[np.argsort(-np.abs(eff).max(axis=1))[:15]]
+    att = eff[[list(sources).index(i) for i in strongest]].ravel()
+    abl = ablation_effects(random_model, sb, sc, "mixed4b", acts["mixed4b"], strongest).ravel()
+    top = np.argsort(-np.abs(abl))[:150]
+    assert spearman(att[top], abl[top]) > 0.7
+
+
+def test_ablation_recovers_a_planted_edge(random_model, acts):
+    model = copy.deepcopy(random_model)
+    rng = np.random.default_rng(0)
+    d0 = torch.tensor(np.abs(rng.standard_normal(512)), dtype=torch.float32)
+    d0 /= d0.norm()
+    sb = fitted_sae(acts["mixed4b"])
+    sc = fitted_sae(acts["mixed4c"], seed=1)
+    with torch.no_grad():
+        sb.encoder_weight[17] = d0  # source feature 17 writes d0 into mixed4b
+        model.mixed4c_1x1_pre_relu_conv.weight[3, :, 0, 0] = 50 * d0  # mixed4c channel 3 reads d0 ...
+        model.mixed4c_1x1_pre_relu_conv.bias[3] = 0
+        e3 = torch.zeros(512)
+        e3[3] = 1
+        sc.encoder_weight[101] = e3  # ... and target feature 101 is that channel
+        x = acts["mixed4b"].clone()
+        x[:, :, 5, 9] += 20 * d0  # where feature 17 is present
+    for target in ("activation", "change"):
+        edges = ablation_edges(model, sb, sc, "mixed4b", x, feature=17, target=target)
+        assert [e.src_position for e in edges] == [(5, 9)] * 3
+        assert [e.dst_position for e in edges] == [(5, 9)] * 3
+        assert [e.dst_feature for e in edges] == [101] * 3
+
+
+def test_weight_edges_follow_the_1x1_convolution(random_model, acts):
+    sb, sc = fitted_sae(acts["mixed4b"]), fitted_sae(acts["mixed4c"], seed=1)
+    slices = branch_slices(random_model, ["mixed4c"])["mixed4c"]
+    w = weight_edges(random_model, "mixed4c", sb, sc, slices)
+    conv = random_model.mixed4c_1x1_pre_relu_conv
+    with torch.no_grad():
+        for i, j in [(0, 0), (3, 40), (100, 7)]:
+            x = sb.decoder_directions[i][None, :, None, None]
+            linear = (conv(x) - conv(torch.zeros_like(x)))[0, :, 0, 0]  # the 1x1 path's pre-ReLU response
+            assert w[i, j] == pytest.approx(float(linear @ sc.encoder_weight[j, 0:128]), rel=1e-4, abs=1e-5)
+
+
+def test_circuit_graph_follows_positive_edges(random_model, acts):
+    saes = {"mixed4b": fitted_sae(acts["mixed4b"]), "mixed4c": fitted_sae(acts["mixed4c"], seed=1),
+            "mixed4d": fitted_sae(acts["mixed4d"], seed=2)}
+    seed = active_features(saes["mixed4b"], acts["mixed4b"])[0]
+    graph = circuit_graph(random_model, saes, acts, ["mixed4b", "mixed4c", "mixed4d"], seed=seed, top=2)
+    assert graph["nodes"][0] == ("mixed4b", seed)
+    layers = {n[0] for n in graph["nodes"]}
+    assert layers == {"mixed4b", "mixed4c", "mixed4d"} and all(e[2] > 0 for e in graph["edges"])
+    assert len([e for e in graph["edges"] if e[0][0] == "mixed4b"]) == 2

@@ -118,3 +118,38 @@ def same_branch_share(edges: np.ndarray, src_branch: np.ndarray, dst_branch: np.
     null = np.array([(s == rng.permutation(t)).mean() for _ in range(n_perm)])
     return {"edges": int(len(s)), "share_same": observed, "chance": float(null.mean()),
             "p_value": float(((null >= observed).sum() + 1) / (n_perm + 1))}
+
+
+# the paper's appendix figures: figure number -> (layer, branch)
+PAPER_FIGURES = {5: ("mixed4d", "1x1"), 6: ("mixed4d", "5x5"), 7: ("mixed4c", "5x5"), 8: ("mixed4a", "5x5"),
+                 9: ("mixed4b", "5x5"), 10: ("mixed4e", "5x5")}
+
+
+def most_specialised(fractions: np.ndarray, base: Baseline, branch: str, n: int | None = 10,
+                     alive: np.ndarray | None = None) -> list[int]:
+    """The ``n`` (None: all) live features with the largest excess fraction in ``branch`` (figure 1's pick)."""
+    b = BRANCHES.index(branch)
+    score = excess(fractions, base)[:, b].copy()
+    if alive is not None:
+        score[~np.asarray(alive, bool)] = -np.inf
+    order = np.argsort(-score)
+    return [int(i) for i in order[:n] if np.isfinite(score[i])]  # order[:None] is all
+
+
+def specialised_branch(fractions: np.ndarray, base: Baseline, alive: np.ndarray | None = None) -> np.ndarray:
+    """[n] the branch (index) a feature is specialised to, by largest excess; -1 if none."""
+    mask = specialised(fractions, base, alive)
+    best = np.where(mask, excess(fractions, base), -np.inf).argmax(axis=1)
+    return np.where(mask.any(axis=1), best, -1)
+
+
+def layer_table(analyses: dict) -> list[dict]:
+    """``specialisation_table`` for every analysed layer (shuffled-channel baseline)."""
+    return [{"layer": layer, **row} for layer, a in analyses.items()
+            for row in specialisation_table(a["fractions"], a["shuffled"], a["alive"])]
+
+
+def selection_table(analyses: dict, n: int = 5) -> list[dict]:
+    """Figure 1's selection: per layer and branch, the most specialised live features."""
+    return [{"layer": layer, "branch": b, "features": ", ".join(map(str, most_specialised(
+        a["fractions"], a["shuffled"], b, n, a["alive"])))} for layer, a in analyses.items() for b in BRANCHES]

@@ -61,6 +61,24 @@ def feature_activations(sae, acts: torch.Tensor, features) -> torch.Tensor:
     return z.reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
 
+@torch.no_grad()
+def active_features(sae, acts: torch.Tensor) -> list[int]:
+    """Features that fire somewhere in ``acts`` [B, C, H, W], most active (summed) first."""
+    z = sae.encode(_positions(acts).reshape(-1, acts.shape[1]))
+    total = z.sum(dim=0)
+    order = torch.argsort(total, descending=True)
+    return [int(i) for i in order[total[order] > 0]]
+
+
+def seed_feature(sae, acts: torch.Tensor, ranked) -> int:
+    """The first feature of ``ranked`` that fires in ``acts`` (a circuit needs an active seed)."""
+    active = set(active_features(sae, acts))
+    for i in ranked:
+        if int(i) in active:
+            return int(i)
+    raise ValueError("none of the candidate features fires on these images; use more images")
+
+
 # --- the paper's ablation method ------------------------------------------------------------
 @dataclass
 class AblationEdge:
@@ -219,3 +237,23 @@ def circuit_graph(model, saes: dict, acts: dict, layers, seed: int, top: int = 3
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def strong_edges(sources: np.ndarray, effects: np.ndarray, top: float = 0.01) -> np.ndarray:
+    """[m, 2] (source, target) pairs of the strongest positive effects (the top fraction)."""
+    flat = effects.ravel()
+    m = max(1, int(round(top * flat.size)))
+    best = np.argpartition(-flat, m - 1)[:m]
+    best = best[flat[best] > 0]
+    rows, cols = np.unravel_index(best, effects.shape)
+    return np.stack([np.asarray(sources)[rows], cols], axis=1)
+
+
+def agreement(model, sae_src, sae_dst, src_layer: str, acts_src: torch.Tensor, sources, strongest: int = 200):
+    """Attribution against true ablation on the same sources: (attributed, ablated, Spearman rho)
+    over the ``strongest`` edges by true effect."""
+    sources, att = attribution(model, sae_src, sae_dst, src_layer, acts_src, sources=sources)
+    abl = ablation_effects(model, sae_src, sae_dst, src_layer, acts_src, sources)
+    top = np.argsort(-np.abs(abl.ravel()))[:strongest]
+    a, b = att.ravel()[top], abl.ravel()[top]
+    return a, b, spearman(a, b)

@@ -20,13 +20,16 @@ BRANCH_COLOURS = {"1x1": "#4C78A8", "3x3": "#F58518", "5x5": "#54A24B", "pool": 
 NOT_A_RESULT = "RANDOM WEIGHTS: NOT A RESULT"
 
 
-def show(fig: go.Figure, ctx=None) -> None:
-    """Display ``fig`` (watermarked when ``ctx`` says the weights are random)."""
+def show(fig: go.Figure, ctx=None, save_as: str | None = None) -> None:
+    """Display ``fig``, watermarked when ``ctx`` says the weights are random; with ``save_as``,
+    also write it as PNG and SVG into the run's ``figures/`` folder (watermark included)."""
     from IPython.display import HTML, display
 
-    if ctx is not None and ctx.random_weights:
+    if ctx is not None and ctx.random_weights and not any(a.text == NOT_A_RESULT for a in fig.layout.annotations):
         fig.add_annotation(text=NOT_A_RESULT, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False,
                            font=dict(size=28, color="rgba(200,0,0,0.25)"), textangle=-15)
+    if save_as and ctx is not None:
+        save(fig, ctx.run_dir / "figures", save_as)
     if os.environ.get("SAE_BOOK_BUILD"):
         display(HTML(fig.to_html(include_plotlyjs=False, full_html=False, config={"displaylogo": False})))
     else:
@@ -146,3 +149,136 @@ def branch_rows(slices: dict[str, dict[str, tuple[int, int]]]) -> list[dict]:
     return [{"layer": layer, "width": max(stop for _, stop in s.values()),
              **{b: f"{s[b][0]}-{s[b][1] - 1} ({s[b][1] - s[b][0]})" for b in BRANCHES}}
             for layer, s in slices.items()]
+
+
+# --- results: branch specialization, UMAP, circuits -------------------------------------------
+def _hover(analysis, ids) -> list[str]:
+    f = analysis["fractions"]
+    return [f"feature {i}<br>" + "<br>".join(f"{b}: {f[i, k]:.2f}" for k, b in enumerate(BRANCHES)) for i in ids]
+
+
+def branch_fraction_figure(analysis: dict, branch: str, highlights: dict[str, list[int]] | None = None,
+                           title: str = "") -> go.Figure:
+    """The paper's figures 5-10: every live feature's fraction in ``branch``, sorted; highlighted sets on top."""
+    b = BRANCHES.index(branch)
+    alive = np.flatnonzero(analysis["alive"])
+    order = alive[np.argsort(analysis["fractions"][alive, b])]
+    values = analysis["fractions"][order, b]
+    rank = {int(f): r for r, f in enumerate(order)}
+    fig = go.Figure(go.Scatter(x=np.arange(len(order)), y=values, mode="markers", marker=dict(size=3, color="#999"),
+                               name="all features", text=_hover(analysis, order), hoverinfo="text"))
+    for base, dash in ((analysis["shuffled"], "dash"), (analysis["gaussian"], "dot")):
+        fig.add_hline(y=float(base.threshold[b]), line_dash=dash, line_color="#d62728",
+                      annotation_text=f"{base.kind} baseline, {base.quantile:.0%} quantile",
+                      annotation_position="top left")
+    for k, (name, ids) in enumerate((highlights or {}).items()):
+        ids = [i for i in ids if i in rank]
+        fig.add_scatter(x=[rank[i] for i in ids], y=analysis["fractions"][ids, b], mode="markers", name=name,
+                        marker=dict(size=9, color=_palette(k + 1), line=dict(width=1, color="black")),
+                        text=_hover(analysis, ids), hoverinfo="text")
+    fig.update_layout(title=title or f"{analysis['layer']}: fraction of each feature's decoder norm in the {branch} branch",
+                      xaxis_title="feature rank (sorted by fraction)",
+                      yaxis_title=f"||relu(d[{branch}])|| / ||relu(d)||", height=420)
+    return fig
+
+
+def umap_figure(coords: np.ndarray, analysis: dict, colour: str = "dominant",
+                highlights: dict[str, list[int]] | None = None, title: str = "") -> go.Figure:
+    """The paper's figures 3-4: UMAP of decoder vectors, coloured by dominant branch or 5x5 fraction."""
+    from .branches import dominant_branch
+
+    alive = np.flatnonzero(analysis["alive"])
+    fig = go.Figure()
+    if colour == "dominant":
+        dom = dominant_branch(analysis["fractions"], analysis["shuffled"])
+        for k, b in enumerate(BRANCHES):
+            ids = alive[dom[alive] == k]
+            fig.add_scattergl(x=coords[ids, 0], y=coords[ids, 1], mode="markers", name=f"{b} dominant",
+                              marker=dict(size=4, color=BRANCH_COLOURS[b]), text=_hover(analysis, ids),
+                              hoverinfo="text")
+    else:
+        b = BRANCHES.index(colour)
+        fig.add_scattergl(x=coords[alive, 0], y=coords[alive, 1], mode="markers", name=f"{colour} fraction",
+                          marker=dict(size=4, color=analysis["fractions"][alive, b], colorscale="Viridis",
+                                      colorbar=dict(title=colour)), text=_hover(analysis, alive), hoverinfo="text")
+    for k, (name, ids) in enumerate((highlights or {}).items()):
+        fig.add_scatter(x=coords[ids, 0], y=coords[ids, 1], mode="markers", name=name,
+                        marker=dict(size=10, symbol="star", color=_palette(k + 3), line=dict(width=1, color="black")),
+                        text=_hover(analysis, ids), hoverinfo="text")
+    fig.update_layout(title=title or f"UMAP of the {analysis['layer']} decoder vectors", height=520,
+                      xaxis=dict(visible=False), yaxis=dict(visible=False))
+    return fig
+
+
+def circuit_figure(graph: dict, analyses: dict[str, dict], title: str = "") -> go.Figure:
+    """The paper's figure 2: a circuit across layers; nodes coloured by their dominant branch."""
+    from .branches import dominant_branch
+
+    layers = list(dict.fromkeys(layer for layer, _ in graph["nodes"]))
+    pos = {}
+    for x, layer in enumerate(layers):
+        column = [n for n in graph["nodes"] if n[0] == layer]
+        for y, node in enumerate(column):
+            pos[node] = (x, y - (len(column) - 1) / 2)
+    fig = go.Figure()
+    top = max((abs(w) for *_, w in graph["edges"]), default=1.0)
+    for src, dst, w in graph["edges"]:
+        fig.add_scatter(x=[pos[src][0], pos[dst][0]], y=[pos[src][1], pos[dst][1]], mode="lines", showlegend=False,
+                        line=dict(width=1 + 6 * abs(w) / top, color="#888"), hoverinfo="text",
+                        text=f"{src[0]}:{src[1]} -> {dst[0]}:{dst[1]}, effect {w:.3g}")
+    for k, b in enumerate(BRANCHES):
+        nodes = [n for n in graph["nodes"]
+                 if dominant_branch(analyses[n[0]]["fractions"][[n[1]]], analyses[n[0]]["shuffled"])[0] == k]
+        if nodes:
+            fig.add_scatter(x=[pos[n][0] for n in nodes], y=[pos[n][1] for n in nodes], mode="markers+text",
+                            name=f"{b} dominant", marker=dict(size=26, color=BRANCH_COLOURS[b]),
+                            text=[str(n[1]) for n in nodes], textposition="middle center", textfont=dict(size=9),
+                            hovertext=[f"{n[0]} feature {n[1]}<br>" + "<br>".join(
+                                f"{bb}: {analyses[n[0]]['fractions'][n[1], kk]:.2f}" for kk, bb in enumerate(BRANCHES))
+                                for n in nodes], hoverinfo="text")
+    fig.update_layout(title=title or "A circuit across layers (attribution edges)", height=460,
+                      xaxis=dict(tickvals=list(range(len(layers))), ticktext=layers, showgrid=False),
+                      yaxis=dict(visible=False))
+    return fig
+
+
+def agreement_figure(attributed: np.ndarray, ablated: np.ndarray, rho: float) -> go.Figure:
+    """Attribution against true ablation, one point per (source, target) edge."""
+    fig = go.Figure(go.Scattergl(x=ablated, y=attributed, mode="markers", marker=dict(size=4, opacity=0.6)))
+    lim = [float(min(ablated.min(), attributed.min())), float(max(ablated.max(), attributed.max()))]
+    fig.add_scatter(x=lim, y=lim, mode="lines", line=dict(dash="dash", color="#888"), showlegend=False)
+    fig.update_layout(title=f"Attribution against true ablation (Spearman rank correlation {rho:.3f})",
+                      xaxis_title="drop in target pre-activation when the source is removed",
+                      yaxis_title="attribution (first order)", showlegend=False, height=420)
+    return fig
+
+
+def save(fig: go.Figure, folder, stem: str) -> list:
+    """Write ``stem``.png and .svg (needs kaleido and a Chrome/Chromium); returns the files written."""
+    from pathlib import Path
+
+    import plotly.io as pio
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{stem}.png", folder / f"{stem}.svg"]
+    try:  # one browser session for both files
+        pio.write_images([fig, fig], paths, width=900, height=fig.layout.height or 450)
+    except Exception as e:  # no kaleido or no browser: the interactive figure still stands
+        import logging
+
+        logging.getLogger(__name__).warning("could not write %s.png/.svg: %s", stem, e)
+        return []
+    return paths
+
+
+def paper_figure(number: int, analyses: dict, highlights: dict[str, list[int]] | None = None) -> go.Figure:
+    """Figures 5-10 of the paper; highlighted by default: the layer's most specialised features."""
+    from .branches import PAPER_FIGURES, most_specialised
+
+    layer, branch = PAPER_FIGURES[number]
+    a = analyses[layer]
+    if highlights is None:
+        highlights = {"most specialised (figure 1 pick)": most_specialised(a["fractions"], a["shuffled"], branch, 10,
+                                                                           a["alive"])}
+    return branch_fraction_figure(a, branch, highlights, title=f"Figure {number}: {layer}, {branch} branch")

@@ -130,15 +130,22 @@ def _open_run(out: Path, manifest: dict) -> None:
     save_manifest(out, manifest)
 
 
-def harvest(cfg: HarvestConfig) -> Path:
-    """Run (or resume) a harvest; returns the run directory."""
+def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
+    """Run (or resume) a harvest; returns the run directory.
+
+    ``model``: an already built InceptionV1 to use instead of ``cfg.weights`` (a modified or
+    instrumented one); its ``weights_id`` attribute names it in the manifest.
+    """
     layers = check_layers(cfg.layers)
     if cfg.sampling not in SAMPLINGS:
         raise ValueError(f"sampling {cfg.sampling!r} is unknown; choose from {', '.join(SAMPLINGS)}")
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     images = list_images(cfg.images).head(cfg.max_images)
-    model, weights_id = load_model(cfg.weights, device, seed=cfg.seed)
+    if model is None:
+        model, weights_id = load_model(cfg.weights, device, seed=cfg.seed)
+    else:
+        model, weights_id = model.to(device).eval(), getattr(model, "weights_id", "custom model")
     slices = branch_slices(model, layers)
     use_amp = cfg.amp and cuda
     if use_amp:

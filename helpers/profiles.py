@@ -11,7 +11,7 @@ training new ones.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .inception import PAPER_LAYERS, RANDOM_WARNING
@@ -36,13 +36,15 @@ class Profile:
     batch_size: int = 4096
     aux_k: int = 0
     harvest_batch: int = 64
+    circuit_images: int = 32  # images whose full activation maps the circuit analyses use
+    circuit_sources: int = 512  # source features per layer in the attribution matrix
     layers: tuple = PAPER_LAYERS
 
 
 PROFILES = {
     "smoke": Profile("smoke", "CI and a first look: random weights, 64 images, tiny SAEs; minutes on 2 CPU cores",
                      weights="random", images="sample-or-generated", max_images=64, expansion=4, k=16,
-                     vectors_seen=24_576, batch_size=1024, harvest_batch=16),
+                     vectors_seen=24_576, batch_size=1024, harvest_batch=16, circuit_images=4, circuit_sources=48),
     "cpu": Profile("cpu", "a laptop afternoon: real weights, Imagenette validation images (3,925)",
                    weights="lucent", images="imagenette", max_images=None, vectors_seen=2_000_000, aux_k=256),
     "gpu": Profile("gpu", "a Colab T4: real weights, Imagenette validation images, 50M vectors per SAE",
@@ -113,65 +115,3 @@ def context(profile: str | None = None, run_dir: str | None = None, saes: str | 
     if saes not in ("train", "author"):
         raise ValueError(f"SAE_SAES={saes!r}; choose 'train' or 'author'")
     return Context(p, run, saes, os.environ.get("SAE_FALLBACK_REASON") or None)
-
-
-def with_overrides(p: Profile, **kw) -> Profile:
-    return replace(p, **kw)
-
-
-# --- making (or reusing) a profile's artifacts ------------------------------------------------
-def image_source(ctx: Context) -> str:
-    """The profile's images; for smoke, an even spread of the ImageNet sample, else generated ones."""
-    p = ctx.profile
-    if p.images != "sample-or-generated":
-        return p.images
-    if SAMPLE.is_dir():
-        files = sorted(SAMPLE.glob("*.JPEG"))
-        step = max(1, len(files) // p.max_images)
-        listing = ctx.run_dir / "images.txt"
-        listing.parent.mkdir(parents=True, exist_ok=True)
-        listing.write_text("\n".join(str(f) for f in files[::step][: p.max_images]) + "\n")
-        return str(listing)
-    from .images import generate_images
-
-    folder = ctx.run_dir / "generated-images"
-    generate_images(folder, p.max_images)
-    return str(folder)
-
-
-def ensure_harvest(ctx: Context) -> Path:
-    """The profile's harvest: reused when finished, resumed when not, made otherwise."""
-    from .harvest import HarvestConfig, harvest
-    from .store import read_manifest
-
-    manifest = ctx.harvest_dir / "manifest.json"
-    if manifest.exists() and read_manifest(ctx.harvest_dir).get("complete"):
-        return ctx.harvest_dir
-    p = ctx.profile
-    return harvest(HarvestConfig(images=image_source(ctx), out=str(ctx.harvest_dir), layers=",".join(p.layers),
-                                 per_image=p.per_image, sampling=p.sampling, weights=p.weights,
-                                 max_images=p.max_images, batch_size=p.harvest_batch,
-                                 workers=min(4, os.cpu_count() or 1)))
-
-
-def ensure_saes(ctx: Context) -> dict[str, Path]:
-    """One SAE per layer: reused when saved, trained (or fetched, for SAE_SAES=author) otherwise."""
-    from .train import CHECKPOINT, TrainConfig, train
-
-    p = ctx.profile
-    out = {}
-    for layer in p.layers:
-        directory = ctx.sae_dir(layer)
-        if not (directory / "cfg.json").exists():
-            if ctx.saes == "author":
-                from .author import REPO_ID, fetch_author_sae
-
-                fetch_author_sae(layer).save(directory, layer=layer, source=f"hf:{REPO_ID}",
-                                             weights_id="lucent (the author's)", random_weights=False)
-            else:
-                train(TrainConfig(run=str(ensure_harvest(ctx)), layer=layer, out=str(directory),
-                                  expansion=p.expansion, k=p.k, tied=p.tied, aux_k=p.aux_k,
-                                  batch_size=p.batch_size, vectors_seen=p.vectors_seen,
-                                  resume=(directory / CHECKPOINT).exists()))
-        out[layer] = directory
-    return out

@@ -222,6 +222,30 @@ class TopKSAE(nn.Module):
 
 
 # --- losses and metrics -------------------------------------------------------------------
+@torch.no_grad()
+def firing_stats(sae: TopKSAE, batches) -> dict[str, torch.Tensor]:
+    """Per latent over an iterable of [batch, d_in] tensors: how often it fires and how strongly.
+
+    Returns frequency [d_sae] (fraction of vectors where it is active), mean_when_active
+    [d_sae] and max [d_sae], plus n (vectors seen).
+    """
+    count = torch.zeros(sae.d_sae, dtype=torch.long)
+    total = torch.zeros(sae.d_sae, dtype=torch.float64)
+    peak = torch.zeros(sae.d_sae)
+    n = 0
+    for x in batches:
+        code = sae.encode_topk(x)
+        on = code.values > 0
+        idx, val = code.indices[on].cpu(), code.values[on].float().cpu()
+        count += torch.bincount(idx, minlength=sae.d_sae)
+        total.index_add_(0, idx, val.double())
+        peak = torch.maximum(peak, torch.zeros_like(peak).index_reduce_(0, idx, val, "amax"))
+        n += x.shape[0]
+    return {"frequency": count.double() / max(n, 1), "mean_when_active": total / count.clamp_min(1),
+            "max": peak, "n": torch.tensor(n)}
+
+
+
 def normalized_mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The paper's loss: mean over vectors of ||x' - x||^2 / ||x||^2."""
     return ((x_hat - x).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-12)).mean()

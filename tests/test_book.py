@@ -8,7 +8,8 @@ import yaml
 from browser import chromium, js_errors, screenshot
 from helpers.profiles import ROOT
 
-FIGURES = {"nbs/01_inceptionv1_branches": 1, "nbs/02_harvesting": 2, "nbs/03_training": 1}
+FIGURES = {"nbs/01_inceptionv1_branches": 1, "nbs/02_harvesting": 2, "nbs/03_training": 1,
+           "nbs/04_branch_specialization": 6, "nbs/05_circuits": 2, "nbs/06_umap": 4}
 
 
 def toc_pages() -> list[str]:
@@ -55,5 +56,5 @@ def test_pages_load_and_draw_their_figures_without_js_errors(smoke_book, browser
         assert browser.execute_script("return document.querySelector('h1') !== null"), page
         if page == "book/intro":
             screenshot(browser, "book-intro.png")
-        if page == "nbs/02_harvesting":
-            screenshot(browser, "book-02-harvesting.png")
+        if page == "nbs/04_branch_specialization":
+            screenshot(browser, "book-04-branch-specialization.png")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.circuits import (ablation_edges, ablation_effects, attribution, circuit_graph, mixed_block, spearman,
+from helpers.circuits import (ablation_edges, active_features, ablation_effects, attribution, circuit_graph, mixed_block, spearman,
                               weight_edges)
 from helpers.inception import LayerCapture, branch_slices, model_input
 from helpers.sae import TopKSAE
@@ -15,14 +15,6 @@ def acts(random_model):
     x = model_input(torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
         return LayerCapture(random_model, ["mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"])(x)
-
-
-def active_features(sae, acts):
-    """Features of ``sae`` that fire somewhere in ``acts``, most active first."""
-    with torch.no_grad():
-        z = sae.encode(acts.flatten(2).transpose(1, 2).reshape(-1, acts.shape[1]))
-    total = z.sum(0)
-    return [int(i) for i in torch.argsort(total, descending=True) if total[i] > 0]
 
 
 def fitted_sae(acts, d_sae=256, k=8, seed=0):

@@ -54,8 +54,10 @@ def test_preflight_offline_names_what_failed(monkeypatch):
 
 
 def test_smoke_images_come_from_the_sample_or_are_generated(tmp_path, monkeypatch):
+    from helpers import runs
+
     ctx = profiles.Context(profiles.PROFILES["smoke"], tmp_path)
-    monkeypatch.setattr(profiles, "SAMPLE", tmp_path / "absent")
-    folder = profiles.image_source(ctx)
+    monkeypatch.setattr(runs, "SAMPLE", tmp_path / "absent")
+    folder = runs.image_source(ctx)
     from helpers.images import list_images
     assert len(list_images(folder)) == 64

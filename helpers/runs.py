@@ -1,0 +1,169 @@
+"""The artifacts of a profile's run directory, made once and reused by every notebook.
+
+``ensure_*`` return what is there when it is finished, resume it when it is not, and make
+it otherwise: a harvest, one SAE per layer, each SAE's firing statistics, and the branch
+analysis of its decoder vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .profiles import SAMPLE, Context
+
+
+def image_source(ctx: Context) -> str:
+    """The profile's images; for smoke, an even spread of the ImageNet sample, else generated ones."""
+    p = ctx.profile
+    if p.images != "sample-or-generated":
+        return p.images
+    if SAMPLE.is_dir():
+        files = sorted(SAMPLE.glob("*.JPEG"))
+        step = max(1, len(files) // p.max_images)
+        listing = ctx.run_dir / "images.txt"
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        listing.write_text("\n".join(str(f) for f in files[::step][: p.max_images]) + "\n")
+        return str(listing)
+    from .images import generate_images
+
+    folder = ctx.run_dir / "generated-images"
+    generate_images(folder, p.max_images)
+    return str(folder)
+
+
+def ensure_harvest(ctx: Context) -> Path:
+    """The profile's harvest: reused when finished, resumed when not, made otherwise."""
+    from .harvest import HarvestConfig, harvest
+    from .store import read_manifest
+
+    manifest = ctx.harvest_dir / "manifest.json"
+    if manifest.exists() and read_manifest(ctx.harvest_dir).get("complete"):
+        return ctx.harvest_dir
+    p = ctx.profile
+    return harvest(HarvestConfig(images=image_source(ctx), out=str(ctx.harvest_dir), layers=",".join(p.layers),
+                                 per_image=p.per_image, sampling=p.sampling, weights=p.weights,
+                                 max_images=p.max_images, batch_size=p.harvest_batch,
+                                 workers=min(4, os.cpu_count() or 1)))
+
+
+def ensure_saes(ctx: Context) -> dict[str, Path]:
+    """One SAE per layer: reused when saved, trained (or fetched, for SAE_SAES=author) otherwise."""
+    from .train import CHECKPOINT, TrainConfig, train
+
+    p = ctx.profile
+    out = {}
+    for layer in p.layers:
+        directory = ctx.sae_dir(layer)
+        if not (directory / "cfg.json").exists():
+            if ctx.saes == "author":
+                from .author import REPO_ID, fetch_author_sae
+
+                fetch_author_sae(layer).save(directory, layer=layer, source=f"hf:{REPO_ID}",
+                                             weights_id="lucent (the author's)", random_weights=False)
+            else:
+                train(TrainConfig(run=str(ensure_harvest(ctx)), layer=layer, out=str(directory),
+                                  expansion=p.expansion, k=p.k, tied=p.tied, aux_k=p.aux_k,
+                                  batch_size=p.batch_size, vectors_seen=p.vectors_seen,
+                                  resume=(directory / CHECKPOINT).exists()))
+        out[layer] = directory
+    return out
+
+
+def load_sae(ctx: Context, layer: str):
+    from .sae import TopKSAE
+
+    return TopKSAE.load(ensure_saes(ctx)[layer])
+
+
+def ensure_feature_stats(ctx: Context, layer: str, max_vectors: int = 500_000) -> dict[str, np.ndarray]:
+    """Each feature's firing frequency and strength on the layer's harvested vectors (cached)."""
+    from safetensors.numpy import load_file, save
+
+    from .files import atomic_write
+    from .sae import firing_stats
+    from .store import ActivationStore
+
+    path = ensure_saes(ctx)[layer] / "feature_stats.safetensors"
+    if not path.exists():
+        sae = load_sae(ctx, layer)
+        vectors = ActivationStore(ensure_harvest(ctx), layer).load(max_vectors)
+        batches = (torch.from_numpy(vectors[i:i + 8192].astype(np.float32)) for i in range(0, len(vectors), 8192))
+        stats = {k: v.numpy() for k, v in firing_stats(sae, batches).items()}
+        data = save(stats)
+        atomic_write(path, lambda f: f.write(data))
+    return load_file(path)
+
+
+def branch_analysis(ctx: Context, layer: str, seed: int = 0) -> dict:
+    """Fractions per feature and branch (relu and plain), both baselines, and which features live."""
+    from .branches import baseline, fraction_in_branch
+
+    sae = load_sae(ctx, layer)
+    cfg = json.loads((ensure_saes(ctx)[layer] / "cfg.json").read_text())
+    slices = {b: tuple(s) for b, s in cfg["branch_slices"].items()} if cfg.get("branch_slices") else _slices(layer)
+    decoder = sae.decoder_directions.detach()
+    stats = ensure_feature_stats(ctx, layer)
+    return {"layer": layer, "slices": slices, "fractions": fraction_in_branch(decoder, slices),
+            "plain": fraction_in_branch(decoder, slices, positive=False),
+            "shuffled": baseline(decoder, slices, "shuffled", seed=seed),
+            "gaussian": baseline(decoder, slices, "gaussian", seed=seed),
+            "alive": stats["frequency"] > 0, "frequency": stats["frequency"]}
+
+
+def _slices(layer: str) -> dict:
+    from .inception import branch_slices, load_model
+
+    return branch_slices(load_model("random")[0], [layer])[layer]
+
+
+_MODELS: dict = {}
+
+
+def load_model_for(ctx: Context):
+    """The profile's InceptionV1 (true ReLU gradients), loaded once per process."""
+    from .inception import load_model
+
+    if ctx.profile.weights not in _MODELS:
+        _MODELS[ctx.profile.weights] = load_model(ctx.profile.weights)[0]
+    return _MODELS[ctx.profile.weights]
+
+
+def layer_activations(ctx: Context, layers, n_images: int) -> dict[str, torch.Tensor]:
+    """Full [n, C, 14, 14] activations of ``layers`` on the first ``n_images`` harvested images."""
+    from .images import load_image
+    from .inception import LayerCapture, model_input_from_uint8
+    from .store import read_manifest
+
+    manifest = read_manifest(ensure_harvest(ctx))
+    skipped = {s[0] for s in manifest.get("skipped", [])}
+    paths = [p for i, p in enumerate(manifest["images"]["paths"]) if i not in skipped][:n_images]
+    pixels = torch.stack([torch.from_numpy(load_image(Path(p))).permute(2, 0, 1) for p in paths])
+    with torch.no_grad():
+        return LayerCapture(load_model_for(ctx), layers)(model_input_from_uint8(pixels))
+
+
+def cross_layer_share(ctx: Context, analyses: dict, acts: dict, saes: dict, top: float = 0.01) -> list[dict]:
+    """Per adjacent layer pair: of the strongest attribution edges between specialised features,
+    the share joining the same branch type, against chance (targets' branches permuted)."""
+    from .branches import same_branch_share, specialised_branch
+    from .circuits import active_features, attribution, next_layer, strong_edges
+
+    rows = []
+    model = load_model_for(ctx)
+    for src in list(analyses)[:-1]:
+        dst = next_layer(src)
+        if dst not in analyses:
+            continue
+        sources = active_features(saes[src], acts[src])[: ctx.profile.circuit_sources]
+        sources, effects = attribution(model, saes[src], saes[dst], src, acts[src], sources=sources)
+        a, b = analyses[src], analyses[dst]
+        share = same_branch_share(strong_edges(sources, effects, top),
+                                  specialised_branch(a["fractions"], a["shuffled"], a["alive"]),
+                                  specialised_branch(b["fractions"], b["shuffled"], b["alive"]))
+        rows.append({"from": src, "to": dst, **{k: round(v, 3) if isinstance(v, float) else v for k, v in share.items()}})
+    return rows

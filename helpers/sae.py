@@ -239,7 +239,7 @@ def firing_stats(sae: TopKSAE, batches) -> dict[str, torch.Tensor]:
         idx, val = code.indices[on].cpu(), code.values[on].float().cpu()
         count += torch.bincount(idx, minlength=sae.d_sae)
         total.index_add_(0, idx, val.double())
-        peak = torch.maximum(peak, torch.zeros_like(peak).index_reduce_(0, idx, val, "amax"))
+        peak.scatter_reduce_(0, idx, val, "amax")
         n += x.shape[0]
     return {"frequency": count.double() / max(n, 1), "mean_when_active": total / count.clamp_min(1),
             "max": peak, "n": torch.tensor(n)}

@@ -151,3 +151,18 @@ def test_tied_init_sae_recovers_a_planted_dictionary(tmp_path):
     best = (D @ W.T).max(axis=1)
     print("mean best cosine", best.mean())
     assert best.mean() >= 0.9, best.mean()
+
+
+def test_firing_stats_count_what_encode_gives():
+    from helpers.sae import firing_stats
+
+    sae = _randomised("full")
+    x = torch.randn(300, 12, generator=torch.Generator().manual_seed(9))
+    stats = firing_stats(sae, [x[:100], x[100:250], x[250:]])
+    z = sae.encode(x)
+    on = z > 0
+    torch.testing.assert_close(stats["frequency"].float(), on.float().mean(0))
+    torch.testing.assert_close(stats["max"], z.max(0).values)
+    mean = torch.where(on.any(0), (z * on).sum(0) / on.sum(0).clamp_min(1), torch.zeros(48))
+    torch.testing.assert_close(stats["mean_when_active"].float(), mean, rtol=1e-5, atol=1e-6)
+    assert int(stats["n"]) == 300

@@ -282,3 +282,35 @@ def paper_figure(number: int, analyses: dict, highlights: dict[str, list[int]] |
         highlights = {"most specialised (figure 1 pick)": most_specialised(a["fractions"], a["shuffled"], branch, 10,
                                                                            a["alive"])}
     return branch_fraction_figure(a, branch, highlights, title=f"Figure {number}: {layer}, {branch} branch")
+
+
+def figure1_image(panels: dict, layers, random_weights: bool, thumb: int = 96):
+    """The paper's figure 1 as one PNG-ready PIL image: rows are layers, columns branches; each
+    cell shows a feature's visualisation followed by its top dataset-example crops.
+
+    panels: {(layer, branch): [(feature, featviz image or None, [crop arrays])]}.
+    """
+    from PIL import Image, ImageDraw
+
+    per_cell = max((len(v) for v in panels.values()), default=1)
+    crops_n = max((len(c) for v in panels.values() for _, _, c in v), default=0)
+    cell_w, cell_h = (1 + crops_n) * (thumb + 4) + 8, per_cell * (thumb + 18) + 8
+    label_w, head_h = 90, 30
+    canvas = Image.new("RGB", (label_w + len(BRANCHES) * cell_w, head_h + len(layers) * cell_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, b in enumerate(BRANCHES):
+        draw.text((label_w + c * cell_w + 8, 8), f"{b} branch", fill=BRANCH_COLOURS[b])
+    for r, layer in enumerate(layers):
+        y0 = head_h + r * cell_h
+        draw.text((8, y0 + cell_h // 2), layer, fill="black")
+        for c, b in enumerate(BRANCHES):
+            for k, (feature, viz, crops) in enumerate(panels.get((layer, b), [])):
+                x, y = label_w + c * cell_w + 4, y0 + 4 + k * (thumb + 18)
+                draw.text((x, y), f"feature {feature}", fill="black")
+                tiles = ([viz] if viz is not None else [np.full((thumb, thumb, 3), 230, np.uint8)]) + list(crops)
+                for t, tile in enumerate(tiles):
+                    img = Image.fromarray(np.asarray(tile, np.uint8)).resize((thumb, thumb))
+                    canvas.paste(img, (x + t * (thumb + 4), y + 14))
+    if random_weights:
+        draw.text((label_w, canvas.height - 14), NOT_A_RESULT, fill=(200, 0, 0))
+    return canvas

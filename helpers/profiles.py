@@ -38,13 +38,17 @@ class Profile:
     harvest_batch: int = 64
     circuit_images: int = 32  # images whose full activation maps the circuit analyses use
     circuit_sources: int = 512  # source features per layer in the attribution matrix
+    featviz_steps: int = 512  # optimisation steps per feature visualisation (the author: ~2500)
+    featviz_size: int = 224
+    figure1_per_branch: int = 2  # features shown per layer and branch in figure 1
     layers: tuple = PAPER_LAYERS
 
 
 PROFILES = {
     "smoke": Profile("smoke", "CI and a first look: random weights, 64 images, tiny SAEs; minutes on 2 CPU cores",
                      weights="random", images="sample-or-generated", max_images=64, expansion=4, k=16,
-                     vectors_seen=24_576, batch_size=1024, harvest_batch=16, circuit_images=4, circuit_sources=48),
+                     vectors_seen=24_576, batch_size=1024, harvest_batch=16, circuit_images=4, circuit_sources=48,
+                     featviz_steps=4, featviz_size=64, figure1_per_branch=1),
     "cpu": Profile("cpu", "a laptop afternoon: real weights, Imagenette validation images (3,925)",
                    weights="lucent", images="imagenette", max_images=None, vectors_seen=2_000_000, aux_k=256),
     "gpu": Profile("gpu", "a Colab T4: real weights, Imagenette validation images, 50M vectors per SAE",
@@ -52,7 +56,8 @@ PROFILES = {
                    harvest_batch=256),
     "paper": Profile("paper", "as the paper: ImageNet train ($IMAGENET_TRAIN), ~1e9 vectors per SAE",
                      weights="lucent", images=os.environ.get("IMAGENET_TRAIN", "/data/imagenet/train"),
-                     max_images=None, vectors_seen=1_000_000_000, aux_k=256, harvest_batch=512),
+                     max_images=None, vectors_seen=1_000_000_000, aux_k=256, harvest_batch=512,
+                     featviz_steps=2048),
 }
 
 

@@ -167,3 +167,92 @@ def cross_layer_share(ctx: Context, analyses: dict, acts: dict, saes: dict, top:
                                   specialised_branch(b["fractions"], b["shuffled"], b["alive"]))
         rows.append({"from": src, "to": dst, **{k: round(v, 3) if isinstance(v, float) else v for k, v in share.items()}})
     return rows
+
+
+def harvest_images(ctx: Context):
+    """The harvest's images, in the harvest's order, as an ImageList."""
+    from .images import ImageList
+    from .store import read_manifest
+
+    record = read_manifest(ensure_harvest(ctx))["images"]
+    return ImageList([Path(p) for p in record["paths"]], record["classes"], record["source"])
+
+
+def ensure_examples(ctx: Context, layer: str):
+    """Every feature's dataset examples over the harvest's images (one streaming pass, cached)."""
+    from .examples import Examples, example_pass
+
+    path = ensure_saes(ctx)[layer] / "examples.safetensors"
+    if not path.exists():
+        example_pass(load_model_for(ctx), load_sae(ctx, layer), layer, harvest_images(ctx)).save(path)
+    return Examples.load(path)
+
+
+def ensure_cell_colours(ctx: Context) -> np.ndarray:
+    """[n_images, 14, 14, 3] mean colour around every grid cell of every harvested image (cached)."""
+    from .examples import cell_colours
+    from .images import load_image
+
+    path = ensure_harvest(ctx) / "cell_colours.npy"
+    if not path.exists():
+        from .files import write_npy
+
+        colours = []
+        for p in harvest_images(ctx).paths:
+            try:
+                colours.append(cell_colours(load_image(p)))
+            except Exception:  # skipped by the harvest too
+                colours.append(np.zeros((14, 14, 3)))
+        write_npy(path, np.stack(colours).astype(np.float32))
+    return np.load(path)
+
+
+def feature_labels(ctx: Context, layer: str, top: int = 8) -> list[dict]:
+    """Class and colour labels of every feature, from its top examples."""
+    from .labels import class_labels, colour_label
+
+    ex = ensure_examples(ctx, layer)
+    labels = class_labels(ex.top_image[:, :top], harvest_images(ctx).classes)
+    colours = ensure_cell_colours(ctx)
+    for f, entry in enumerate(labels):
+        ok = ex.top_image[f, :top] >= 0
+        rgb = colours[ex.top_image[f, :top][ok], ex.top_y[f, :top][ok], ex.top_x[f, :top][ok]]
+        entry["labels"].update(colour_label(rgb) if ok.sum() >= 3 else {})
+    return labels
+
+
+def ensure_featviz(ctx: Context, layer: str, features) -> dict[int, Path]:
+    """Feature visualisations (PNG, cached under the run's ``featviz/``) of ``features``."""
+    from .featviz import FeatvizConfig, render_features
+    from .inception import load_model
+
+    key = ("featviz", ctx.profile.weights)
+    if key not in _MODELS:  # Lucent's redirected ReLU helps optimisation from noise
+        _MODELS[key] = load_model(ctx.profile.weights, redirected_relu=True)[0]
+    cfg = FeatvizConfig(steps=ctx.profile.featviz_steps, size=ctx.profile.featviz_size)
+    return render_features(_MODELS[key], layer, load_sae(ctx, layer), ensure_saes(ctx)[layer], features,
+                           ctx.run_dir / "featviz", cfg)
+
+
+def figure1_panels(ctx: Context, analyses: dict, crops: int = 3) -> dict:
+    """For figure 1: per layer and branch, the most specialised features' visualisation and top crops."""
+    from PIL import Image
+
+    from .branches import BRANCHES, most_specialised
+    from .examples import crop
+    from .images import load_image
+
+    images = harvest_images(ctx)
+    panels = {}
+    for layer, a in analyses.items():
+        ex = ensure_examples(ctx, layer)
+        picks = {b: [f for f in most_specialised(a["fractions"], a["shuffled"], b, None, a["alive"])
+                     if ex.top_image[f, 0] >= 0][: ctx.profile.figure1_per_branch] for b in BRANCHES}
+        viz = ensure_featviz(ctx, layer, [f for fs in picks.values() for f in fs])
+        for b, features in picks.items():
+            panels[(layer, b)] = [
+                (f, np.asarray(Image.open(viz[f]).convert("RGB")),
+                 [crop(load_image(images.paths[i]), y, x) for i, y, x in
+                  zip(ex.top_image[f, :crops], ex.top_y[f, :crops], ex.top_x[f, :crops]) if i >= 0])
+                for f in features]
+    return panels

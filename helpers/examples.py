@@ -1,0 +1,171 @@
+"""Dataset examples: the images, and the places in them, where each SAE feature fires.
+
+One streaming pass over an image set computes every feature's activation at every grid
+position (not only the harvested ones) and keeps, per feature,
+
+* the ``top`` images where it fires most (value, image, y, x at its strongest position);
+* a uniform random sample of ``reservoir`` images where it fires at all, from which
+  ``bands`` examples are drawn at a range of activation levels, as the paper shows.
+
+All of it on the device with batched top-k merges ([images, features] at a time), no
+per-feature Python loop. Crops are cut around the activating grid cell (16 px at 224 input;
+a window of about 100 px, as the author used), with the feature's map as an overlay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .images import ImageDataset, collate
+from .inception import LayerCapture, model_input_from_uint8
+
+CELL = 16  # pixels per grid cell at 224 px input (224 / 14)
+
+
+@dataclass
+class Examples:
+    """Per feature (rows): ``top_*`` [n, top] sorted by value; ``sample_*`` [n, reservoir] unsorted.
+    Unused slots have value 0 and image -1. Positions are grid cells (y, x)."""
+
+    top_value: np.ndarray
+    top_image: np.ndarray
+    top_y: np.ndarray
+    top_x: np.ndarray
+    sample_value: np.ndarray
+    sample_image: np.ndarray
+    sample_y: np.ndarray
+    sample_x: np.ndarray
+    images_seen: int
+
+    def save(self, path: Path) -> None:
+        from safetensors.numpy import save
+
+        from .files import atomic_write
+
+        data = save({k: np.ascontiguousarray(v) for k, v in self.__dict__.items() if isinstance(v, np.ndarray)},
+                    metadata={"images_seen": str(self.images_seen)})
+        atomic_write(path, lambda f: f.write(data))
+
+    @classmethod
+    def load(cls, path: Path) -> "Examples":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+            seen = int(f.metadata()["images_seen"])
+        return cls(**arrays, images_seen=seen)
+
+    def bands(self, feature: int, n_bands: int = 4, per_band: int = 3) -> list[list[tuple[float, int, int, int]]]:
+        """Examples at a range of activation levels: the sampled activations split into
+        ``n_bands`` equal-width bands up to the feature's maximum; ``per_band`` from each."""
+        ok = self.sample_image[feature] >= 0
+        v, i = self.sample_value[feature][ok], self.sample_image[feature][ok]
+        y, x = self.sample_y[feature][ok], self.sample_x[feature][ok]
+        top = float(self.top_value[feature, 0]) if self.top_image[feature, 0] >= 0 else 0.0
+        out = []
+        for b in range(n_bands):
+            lo, hi = top * b / n_bands, top * (b + 1) / n_bands
+            sel = np.flatnonzero((v > lo) & (v <= hi))[:per_band]
+            out.append([(float(v[j]), int(i[j]), int(y[j]), int(x[j])) for j in sel])
+        return out
+
+
+@torch.no_grad()
+def example_pass(model, sae, layer: str, images, top: int = 16, reservoir: int = 64, batch_size: int = 32,
+                 device: str | torch.device = "cpu", seed: int = 0, workers: int = 0) -> Examples:
+    """Stream ``images`` (an ImageList) once; keep each feature's top and sampled examples."""
+    from torch.utils.data import DataLoader
+
+    n = sae.d_sae
+    dev = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    best_v = torch.zeros(top, n, device=dev)
+    best_loc = torch.full((top, n), -1, dtype=torch.long, device=dev)
+    res_key = torch.full((reservoir, n), -1.0, device=dev)
+    res_v = torch.zeros(reservoir, n, device=dev)
+    res_loc = torch.full((reservoir, n), -1, dtype=torch.long, device=dev)
+    capture = LayerCapture(model, [layer])
+    loader = DataLoader(ImageDataset(images), batch_size=batch_size, collate_fn=collate, num_workers=workers)
+    hw = None
+    for idx, pixels, _bad in tqdm(loader, desc=f"examples {layer}", unit="batch"):
+        if pixels is None:
+            continue
+        acts = capture(model_input_from_uint8(pixels.to(dev)))[layer]  # [B, C, H, W]
+        b, c, h, w = acts.shape
+        hw = h * w
+        # per image and feature: the strongest position, from dense codes a few images at a time
+        value, position = _image_maxima(sae, acts.flatten(2).transpose(1, 2))
+        loc = idx.to(dev)[:, None] * hw + position  # global (image, position) id
+        # merge into the running top: [top + B, n] -> top
+        cand_v, cand_i = torch.cat([best_v, value]).topk(top, dim=0)
+        best_loc = torch.cat([best_loc, loc]).gather(0, cand_i)
+        best_v = cand_v
+        # reservoir: keep the images with the largest random keys among those where it fires
+        key = torch.rand(b, n, generator=gen).to(dev).masked_fill(value <= 0, -1.0)
+        res_key, keep = torch.cat([res_key, key]).topk(reservoir, dim=0)
+        res_v = torch.cat([res_v, value]).gather(0, keep)
+        res_loc = torch.cat([res_loc, loc]).gather(0, keep)
+    hw = hw or 196
+    side = int(round(hw ** 0.5))
+
+    def split(v, loc):
+        v, loc = v.T.cpu().numpy(), loc.T.cpu().numpy()
+        image = np.where(loc >= 0, loc // hw, -1)
+        pos = np.where(loc >= 0, loc % hw, 0)
+        return v, image, pos // side, pos % side
+
+    tv, ti, ty, tx = split(best_v, torch.where(best_v > 0, best_loc, -1))
+    sv, si, sy, sx = split(res_v, torch.where(res_key >= 0, res_loc, -1))
+    return Examples(tv, ti, ty, tx, sv, si, sy, sx, images_seen=len(images))
+
+
+def _image_maxima(sae, positions: torch.Tensor, budget: int = 1 << 26):
+    """positions [B, HW, C] -> (max activation [B, n], its position [B, HW index]) per feature."""
+    b, hw, c = positions.shape
+    step = max(1, budget // (hw * sae.d_sae))
+    values, where = [], []
+    for s in range(0, b, step):
+        z = sae.encode(positions[s:s + step].reshape(-1, c)).reshape(-1, hw, sae.d_sae)
+        v, p = z.max(dim=1)
+        values.append(v)
+        where.append(p)
+    return torch.cat(values), torch.cat(where)
+
+
+def crop(image: np.ndarray, y: int, x: int, window: int = 100) -> np.ndarray:
+    """A ``window`` px square of a 224 px image around grid cell (y, x), clamped to the image."""
+    size = image.shape[0]
+    cy, cx = y * CELL + CELL // 2, x * CELL + CELL // 2
+    top = int(np.clip(cy - window // 2, 0, size - window))
+    left = int(np.clip(cx - window // 2, 0, size - window))
+    return image[top:top + window, left:left + window]
+
+
+@torch.no_grad()
+def activation_map(model, sae, layer: str, pixels: torch.Tensor, feature: int) -> np.ndarray:
+    """The feature's activation at every grid cell of one uint8 image [3, 224, 224]: [14, 14]."""
+    acts = LayerCapture(model, [layer])(model_input_from_uint8(pixels[None]))[layer][0]
+    c, h, w = acts.shape
+    z = sae.encode(acts.reshape(c, -1).T)[:, feature]
+    return z.reshape(h, w).cpu().numpy()
+
+
+def overlay(image: np.ndarray, amap: np.ndarray) -> np.ndarray:
+    """The image dimmed where the map is low: uint8 [224, 224, 3]."""
+    m = amap / amap.max() if amap.max() > 0 else amap
+    up = np.kron(m, np.ones((CELL, CELL)))[: image.shape[0], : image.shape[1]]
+    return (image * (0.25 + 0.75 * up[..., None])).astype(np.uint8)
+
+
+def cell_colours(image: np.ndarray, radius: int = 1) -> np.ndarray:
+    """Mean RGB of the (2 radius + 1)^2 cells around each grid cell of a 224 px image: [14, 14, 3]."""
+    g = image.shape[0] // CELL
+    cells = image[: g * CELL, : g * CELL].reshape(g, CELL, g, CELL, 3).mean(axis=(1, 3))
+    padded = np.pad(cells, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
+    k = 2 * radius + 1
+    return sum(padded[dy:dy + g, dx:dx + g] for dy in range(k) for dx in range(k)) / k**2

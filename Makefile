@@ -23,6 +23,7 @@ book: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_core.py
+	$(PY) bench/bench_seeing.py
 
 clean:
 	rm -rf _build .pytest_cache

@@ -119,8 +119,9 @@ def _with_banner(markdown: str, banner: str) -> str:
     return "\n".join(lines[:at] + ["", banner] + lines[at:])
 
 
-def stage(executed: list[Path], banner: str, src: Path) -> Path:
-    """Lay out the book's sources, with executed notebooks and a local plotly.js."""
+def stage(executed: list[Path], banner: str, src: Path, atlas: Path | None = None) -> Path:
+    """Lay out the book's sources, with executed notebooks, a local plotly.js and the atlas
+    (copied as is into the built site's ``atlas/``)."""
     import plotly
 
     if src.exists():
@@ -133,6 +134,9 @@ def stage(executed: list[Path], banner: str, src: Path) -> Path:
         page.write_text(_with_banner(page.read_text(), banner))
     for nb in executed:
         shutil.copy(nb, src / "nbs" / nb.name)
+    (src / "extra").mkdir()
+    if atlas is not None and Path(atlas).is_dir():
+        shutil.copytree(atlas, src / "extra" / "atlas")
     static = src / "_static"
     static.mkdir()
     shutil.copy(Path(plotly.__file__).parent / "package_data" / "plotly.min.js", static / "plotly.min.js")
@@ -157,7 +161,8 @@ def build(profile: str | None = None, run_dir: str | None = None, timeout: int |
     executed = execute_notebooks(ROOT / "_build" / "executed", env, timeout=timeout)
     os.environ.update(env)
     banner = context(name).banner()
-    html = build_html(stage(executed, banner, ROOT / "_build" / "src"), ROOT)
+    atlas = context(name).run_dir / "atlas"
+    html = build_html(stage(executed, banner, ROOT / "_build" / "src", atlas), ROOT)
     print(f"book ({name} profile) built in {time.perf_counter() - t:.0f} s: {html / 'index.html'}")
     return html
 

@@ -24,7 +24,7 @@ from .examples import crop
 from .files import atomic_write
 from .figures import BRANCH_COLOURS
 
-THUMB, CROP, CROPS = 48, 56, 4
+THUMB, CROP, CROPS = 48, 48, 3
 
 
 def _sprite(tiles: list[np.ndarray], size: int, per_row: int) -> Image.Image:
@@ -38,7 +38,7 @@ def _sprite(tiles: list[np.ndarray], size: int, per_row: int) -> Image.Image:
 
 
 def _save_jpeg(img: Image.Image, path: Path) -> None:
-    atomic_write(path, lambda f: img.save(f, format="JPEG", quality=85))
+    atomic_write(path, lambda f: img.save(f, format="JPEG", quality=80))
 
 
 def layer_records(layer: str, analysis: dict, examples, labels: list[dict], coords: np.ndarray,
@@ -156,7 +156,8 @@ for (const b of BRANCHES) {
   groups.append(h, grid);
 }
 function show(id) {
-  const r = byId.get(id); if (!r) return;
+  const r = byId.get(id);
+  if (!r) { document.getElementById("detail").innerHTML = `<h1 id="detail-title">feature ${id}</h1><p>This feature never fired on the images: it has no examples.</p>`; return; }
   document.querySelectorAll(".f.sel").forEach(e => e.classList.remove("sel"));
   const cell = document.getElementById("f" + id); if (cell) { cell.classList.add("sel"); }
   const bars = BRANCHES.map((b, i) => `<div>${b} <span class="bar" style="width:${Math.round(200 * r.fractions[i])}px;background:${COLOURS[b]}"></span> ${r.fractions[i].toFixed(2)}</div>`).join("");
@@ -219,24 +220,66 @@ class Explorer:
         ids = ids[np.argsort(-key[ids])] if len(ids) else ids
         self.pick.options = [(f"{i}  ({key[i]:.3f})", int(i)) for i in ids[:500]]
 
+    def describe(self, feature: int) -> tuple[list[str], np.ndarray | None]:
+        """What the detail view shows: lines of Markdown and a strip of images (visualisation, crops)."""
+        layer = self.layer.value
+        a, ex, labels = self._data(layer)
+        viz = self.runs.ensure_featviz(self.ctx, layer, [feature])
+        thumbs, crops = thumbnails(ex, self.runs.harvest_images(self.ctx), [feature], viz)
+        fr = ", ".join(f"{b} {a['fractions'][feature, k]:.2f}" for k, b in enumerate(BRANCHES))
+        lines = [f"**{layer} feature {feature}**: fraction per branch {fr}; fires on "
+                 f"{100 * a['frequency'][feature]:.2f}% of vectors; labels {labels[feature]['labels'] or 'none'}"]
+        for other, pairs in self.runs.weight_neighbours(self.ctx, layer).items():
+            lines.append(f"strongest {other} neighbours (1x1 path): " +
+                         ", ".join(f"{j} ({w:.3f})" for j, w in pairs.get(int(feature), [])))
+        for band, items in enumerate(ex.bands(feature)):
+            if items:
+                lines.append(f"band {band + 1}: activations " + ", ".join(f"{v:.3f}" for v, *_ in items))
+        tiles = ([thumbs[feature]] if feature in thumbs else []) + crops[feature]
+        strip = (np.concatenate([np.asarray(Image.fromarray(np.asarray(t, np.uint8)).resize((100, 100)))
+                                 for t in tiles], axis=1) if tiles else None)
+        return lines, strip
+
     def detail(self, feature) -> None:
         from IPython.display import display
 
-        if feature is None:
-            return
         from .figures import markdown
 
-        a, ex, labels = self._data(self.layer.value)
-        images = self.runs.harvest_images(self.ctx)
-        _, crops = thumbnails(ex, images, [feature], {})
+        if feature is None:
+            return
+        lines, strip = self.describe(feature)
         self.out.clear_output()
         with self.out:
-            fr = ", ".join(f"{b} {a['fractions'][feature, k]:.2f}" for k, b in enumerate(BRANCHES))
-            markdown(f"**{self.layer.value} feature {feature}**: {fr}; fires on "
-                     f"{100 * a['frequency'][feature]:.2f}% of vectors; labels {labels[feature]['labels'] or 'none'}")
-            if crops[feature]:
-                display(Image.fromarray(np.concatenate([np.asarray(Image.fromarray(c).resize((100, 100)))
-                                                        for c in crops[feature]], axis=1)))
-            for band, items in enumerate(ex.bands(feature)):
-                if items:
-                    markdown(f"band {band + 1}: activations " + ", ".join(f"{v:.3f}" for v, *_ in items))
+            markdown(lines[0])
+            if strip is not None:  # its visualisation, then its top dataset crops
+                display(Image.fromarray(strip))
+            for line in lines[1:]:
+                markdown(line)
+
+
+def show_explorer(ctx, layers=None):
+    """The live explorer in a notebook with a kernel; in the static book, a pointer to the atlas."""
+    import os
+
+    from .figures import markdown
+
+    if os.environ.get("SAE_BOOK_BUILD"):
+        markdown("*The live explorer needs a running kernel (open this notebook in Jupyter or Colab). "
+                 "Its static counterpart, the atlas, is linked below.*")
+        return None
+    from IPython.display import display
+
+    explorer = Explorer(ctx, layers)
+    display(explorer.widget)
+    return explorer
+
+
+def atlas_links(ctx, folder: Path, layers) -> None:
+    """Links to the atlas pages: inside the book (copied to its ``atlas/``) or on disk."""
+    import os
+
+    from IPython.display import HTML, display
+
+    base = "../atlas" if os.environ.get("SAE_BOOK_BUILD") else Path(folder).resolve().as_uri()
+    items = "".join(f'<li><a href="{base}/{l}/index.html">{l}: every feature</a></li>' for l in layers)
+    display(HTML(f'<ul class="atlas-links">{items}</ul>'))

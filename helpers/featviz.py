@@ -66,6 +66,7 @@ def render_directions(model, layer: str, directions: torch.Tensor, cfg: FeatvizC
     make_objective = objectives.direction if cfg.objective == "direction" else objectives.direction_neuron
     objective = sum(make_objective(layer, directions[i].to(device), batch=i) for i in range(n))
     torch.manual_seed(cfg.seed)
+    before = {m: set(m._forward_hooks) for m in model.modules()}
     stop = _stop_after(model, layer)
     try:
         with warnings.catch_warnings():
@@ -76,8 +77,9 @@ def render_directions(model, layer: str, directions: torch.Tensor, cfg: FeatvizC
     finally:
         if stop is not None:
             stop.remove()
-        for module in model.modules():  # Lucent leaves its feature hooks on the model
-            module._forward_hooks.clear()
+        for module, kept in before.items():  # Lucent leaves its feature hooks on the model
+            for handle_id in set(module._forward_hooks) - kept:
+                del module._forward_hooks[handle_id]
     return images[-1]
 
 

@@ -272,8 +272,9 @@ def save(fig: go.Figure, folder, stem: str) -> list:
     return paths
 
 
-def paper_figure(number: int, analyses: dict, highlights: dict[str, list[int]] | None = None) -> go.Figure:
-    """Figures 5-10 of the paper; highlighted by default: the layer's most specialised features."""
+def paper_figure(number: int, analyses: dict, highlights=None) -> go.Figure:
+    """Figures 5-10 of the paper. ``highlights``: {name: feature ids}, or a function of the layer
+    giving them; by default the layer's most specialised features."""
     from .branches import PAPER_FIGURES, most_specialised
 
     layer, branch = PAPER_FIGURES[number]
@@ -281,6 +282,8 @@ def paper_figure(number: int, analyses: dict, highlights: dict[str, list[int]] |
     if highlights is None:
         highlights = {"most specialised (figure 1 pick)": most_specialised(a["fractions"], a["shuffled"], branch, 10,
                                                                            a["alive"])}
+    elif callable(highlights):  # per layer, e.g. the automatic labels' sets
+        highlights = highlights(layer)
     return branch_fraction_figure(a, branch, highlights, title=f"Figure {number}: {layer}, {branch} branch")
 
 
@@ -312,5 +315,59 @@ def figure1_image(panels: dict, layers, random_weights: bool, thumb: int = 96):
                     img = Image.fromarray(np.asarray(tile, np.uint8)).resize((thumb, thumb))
                     canvas.paste(img, (x + t * (thumb + 4), y + 14))
     if random_weights:
-        draw.text((label_w, canvas.height - 14), NOT_A_RESULT, fill=(200, 0, 0))
+        _stamp(canvas, NOT_A_RESULT)
     return canvas
+
+
+def _stamp(canvas, text: str) -> None:
+    """Write ``text`` large and red across the middle of a PIL image."""
+    from PIL import ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=max(16, canvas.width // 30))
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(canvas)
+    box = draw.textbbox((0, 0), text, font=font)
+    x, y = (canvas.width - (box[2] - box[0])) // 2, (canvas.height - (box[3] - box[1])) // 2
+    draw.rectangle([x - 8, y - 6, x + box[2] - box[0] + 8, y + box[3] - box[1] + 10], fill=(255, 255, 255))
+    draw.text((x, y), text, fill=(200, 0, 0), font=font)
+
+
+def show_image(img, ctx=None, save_as: str | None = None) -> None:
+    """Display a PIL image (PNG); with ``save_as``, also write it into the run's ``figures/``."""
+    from IPython.display import Image as IPImage, display
+
+    from .files import atomic_write
+
+    if save_as and ctx is not None:
+        path = ctx.run_dir / "figures" / f"{save_as}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: img.save(f, format="PNG"))
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    display(IPImage(data=buf.getvalue(), format="png"))
+
+
+def example_bands_image(rows: list[tuple[str, list[np.ndarray]]], size: int = 96):
+    """Labelled rows of crops (e.g. one row per activation band) as one PIL image."""
+    from PIL import Image, ImageDraw
+
+    width = 110 + max((len(c) for _, c in rows), default=1) * (size + 4)
+    canvas = Image.new("RGB", (width, len(rows) * (size + 6) + 4), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, crops) in enumerate(rows):
+        y = 4 + r * (size + 6)
+        draw.text((4, y + size // 2 - 6), label, fill="black")
+        for k, c in enumerate(crops):
+            canvas.paste(Image.fromarray(np.asarray(c, np.uint8)).resize((size, size)), (110 + k * (size + 4), y))
+    return canvas
+
+
+def stamped(img, ctx):
+    """``img`` with the random-weights stamp when ``ctx`` says so."""
+    if ctx is not None and ctx.random_weights:
+        _stamp(img, NOT_A_RESULT)
+    return img

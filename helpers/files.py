@@ -16,6 +16,10 @@ from typing import Any, Callable
 import numpy as np
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class DiskFullError(OSError):
     """Raised when a write fails for lack of space; nothing partial is left behind."""
 
@@ -30,6 +34,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; give it the usual mode
         os.replace(tmp, path)
     except BaseException as e:
         try:

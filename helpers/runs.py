@@ -256,3 +256,79 @@ def figure1_panels(ctx: Context, analyses: dict, crops: int = 3) -> dict:
                   zip(ex.top_image[f, :crops], ex.top_y[f, :crops], ex.top_x[f, :crops]) if i >= 0])
                 for f in features]
     return panels
+
+
+def weight_neighbours(ctx: Context, layer: str, top: int = 5) -> dict[str, dict[int, list[tuple[int, float]]]]:
+    """Each feature's strongest neighbours through the 1x1 path, in the layers before and after."""
+    from .circuits import NEXT, weight_edges
+    from .inception import branch_slices
+
+    model = load_model_for(ctx)
+    previous = {v: k for k, v in NEXT.items()}
+    out = {}
+    for other, src, dst in ((NEXT.get(layer), layer, NEXT.get(layer)), (previous.get(layer), previous.get(layer), layer)):
+        if other is None or other not in ctx.profile.layers:
+            continue
+        w = weight_edges(model, dst, load_sae(ctx, src), load_sae(ctx, dst), branch_slices(model, [dst])[dst])
+        w = w if src == layer else w.T  # rows: this layer's features
+        w = np.where(branch_analysis(ctx, other)["alive"][None, :], w, 0)  # link only to features that fire
+        best = np.argsort(-np.abs(w), axis=1)[:, :top]
+        out[other] = {i: [(int(j), float(w[i, j])) for j in best[i]] for i in range(len(w))}
+    return out
+
+
+def write_atlas(ctx: Context, layers=None) -> Path:
+    """The static feature atlas of every layer, under the run's ``atlas/``."""
+    from .dashboard import layer_records, thumbnails, write_index, write_layer_atlas
+    from .embed import umap_embedding
+    from .featviz import FeatvizConfig, cache_path, sae_id
+
+    layers = list(layers or ctx.profile.layers)
+    folder = ctx.run_dir / "atlas"
+    note = ("RANDOM WEIGHTS: NOT A RESULT. These features come from InceptionV1 with random weights."
+            if ctx.random_weights else f"{ctx.profile.name} profile")
+    images = harvest_images(ctx)
+    cfg = FeatvizConfig(steps=ctx.profile.featviz_steps, size=ctx.profile.featviz_size)
+    for layer in layers:
+        a, ex = branch_analysis(ctx, layer), ensure_examples(ctx, layer)
+        sid = sae_id(ensure_saes(ctx)[layer])
+        features = np.flatnonzero(a["alive"])
+        viz = {int(f): cache_path(ctx.run_dir / "featviz", sid, layer, int(f), cfg) for f in features}
+        coords = umap_embedding(load_sae(ctx, layer).decoder_directions).coords
+        records = layer_records(layer, a, ex, feature_labels(ctx, layer), coords, weight_neighbours(ctx, layer))
+        thumbs, crops = thumbnails(ex, images, features, viz)
+        write_layer_atlas(folder, layer, records, thumbs, crops, note)
+    write_index(folder, layers, f"<p style='color:#b00'>{note}</p>")
+    return folder
+
+
+def feature_bands(ctx: Context, layer: str, feature: int, n_bands: int = 4, per_band: int = 4) -> list:
+    """Rows for ``figures.example_bands_image``: the top image with the feature's map as an
+    overlay, then crops at a range of activation levels, strongest band first."""
+    from .examples import activation_map, crop, overlay
+    from .images import load_image
+
+    ex, images = ensure_examples(ctx, layer), harvest_images(ctx)
+    rows = []
+    if ex.top_image[feature, 0] >= 0:
+        img = load_image(images.paths[ex.top_image[feature, 0]])
+        amap = activation_map(load_model_for(ctx), load_sae(ctx, layer), layer,
+                              torch.from_numpy(img).permute(2, 0, 1), feature)
+        rows.append(("top image, map", [img, overlay(img, amap)]))
+    for b, items in reversed(list(enumerate(ex.bands(feature, n_bands, per_band)))):
+        crops = [crop(load_image(images.paths[i]), y, x) for _, i, y, x in items]
+        rows.append((f"band {b + 1}/{n_bands}", crops))
+    return rows
+
+
+def label_table(ctx: Context) -> list[dict]:
+    """Per layer: how many features the automatic labels mark, by label."""
+    from .labels import highlight_sets
+
+    rows = []
+    for layer in ctx.profile.layers:
+        sets = highlight_sets(feature_labels(ctx, layer))
+        colours = {k.split(": ")[1]: len(v) for k, v in sets.items() if k.startswith("colour")}
+        rows.append({"layer": layer, "animal": len(sets.get("animal", [])), "dog": len(sets.get("dog", [])),
+                     "colour": ", ".join(f"{c} {n}" for c, n in sorted(colours.items())) or "none"})
+    return rows

@@ -51,5 +51,5 @@ def smoke_book(tmp_path_factory):
     executed = book.execute_notebooks(root / "executed", env, timeout=900)
     os.environ.update({k: v for k, v in env.items() if k != "SAE_BOOK_BUILD"})
     banner = context("smoke").banner()
-    html = book.build_html(book.stage(executed, banner, root / "src"), root / "out")
+    html = book.build_html(book.stage(executed, banner, root / "src", root / "run" / "atlas"), root / "out")
     return {"executed": {p.stem: p for p in executed}, "html": html, "run": root / "run"}

@@ -58,3 +58,32 @@ def test_pages_load_and_draw_their_figures_without_js_errors(smoke_book, browser
             screenshot(browser, "book-intro.png")
         if page == "nbs/04_branch_specialization":
             screenshot(browser, "book-04-branch-specialization.png")
+
+
+def test_the_atlas_shows_every_feature_and_opens_a_detail_view(smoke_book, browser):
+    html = smoke_book["html"]
+    assert (html / "atlas" / "index.html").exists()
+    for layer in ("mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"):
+        page = html / "atlas" / layer / "index.html"
+        text = page.read_text()
+        assert "RANDOM WEIGHTS: NOT A RESULT" in text and "http" not in text.split("<script>")[0]  # no CDN
+    browser.get((html / "atlas" / "mixed4c" / "index.html").as_uri())
+    cells = browser.find_elements("css selector", "#groups .f")
+    alive = int(smoke_book["run"].joinpath("saes", "mixed4c", "cfg.json").exists())
+    assert len(cells) > 100 and alive
+    sprite = browser.execute_script(
+        "const i = new Image(); i.src = 'thumbs.jpg';"
+        "return new Promise(r => { i.onload = () => r(i.naturalWidth); i.onerror = () => r(-1); })")
+    assert sprite > 0
+    cells[3].click()
+    title = browser.execute_script("return document.getElementById('detail-title').textContent")
+    assert title.startswith("feature ")
+    assert browser.execute_script("return document.querySelectorAll('#detail .bar').length") == 4
+    assert js_errors(browser) == []
+    screenshot(browser, "atlas-mixed4c.png")
+    link = browser.find_elements("css selector", "#detail a")[0]
+    link.click()  # a neighbour in the adjacent layer's atlas
+    time.sleep(0.3)
+    assert "/atlas/mixed4" in browser.current_url and "#f" in browser.current_url
+    assert browser.execute_script("return document.getElementById('detail-title').textContent").startswith("feature")
+    assert js_errors(browser) == []

@@ -56,10 +56,13 @@ def test_executes_in_smoke_profile_with_the_random_weights_warning(smoke_book, n
         assert len(fig) < 500_000 and not re.search(r"plotly\.js v\d", fig)  # plotly.js is not inlined
 
 
-def test_placeholders_say_so(smoke_book):
-    for name in CHAPTERS[6:]:
-        nb = nbformat.read(smoke_book["executed"][name], as_version=4)
-        assert any("not written yet" in c.source for c in nb.cells if c.cell_type == "markdown")
+def test_seeing_features_chapters_show_figure_1_and_link_the_atlas(smoke_book):
+    pngs = [o for o in _outputs(smoke_book["executed"]["07_feature_visualization"]) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 2  # figure 1 and the close-up of one feature
+    html = [o["data"]["text/html"] for o in _outputs(smoke_book["executed"]["08_feature_explorer"])
+            if "text/html" in o.get("data", {})]
+    assert any('href="../atlas/mixed4c/index.html"' in h for h in html)
+    assert (smoke_book["run"] / "figures" / "figure-01.png").exists()
 
 
 def test_later_chapters_reuse_the_run(smoke_book):

@@ -1,0 +1,96 @@
+"""Seeing features, measured side by side (no assertions on time):
+
+1. Feature visualisation: seconds per feature, a batch of features in one optimisation
+   against one feature at a time, same steps and size.
+2. The dataset-example pass: seconds per 1000 images for one layer (all its features, every
+   grid position), with the forward pass alone as the floor.
+
+Random weights (speed only); images from ../shared/imagenet-sample.
+
+    python bench/bench_seeing.py [--device cpu] [--steps 16] [--features 8] [--images 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+from helpers.examples import example_pass  # noqa: E402
+from helpers.featviz import FeatvizConfig, render_directions  # noqa: E402
+from helpers.images import ImageDataset, collate, list_images  # noqa: E402
+from helpers.inception import LayerCapture, load_model, model_input_from_uint8  # noqa: E402
+from helpers.sae import TopKSAE  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--layer", default="mixed4c")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--features", type=int, default=8)
+    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--sample", default=str(ROOT.parent / "shared" / "imagenet-sample"))
+    a = p.parse_args()
+    dev = torch.device(a.device)
+    results = {"device": a.device, "layer": a.layer}
+
+    model = load_model("random", dev, redirected_relu=True)[0]
+    directions = torch.rand(a.features, 512, device=dev)
+    cfg = FeatvizConfig(steps=a.steps, size=a.size, batch=a.features)
+    render_directions(model, a.layer, directions[:1], FeatvizConfig(steps=1, size=a.size))  # warm-up
+    t = time.perf_counter()
+    render_directions(model, a.layer, directions, cfg)
+    batched = (time.perf_counter() - t) / a.features
+    t = time.perf_counter()
+    for i in range(a.features):
+        render_directions(model, a.layer, directions[i:i + 1], cfg)
+    single = (time.perf_counter() - t) / a.features
+    results["featviz"] = {"steps": a.steps, "size": a.size, "features": a.features,
+                          "s_per_feature_batched": batched, "s_per_feature_one_at_a_time": single,
+                          "s_per_feature_batched_per_512_steps": batched * 512 / a.steps}
+
+    images = list_images(a.sample).head(a.images)
+    plain = load_model("random", dev)[0]
+    sae = TopKSAE(512, 16 * 512, 32, "full", seed=0).to(dev)
+    t = time.perf_counter()
+    example_pass(plain, sae, a.layer, images, batch_size=32, device=dev, workers=min(4, os.cpu_count() or 1))
+    seconds = time.perf_counter() - t
+    loader = torch.utils.data.DataLoader(ImageDataset(images), batch_size=32, collate_fn=collate,
+                                         num_workers=min(4, os.cpu_count() or 1))
+    t = time.perf_counter()
+    with torch.no_grad():
+        for _, pixels, _ in loader:
+            LayerCapture(plain, [a.layer])(model_input_from_uint8(pixels.to(dev)))
+    floor = time.perf_counter() - t
+    results["examples"] = {"images": len(images), "latents": sae.d_sae, "s_per_1000_images": seconds * 1000 / len(images),
+                           "forward_only_s_per_1000_images": floor * 1000 / len(images)}
+
+    f, e = results["featviz"], results["examples"]
+    print(f"device {a.device}; layer {a.layer}; random weights (speed only)\n")
+    print(f"feature visualisation, {a.steps} steps at {a.size} px, {a.features} features")
+    print(f"  batched (one optimisation)   {f['s_per_feature_batched']:8.2f} s per feature")
+    print(f"  one feature at a time        {f['s_per_feature_one_at_a_time']:8.2f} s per feature"
+          f"   ({f['s_per_feature_one_at_a_time'] / f['s_per_feature_batched']:.2f}x the batched time)")
+    print(f"  batched, scaled to 512 steps {f['s_per_feature_batched_per_512_steps']:8.1f} s per feature\n")
+    print(f"dataset-example pass, {e['latents']} latents, {e['images']} images")
+    print(f"  example pass                 {e['s_per_1000_images']:8.1f} s per 1000 images")
+    print(f"  forward pass alone (floor)   {e['forward_only_s_per_1000_images']:8.1f} s per 1000 images")
+    out = ROOT / "bench" / "results" / f"seeing-{a.device.replace(':', '')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+
+from helpers.examples import CELL, activation_map, cell_colours, crop, example_pass, overlay
+from helpers.images import ImageDataset, list_images
+from helpers.inception import LayerCapture, model_input_from_uint8
+from helpers.sae import TopKSAE
+
+
+@pytest.fixture(scope="module")
+def setup(random_model, image_dir):
+    images = list_images(image_dir)
+    pixels = torch.stack([ImageDataset(images)[i][1] for i in range(len(images))])
+    with torch.no_grad():
+        acts = LayerCapture(random_model, ["mixed4c"])(model_input_from_uint8(pixels))["mixed4c"]
+    sae = TopKSAE(512, 128, 8, "full", seed=0)
+    with torch.no_grad():
+        sae.b_dec.copy_(acts.mean(dim=(0, 2, 3)))
+        z = sae.encode(acts.flatten(2).transpose(1, 2).reshape(-1, 512)).reshape(len(images), 196, -1)
+    return images, sae, z, pixels
+
+
+def test_the_pass_finds_every_features_strongest_images_and_positions(random_model, setup):
+    images, sae, z, _ = setup
+    ex = example_pass(random_model, sae, "mixed4c", images, top=3, reservoir=5, batch_size=3)
+    best, where = z.max(dim=1)  # brute force: [images, features]
+    for f in range(128):
+        order = torch.argsort(best[:, f], descending=True)
+        firing = int((best[:, f] > 0).sum())
+        expected = order[: min(3, firing)].numpy()
+        assert list(ex.top_image[f, : len(expected)]) == list(expected)
+        assert (ex.top_image[f, len(expected):] == -1).all()
+        np.testing.assert_allclose(ex.top_value[f, : len(expected)], best[expected, f].numpy(), rtol=1e-5)
+        pos = where[expected, f].numpy()
+        assert list(ex.top_y[f, : len(expected)]) == list(pos // 14) and list(ex.top_x[f, : len(expected)]) == list(pos % 14)
+        sampled = ex.sample_image[f][ex.sample_image[f] >= 0]
+        assert len(sampled) == min(5, firing) and set(sampled) <= set(np.flatnonzero(best[:, f].numpy() > 0))
+    assert ex.images_seen == len(images)
+
+
+def test_bands_cover_the_range_below_the_maximum(random_model, setup, tmp_path):
+    images, sae, z, _ = setup
+    ex = example_pass(random_model, sae, "mixed4c", images, top=2, reservoir=7, batch_size=4)
+    ex.save(tmp_path / "ex.safetensors")
+    again = type(ex).load(tmp_path / "ex.safetensors")
+    assert np.array_equal(again.top_image, ex.top_image) and again.images_seen == ex.images_seen
+    f = int(np.argmax((z.max(1).values > 0).sum(0)))
+    bands = again.bands(f, n_bands=3, per_band=7)
+    top = ex.top_value[f, 0]
+    for b, items in enumerate(bands):
+        for value, image, y, x in items:
+            assert top * b / 3 < value <= top * (b + 1) / 3 + 1e-6
+    assert sum(len(b) for b in bands) == (ex.sample_image[f] >= 0).sum()
+
+
+def test_crops_and_maps_sit_on_the_grid(random_model, setup):
+    images, sae, z, pixels = setup
+    image = (np.arange(224 * 224 * 3).reshape(224, 224, 3) % 251).astype(np.uint8)
+    c = crop(image, 7, 7, window=100)
+    assert c.shape == (100, 100, 3) and np.array_equal(c, image[70:170, 70:170])  # centred on cell (7, 7): pixel 120
+    assert np.array_equal(crop(image, 0, 13, window=100), image[0:100, 124:224])  # clamped at the border
+    f = int(np.argmax((z[0] > 0).sum(0)))
+    amap = activation_map(random_model, sae, "mixed4c", pixels[0], f)
+    np.testing.assert_allclose(amap.reshape(-1), z[0, :, f].numpy(), rtol=1e-5, atol=1e-6)
+    shown = overlay(pixels[0].permute(1, 2, 0).numpy(), amap)
+    assert shown.shape == (224, 224, 3)
+
+
+def test_cell_colours():
+    image = np.zeros((224, 224, 3), np.uint8)
+    image[:, :112] = (255, 0, 0)
+    image[:, 112:] = (0, 0, 255)
+    colours = cell_colours(image, radius=0)
+    assert colours.shape == (14, 14, 3)
+    np.testing.assert_allclose(colours[3, 2], [255, 0, 0]) and np.testing.assert_allclose(colours[3, 12], [0, 0, 255])
+    mixed = cell_colours(image, radius=1)[5, 6]  # cells 5-7 across the border
+    np.testing.assert_allclose(mixed, [255 * 2 / 3, 0, 255 / 3], rtol=1e-6)
+    assert CELL == 16

@@ -1,0 +1,59 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import featviz
+from helpers.featviz import FeatvizConfig, render_directions, render_features
+from helpers.inception import branch_slices, load_model
+from helpers.sae import TopKSAE
+
+
+def redness(images: np.ndarray) -> np.ndarray:
+    return (images[..., 0] - images[..., 1:].mean(-1)).mean(axis=(1, 2))
+
+
+def test_visualising_a_planted_red_direction_makes_red_images():
+    """mixed4b's 5x5 branch is made to respond to red (differentiably); optimising its
+    direction must turn the image red."""
+    model = load_model("random", redirected_relu=True)[0]
+    u = torch.rand(64)
+    u /= u.norm()
+    state = {}
+    model.register_forward_pre_hook(lambda m, args: state.__setitem__("x", args[0]))
+
+    def plant(m, inputs, output):
+        rgb = (state["x"] + 117) / 255
+        red = F.relu(rgb[:, 0] - rgb[:, 1:].mean(1))[:, None]
+        return output + 50 * F.adaptive_avg_pool2d(red, output.shape[2:]) * u[None, :, None, None]
+
+    model.mixed4b_5x5.register_forward_hook(plant)
+    s, e = branch_slices(load_model("random")[0], ["mixed4b"])["mixed4b"]["5x5"]
+    direction = torch.zeros(2, 512)
+    direction[:, s:e] = u
+    start = render_directions(model, "mixed4b", direction, FeatvizConfig(steps=1, size=48, lr=0.05))
+    end = render_directions(model, "mixed4b", direction, FeatvizConfig(steps=30, size=48, lr=0.3))
+    assert (redness(end) > redness(start) + 0.05).all(), (redness(start), redness(end))
+    # Lucent's own hooks are removed afterwards; the planted one stays
+    assert not model.mixed4b._forward_hooks and len(model.mixed4b_5x5._forward_hooks) == 1
+
+
+def test_renders_are_cached_and_only_missing_ones_are_made(tmp_path, monkeypatch):
+    sae = TopKSAE(512, 16, 4, "full", seed=0)
+    sae.save(tmp_path / "sae")
+    calls = []
+
+    def fake(model, layer, directions, cfg):
+        calls.append(len(directions))
+        return np.random.rand(len(directions), cfg.size, cfg.size, 3)
+
+    monkeypatch.setattr(featviz, "render_directions", fake)
+    cfg = FeatvizConfig(steps=2, size=32, batch=3)
+    paths = render_features(None, "mixed4c", sae, tmp_path / "sae", [0, 1, 2, 3, 4], tmp_path / "cache", cfg)
+    assert calls == [3, 2] and all(p.exists() for p in paths.values())
+    render_features(None, "mixed4c", sae, tmp_path / "sae", [0, 1, 2, 3, 4, 5], tmp_path / "cache", cfg)
+    assert calls == [3, 2, 1]  # only feature 5 was missing
+    render_features(None, "mixed4c", sae, tmp_path / "sae", [0], tmp_path / "cache", FeatvizConfig(steps=3, size=32))
+    assert calls == [3, 2, 1, 1]  # other settings, other cache entry

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import logging
 import sys
-import types
 import typing
 
 from .harvest import HarvestConfig, harvest

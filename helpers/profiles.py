@@ -11,7 +11,7 @@ training new ones.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .inception import PAPER_LAYERS, RANDOM_WARNING
@@ -107,10 +107,6 @@ class Context:
             lines.insert(0, f"**Not a result.** {RANDOM_WARNING}.")
         kind = "warning" if self.random_weights or self.fallback_reason else "note"
         return f":::{{{kind}}}\n" + "\n\n".join(lines) + "\n:::\n"
-
-    def to_record(self) -> dict:
-        return {"profile": asdict(self.profile), "run_dir": str(self.run_dir), "saes": self.saes,
-                "fallback_reason": self.fallback_reason}
 
 
 def context(profile: str | None = None, run_dir: str | None = None, saes: str | None = None) -> Context:

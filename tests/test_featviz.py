@@ -1,7 +1,5 @@
-import copy
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 

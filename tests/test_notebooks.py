@@ -31,7 +31,7 @@ def test_parameters_cell_and_colab_badge(path):
     nb = nbformat.read(path, as_version=4)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and "profile = None" in tagged[0].source
-    assert f"colab.research.google.com/github/" in nb.cells[0].source and f"/nbs/{path.name}" in nb.cells[0].source
+    assert "colab.research.google.com/github/" in nb.cells[0].source and f"/nbs/{path.name}" in nb.cells[0].source
     colab = [c for c in nb.cells if "google.colab" in c.source]
     assert colab and "remove-cell" in colab[0].metadata.get("tags", [])
 

@@ -54,7 +54,13 @@ def main(argv=None) -> int:
     cfg = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        out = run(cfg)
+        if ns.command == "train" and cfg.layer and "," in cfg.layer:  # several layers at once
+            from .train import train_layers
+
+            devices = [d for d in cfg.device.split(",") if d]
+            out = train_layers(cfg, [l for l in cfg.layer.split(",") if l], devices)
+        else:
+            out = run(cfg)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -139,7 +139,9 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
     layers = check_layers(cfg.layers)
     if cfg.sampling not in SAMPLINGS:
         raise ValueError(f"sampling {cfg.sampling!r} is unknown; choose from {', '.join(SAMPLINGS)}")
-    device = resolve_device(cfg.device)
+    from . import distributed
+
+    rank, ranks, device = distributed.setup(resolve_device(cfg.device))
     cuda = device.type == "cuda"
     images = list_images(cfg.images).head(cfg.max_images)
     if model is None:
@@ -181,18 +183,22 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "complete": False,
     }
-    _open_run(out, manifest)
+    if rank == 0:
+        _open_run(out, manifest)
+    distributed.barrier()
 
     done = set(finished_shards(out))
-    todo = [k for k in range(n_shards) if k not in done]
+    todo = [k for k in range(n_shards) if k not in done and k % ranks == rank]  # under torchrun, shards by rank
     sampler = _ShardBatches(todo, cfg.shard_images, n_images, cfg.batch_size)
     loader = DataLoader(ImageDataset(images), batch_sampler=sampler, collate_fn=collate,
                         num_workers=cfg.workers, pin_memory=cuda, persistent_workers=False)
     if is_random(weights_id):
         log.warning("harvest %s: %s", out, RANDOM_WARNING)
 
-    bar = tqdm(total=n_images, initial=sum(min((k + 1) * cfg.shard_images, n_images) - k * cfg.shard_images
-                                           for k in done), unit="img", desc=f"harvest {out.name}")
+    mine = [k for k in range(n_shards) if k % ranks == rank]
+    bar = tqdm(total=sum(min((k + 1) * cfg.shard_images, n_images) - k * cfg.shard_images for k in mine),
+               initial=sum(min((k + 1) * cfg.shard_images, n_images) - k * cfg.shard_images for k in mine if k in done),
+               unit="img", desc=f"harvest {out.name}" + (f" rank {rank}" if ranks > 1 else ""))
     pending: dict[int, dict] = {}
     t_shard = time.perf_counter()
     for idx, pixels, bad in loader:
@@ -213,7 +219,9 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
             append_jsonl(out / "harvest.jsonl", record)
             t_shard = time.perf_counter()
     bar.close()
-
+    distributed.barrier()
+    if rank != 0:
+        return out
     records = [read_shard_record(out, k) for k in range(n_shards)]
     manifest["complete"] = True
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -34,7 +34,8 @@ CHECKPOINT = "checkpoint.safetensors"
 @dataclass
 class TrainConfig:
     run: str | None = field(default=None, metadata={"help": "harvest run directory (with --layer)"})
-    layer: str | None = field(default=None, metadata={"help": "layer of the run to train on, e.g. mixed4c"})
+    layer: str | None = field(default=None, metadata={"help": "layer of the run to train on, e.g. mixed4c; several "
+                                                      "(mixed4a,mixed4b,...) train at once, one process each"})
     vectors: str | None = field(default=None, metadata={"help": "instead of --run: an .npy file of shape [N, d]"})
     out: str = field(default="runs/sae", metadata={"help": "directory for the SAE, metrics and checkpoints"})
     expansion: int = field(default=16, metadata={"help": "latents = expansion x layer width"})
@@ -50,7 +51,8 @@ class TrainConfig:
     holdout: int = field(default=16384, metadata={"help": "vectors held out for the final FVU"})
     log_every: int = field(default=25, metadata={"help": "steps between metrics records"})
     checkpoint_every: int = field(default=5_000_000, metadata={"help": "vectors between checkpoints"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ...; with several layers, a comma list "
+                                                         "(cuda:0,cuda:1,...) used in turn"})
     seed: int = field(default=0, metadata={"help": "seeds initialisation and data order"})
     resume: bool = field(default=False, metadata={"help": "continue from --out's checkpoint"})
 
@@ -147,12 +149,16 @@ def _load_checkpoint(path: Path, sae, opt, cfg, device):
 
 def train(cfg: TrainConfig) -> Path:
     """Train (or resume) one SAE; returns the output directory."""
+    from . import distributed
     from .harvest import resolve_device
 
     if cfg.tied not in TIED:
         raise ValueError(f"--tied {cfg.tied!r}; choose from {', '.join(TIED)}")
     arrays, info = open_source(cfg)
-    device = resolve_device(cfg.device)
+    rank, ranks, device = distributed.setup(resolve_device(cfg.device))
+    if cfg.batch_size % ranks:
+        raise ValueError(f"--batch-size {cfg.batch_size} must divide evenly over the {ranks} processes")
+    mine = slice(rank * cfg.batch_size // ranks, (rank + 1) * cfg.batch_size // ranks)  # this rank's rows
     cuda = device.type == "cuda"
     d_in = arrays[0].shape[1]
     d_sae = cfg.expansion * d_in
@@ -175,17 +181,18 @@ def train(cfg: TrainConfig) -> Path:
         sample = ShuffledBatches(train_arrays, min(16384, sum(map(len, train_arrays))), cfg.seed)
         with torch.no_grad():
             sae.b_dec.copy_(geometric_median(next(sample.batches()).to(device)))
-    if seen == 0 and (out / "metrics.jsonl").exists():
+    if seen == 0 and rank == 0 and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
 
     stream = ShuffledBatches(train_arrays, cfg.batch_size, cfg.seed).batches(start=seen)
     total_steps = math.ceil(cfg.vectors_seen / cfg.batch_size)
-    bar = tqdm(total=total_steps, initial=step, unit="step", desc=f"train {info['layer'] or 'sae'}")
+    bar = tqdm(total=total_steps, initial=step, unit="step", desc=f"train {info['layer'] or 'sae'}",
+               **({"disable": True} if rank > 0 else {}))
     next_ckpt = (seen // cfg.checkpoint_every + 1) * cfg.checkpoint_every
     t0, seen0 = time.perf_counter(), seen
     record = {}
     while step < total_steps:
-        x = next(stream).to(device, non_blocking=True)
+        x = next(stream)[mine].to(device, non_blocking=True)  # every rank reads the same global batch
         dead = since_fired >= min(cfg.dead_after, max(seen, 1))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             out_ = sae.forward_train(x, dead, cfg.aux_k)
@@ -198,36 +205,60 @@ def train(cfg: TrainConfig) -> Path:
             total = loss + cfg.aux_coef * aux_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
+        distributed.average_gradients(sae.parameters())  # under torchrun: the global batch's gradient
         sae.remove_radial_grad()
         opt.step()
         sae.normalize_decoder()
-        fired = out_.code.indices[out_.code.values > 0]
-        since_fired += x.shape[0]
-        since_fired[fired] = 0
-        seen += x.shape[0]
+        fired = torch.zeros(sae.d_sae, device=device)
+        fired[out_.code.indices[out_.code.values > 0]] = 1
+        distributed.all_reduce(fired, "max")
+        since_fired += cfg.batch_size
+        since_fired[fired > 0] = 0
+        seen += cfg.batch_size
         step += 1
         bar.update(1)
 
         last = step == total_steps
         if step % cfg.log_every == 0 or last or seen >= next_ckpt:
-            if not math.isfinite(loss.item()):
+            stats = _global_stats(loss, x_hat, x, out_.code)
+            if not math.isfinite(stats["loss_nmse"]):
                 raise NonFiniteLoss(
-                    f"the loss became {loss.item()} at step {step}; the last good checkpoint is kept in {ckpt} "
+                    f"the loss became {stats['loss_nmse']} at step {step}; the last good checkpoint is kept in {ckpt} "
                     "(if any). Lower --lr, check the vectors for inf/nan, and run again with --resume")
             with torch.no_grad():
-                record = {"step": step, "vectors_seen": seen, "loss_nmse": loss.item(),
-                          "fvu": fvu(x_hat, x).item(),
-                          "l0": (out_.code.values > 0).sum(1).float().mean().item(),
+                record = {"step": step, "vectors_seen": seen, **stats,
                           "dead_fraction": dead.float().mean().item(),
                           "aux_loss": None if aux_loss is None else aux_loss.item(), "lr": lr,
                           "vectors_per_s": (seen - seen0) / (time.perf_counter() - t0)}
-            append_jsonl(out / "metrics.jsonl", record)
+            if rank == 0:
+                append_jsonl(out / "metrics.jsonl", record)
             bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2f}")
         if seen >= next_ckpt or last:
-            _save_checkpoint(ckpt, sae, opt, since_fired, seen, step, cfg)
+            if rank == 0:
+                _save_checkpoint(ckpt, sae, opt, since_fired, seen, step, cfg)
+            distributed.barrier()
             next_ckpt += cfg.checkpoint_every
     bar.close()
+    if rank > 0:
+        return out
     return _finish(out, sae, cfg, info, held, since_fired, seen, lr, record, device)
+
+
+@torch.no_grad()
+def _global_stats(loss, x_hat, x, code) -> dict:
+    """Loss, FVU and L0 of the whole (global) batch, summed over ranks under torchrun."""
+    from . import distributed
+
+    x_hat = x_hat.float()
+    sums = torch.stack([loss.detach().float() * len(x), (x_hat - x).pow(2).sum(), x.pow(2).sum(),
+                        (code.values > 0).sum().float(), torch.tensor(float(len(x)), device=x.device)])
+    col = x.sum(0)
+    distributed.all_reduce(sums)
+    distributed.all_reduce(col)
+    n = sums[4]
+    variance = sums[2] - col.pow(2).sum() / n
+    return {"loss_nmse": (sums[0] / n).item(), "fvu": (sums[1] / variance.clamp_min(1e-12)).item(),
+            "l0": (sums[3] / n).item()}
 
 
 def _finish(out, sae, cfg, info, held, since_fired, seen, lr, last_record, device) -> Path:
@@ -272,3 +303,26 @@ def summary(sae_dirs: dict[str, Path]) -> list[dict]:
                      "held-out FVU": cfg.get("final_fvu"), "held-out NMSE": cfg.get("final_nmse"),
                      "dead fraction": cfg.get("dead_fraction")})
     return rows
+
+
+def train_layers(cfg: TrainConfig, layers, devices) -> dict[str, Path]:
+    """One SAE per layer, all at once: a process per layer, on ``devices`` in turn
+    (e.g. five layers on cuda:0..cuda:4). Each writes ``cfg.out/<layer>``."""
+    import subprocess
+    import sys
+
+    procs = {}
+    for i, layer in enumerate(layers):
+        one = {**asdict(cfg), "layer": layer, "out": str(Path(cfg.out) / layer), "device": devices[i % len(devices)]}
+        args = [sys.executable, "-m", "helpers", "train"]
+        for key, value in one.items():
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                args.append(flag if value else "--no-" + key.replace("_", "-"))
+            elif value is not None:
+                args += [flag, str(value)]
+        procs[layer] = subprocess.Popen(args)
+    failed = [layer for layer, p in procs.items() if p.wait() != 0]
+    if failed:
+        raise RuntimeError(f"training failed for {', '.join(failed)}; see the output above, fix, and rerun with --resume")
+    return {layer: Path(cfg.out) / layer for layer in layers}

@@ -1,0 +1,81 @@
+"""torchrun on CPU (gloo, 2 processes): the same store and the same training as one process.
+
+One process is run with one thread, as torchrun gives each of its processes: with the same
+thread count the float sums agree, so the stores are byte-identical.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from helpers.files import read_json
+
+
+def run(args, procs=1, tmp_env=None):
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", **(tmp_env or {})}
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+              "--master_port", str(29500 + os.getpid() % 1000)] if procs > 1 else [sys.executable]
+    done = subprocess.run(prefix + ["-m", "helpers", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def npy_files(run_dir):
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*.npy"))}
+
+
+def records(run_dir):
+    return [{k: v for k, v in read_json(p).items() if k != "seconds"} for p in sorted((run_dir / "shards").glob("*.json"))]
+
+
+def test_torchrun_harvest_equals_one_process_and_resumes(tmp_path, image_dir):
+    common = ["harvest", "--images", str(image_dir), "--weights", "random", "--layers", "mixed4a,mixed4c",
+              "--shard-images", "2", "--batch-size", "2", "--workers", "0", "--sampling", "norm-weighted"]
+    run(common + ["--out", str(tmp_path / "one")])
+    run(common + ["--out", str(tmp_path / "two")], procs=2)
+    assert npy_files(tmp_path / "one") == npy_files(tmp_path / "two")
+    assert records(tmp_path / "one") == records(tmp_path / "two")
+    m = read_json(tmp_path / "two" / "manifest.json")
+    assert m["complete"] and m["vectors"] == 70 and m["n_shards"] == 4
+    (tmp_path / "two" / "shards" / "000001.json").unlink()  # as if rank 1 died before committing shard 1
+    (tmp_path / "two" / "mixed4c" / "000001.vectors.npy").unlink()
+    run(common + ["--out", str(tmp_path / "two")], procs=2)
+    assert npy_files(tmp_path / "one") == npy_files(tmp_path / "two")
+
+
+@pytest.fixture
+def vectors(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "v.npy", np.abs(rng.standard_normal((6000, 32))).astype(np.float32))
+    return tmp_path / "v.npy"
+
+
+def test_torchrun_training_follows_the_single_process_loss_curve_and_resumes(tmp_path, vectors):
+    common = ["train", "--vectors", str(vectors), "--expansion", "4", "--k", "4", "--batch-size", "256",
+              "--log-every", "2", "--device", "cpu", "--aux-k", "8", "--dead-after", "1000", "--tied", "init"]
+    run(common + ["--out", str(tmp_path / "one"), "--vectors-seen", "5120"])
+    run(common + ["--out", str(tmp_path / "two"), "--vectors-seen", "5120"], procs=2)
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):  # stated tolerance: 1e-4 relative
+        assert b["loss_nmse"] == pytest.approx(a["loss_nmse"], rel=1e-4)
+        assert b["fvu"] == pytest.approx(a["fvu"], rel=1e-4) and b["dead_fraction"] == a["dead_fraction"]
+    run(common + ["--out", str(tmp_path / "resumed"), "--vectors-seen", "2560", "--checkpoint-every", "2560"], procs=2)
+    run(common + ["--out", str(tmp_path / "resumed"), "--vectors-seen", "5120", "--resume"], procs=2)
+    w2, wr = load_file(tmp_path / "two" / "sae_weights.safetensors"), load_file(tmp_path / "resumed" / "sae_weights.safetensors")
+    for key in w2:
+        np.testing.assert_allclose(wr[key], w2[key], rtol=1e-5, atol=1e-6)
+
+
+def test_several_layers_train_at_once_one_process_each(tmp_path, harvest_run):
+    run(["train", "--run", str(harvest_run), "--layer", "mixed4a,mixed4c", "--out", str(tmp_path / "saes"),
+         "--expansion", "2", "--k", "4", "--batch-size", "8", "--vectors-seen", "16", "--holdout", "4",
+         "--device", "cpu,cpu"])
+    for layer, width in (("mixed4a", 508), ("mixed4c", 512)):
+        cfg = read_json(tmp_path / "saes" / layer / "cfg.json")
+        assert cfg["layer"] == layer and cfg["d_in"] == width and cfg["vectors_seen"] == 16

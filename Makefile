@@ -22,8 +22,10 @@ book: $(STAMP)
 	$(PY) -m helpers book $(if $(PROFILE),--profile $(PROFILE))
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[peers]'
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_seeing.py
+	$(PY) bench/bench_peers.py
 
 clean:
 	rm -rf _build .pytest_cache

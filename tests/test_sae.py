@@ -166,3 +166,16 @@ def test_firing_stats_count_what_encode_gives():
     mean = torch.where(on.any(0), (z * on).sum(0) / on.sum(0).clamp_min(1), torch.zeros(48))
     torch.testing.assert_close(stats["mean_when_active"].float(), mean, rtol=1e-5, atol=1e-6)
     assert int(stats["n"]) == 300
+
+
+@pytest.mark.parametrize("tied", ["full", "init"])
+def test_saelens_loads_what_we_save(tmp_path, tied):
+    """SAELens' own loader reads our directory and computes the same SAE."""
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[dev]')")
+    ours = _randomised(tied, seed=3)
+    ours.save(tmp_path / "sae", layer="mixed4c")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"), device="cpu")
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), ours.encode(x))
+        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,158 @@
+"""Our SAE trainer against the peers, side by side in one run (no assertions on time).
+
+Same data, same hyper-parameters: d=512, n=8192 latents, k=32, batch 4096, Adam lr 4e-4,
+the same number of vectors for each. Reported: vectors/s, peak resident memory, and the
+held-out FVU after training. The data are sparse combinations of a planted dictionary
+(so the FVU means something); the encoder matmul alone is the floor.
+
+Peers: EleutherAI's sparsify (``eai-sparsify``; on CPU its eager ``embedding_bag`` decoder,
+since Triton needs a GPU) and SAELens' TopK training SAE. Install them with
+``pip install -e '.[peers]'``; a peer that is not installed is skipped.
+
+    python bench/bench_peers.py [--steps 12] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1" if "--device" not in sys.argv or "cpu" in sys.argv else "0")
+
+D, N, K, BATCH, LR = 512, 8192, 32, 4096, 4e-4
+CASES = ("encoder-matmul", "ours-tied-full", "ours-tied-init", "sparsify", "saelens")
+
+
+def data(steps: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.nn.functional.normalize(torch.randn(4 * N // 2, D, generator=g), dim=1)
+    total = steps * BATCH + 8192
+
+    def draw(n):
+        idx = torch.randint(0, len(atoms), (n, K), generator=g)
+        coef = torch.rand(n, K, generator=g) * 3
+        return torch.relu(torch.nn.functional.embedding_bag(idx, atoms, per_sample_weights=coef, mode="sum")
+                          + 0.05 * torch.randn(n, D, generator=g))
+
+    x = draw(total)
+    return x[: steps * BATCH], x[steps * BATCH:]
+
+
+def make(case: str, dev):
+    """(parameters, step(x) -> loss tensor, after_backward(), after_step(), reconstruct(x))."""
+    if case.startswith("ours"):
+        from helpers.sae import TopKSAE, normalized_mse
+
+        sae = TopKSAE(D, N, K, "init" if case.endswith("init") else "full", seed=0).to(dev)
+        return (sae.parameters(), lambda x: normalized_mse(sae.forward_train(x).x_hat, x), sae.remove_radial_grad,
+                sae.normalize_decoder, sae)
+    if case == "sparsify":
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        sae = SparseCoder(D, SparseCoderConfig(num_latents=N, k=K), device=dev)
+        return (sae.parameters(), lambda x: sae(x).fvu, sae.remove_gradient_parallel_to_decoder_directions,
+                sae.set_decoder_norm_to_unit_norm, lambda x: sae(x).sae_out)
+    if case == "saelens":
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=N, k=K, device=str(dev)))
+
+        def loss(x):
+            acts, _ = sae.encode_with_hidden_pre(x)
+            return (sae.decode(acts) - x).pow(2).sum(-1).mean()
+
+        return sae.parameters(), loss, lambda: None, lambda: None, lambda x: sae.decode(sae.encode(x))
+    raise ValueError(case)
+
+
+def run_case(case: str, steps: int, device: str) -> dict:
+    import torch
+
+    dev = torch.device(device)
+    train, held = data(steps)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if case == "encoder-matmul":
+        w, b = torch.randn(N, D, device=dev), torch.zeros(N, device=dev)
+        x = train[:BATCH].to(dev)
+        torch.addmm(b, x, w.T)
+        t = time.perf_counter()
+        for _ in range(steps):
+            torch.addmm(b, x, w.T)
+        sync()
+        return {"vectors_per_s": steps * BATCH / (time.perf_counter() - t), "peak_mib": _peak()}
+    params, loss_fn, after_backward, after_step, model = make(case, dev)
+    params = list(params)
+    opt = torch.optim.Adam(params, lr=LR)
+
+    def step(x):
+        loss = loss_fn(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        after_backward()
+        opt.step()
+        after_step()
+
+    step(train[:BATCH].to(dev))  # warm-up (counted in the budget below: same for every case)
+    sync()
+    t = time.perf_counter()
+    for s in range(1, steps):
+        step(train[s * BATCH:(s + 1) * BATCH].to(dev))
+    sync()
+    seconds = time.perf_counter() - t
+    with torch.no_grad():
+        x = held.to(dev)
+        x_hat = model(x)
+        fvu = float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    return {"vectors_per_s": (steps - 1) * BATCH / seconds, "peak_mib": _peak(), "heldout_fvu": fvu,
+            "vectors": steps * BATCH}
+
+
+def _peak() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--case")
+    a = p.parse_args()
+    if a.case:
+        print(json.dumps(run_case(a.case, a.steps, a.device)))
+        return
+    results = {}
+    for case in CASES:
+        proc = subprocess.run([sys.executable, __file__, "--case", case, "--steps", str(a.steps), "--device", a.device],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"({case} skipped: {last})")
+            continue
+        results[case] = json.loads(proc.stdout.strip().splitlines()[-1])
+    floor = results["encoder-matmul"]["vectors_per_s"]
+    ref = results.get("sparsify", {}).get("vectors_per_s")
+    print(f"\ndevice {a.device}; d={D} n={N} k={K} batch {BATCH}, Adam lr {LR}, {a.steps * BATCH} vectors each")
+    print("  case              vectors/s   of floor   vs sparsify   held-out FVU   peak RSS MiB")
+    for case, r in results.items():
+        vs = f"{r['vectors_per_s'] / ref:8.2f}x" if ref else "       -"
+        fvu = f"{r['heldout_fvu']:10.4f}" if "heldout_fvu" in r else "         -"
+        print(f"  {case:<16} {r['vectors_per_s']:10.0f}   {r['vectors_per_s'] / floor:7.2f}   {vs}   {fvu}"
+              f"   {r['peak_mib']:10.0f}")
+    out = ROOT / "bench" / "results" / f"peers-{a.device.replace(':', '')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()

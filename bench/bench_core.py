@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,11 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from common import peak_mib, write_results  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- cases ---
@@ -47,7 +45,7 @@ def case_harvest(mode: str, images: str, n_images: int, device: str, batch: int)
                                   max_images=n_images, batch_size=batch, device=device,
                                   workers=min(4, os.cpu_count() or 1)))
         seconds = time.perf_counter() - t
-    return {"images_per_s": n_images / seconds, "seconds": seconds, "peak_mib": _peak_mib()}
+    return {"images_per_s": n_images / seconds, "seconds": seconds, "peak_mib": peak_mib()}
 
 
 def case_train(mode: str, device: str, steps: int, d: int = 512, n: int = 8192, k: int = 32,
@@ -98,7 +96,7 @@ def case_train(mode: str, device: str, steps: int, d: int = 512, n: int = 8192, 
         step()
     sync()
     seconds = time.perf_counter() - t
-    out = {"vectors_per_s": steps * batch / seconds, "seconds": seconds, "peak_mib": _peak_mib()}
+    out = {"vectors_per_s": steps * batch / seconds, "seconds": seconds, "peak_mib": peak_mib()}
     if cuda:
         out["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -155,10 +153,7 @@ def main() -> None:
         gpu = f"   GPU {r['gpu_peak_mib']:.0f}" if "gpu_peak_mib" in r else ""
         print(f"  {mode:<26} {r['vectors_per_s']:10.0f}   {r['vectors_per_s'] / dense['vectors_per_s']:6.2f}x"
               f"   {r['vectors_per_s'] / floor:7.2f}   {r['peak_mib']:10.0f}{gpu}")
-    out = ROOT / "bench" / "results" / f"core-{a.device.replace(':', '')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwritten {out}")
+    write_results("core", a.device, results)
 
 
 def _cuda() -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import peak_mib, write_results  # noqa: E402
+
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1" if "--device" not in sys.argv or "cpu" in sys.argv else "0")
 
 D, N, K, BATCH, LR = 512, 8192, 32, 4096, 4e-4
@@ -89,7 +91,7 @@ def run_case(case: str, steps: int, device: str) -> dict:
         for _ in range(steps):
             torch.addmm(b, x, w.T)
         sync()
-        return {"vectors_per_s": steps * BATCH / (time.perf_counter() - t), "peak_mib": _peak()}
+        return {"vectors_per_s": steps * BATCH / (time.perf_counter() - t), "peak_mib": peak_mib()}
     params, loss_fn, after_backward, after_step, model = make(case, dev)
     params = list(params)
     opt = torch.optim.Adam(params, lr=LR)
@@ -113,12 +115,8 @@ def run_case(case: str, steps: int, device: str) -> dict:
         x = held.to(dev)
         x_hat = model(x)
         fvu = float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-    return {"vectors_per_s": (steps - 1) * BATCH / seconds, "peak_mib": _peak(), "heldout_fvu": fvu,
+    return {"vectors_per_s": (steps - 1) * BATCH / seconds, "peak_mib": peak_mib(), "heldout_fvu": fvu,
             "vectors": steps * BATCH}
-
-
-def _peak() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -148,10 +146,7 @@ def main() -> None:
         fvu = f"{r['heldout_fvu']:10.4f}" if "heldout_fvu" in r else "         -"
         print(f"  {case:<16} {r['vectors_per_s']:10.0f}   {r['vectors_per_s'] / floor:7.2f}   {vs}   {fvu}"
               f"   {r['peak_mib']:10.0f}")
-    out = ROOT / "bench" / "results" / f"peers-{a.device.replace(':', '')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwritten {out}")
+    write_results("peers", a.device, results)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Random weights (speed only); images from ../shared/imagenet-sample.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,7 +20,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+from common import write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -86,10 +88,7 @@ def main() -> None:
     print(f"dataset-example pass, {e['latents']} latents, {e['images']} images")
     print(f"  example pass                 {e['s_per_1000_images']:8.1f} s per 1000 images")
     print(f"  forward pass alone (floor)   {e['forward_only_s_per_1000_images']:8.1f} s per 1000 images")
-    out = ROOT / "bench" / "results" / f"seeing-{a.device.replace(':', '')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwritten {out}")
+    write_results("seeing", a.device, results)
 
 
 if __name__ == "__main__":

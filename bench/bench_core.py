@@ -50,6 +50,7 @@ def case_harvest(mode: str, images: str, n_images: int, device: str, batch: int)
 
 def case_train(mode: str, device: str, steps: int, d: int = 512, n: int = 8192, k: int = 32,
                batch: int = 4096) -> dict:
+    """``mode``: encoder-matmul, sparse-tied-full, ...; ``n`` latents (the sweep varies it)."""
     import torch
 
     from helpers.sae import TopKSAE, normalized_mse
@@ -117,6 +118,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--latents", type=int, default=8192)
+    p.add_argument("--sweep", action="store_true", help="also: training at n = 2k/8k/32k, harvest at 250/500/1000 images")
     p.add_argument("--case", nargs="*")
     a = p.parse_args()
     if a.case is not None:
@@ -124,7 +127,7 @@ def main() -> None:
         if kind == "harvest":
             result = case_harvest(mode, a.images, a.n_images, a.device, a.batch)
         else:
-            result = case_train(mode, a.device, a.steps)
+            result = case_train(mode, a.device, a.steps, n=a.latents)
         print(json.dumps(result))
         return
 
@@ -153,7 +156,28 @@ def main() -> None:
         gpu = f"   GPU {r['gpu_peak_mib']:.0f}" if "gpu_peak_mib" in r else ""
         print(f"  {mode:<26} {r['vectors_per_s']:10.0f}   {r['vectors_per_s'] / dense['vectors_per_s']:6.2f}x"
               f"   {r['vectors_per_s'] / floor:7.2f}   {r['peak_mib']:10.0f}{gpu}")
+    if a.sweep:
+        sweep(a, common, results)
     write_results("core", a.device, results)
+
+
+def sweep(a, common, results) -> None:
+    """How cost grows: training throughput with the number of latents, harvest with the images."""
+    results["sweep_latents"] = {n: run_case(["train", "sparse-tied-full"] + common + ["--latents", str(n)])
+                                for n in (2048, 8192, 32768)}
+    print("\nsparse tied-full training, vectors/s by number of latents (d=512, k=32, batch 4096)")
+    for n, r in results["sweep_latents"].items():
+        print(f"  n = {n:>6}   {r['vectors_per_s']:10.0f}   peak RSS {r['peak_mib']:.0f} MiB")
+    if Path(a.images).exists():
+        base = [x for x in common if x]
+        i = base.index("--n-images")
+        results["sweep_images"] = {}
+        for n in (250, 500, 1000):
+            base[i + 1] = str(n)
+            results["sweep_images"][n] = run_case(["harvest", "one-pass"] + base)
+        print("\nharvest, all five layers in one pass, by number of images")
+        for n, r in results["sweep_images"].items():
+            print(f"  {n:>5} images   {r['images_per_s']:7.1f} images/s   {r['seconds']:7.1f} s")
 
 
 def _cuda() -> bool:

@@ -195,10 +195,10 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
     if is_random(weights_id):
         log.warning("harvest %s: %s", out, RANDOM_WARNING)
 
+    shard_len = lambda k: min((k + 1) * cfg.shard_images, n_images) - k * cfg.shard_images
     mine = [k for k in range(n_shards) if k % ranks == rank]
-    bar = tqdm(total=sum(min((k + 1) * cfg.shard_images, n_images) - k * cfg.shard_images for k in mine),
-               initial=sum(min((k + 1) * cfg.shard_images, n_images) - k * cfg.shard_images for k in mine if k in done),
-               unit="img", desc=f"harvest {out.name}" + (f" rank {rank}" if ranks > 1 else ""))
+    bar = tqdm(total=sum(map(shard_len, mine)), initial=sum(shard_len(k) for k in mine if k in done), unit="img",
+               desc=f"harvest {out.name}" + (f" rank {rank}" if ranks > 1 else ""))
     pending: dict[int, dict] = {}
     t_shard = time.perf_counter()
     for idx, pixels, bad in loader:

@@ -74,6 +74,25 @@ def ensure_saes(ctx: Context) -> dict[str, Path]:
     return out
 
 
+_MEMO: dict = {}
+
+
+def _memo(fn):
+    """Remember fn(ctx, layer, ...) per SAE directory: what it derives from a finished SAE never
+    changes, and notebooks, the atlas and the explorer ask for the same layer many times."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(ctx: Context, layer: str, *args, **kw):
+        key = (fn.__name__, str(ctx.sae_dir(layer)), args, tuple(sorted(kw.items())))
+        if key not in _MEMO:
+            _MEMO[key] = fn(ctx, layer, *args, **kw)
+        return _MEMO[key]
+
+    return wrapper
+
+
+@_memo
 def load_sae(ctx: Context, layer: str):
     from .sae import TopKSAE
 
@@ -99,6 +118,7 @@ def ensure_feature_stats(ctx: Context, layer: str, max_vectors: int = 500_000) -
     return load_file(path)
 
 
+@_memo
 def branch_analysis(ctx: Context, layer: str, seed: int = 0) -> dict:
     """Fractions per feature and branch (relu and plain), both baselines, and which features live."""
     from .branches import baseline, fraction_in_branch
@@ -178,6 +198,7 @@ def harvest_images(ctx: Context):
     return ImageList([Path(p) for p in record["paths"]], record["classes"], record["source"])
 
 
+@_memo
 def ensure_examples(ctx: Context, layer: str):
     """Every feature's dataset examples over the harvest's images (one streaming pass, cached)."""
     from .examples import Examples, example_pass
@@ -207,6 +228,7 @@ def ensure_cell_colours(ctx: Context) -> np.ndarray:
     return np.load(path)
 
 
+@_memo
 def feature_labels(ctx: Context, layer: str, top: int = 8) -> list[dict]:
     """Class and colour labels of every feature, from its top examples."""
     from .labels import class_labels, colour_label
@@ -258,6 +280,7 @@ def figure1_panels(ctx: Context, analyses: dict, crops: int = 3) -> dict:
     return panels
 
 
+@_memo
 def weight_neighbours(ctx: Context, layer: str, top: int = 5) -> dict[str, dict[int, list[tuple[int, float]]]]:
     """Each feature's strongest neighbours through the 1x1 path, in the layers before and after."""
     from .circuits import NEXT, weight_edges

@@ -12,8 +12,8 @@ tied="init": W_dec starts as W_enc^T, then trains separately with unit-norm rows
 gradient's radial part projected out (Gao et al.).
 
 Only the encoder's pre-activations are dense ([batch, d_sae]: the one big matmul). Past the
-TopK everything works on the k kept latents: the decoder is an ``embedding_bag`` over them,
-and the backward pass touches only their rows of W_enc and W_dec.
+TopK everything works on the k kept latents: the decoder is a sparse gather-sum over them
+(``kernels.sparse_decode``: ``embedding_bag``, or a Triton kernel on CUDA), and the backward pass touches only their rows of W_enc and W_dec.
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import sparse_decode
+
 TIED = ("full", "init")
 WEIGHTS_FILE, CFG_FILE = "sae_weights.safetensors", "cfg.json"
+ENCODE_CHUNK = 1024
 
 
 class _KeptPreacts(torch.autograd.Function):
@@ -96,6 +99,7 @@ class TopKSAE(nn.Module):
         self.decoder_weight = nn.Parameter(directions.clone()) if tied == "init" else None
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.encode_chunk: int | None = ENCODE_CHUNK  # rows per pre-activation chunk on CPU (None: all)
 
     # --- weights in SAELens' layout ---------------------------------------------------
     @property
@@ -123,11 +127,7 @@ class TopKSAE(nn.Module):
         return self._topk(x - self.b_dec, self.k)[0]
 
     def _topk(self, x_c, k, dead: torch.Tensor | None = None, aux_k: int = 0):
-        with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x_c, self.encoder_weight.T)
-            kept, idx = pre.topk(k, dim=-1, sorted=False)
-            if aux_k:
-                aux_kept, aux_idx = pre.masked_fill_(~dead, float("-inf")).topk(aux_k, dim=-1, sorted=False)
+        kept, idx, aux_kept, aux_idx = self._select(x_c, k, dead, aux_k)
         code = SparseCode(F.relu(_KeptPreacts.apply(x_c, self.encoder_weight, self.b_enc, idx, kept.float())), idx)
         aux = None
         if aux_k:
@@ -135,10 +135,41 @@ class TopKSAE(nn.Module):
                                                        aux_kept.float())), aux_idx)
         return code, aux
 
+    @torch.no_grad()
+    def _select(self, x_c, k, dead, aux_k):
+        """The top k pre-activations per row (and the top aux_k among dead latents).
+
+        The dense pre-activations are made ``encode_chunk`` rows at a time into one reused
+        buffer, and each chunk's TopK runs while it is still in cache. On a CPU this is
+        faster than one [batch, d_sae] matmul followed by a TopK over it (bench_core), and it
+        bounds the dense buffer at [encode_chunk, d_sae]. On CUDA one matmul is best.
+        """
+        n = x_c.shape[0]
+        chunk = n if (self.encode_chunk is None or x_c.is_cuda) else min(self.encode_chunk, n)
+        w = self.encoder_weight.T
+        if chunk >= n:
+            pre = torch.addmm(self.b_enc, x_c, w)
+            kept, idx = pre.topk(k, dim=-1, sorted=False)
+            if not aux_k:
+                return kept, idx, None, None
+            return (kept, idx, *pre.masked_fill_(~dead, float("-inf")).topk(aux_k, dim=-1, sorted=False))
+        kept = x_c.new_empty(n, k)
+        idx = torch.empty(n, k, dtype=torch.long, device=x_c.device)
+        aux_kept = x_c.new_empty(n, aux_k) if aux_k else None
+        aux_idx = torch.empty(n, aux_k, dtype=torch.long, device=x_c.device) if aux_k else None
+        buf = x_c.new_empty(chunk, self.d_sae)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            pre = torch.addmm(self.b_enc, x_c[s:e], w, out=buf[: e - s])
+            torch.topk(pre, k, dim=-1, sorted=False, out=(kept[s:e], idx[s:e]))
+            if aux_k:
+                torch.topk(pre.masked_fill_(~dead, float("-inf")), aux_k, dim=-1, sorted=False,
+                           out=(aux_kept[s:e], aux_idx[s:e]))
+        return kept, idx, aux_kept, aux_idx
+
     def decode_topk(self, code: SparseCode, bias: bool = True) -> torch.Tensor:
         """Sum of the kept latents' decoder rows, [batch, d_in]; no dense [batch, d_sae]."""
-        out = F.embedding_bag(code.indices, self.W_dec, per_sample_weights=code.values.to(self.W_dec.dtype),
-                              mode="sum")
+        out = sparse_decode(code.indices, code.values, self.W_dec)
         return out + self.b_dec if bias else out
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,10 @@ class TrainConfig:
     holdout: int = field(default=16384, metadata={"help": "vectors held out for the final FVU"})
     log_every: int = field(default=25, metadata={"help": "steps between metrics records"})
     checkpoint_every: int = field(default=5_000_000, metadata={"help": "vectors between checkpoints"})
+    store: str = field(default="auto", metadata={"help": "where training batches come from: disk (shuffled stream of "
+                                                 "memmaps), device (all vectors copied to the device once, shuffled "
+                                                 "there), auto (device on CUDA when it fits)",
+                                                 "choices": ("auto", "disk", "device")})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ...; with several layers, a comma list "
                                                          "(cuda:0,cuda:1,...) used in turn"})
     seed: int = field(default=0, metadata={"help": "seeds initialisation and data order"})
@@ -59,7 +63,7 @@ class TrainConfig:
 
 # settings a resumed run must share with the checkpoint (the budget may grow)
 _RESUME_KEYS = ("run", "layer", "vectors", "expansion", "k", "tied", "aux_k", "aux_coef", "lr", "batch_size",
-                "seed", "holdout", "dead_after")
+                "seed", "holdout", "dead_after", "store")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -69,6 +73,16 @@ class NonFiniteLoss(RuntimeError):
 def default_lr(d_sae: int) -> float:
     """Gao et al.'s scaling of the learning rate with the number of latents."""
     return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def make_optimizer(params, lr: float) -> torch.optim.Adam:
+    """Adam with torch's fused kernel (one pass over parameters, gradients and both moments;
+    CPU and CUDA), falling back to the multi-tensor one where fused is unsupported."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
 def open_source(cfg: TrainConfig) -> tuple[list[np.ndarray], dict]:
@@ -171,7 +185,7 @@ def train(cfg: TrainConfig) -> Path:
 
     sae = TopKSAE(d_in, d_sae, cfg.k, cfg.tied, seed=cfg.seed).to(device)
     lr = cfg.lr or default_lr(d_sae)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, **({"fused": True} if cuda else {"foreach": True}))
+    opt = make_optimizer(sae.parameters(), lr)
     since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
     seen, step = 0, 0
     if cfg.resume and ckpt.exists():
@@ -184,7 +198,7 @@ def train(cfg: TrainConfig) -> Path:
     if seen == 0 and rank == 0 and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
 
-    stream = ShuffledBatches(train_arrays, cfg.batch_size, cfg.seed).batches(start=seen)
+    stream = _batches(cfg, train_arrays, device, d_sae).batches(start=seen)
     total_steps = math.ceil(cfg.vectors_seen / cfg.batch_size)
     bar = tqdm(total=total_steps, initial=step, unit="step", desc=f"train {info['layer'] or 'sae'}",
                **({"disable": True} if rank > 0 else {}))
@@ -242,6 +256,57 @@ def train(cfg: TrainConfig) -> Path:
     if rank > 0:
         return out
     return _finish(out, sae, cfg, info, held, since_fired, seen, lr, record, device)
+
+
+def memory_estimate(d_in: int, d_sae: int, k: int = 32, batch: int = 4096, tied: str = "full", *, aux_k: int = 0,
+                    cuda: bool = False, encode_chunk: int | None = None, store_rows: int = 0) -> dict[str, int]:
+    """Bytes one training process needs, by part (the largest transient buffers included).
+
+    weights ``P = d_sae*d_in*m + d_sae + d_in`` floats, m = 1 (tied full) or 2 (tied init):
+    parameters, gradients and Adam's two moments are 4P floats, plus one transient
+    [d_sae, d_in] gradient term in the backward pass (and a bf16 weight copy on CUDA).
+    Pre-activations: one dense [rows, d_sae] buffer, rows = batch on CUDA (bf16) or
+    ``encode_chunk`` on CPU (float32). Per-batch tensors: about 8 [batch, d_in] float32s and
+    the kept latents' values and indices. The device store: rows*d_in float16.
+    """
+    m = 1 if tied == "full" else 2
+    params = d_sae * d_in * m + d_sae + d_in
+    rows = batch if (cuda or not encode_chunk) else min(encode_chunk, batch)
+    return {
+        "weights, gradients, Adam": 4 * params * 4,
+        "backward transient": d_sae * d_in * 4 + (d_sae * d_in * m * 2 if cuda else 0),
+        "pre-activations": rows * d_sae * (2 if cuda else 4),
+        "batch tensors": 8 * batch * d_in * 4 + batch * (k + aux_k) * (4 + 8) * 3,
+        "device store": store_rows * d_in * 2,
+    }
+
+
+def _batches(cfg: TrainConfig, arrays, device: torch.device, d_sae: int):
+    """The training stream: from disk, or from a copy of all vectors on the device."""
+    from .store import DeviceBatches
+
+    rows, d = sum(len(a) for a in arrays), arrays[0].shape[1]
+    mode = cfg.store
+    if mode not in ("auto", "disk", "device"):
+        raise ValueError(f"--store {mode!r}; choose auto, disk or device")
+    if mode != "disk" and device.type == "cuda":
+        need = sum(memory_estimate(d, d_sae, cfg.k, cfg.batch_size, cfg.tied, aux_k=cfg.aux_k, cuda=True,
+                                   store_rows=rows).values())
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > 0.9 * free:
+            if mode == "device":
+                raise MemoryError(f"--store device needs about {need / 2**30:.1f} GiB on {device} ({rows} vectors "
+                                  f"of width {d} in float16 plus training) but {free / 2**30:.1f} GiB is free; "
+                                  "use --store disk (streams from the memmaps) or a smaller store")
+            mode = "disk"
+        else:
+            mode = "device"
+    elif mode == "auto":
+        mode = "disk"  # on a CPU the memmapped stream keeps memory flat; --store device loads it into RAM
+    log.info("training batches from %s", "a copy on " + str(device) if mode == "device" else "the memmaps on disk")
+    if mode == "device":
+        return DeviceBatches(arrays, cfg.batch_size, cfg.seed, device=device)
+    return ShuffledBatches(arrays, cfg.batch_size, cfg.seed)
 
 
 @torch.no_grad()

@@ -34,9 +34,10 @@ def dense_reference(W_enc, W_dec, b_enc, b_dec, x, k, dead=None, aux_k=0):
     return x_hat, aux
 
 
-@pytest.mark.parametrize("tied", ["full", "init"])
-def test_sparse_path_equals_dense_computation_values_and_gradients(tied):
+@pytest.mark.parametrize("tied,chunk", [("full", None), ("init", None), ("full", 7), ("init", 64)])
+def test_sparse_path_equals_dense_computation_values_and_gradients(tied, chunk):
     sae = _randomised(tied)
+    sae.encode_chunk = chunk  # 7: the pre-activations in 10 chunks, the last one short
     x = torch.randn(64, 12, generator=torch.Generator().manual_seed(5)) * 2
     dead = torch.arange(48) % 3 == 0
     out = sae.forward_train(x, dead=dead, aux_k=6)

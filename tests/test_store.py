@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
+import torch
 
-from helpers.store import ActivationStore, ShuffledBatches, StoreError
+from helpers.store import ActivationStore, DeviceBatches, ShuffledBatches, StoreError
 
 
 def _rows(n, d=3, offset=0):
@@ -47,3 +48,28 @@ def test_store_errors_name_the_fix(harvest_run):
     assert len(store) == 70 and store.d == 512 and store.branch_slices["pool"] == (448, 512)
     assert store.vectors(0).dtype == np.float16 and isinstance(store.vectors(0), np.memmap)
     assert len(store.load(max_vectors=45)) == 45
+
+
+def test_device_batches_visit_every_row_once_per_epoch_and_resume_exactly():
+    # row i holds the number i, so each batch says which rows it took
+    arrays = [np.arange(30, dtype=np.float16)[:, None].repeat(3, 1), np.arange(30, 70, dtype=np.float16)[:, None]
+              .repeat(3, 1)]
+    stream = DeviceBatches(arrays, batch_size=16, seed=2).batches()
+    rows = torch.cat([next(stream) for _ in range(9)])  # 144 rows: two full epochs and a bit
+    assert rows.dtype == torch.float32 and rows.shape == (144, 3)
+    ids = rows[:, 0].long()
+    for epoch in range(2):
+        assert sorted(ids[epoch * 70:(epoch + 1) * 70].tolist()) == list(range(70))
+    assert not torch.equal(ids[:70], ids[70:140])  # a new order each epoch
+    for start in (32, 40, 75):  # a batch boundary, mid-batch, and past an epoch
+        resumed = torch.cat([next(DeviceBatches(arrays, 16, seed=2).batches(start=start)) for _ in range(1)])
+        assert torch.equal(resumed[:, 0].long(), ids[start:start + 16])
+    other = next(DeviceBatches(arrays, 16, seed=3).batches())
+    assert not torch.equal(other[:, 0].long(), ids[:16])
+
+
+def test_device_batches_larger_than_the_store_wrap_around():
+    arrays = [np.arange(5, dtype=np.float16)[:, None]]
+    batch = next(DeviceBatches(arrays, batch_size=12, seed=0).batches())
+    ids = batch[:, 0].long().tolist()
+    assert sorted(ids[:5]) == sorted(ids[5:10]) == [0, 1, 2, 3, 4]

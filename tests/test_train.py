@@ -25,11 +25,12 @@ def small(vectors, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("tied", ["full", "init"])
-def test_resumed_training_equals_uninterrupted(tmp_path, vectors, tied):
-    straight = train(small(vectors, tmp_path / "a", tied=tied, aux_k=8, dead_after=256))
-    train(small(vectors, tmp_path / "b", tied=tied, aux_k=8, dead_after=256, vectors_seen=128 * 3))
-    resumed = train(small(vectors, tmp_path / "b", tied=tied, aux_k=8, dead_after=256, resume=True))
+@pytest.mark.parametrize("tied,store", [("full", "disk"), ("init", "disk"), ("full", "device")])
+def test_resumed_training_equals_uninterrupted(tmp_path, vectors, tied, store):
+    kw = dict(tied=tied, aux_k=8, dead_after=256, store=store)
+    straight = train(small(vectors, tmp_path / "a", **kw))
+    train(small(vectors, tmp_path / "b", vectors_seen=128 * 3, **kw))
+    resumed = train(small(vectors, tmp_path / "b", resume=True, **kw))
     a, b = load_file(straight / "sae_weights.safetensors"), load_file(resumed / "sae_weights.safetensors")
     for key in a:
         assert torch.equal(a[key], b[key]), key

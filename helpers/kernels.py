@@ -1,0 +1,105 @@
+"""The SAE's sparse decoder, ``out[b] = sum_j values[b, j] * W[indices[b, j]]``, two ways.
+
+* pure torch: ``F.embedding_bag`` (CPU and GPU; the reference);
+* Triton, on CUDA when Triton is installed: one program per (vector, column block)
+  accumulates its k rows in float32, and the backward pass computes the values'
+  gradient (k dot products per vector) in one kernel. The weight's gradient is a scatter
+  of k rows per vector, which torch's ``embedding_bag`` backward already does well.
+
+``sparse_decode`` picks Triton on CUDA unless ``SAE_TRITON=0``. The tests run the Triton
+kernels on a CPU with Triton's interpreter (``TRITON_INTERPRET=1``) and compare them with
+the dense product ``z @ W``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Triton ships with CUDA builds of torch
+    triton = None
+
+
+def triton_enabled(weight: torch.Tensor) -> bool:
+    """Whether ``sparse_decode`` will use the Triton kernels for this weight."""
+    if triton is None or os.environ.get("SAE_TRITON", "1") == "0":
+        return False
+    return weight.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def torch_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The reference: ``embedding_bag`` with per-sample weights, [batch, d]."""
+    return F.embedding_bag(indices, weight, per_sample_weights=values.to(weight.dtype), mode="sum")
+
+
+def sparse_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``sum_j values[b, j] * weight[indices[b, j]]`` -> [batch, d], differentiable in values and weight."""
+    if triton_enabled(weight):
+        return _TritonDecode.apply(indices, values, weight)
+    return torch_decode(indices, values, weight)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(idx_ptr, val_ptr, w_ptr, out_ptr, K, D, BLOCK_D: tl.constexpr):
+        b = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        inside = cols < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in range(0, K):
+            row = tl.load(idx_ptr + b * K + j)
+            value = tl.load(val_ptr + b * K + j).to(tl.float32)
+            acc += value * tl.load(w_ptr + row * D + cols, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out_ptr + b * D + cols, acc, mask=inside)
+
+    @triton.jit
+    def _values_grad_kernel(idx_ptr, grad_ptr, w_ptr, out_ptr, K, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        b = tl.program_id(0)
+        js = tl.arange(0, BLOCK_K)
+        kept = js < K
+        rows = tl.load(idx_ptr + b * K + js, mask=kept, other=0)
+        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            inside = cols < D
+            g = tl.load(grad_ptr + b * D + cols, mask=inside, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=kept[:, None] & inside[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * g[None, :], axis=1)
+        tl.store(out_ptr + b * K + js, acc, mask=kept)
+
+
+class _TritonDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, indices, values, weight):
+        indices, values, weight = indices.contiguous(), values.contiguous(), weight.contiguous()
+        batch, k = indices.shape
+        d = weight.shape[1]
+        out = torch.empty(batch, d, dtype=torch.float32, device=weight.device)
+        block_d = min(triton.next_power_of_2(d), 128)
+        _decode_kernel[(batch, triton.cdiv(d, block_d))](indices, values, weight, out, k, d, BLOCK_D=block_d)
+        ctx.save_for_backward(indices, values, weight)
+        return out.to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .sae import _scatter_rows
+
+        indices, values, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        batch, k = indices.shape
+        d = weight.shape[1]
+        grad_values = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            out = torch.empty(batch, k, dtype=torch.float32, device=weight.device)
+            _values_grad_kernel[(batch,)](indices, grad, weight, out, k, d, BLOCK_K=triton.next_power_of_2(k),
+                                          BLOCK_D=min(triton.next_power_of_2(d), 64))
+            grad_values = out.to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_weight = _scatter_rows(indices, values.to(weight.dtype), grad.to(weight.dtype), weight)
+        return None, grad_values, grad_weight

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .files import append_jsonl
-from .images import ImageDataset, collate, list_images
+from .images import ImageDataset, collate, decode_on_device, list_images
 from .inception import (PAPER_LAYERS, RANDOM_WARNING, LayerCapture, branch_slices, check_layers, is_random,
                         layer_width, load_model, model_input_from_uint8)
 from .store import (PROVENANCE, StoreError, finished_shards, read_manifest, read_shard_record, save_manifest,
@@ -39,6 +39,8 @@ from .store import (PROVENANCE, StoreError, finished_shards, read_manifest, read
 
 log = logging.getLogger(__name__)
 SAMPLINGS = ("top-norm", "norm-weighted")
+DECODES = ("workers", "device")
+INPUT = "Resize(256) CenterCrop(224), RGB in [0,1] -> x*255-117"
 
 
 @dataclass
@@ -55,7 +57,10 @@ class HarvestConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     seed: int = field(default=0, metadata={"help": "seeds norm-weighted sampling and random weights"})
     shard_images: int = field(default=1000, metadata={"help": "images per shard (the unit of resume)"})
-    workers: int = field(default=2, metadata={"help": "DataLoader worker processes decoding images"})
+    workers: int = field(default=2, metadata={"help": "DataLoader worker processes reading (and decoding) images"})
+    decode: str = field(default="workers", metadata={"help": "workers: PIL decodes in the DataLoader workers; device: "
+                                                     "JPEGs are decoded, resized and cropped on --device (nvJPEG on "
+                                                     "CUDA), other formats by PIL", "choices": DECODES})
     amp: bool = field(default=True, metadata={"help": "bfloat16 autocast and channels-last on CUDA"})
 
 
@@ -139,6 +144,8 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
     layers = check_layers(cfg.layers)
     if cfg.sampling not in SAMPLINGS:
         raise ValueError(f"sampling {cfg.sampling!r} is unknown; choose from {', '.join(SAMPLINGS)}")
+    if cfg.decode not in DECODES:
+        raise ValueError(f"decode {cfg.decode!r} is unknown; choose from {', '.join(DECODES)}")
     from . import distributed
 
     rank, ranks, device = distributed.setup(resolve_device(cfg.device))
@@ -168,7 +175,9 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
         "weights_id": weights_id,
         "random_weights": is_random(weights_id),
         "warning": RANDOM_WARNING if is_random(weights_id) else None,
-        "input": "Resize(256) CenterCrop(224), RGB in [0,1] -> x*255-117",
+        # decoders differ by up to one grey level, so the decoder is part of what the store is
+        "input": INPUT + ("" if cfg.decode == "workers" else f"; JPEGs decoded on {device.type} (torchvision "
+                          "decode_jpeg), tensor resize with antialiasing"),
         "layers": list(layers),
         "widths": {name: layer_width(slices[name]) for name in layers},
         "branch_slices": slices,
@@ -190,7 +199,7 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
     done = set(finished_shards(out))
     todo = [k for k in range(n_shards) if k not in done and k % ranks == rank]  # under torchrun, shards by rank
     sampler = _ShardBatches(todo, cfg.shard_images, n_images, cfg.batch_size)
-    loader = DataLoader(ImageDataset(images), batch_sampler=sampler, collate_fn=collate,
+    loader = DataLoader(ImageDataset(images, encoded=cfg.decode == "device"), batch_sampler=sampler, collate_fn=collate,
                         num_workers=cfg.workers, pin_memory=cuda, persistent_workers=False)
     if is_random(weights_id):
         log.warning("harvest %s: %s", out, RANDOM_WARNING)
@@ -202,6 +211,10 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
     pending: dict[int, dict] = {}
     t_shard = time.perf_counter()
     for idx, pixels, bad in loader:
+        if isinstance(pixels, list):  # JPEG bytes: decode on the device
+            keep, pixels, errors = decode_on_device(pixels, device)
+            bad = bad + [(int(idx[j]), err) for j, err in errors]
+            idx = idx[keep]
         first = int(idx[0]) if len(idx) else bad[0][0]
         shard = first // cfg.shard_images
         state = pending.setdefault(shard, {"parts": {name: [] for name in layers}, "skipped": [], "seen": 0,

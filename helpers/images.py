@@ -23,6 +23,7 @@ from torchvision.transforms import functional as TF
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 WNID = re.compile(r"(?<![0-9a-z])(n\d{8})(?![0-9])")
 RESIZE, CROP = 256, 224
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 @lru_cache(maxsize=1)
@@ -129,8 +130,9 @@ def _imagenette(cache_dir) -> ImageList:
     return images
 
 
-def load_image(path: Path, resize: int = RESIZE, crop: int = CROP) -> np.ndarray:
-    """Decode, convert to RGB, Resize(resize) + CenterCrop(crop): uint8 [crop, crop, 3]."""
+def load_image(path, resize: int = RESIZE, crop: int = CROP) -> np.ndarray:
+    """Decode (a path or file object), convert to RGB, Resize(resize) + CenterCrop(crop):
+    uint8 [crop, crop, 3]."""
     with Image.open(path) as img:
         img.load()
         if img.mode != "RGB":
@@ -141,30 +143,94 @@ def load_image(path: Path, resize: int = RESIZE, crop: int = CROP) -> np.ndarray
 
 
 class ImageDataset(Dataset):
-    """Items are ``(index, uint8 tensor [3, H, W] or None, error message or None)``."""
+    """Items are ``(index, uint8 tensor or None, error message or None)``.
 
-    def __init__(self, images: ImageList, resize: int = RESIZE, crop: int = CROP):
-        self.images, self.resize, self.crop = images, resize, crop
+    The tensor is the decoded image [3, crop, crop]; with ``encoded=True`` a JPEG file is
+    passed on undecoded as its bytes (1-D uint8) for ``decode_on_device``, and only other
+    formats are decoded here.
+    """
+
+    def __init__(self, images: ImageList, resize: int = RESIZE, crop: int = CROP, encoded: bool = False):
+        self.images, self.resize, self.crop, self.encoded = images, resize, crop, encoded
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
+        path = self.images.paths[i]
         try:
-            arr = load_image(self.images.paths[i], self.resize, self.crop)
+            if self.encoded:
+                data = Path(path).read_bytes()
+                if data[:3] == JPEG_MAGIC:
+                    return i, torch.frombuffer(bytearray(data), dtype=torch.uint8), None
+            arr = load_image(path, self.resize, self.crop)
         except Exception as e:  # a corrupt, truncated or non-image file: reported, not raised
             return i, None, f"{type(e).__name__}: {e}"
         return i, torch.from_numpy(arr).permute(2, 0, 1).contiguous(), None
 
 
 def collate(items):
-    """Stack the images that decoded; return ``(indices, images, [(index, error), ...])``."""
+    """Stack the images that decoded; return ``(indices, images, [(index, error), ...])``.
+
+    JPEG bytes (``ImageDataset(encoded=True)``) have no common shape: then ``images`` is
+    the list of items, for ``decode_on_device``.
+    """
     good = [(i, x) for i, x, err in items if err is None]
     bad = [(i, err) for i, _, err in items if err is not None]
-    if good:
-        idx = torch.tensor([i for i, _ in good], dtype=torch.long)
-        return idx, torch.stack([x for _, x in good]), bad
-    return torch.empty(0, dtype=torch.long), None, bad
+    if not good:
+        return torch.empty(0, dtype=torch.long), None, bad
+    idx = torch.tensor([i for i, _ in good], dtype=torch.long)
+    if any(x.ndim == 1 for _, x in good):
+        return idx, [x for _, x in good], bad
+    return idx, torch.stack([x for _, x in good]), bad
+
+
+def decode_on_device(items: list[torch.Tensor], device: torch.device, resize: int = RESIZE, crop: int = CROP):
+    """JPEG bytes -> uint8 [n, 3, crop, crop] on ``device``: decoded there (nvJPEG on CUDA),
+    then Resize(resize) with antialiasing and CenterCrop(crop) as tensors. Items that are
+    already decoded [3, crop, crop] pass through.
+
+    A JPEG the device decoder refuses (e.g. CMYK on nvJPEG) is decoded by PIL instead; one
+    nobody can decode is reported. Returns (positions kept, pixels or None, [(position, error)]).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out: list[torch.Tensor | None] = [None] * len(items)
+    errors = []
+    jpegs = [j for j, x in enumerate(items) if x.ndim == 1]
+    fit = lambda img: TF.center_crop(TF.resize(img, resize, antialias=True), crop)  # noqa: E731
+    try:
+        decoded = decode_jpeg([items[j] for j in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
+        decoded = [fit(img) for img in decoded]
+    except RuntimeError:  # one bad file fails the batch: decode one by one to find it
+        decoded = [_decode_one(items[j], device, fit, resize, crop) for j in jpegs]
+    for j, img in zip(jpegs, decoded):
+        if isinstance(img, str):
+            errors.append((j, img))
+        else:
+            out[j] = img
+    for j, x in enumerate(items):
+        if x.ndim == 3:
+            out[j] = x.to(device, non_blocking=True)
+    keep = [j for j, x in enumerate(out) if x is not None]
+    return keep, (torch.stack([out[j] for j in keep]) if keep else None), errors
+
+
+def _decode_one(data: torch.Tensor, device, fit, resize, crop) -> torch.Tensor | str:
+    """One JPEG on the device, else by PIL; resized and cropped. Or the error, as text."""
+    import io
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return fit(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        pass
+    try:
+        arr = load_image(io.BytesIO(data.numpy().tobytes()), resize, crop)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(device)
 
 
 def generate_images(folder: str | Path, n: int, seed: int = 0, size: tuple[int, int] = (256, 320)) -> ImageList:

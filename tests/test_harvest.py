@@ -166,6 +166,28 @@ def test_corrupt_files_are_counted_skipped_and_listed(tmp_path):
     assert broken not in set(prov["image"])
 
 
+def test_decoding_jpegs_on_the_device_gives_nearly_the_same_store(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    for path in make_images(folder, 5):  # as JPEGs, plus one PNG and a broken JPEG
+        Image.open(path).convert("RGB").resize((533, 400)).save(path.with_suffix(".jpg"), quality=92)
+        if path.stem[-1] != "0":
+            path.unlink()
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    runs = {}
+    for decode in ("workers", "device"):
+        runs[decode] = harvest(HarvestConfig(images=str(folder), out=str(tmp_path / decode), layers="mixed4a",
+                                             weights="random", batch_size=3, workers=0, decode=decode))
+    a, b = (read_json(runs[d] / "manifest.json") for d in ("workers", "device"))
+    assert len(b["skipped"]) == 1 and b["skipped"][0][1].endswith("broken.jpg")
+    assert a["vectors"] == b["vectors"] == 60 and "decoded on cpu" in b["input"] and a["input"] != b["input"]
+    pa, pb = (ActivationStore(runs[d], "mixed4a").load_provenance() for d in ("workers", "device"))
+    assert np.array_equal(pa["image"], pb["image"])
+    # decoders differ by at most one grey level, which barely moves the activations
+    assert np.abs(pa["norm"] - pb["norm"]).max() < 0.005 * pa["norm"].max()  # 0.0008 seen; 0.016 unantialiased
+
+
 def test_rerun_with_other_settings_is_refused(tmp_path, image_dir):
     cfg = HarvestConfig(images=str(image_dir), out=str(tmp_path / "run"), layers="mixed4a", weights="random",
                         workers=0, max_images=2)

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from helpers.images import ImageDataset, collate, imagenet_classes, list_images, load_image, wnid_of
+from helpers.images import ImageDataset, collate, decode_on_device, imagenet_classes, list_images, load_image, wnid_of
 
 
 def test_imagenet_classes_table():
@@ -36,7 +36,7 @@ def test_preprocessing_is_resize256_centercrop224(tmp_path):
     assert got.shape == (3, 224, 224) and torch.equal(got, reference)
 
 
-def test_odd_and_corrupt_images(tmp_path):
+def _odd_images(tmp_path):
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
     Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.jpg")                      # 'L'
@@ -48,7 +48,11 @@ def test_odd_and_corrupt_images(tmp_path):
     data = (tmp_path / "full.jpg").read_bytes()
     (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
     (tmp_path / "notes.jpg").write_text("this is not an image")
-    images = list_images(tmp_path)
+    return list_images(tmp_path)
+
+
+def test_odd_and_corrupt_images(tmp_path):
+    images = _odd_images(tmp_path)
     items = [ImageDataset(images)[i] for i in range(len(images))]
     errors = {images.paths[i].name: err for i, _, err in items if err}
     assert set(errors) == {"truncated.jpg", "notes.jpg"}
@@ -86,3 +90,28 @@ def test_imagenette_offline_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "Imagenette", offline)
     with pytest.raises(FileNotFoundError, match="could not download Imagenette .*pass --images"):
         list_images("imagenette", cache_dir=tmp_path)
+
+
+def test_decoding_on_the_device_matches_pil_within_one_level(tmp_path):
+    """The ``--decode device`` path (here on the CPU) against PIL decode + Resize + CenterCrop."""
+    rng = np.random.default_rng(2)
+    for i, size in enumerate([(375, 500), (500, 333), (260, 900)]):
+        smooth = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size[::-1], Image.BICUBIC)
+        smooth.save(tmp_path / f"photo{i}.jpg", quality=90)
+    images = _odd_images(tmp_path)
+    pil = [ImageDataset(images)[i] for i in range(len(images))]
+    encoded = [ImageDataset(images, encoded=True)[i] for i in range(len(images))]
+    names = [p.name for p in images.paths]
+    # JPEG files come undecoded (bytes), the rest decoded; unreadable files are reported in both
+    assert {names[i] for i, x, err in encoded if err is None and x.ndim == 1} == {
+        "grey.jpg", "cmyk.jpg", "full.jpg", "truncated.jpg", "photo0.jpg", "photo1.jpg", "photo2.jpg"}
+    assert {names[i] for i, _, err in encoded if err} == {"notes.jpg"}
+    idx, items, bad = collate(encoded)
+    assert isinstance(items, list) and len(bad) == 1
+    keep, pixels, errors = decode_on_device(items, torch.device("cpu"))
+    assert [names[int(idx[j])] for j, _ in errors] == ["truncated.jpg"] and "truncated" in errors[0][1]
+    assert pixels.dtype == torch.uint8 and pixels.shape == (len(items) - 1, 3, 224, 224)
+    for j, got in zip(keep, pixels):
+        i = int(idx[j])
+        want = pil[i][1]
+        assert (got.int() - want.int()).abs().max() <= 1, names[i]

@@ -23,7 +23,7 @@ book: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[peers]'
-	$(PY) bench/bench_core.py
+	$(PY) bench/bench_core.py --memory
 	$(PY) bench/bench_seeing.py
 	$(PY) bench/bench_peers.py
 

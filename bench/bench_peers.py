@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import peak_mib, write_results  # noqa: E402
+from common import median_run, peak_mib, write_results  # noqa: E402
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1" if "--device" not in sys.argv or "cpu" in sys.argv else "0")
 
@@ -135,11 +135,6 @@ def run_case(case: str, steps: int, device: str) -> dict:
             "vectors": steps * BATCH}
 
 
-def median_run(rs: list[dict]) -> dict:
-    """The run with the median speed (its memory and FVU come with it; FVU is deterministic)."""
-    return sorted(rs, key=lambda r: r["vectors_per_s"])[len(rs) // 2]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12)
@@ -165,18 +160,17 @@ def main() -> None:
                 continue
             runs.setdefault(case, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1}: {case} {runs[case][-1]['vectors_per_s']:.0f} vectors/s", flush=True)
-    results = {case: {**median_run(rs), "rounds_vectors_per_s": [x["vectors_per_s"] for x in rs]}
-               for case, rs in runs.items()}
+    results = {case: median_run(rs) for case, rs in runs.items()}
     floor = results["encoder-matmul"]["vectors_per_s"]
     ref = results.get("sparsify", {}).get("vectors_per_s")
     print(f"\ndevice {a.device}; d={D} n={N} k={K} batch {BATCH}, Adam lr {LR}, {a.steps * BATCH} vectors each; "
           f"medians of {a.rounds} rounds")
     print("  case              vectors/s   of floor   vs sparsify (rounds)   held-out FVU   peak RSS MiB")
-    ref_rounds = results.get("sparsify", {}).get("rounds_vectors_per_s")
+    ref_rounds = results.get("sparsify", {}).get("rounds")
     for case, r in results.items():
         vs = "       -" + " " * 14
         if ref:
-            per_round = [a / b for a, b in zip(r["rounds_vectors_per_s"], ref_rounds)]
+            per_round = [a / b for a, b in zip(r["rounds"], ref_rounds)]
             r["vs_sparsify"], r["vs_sparsify_rounds"] = r["vectors_per_s"] / ref, per_round
             vs = f"{r['vs_sparsify']:8.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
         fvu = f"{r['heldout_fvu']:10.4f}" if "heldout_fvu" in r else "         -"

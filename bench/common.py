@@ -19,3 +19,9 @@ def write_results(name: str, device: str, results: dict) -> Path:
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwritten {out}")
     return out
+
+
+def median_run(runs: list[dict], key: str = "vectors_per_s") -> dict:
+    """The run with the median speed (its memory and other figures come with it), plus every
+    round's speed under ``rounds``."""
+    return {**sorted(runs, key=lambda r: r[key])[len(runs) // 2], "rounds": [r[key] for r in runs]}

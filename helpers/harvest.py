@@ -246,6 +246,36 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
     return out
 
 
+def memory_estimate(model: torch.nn.Module, layers, batch: int, *, amp: bool = False, size: int = 224) -> dict[str, int]:
+    """Bytes a harvest's forward pass needs on its device, by part.
+
+    Lucent's InceptionV1 keeps every intermediate tensor until ``forward`` returns (we stop
+    it after the last requested layer), so activation memory is ``batch`` times the bytes
+    of every distinct tensor a module takes or gives up to that layer (the padded copies
+    and concatenations included; counted with hooks on one image; 2 bytes per value under
+    bf16 autocast, else 4), plus the weights and the uint8/float input.
+    """
+    layers = check_layers(layers)
+    x = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
+    seen = {x.data_ptr(): 0}
+
+    def count(module, inputs, output):
+        for t in (*inputs, output):
+            if isinstance(t, torch.Tensor):
+                seen.setdefault(t.data_ptr(), t.numel())
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if m is not model]
+    try:
+        with torch.no_grad():
+            LayerCapture(model, layers)(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {"weights": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "activations": batch * sum(seen.values()) * (2 if amp else 4),
+            "input": batch * 3 * size * size * (1 + 4)}
+
+
 def _shard_uniforms(cfg, shard, layers) -> dict[str, torch.Tensor | None]:
     if cfg.sampling != "norm-weighted":
         return dict.fromkeys(layers)

@@ -52,7 +52,7 @@ class _KeptPreacts(torch.autograd.Function):
         grad = grad.to(weight.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx, weight, per_sample_weights=grad, mode="sum")
+            grad_x = sparse_decode(idx, grad, weight)  # the same gather-sum as the decoder
         if ctx.needs_input_grad[1]:
             grad_w = _scatter_rows(idx, grad, x_c.to(weight.dtype), weight)
         if ctx.needs_input_grad[2]:

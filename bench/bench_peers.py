@@ -8,15 +8,17 @@ combinations of a planted dictionary (so the FVU means something); the encoder m
 alone is the floor. Ours uses our trainer's optimizer (``train.make_optimizer``: fused
 Adam); the peers use ``torch.optim.Adam``'s default.
 
-Each case runs in its own process (so peak memory is its own), and the cases take turns
-for ``--rounds`` rounds; the table gives each case's median over the rounds, so a slow
-moment of a shared machine does not land on one case only.
+Two runs. Alone: each case in its own process (so peak memory is its own) trains for
+``--steps`` steps and gives the held-out FVU, peak memory and its own speed. Side by side:
+all cases in one process take one step each in turn, so a slow moment of a shared machine
+falls on all of them; speed is the batch over the median step time, and "vs sparsify" the
+median over steps of the ratio of step times.
 
 Peers: EleutherAI's sparsify (``eai-sparsify``; on CPU its eager ``embedding_bag`` decoder,
 since Triton needs a GPU) and SAELens' TopK training SAE. Install them with
 ``pip install -e '.[peers]'``; a peer that is not installed is skipped.
 
-    python bench/bench_peers.py [--steps 12] [--rounds 3] [--device cpu]
+    python bench/bench_peers.py [--steps 12] [--interleaved-steps 20] [--device cpu]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -32,9 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import median_run, peak_mib, write_results  # noqa: E402
+from common import peak_mib, write_results  # noqa: E402
 
-os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1" if "--device" not in sys.argv or "cpu" in sys.argv else "0")
 
 D, N, K, BATCH, LR = 512, 8192, 32, 4096, 4e-4
 CASES = ("encoder-matmul", "ours-tied-full", "ours-tied-init", "sparsify", "saelens")
@@ -73,6 +75,7 @@ def make(case: str, dev, first_batch):
         return (make_optimizer(sae.parameters(), LR), lambda x: normalized_mse(sae.forward_train(x).x_hat, x),
                 sae.remove_radial_grad, sae.normalize_decoder, sae)
     if case == "sparsify":
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "0" if torch.device(dev).type == "cuda" else "1")
         from sparsify import SparseCoder, SparseCoderConfig
 
         sae = SparseCoder(D, SparseCoderConfig(num_latents=N, k=K), device=dev)
@@ -101,15 +104,20 @@ def run_case(case: str, steps: int, device: str) -> dict:
     dev = torch.device(device)
     train, held = data(steps)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def timed(fn, *args) -> float:
+        sync()
+        t = time.perf_counter()
+        fn(*args)
+        sync()
+        return time.perf_counter() - t
+
     if case == "encoder-matmul":
         w, b = torch.randn(N, D, device=dev), torch.zeros(N, device=dev)
         x = train[:BATCH].to(dev)
         torch.addmm(b, x, w.T)
-        t = time.perf_counter()
-        for _ in range(steps):
-            torch.addmm(b, x, w.T)
-        sync()
-        return {"vectors_per_s": steps * BATCH / (time.perf_counter() - t), "peak_mib": peak_mib()}
+        seconds = [timed(torch.addmm, b, x, w.T) for _ in range(steps)]
+        return {"vectors_per_s": BATCH / statistics.median(seconds), "peak_mib": peak_mib()}
     opt, loss_fn, after_backward, after_step, model = make(case, dev, train[:BATCH].to(dev))
 
     def step(x):
@@ -121,61 +129,105 @@ def run_case(case: str, steps: int, device: str) -> dict:
         after_step()
 
     step(train[:BATCH].to(dev))  # warm-up (counted in the budget below: same for every case)
-    sync()
-    t = time.perf_counter()
-    for s in range(1, steps):
-        step(train[s * BATCH:(s + 1) * BATCH].to(dev))
-    sync()
-    seconds = time.perf_counter() - t
+    seconds = [timed(step, train[s * BATCH:(s + 1) * BATCH].to(dev)) for s in range(1, steps)]
     with torch.no_grad():
         x = held.to(dev)
         x_hat = model(x)
         fvu = float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-    return {"vectors_per_s": (steps - 1) * BATCH / seconds, "peak_mib": peak_mib(), "heldout_fvu": fvu,
+    return {"vectors_per_s": BATCH / statistics.median(seconds), "peak_mib": peak_mib(), "heldout_fvu": fvu,
             "vectors": steps * BATCH}
+
+
+def interleaved(cases, steps: int, device: str) -> dict:
+    """All cases in one process, taking one step each in turn, so that every moment of the
+    machine (a shared one especially) is shared out evenly. Per case: the median step's
+    vectors/s, and against sparsify the median over steps of the ratio of step times."""
+    import torch
+
+    dev = torch.device(device)
+    train, _ = data(4)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    steppers = {}
+    for case in cases:
+        if case == "encoder-matmul":
+            w, b = torch.randn(N, D, device=dev), torch.zeros(N, device=dev)
+            steppers[case] = lambda x, w=w, b=b: torch.addmm(b, x, w.T)
+            continue
+        opt, loss_fn, after_backward, after_step, _ = make(case, dev, train[:BATCH].to(dev))
+
+        def step(x, opt=opt, loss_fn=loss_fn, after_backward=after_backward, after_step=after_step):
+            loss = loss_fn(x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            after_backward()
+            opt.step()
+            after_step()
+        steppers[case] = step
+    seconds = {case: [] for case in cases}
+    for s in range(steps + 1):
+        x = train[(s % 4) * BATCH:(s % 4 + 1) * BATCH].to(dev)
+        for case, step in steppers.items():
+            sync()
+            t = time.perf_counter()
+            step(x)
+            sync()
+            if s:  # step 0 warms up
+                seconds[case].append(time.perf_counter() - t)
+    out = {case: {"vectors_per_s": BATCH / statistics.median(ts)} for case, ts in seconds.items()}
+    if "sparsify" in seconds:
+        for case, ts in seconds.items():
+            ratios = sorted(r / t for t, r in zip(ts, seconds["sparsify"]))
+            out[case].update(vs_sparsify=statistics.median(ratios),
+                             vs_sparsify_quartiles=[ratios[len(ratios) // 4], ratios[3 * len(ratios) // 4]])
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=int, default=3, help="the cases take turns this many times; medians are reported")
+    p.add_argument("--steps", type=int, default=12, help="training steps per case for the FVU and memory runs")
+    p.add_argument("--interleaved-steps", type=int, default=20, help="steps per case in the side-by-side speed run")
+    p.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
     p.add_argument("--case")
+    p.add_argument("--interleaved", nargs="*")
     a = p.parse_args()
+    if a.device is None:
+        import torch
+
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.case:
         print(json.dumps(run_case(a.case, a.steps, a.device)))
         return
-    runs: dict[str, list[dict]] = {}
-    skipped = set()
-    for r in range(a.rounds):
-        for case in CASES:
-            if case in skipped:
-                continue
-            proc = subprocess.run([sys.executable, __file__, "--case", case, "--steps", str(a.steps),
-                                   "--device", a.device], capture_output=True, text=True)
-            if proc.returncode:
-                last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"({case} skipped: {last})")
-                skipped.add(case)
-                continue
-            runs.setdefault(case, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"round {r + 1}: {case} {runs[case][-1]['vectors_per_s']:.0f} vectors/s", flush=True)
-    results = {case: median_run(rs) for case, rs in runs.items()}
+    if a.interleaved is not None:
+        print(json.dumps(interleaved(a.interleaved, a.interleaved_steps, a.device)))
+        return
+    results = {}
+    for case in CASES:  # alone, each in its own process: held-out FVU and peak memory
+        proc = subprocess.run([sys.executable, __file__, "--case", case, "--steps", str(a.steps),
+                               "--device", a.device], capture_output=True, text=True)
+        if proc.returncode:
+            print(f"({case} skipped: {(proc.stderr.strip().splitlines() or ['?'])[-1]})")
+            continue
+        results[case] = {"alone": json.loads(proc.stdout.strip().splitlines()[-1])}
+        print(f"{case}: alone {results[case]['alone']['vectors_per_s']:.0f} vectors/s", flush=True)
+    proc = subprocess.run([sys.executable, __file__, "--interleaved", *results, "--interleaved-steps",
+                           str(a.interleaved_steps), "--device", a.device], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"the side-by-side run failed:\n{proc.stderr[-3000:]}")
+    for case, r in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        results[case].update(r)
     floor = results["encoder-matmul"]["vectors_per_s"]
-    ref = results.get("sparsify", {}).get("vectors_per_s")
-    print(f"\ndevice {a.device}; d={D} n={N} k={K} batch {BATCH}, Adam lr {LR}, {a.steps * BATCH} vectors each; "
-          f"medians of {a.rounds} rounds")
-    print("  case              vectors/s   of floor   vs sparsify (rounds)   held-out FVU   peak RSS MiB")
-    ref_rounds = results.get("sparsify", {}).get("rounds")
+    print(f"\ndevice {a.device}; d={D} n={N} k={K} batch {BATCH}, Adam lr {LR}")
+    print(f"vectors/s: side by side in one process, median of {a.interleaved_steps} steps each; 'vs sparsify': median "
+          "per-step ratio (quartiles)")
+    print(f"FVU and memory: each case alone in its own process after {a.steps * BATCH} vectors")
+    print("  case              vectors/s   of floor   vs sparsify         alone vec/s   held-out FVU   peak RSS MiB")
     for case, r in results.items():
-        vs = "       -" + " " * 14
-        if ref:
-            per_round = [a / b for a, b in zip(r["rounds"], ref_rounds)]
-            r["vs_sparsify"], r["vs_sparsify_rounds"] = r["vectors_per_s"] / ref, per_round
-            vs = f"{r['vs_sparsify']:8.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
-        fvu = f"{r['heldout_fvu']:10.4f}" if "heldout_fvu" in r else "         -"
-        print(f"  {case:<16} {r['vectors_per_s']:10.0f}   {r['vectors_per_s'] / floor:7.2f}   {vs}   {fvu}"
-              f"   {r['peak_mib']:10.0f}")
+        vs = f"{r['vs_sparsify']:6.2f}x ({r['vs_sparsify_quartiles'][0]:.2f}-{r['vs_sparsify_quartiles'][1]:.2f})" \
+            if "vs_sparsify" in r else " " * 19
+        alone = r["alone"]
+        fvu = f"{alone['heldout_fvu']:10.4f}" if "heldout_fvu" in alone else "         -"
+        print(f"  {case:<16} {r['vectors_per_s']:10.0f}   {r['vectors_per_s'] / floor:7.2f}   {vs}   "
+              f"{alone['vectors_per_s']:10.0f}   {fvu}   {alone['peak_mib']:10.0f}")
     write_results("peers", a.device, results)
 
 

@@ -6,7 +6,9 @@
   gradient (k dot products per vector) in one kernel. The weight's gradient is a scatter
   of k rows per vector, which torch's ``embedding_bag`` backward already does well.
 
-``sparse_decode`` picks Triton on CUDA unless ``SAE_TRITON=0``. The tests run the Triton
+``sparse_decode`` picks Triton on CUDA unless ``SAE_TRITON=0``, after checking it once per
+device against the torch path on a small problem (it falls back, with a warning, if the
+kernels fail to build or disagree). The tests run the Triton
 kernels on a CPU with Triton's interpreter (``TRITON_INTERPRET=1``) and compare them with
 the dense product ``z @ W``.
 """
@@ -14,6 +16,7 @@ the dense product ``z @ W``.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +42,35 @@ def torch_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tens
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``sum_j values[b, j] * weight[indices[b, j]]`` -> [batch, d], differentiable in values and weight."""
-    if triton_enabled(weight):
+    if triton_enabled(weight) and _checked(weight.device):
         return _TritonDecode.apply(indices, values, weight)
     return torch_decode(indices, values, weight)
+
+
+_CHECKS: dict[str, bool] = {}
+
+
+def _checked(device: torch.device) -> bool:
+    """On first use on a device, run the kernels (forward and backward) on a small problem
+    against the torch path; if they fail to compile or disagree, warn and use torch."""
+    key = str(device)
+    if key not in _CHECKS:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(50, 70, generator=g).to(device).requires_grad_(True)
+        v = torch.rand(4, 5, generator=g).to(device).requires_grad_(True)
+        i = torch.randint(0, 50, (4, 5), generator=g).to(device)
+        grad = torch.randn(4, 70, generator=g).to(device)
+        try:
+            with torch.enable_grad():
+                got = torch.autograd.grad(_TritonDecode.apply(i, v, w), (v, w), grad)
+                want = torch.autograd.grad(torch_decode(i, v, w), (v, w), grad)
+            _CHECKS[key] = all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got, want))
+            reason = "its results differ from embedding_bag's"
+        except Exception as e:  # a Triton or driver that cannot build the kernels
+            _CHECKS[key], reason = False, f"{type(e).__name__}: {e}"
+        if not _CHECKS[key]:
+            warnings.warn(f"the Triton sparse decoder is off on {key} ({reason}); using torch's embedding_bag")
+    return _CHECKS[key]
 
 
 if triton is not None:

@@ -30,6 +30,8 @@ CHECK = textwrap.dedent("""
     assert torch.allclose(out, dense, atol=1e-5), (out - dense).abs().max()
     assert torch.allclose(W.grad, W2.grad, atol=1e-5), (W.grad - W2.grad).abs().max()
     assert torch.allclose(vals.grad, z2.grad.gather(1, idx), atol=1e-5)
+    from helpers import kernels
+    assert kernels._CHECKS == {"cpu": True}  # the first-use check passed and the kernels ran
     print("ok")
 """)
 
@@ -50,3 +52,19 @@ def test_torch_path_is_used_on_cpu_and_equals_the_dense_product():
     expected = torch.stack([W[0] + 0.5 * W[7] + 2 * W[29], 2 * W[3] - W[1]])
     assert torch.allclose(sparse_decode(idx, vals, W), expected, atol=1e-6)
     assert torch.allclose(torch_decode(idx, vals, W), expected, atol=1e-6)
+
+
+def test_kernels_that_fail_their_first_use_check_fall_back_with_a_warning(monkeypatch):
+    from helpers import kernels
+
+    def broken(*args):
+        raise RuntimeError("PTX compile failed")
+
+    monkeypatch.setattr(kernels, "triton_enabled", lambda weight: True)
+    monkeypatch.setattr(kernels._TritonDecode, "apply", broken)
+    monkeypatch.setattr(kernels, "_CHECKS", {})
+    W, idx, vals = torch.randn(9, 4), torch.tensor([[1, 2]]), torch.tensor([[1.0, -1.0]])
+    with pytest.warns(UserWarning, match="Triton sparse decoder is off on cpu .*PTX compile failed"):
+        out = sparse_decode(idx, vals, W)
+    assert torch.allclose(out, W[1] - W[2])
+    assert sparse_decode(idx, vals, W).shape == (1, 4)  # checked once: no second warning, no error

@@ -58,7 +58,7 @@ def case_train(mode: str, device: str, steps: int, d: int = 512, n: int = 8192, 
     """``mode``: encoder-matmul, sparse-tied-full, ...; ``n`` latents (the sweep varies it)."""
     import torch
 
-    from helpers.sae import TopKSAE, normalized_mse
+    from helpers.sae import TopKSAE
     from helpers.train import make_optimizer
 
     dev = torch.device(device)
@@ -79,20 +79,7 @@ def case_train(mode: str, device: str, steps: int, d: int = 512, n: int = 8192, 
         opt = make_optimizer(sae.parameters(), 4e-4)
 
         def step():
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-                if mode.startswith("dense"):
-                    pre = sae.preacts(data)
-                    top = pre.topk(k, dim=-1, sorted=False)
-                    z = torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values))
-                    x_hat = z @ sae.W_dec + sae.b_dec
-                else:
-                    x_hat = sae.forward_train(data).x_hat
-            loss = normalized_mse(x_hat.float(), data)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.remove_radial_grad()
-            opt.step()
-            sae.normalize_decoder()
+            train_step(sae, opt, data, dense=mode.startswith("dense"))
 
     step()
     sync()
@@ -109,11 +96,52 @@ def case_train(mode: str, device: str, steps: int, d: int = 512, n: int = 8192, 
     return out
 
 
+def train_step(sae, opt, x, dense: bool = False) -> None:
+    """One training step as ``train.train`` takes it (bf16 autocast on CUDA); ``dense``: the
+    decoder as a dense [batch, d_sae] product instead of our sparse one."""
+    import torch
+
+    from helpers.sae import normalized_mse
+
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
+        if dense:
+            pre = sae.preacts(x)
+            top = pre.topk(sae.k, dim=-1, sorted=False)
+            z = torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values))
+            x_hat = z @ sae.W_dec + sae.b_dec
+        else:
+            x_hat = sae.forward_train(x).x_hat
+    loss = normalized_mse(x_hat.float(), x)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_radial_grad()
+    opt.step()
+    sae.normalize_decoder()
+
+
+def memory_mark(cuda: bool) -> float:
+    """Bytes in use now (CUDA, with the peak counter reset) or the peak RSS so far (CPU)."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return peak_mib() * 2**20
+
+
+def memory_used(cuda: bool, mark: float) -> float:
+    """Peak bytes since ``memory_mark``."""
+    import torch
+
+    return (torch.cuda.max_memory_allocated() if cuda else peak_mib() * 2**20) - mark
+
+
 def case_memory_train(tied: str, device: str, batch: int, n: int, d: int = 512, k: int = 32) -> dict:
     """Memory two training steps take beyond the data, against ``train.memory_estimate``."""
     import torch
 
-    from helpers.sae import ENCODE_CHUNK, TopKSAE, normalized_mse
+    from helpers.sae import ENCODE_CHUNK, TopKSAE
     from helpers.train import make_optimizer, memory_estimate
 
     dev = torch.device(device)
@@ -123,24 +151,12 @@ def case_memory_train(tied: str, device: str, batch: int, n: int, d: int = 512, 
     def steps(sae, x, times):
         opt = make_optimizer(sae.parameters(), 4e-4)
         for _ in range(times):
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-                x_hat = sae.forward_train(x).x_hat
-            loss = normalized_mse(x_hat.float(), x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.remove_radial_grad()
-            opt.step()
-            sae.normalize_decoder()
+            train_step(sae, opt, x)
 
     steps(TopKSAE(d, 2 * k, k, tied).to(dev), data[:8], 1)  # libraries' one-time buffers and code, not ours
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = peak_mib() * 2**20
+    base = memory_mark(cuda)
     steps(TopKSAE(d, n, k, tied, seed=0).to(dev), data, 2)
-    used = (torch.cuda.max_memory_allocated() if cuda else peak_mib() * 2**20) - base
+    used = memory_used(cuda, base)
     estimate = memory_estimate(d, n, k, batch, tied, cuda=cuda, encode_chunk=ENCODE_CHUNK)
     return {"measured_mib": used / 2**20, "estimate_mib": sum(estimate.values()) / 2**20,
             "parts_mib": {key: v / 2**20 for key, v in estimate.items()}}
@@ -158,16 +174,11 @@ def case_memory_harvest(images: str, device: str, batch: int) -> dict:
     model = load_model("random", dev)[0]
     with torch.no_grad():
         model(torch.zeros(1, 3, 224, 224, device=dev))  # libraries' one-time buffers and code, not ours
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = peak_mib() * 2**20
+    base = memory_mark(cuda)
     with tempfile.TemporaryDirectory() as tmp:
         harvest(HarvestConfig(images=images, out=tmp + "/h", layers=",".join(PAPER_LAYERS), max_images=2 * batch,
                               batch_size=batch, device=device, workers=0), model=model)
-    used = (torch.cuda.max_memory_allocated() if cuda else peak_mib() * 2**20) - base
+    used = memory_used(cuda, base)
     estimate = memory_estimate(model, PAPER_LAYERS, batch, amp=cuda)
     estimate.pop("weights")  # already resident at the baseline
     return {"measured_mib": used / 2**20, "estimate_mib": sum(estimate.values()) / 2**20,

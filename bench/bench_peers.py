@@ -98,6 +98,18 @@ def make(case: str, dev, first_batch):
     raise ValueError(case)
 
 
+def stepper(opt, loss_fn, after_backward, after_step):
+    """One training step of a case: loss, backward, the case's gradient fix, Adam, its weight fix."""
+    def step(x):
+        loss = loss_fn(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        after_backward()
+        opt.step()
+        after_step()
+    return step
+
+
 def run_case(case: str, steps: int, device: str) -> dict:
     import torch
 
@@ -118,16 +130,8 @@ def run_case(case: str, steps: int, device: str) -> dict:
         torch.addmm(b, x, w.T)
         seconds = [timed(torch.addmm, b, x, w.T) for _ in range(steps)]
         return {"vectors_per_s": BATCH / statistics.median(seconds), "peak_mib": peak_mib()}
-    opt, loss_fn, after_backward, after_step, model = make(case, dev, train[:BATCH].to(dev))
-
-    def step(x):
-        loss = loss_fn(x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        after_backward()
-        opt.step()
-        after_step()
-
+    *parts, model = make(case, dev, train[:BATCH].to(dev))
+    step = stepper(*parts)
     step(train[:BATCH].to(dev))  # warm-up (counted in the budget below: same for every case)
     seconds = [timed(step, train[s * BATCH:(s + 1) * BATCH].to(dev)) for s in range(1, steps)]
     with torch.no_grad():
@@ -153,16 +157,8 @@ def interleaved(cases, steps: int, device: str) -> dict:
             w, b = torch.randn(N, D, device=dev), torch.zeros(N, device=dev)
             steppers[case] = lambda x, w=w, b=b: torch.addmm(b, x, w.T)
             continue
-        opt, loss_fn, after_backward, after_step, _ = make(case, dev, train[:BATCH].to(dev))
-
-        def step(x, opt=opt, loss_fn=loss_fn, after_backward=after_backward, after_step=after_step):
-            loss = loss_fn(x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            after_backward()
-            opt.step()
-            after_step()
-        steppers[case] = step
+        *parts, _ = make(case, dev, train[:BATCH].to(dev))
+        steppers[case] = stepper(*parts)
     seconds = {case: [] for case in cases}
     for s in range(steps + 1):
         x = train[(s % 4) * BATCH:(s % 4 + 1) * BATCH].to(dev)

@@ -8,9 +8,9 @@
 
 ``sparse_decode`` picks Triton on CUDA unless ``SAE_TRITON=0``, after checking it once per
 device against the torch path on a small problem (it falls back, with a warning, if the
-kernels fail to build or disagree). The tests run the Triton
-kernels on a CPU with Triton's interpreter (``TRITON_INTERPRET=1``) and compare them with
-the dense product ``z @ W``.
+kernels fail to build or disagree). The tests run the Triton kernels on a CPU with
+Triton's interpreter (``TRITON_INTERPRET=1``) and compare them with the dense product
+``z @ W``.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ def _checked(device: torch.device) -> bool:
         grad = torch.randn(4, 70, generator=g).to(device)
         try:
             with torch.enable_grad():
-                got = torch.autograd.grad(_TritonDecode.apply(i, v, w), (v, w), grad)
-                want = torch.autograd.grad(torch_decode(i, v, w), (v, w), grad)
+                got, want = _TritonDecode.apply(i, v, w), torch_decode(i, v, w)
+                got = (got.detach(), *torch.autograd.grad(got, (v, w), grad))
+                want = (want.detach(), *torch.autograd.grad(want, (v, w), grad))
             _CHECKS[key] = all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got, want))
             reason = "its results differ from embedding_bag's"
         except Exception as e:  # a Triton or driver that cannot build the kernels

@@ -54,17 +54,23 @@ def test_torch_path_is_used_on_cpu_and_equals_the_dense_product():
     assert torch.allclose(torch_decode(idx, vals, W), expected, atol=1e-6)
 
 
-def test_kernels_that_fail_their_first_use_check_fall_back_with_a_warning(monkeypatch):
-    from helpers import kernels
+def _fails_to_build(*args):
+    raise RuntimeError("PTX compile failed")
 
-    def broken(*args):
-        raise RuntimeError("PTX compile failed")
+
+def _is_wrong(indices, values, weight):
+    return torch_decode(indices, values, weight) * 1.01
+
+
+@pytest.mark.parametrize("broken,why", [(_fails_to_build, "PTX compile failed"), (_is_wrong, "differ")])
+def test_kernels_that_fail_their_first_use_check_fall_back_with_a_warning(monkeypatch, broken, why):
+    from helpers import kernels
 
     monkeypatch.setattr(kernels, "triton_enabled", lambda weight: True)
     monkeypatch.setattr(kernels._TritonDecode, "apply", broken)
     monkeypatch.setattr(kernels, "_CHECKS", {})
     W, idx, vals = torch.randn(9, 4), torch.tensor([[1, 2]]), torch.tensor([[1.0, -1.0]])
-    with pytest.warns(UserWarning, match="Triton sparse decoder is off on cpu .*PTX compile failed"):
+    with pytest.warns(UserWarning, match=f"Triton sparse decoder is off on cpu .*{why}"):
         out = sparse_decode(idx, vals, W)
     assert torch.allclose(out, W[1] - W[2])
     assert sparse_decode(idx, vals, W).shape == (1, 4)  # checked once: no second warning, no error

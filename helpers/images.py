@@ -198,12 +198,11 @@ def decode_on_device(items: list[torch.Tensor], device: torch.device, resize: in
     out: list[torch.Tensor | None] = [None] * len(items)
     errors = []
     jpegs = [j for j, x in enumerate(items) if x.ndim == 1]
-    fit = lambda img: TF.center_crop(TF.resize(img, resize, antialias=True), crop)  # noqa: E731
     try:
         decoded = decode_jpeg([items[j] for j in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
-        decoded = [fit(img) for img in decoded]
+        decoded = [_fit(img, resize, crop) for img in decoded]
     except RuntimeError:  # one bad file fails the batch: decode one by one to find it
-        decoded = [_decode_one(items[j], device, fit, resize, crop) for j in jpegs]
+        decoded = [_decode_one(items[j], device, resize, crop) for j in jpegs]
     for j, img in zip(jpegs, decoded):
         if isinstance(img, str):
             errors.append((j, img))
@@ -216,14 +215,19 @@ def decode_on_device(items: list[torch.Tensor], device: torch.device, resize: in
     return keep, (torch.stack([out[j] for j in keep]) if keep else None), errors
 
 
-def _decode_one(data: torch.Tensor, device, fit, resize, crop) -> torch.Tensor | str:
+def _fit(img: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
+    """Resize (shorter side, antialiased, as PIL does) and centre-crop a [3, H, W] tensor."""
+    return TF.center_crop(TF.resize(img, resize, antialias=True), crop)
+
+
+def _decode_one(data: torch.Tensor, device, resize, crop) -> torch.Tensor | str:
     """One JPEG on the device, else by PIL; resized and cropped. Or the error, as text."""
     import io
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
-        return fit(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        return _fit(decode_jpeg(data, mode=ImageReadMode.RGB, device=device), resize, crop)
     except RuntimeError:
         pass
     try:

@@ -13,7 +13,8 @@ gradient's radial part projected out (Gao et al.).
 
 Only the encoder's pre-activations are dense ([batch, d_sae]: the one big matmul). Past the
 TopK everything works on the k kept latents: the decoder is a sparse gather-sum over them
-(``kernels.sparse_decode``: ``embedding_bag``, or a Triton kernel on CUDA), and the backward pass touches only their rows of W_enc and W_dec.
+(``kernels.sparse_decode``: ``embedding_bag``, or a Triton kernel on CUDA), and the
+backward pass touches only their rows of W_enc and W_dec.
 """
 
 from __future__ import annotations
@@ -139,10 +140,10 @@ class TopKSAE(nn.Module):
     def _select(self, x_c, k, dead, aux_k):
         """The top k pre-activations per row (and the top aux_k among dead latents).
 
-        The dense pre-activations are made ``encode_chunk`` rows at a time into one reused
-        buffer, and each chunk's TopK runs while it is still in cache. On a CPU this is
-        faster than one [batch, d_sae] matmul followed by a TopK over it (bench_core), and it
-        bounds the dense buffer at [encode_chunk, d_sae]. On CUDA one matmul is best.
+        On a CPU the dense pre-activations are made ``encode_chunk`` rows at a time into one
+        reused buffer, each chunk reduced to its TopK before the next: the dense buffer is
+        [encode_chunk, d_sae] instead of [batch, d_sae], at the same speed or slightly
+        better (1024 rows, measured against one matmul). On CUDA one matmul is best.
         """
         n = x_c.shape[0]
         chunk = n if (self.encode_chunk is None or x_c.is_cuda) else min(self.encode_chunk, n)

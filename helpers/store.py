@@ -222,10 +222,6 @@ class DeviceBatches:
                 self.data[at:at + len(piece)].copy_(piece)
                 at += len(piece)
 
-    @staticmethod
-    def nbytes(rows: int, d: int) -> int:
-        return rows * d * 2
-
     def _order(self, epoch: int) -> torch.Tensor:
         gen = torch.Generator(device=self.device).manual_seed(zlib.crc32(repr((self.seed, "device", epoch)).encode()))
         return torch.randperm(self.rows, generator=gen, device=self.device)

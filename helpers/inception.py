@@ -12,6 +12,7 @@ Input convention: RGB pixels in [0, 1], mapped by ``x * 255 - 117`` (what Lucent
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import urllib.error
@@ -206,6 +207,13 @@ def branch_slices(model: nn.Module, layers=MIXED_LAYERS) -> dict[str, dict[str, 
         if set(slices[layer]) != set(BRANCHES):
             raise RuntimeError(f"{layer}: found branches {sorted(slices[layer])}, expected {BRANCHES}")
     return slices
+
+
+@functools.lru_cache(maxsize=None)
+def architecture_slices(layer: str) -> dict[str, tuple[int, int]]:
+    """``branch_slices`` of one layer when no model is at hand: the branch layout is the
+    architecture's, the same for any weights, so it is read off a random-weight model once."""
+    return branch_slices(load_model("random")[0], [layer])[layer]
 
 
 def layer_width(slices: dict[str, tuple[int, int]]) -> int:

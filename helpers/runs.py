@@ -122,10 +122,12 @@ def ensure_feature_stats(ctx: Context, layer: str, max_vectors: int = 500_000) -
 def branch_analysis(ctx: Context, layer: str, seed: int = 0) -> dict:
     """Fractions per feature and branch (relu and plain), both baselines, and which features live."""
     from .branches import baseline, fraction_in_branch
+    from .inception import architecture_slices
 
     sae = load_sae(ctx, layer)
     cfg = json.loads((ensure_saes(ctx)[layer] / "cfg.json").read_text())
-    slices = {b: tuple(s) for b, s in cfg["branch_slices"].items()} if cfg.get("branch_slices") else _slices(layer)
+    slices = ({b: tuple(s) for b, s in cfg["branch_slices"].items()} if cfg.get("branch_slices")
+              else architecture_slices(layer))
     decoder = sae.decoder_directions.detach()
     stats = ensure_feature_stats(ctx, layer)
     return {"layer": layer, "slices": slices, "fractions": fraction_in_branch(decoder, slices),
@@ -133,12 +135,6 @@ def branch_analysis(ctx: Context, layer: str, seed: int = 0) -> dict:
             "shuffled": baseline(decoder, slices, "shuffled", seed=seed),
             "gaussian": baseline(decoder, slices, "gaussian", seed=seed),
             "alive": stats["frequency"] > 0, "frequency": stats["frequency"]}
-
-
-def _slices(layer: str) -> dict:
-    from .inception import branch_slices, load_model
-
-    return branch_slices(load_model("random")[0], [layer])[layer]
 
 
 _MODELS: dict = {}

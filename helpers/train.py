@@ -29,6 +29,7 @@ from .store import ActivationStore, ShuffledBatches, StoreError
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"
+STORES = ("auto", "disk", "device")
 
 
 @dataclass
@@ -54,7 +55,7 @@ class TrainConfig:
     store: str = field(default="auto", metadata={"help": "where training batches come from: disk (shuffled stream of "
                                                  "memmaps), device (all vectors copied to the device once, shuffled "
                                                  "there), auto (device on CUDA when it fits)",
-                                                 "choices": ("auto", "disk", "device")})
+                                                 "choices": STORES})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ...; with several layers, a comma list "
                                                          "(cuda:0,cuda:1,...) used in turn"})
     seed: int = field(default=0, metadata={"help": "seeds initialisation and data order"})
@@ -104,9 +105,9 @@ def open_source(cfg: TrainConfig) -> tuple[list[np.ndarray], dict]:
         raise StoreError(f"{path} holds a {array.dtype} array of shape {array.shape}; need float [N, d]")
     info = {"layer": cfg.layer, "branch_slices": None, "weights_id": None, "source": str(path.resolve())}
     if cfg.layer is not None:
-        from .inception import branch_slices, layer_width, load_model
+        from .inception import architecture_slices, layer_width
 
-        slices = branch_slices(load_model("random")[0], [cfg.layer])[cfg.layer]
+        slices = architecture_slices(cfg.layer)
         if layer_width(slices) != array.shape[1]:
             raise StoreError(f"{path} has vectors of width {array.shape[1]} but {cfg.layer} is "
                              f"{layer_width(slices)} wide; pass the matching --layer or none")
@@ -287,8 +288,8 @@ def _batches(cfg: TrainConfig, arrays, device: torch.device, d_sae: int):
 
     rows, d = sum(len(a) for a in arrays), arrays[0].shape[1]
     mode = cfg.store
-    if mode not in ("auto", "disk", "device"):
-        raise ValueError(f"--store {mode!r}; choose auto, disk or device")
+    if mode not in STORES:
+        raise ValueError(f"--store {mode!r}; choose from {', '.join(STORES)}")
     if mode != "disk" and device.type == "cuda":
         need = sum(memory_estimate(d, d_sae, cfg.k, cfg.batch_size, cfg.tied, aux_k=cfg.aux_k, cuda=True,
                                    store_rows=rows).values())

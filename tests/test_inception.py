@@ -3,8 +3,9 @@ import urllib.error
 import pytest
 import torch
 
-from helpers.inception import (PAPER_LAYERS, LayerCapture, WeightsUnavailable, branch_slices, check_layers,
-                               layer_width, load_model, lucent_cache_path, model_input, model_input_from_uint8)
+from helpers.inception import (PAPER_LAYERS, LayerCapture, WeightsUnavailable, architecture_slices, branch_slices,
+                               check_layers, layer_width, load_model, lucent_cache_path, model_input,
+                               model_input_from_uint8)
 
 # widths per branch (1x1, 3x3, 5x5, pool) as listed in PAPER.md, read from the paper's sources
 PAPER_WIDTHS = {
@@ -25,6 +26,9 @@ def test_branch_slices_match_the_paper(random_model):
         assert layer_width(slices[layer]) == sum(widths)
     assert slices["mixed4c"]["5x5"] == (384, 448)
     assert layer_width(slices["mixed4a"]) == 508
+    for layer, widths in PAPER_WIDTHS.items():  # without a model at hand: the same layout
+        got = [architecture_slices(layer)[b] for b in ("1x1", "3x3", "5x5", "pool")]
+        assert [stop - start for start, stop in got] == list(widths)
 
 
 def test_branch_slices_locate_each_branch_output(random_model):

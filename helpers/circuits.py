@@ -54,13 +54,6 @@ def _positions(acts: torch.Tensor) -> torch.Tensor:
     return acts.flatten(2).transpose(1, 2)
 
 
-def feature_activations(sae, acts: torch.Tensor, features) -> torch.Tensor:
-    """[B, len(features), H, W]: the SAE's activation of the given features at every position."""
-    b, c, h, w = acts.shape
-    z = sae.encode(_positions(acts).reshape(-1, c))[:, list(features)]
-    return z.reshape(b, h, w, -1).permute(0, 3, 1, 2)
-
-
 @torch.no_grad()
 def active_features(sae, acts: torch.Tensor) -> list[int]:
     """Features that fire somewhere in ``acts`` [B, C, H, W], most active (summed) first."""

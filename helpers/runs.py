@@ -140,13 +140,15 @@ def branch_analysis(ctx: Context, layer: str, seed: int = 0) -> dict:
 _MODELS: dict = {}
 
 
-def load_model_for(ctx: Context):
-    """The profile's InceptionV1 (true ReLU gradients), loaded once per process."""
+def load_model_for(ctx: Context, redirected_relu: bool = False):
+    """The profile's InceptionV1, loaded once per process: with true ReLU gradients, or with
+    Lucent's redirected ReLU (which helps feature visualisation start from noise)."""
     from .inception import load_model
 
-    if ctx.profile.weights not in _MODELS:
-        _MODELS[ctx.profile.weights] = load_model(ctx.profile.weights)[0]
-    return _MODELS[ctx.profile.weights]
+    key = (ctx.profile.weights, redirected_relu)
+    if key not in _MODELS:
+        _MODELS[key] = load_model(ctx.profile.weights, redirected_relu=redirected_relu)[0]
+    return _MODELS[key]
 
 
 def layer_activations(ctx: Context, layers, n_images: int) -> dict[str, torch.Tensor]:
@@ -242,13 +244,9 @@ def feature_labels(ctx: Context, layer: str, top: int = 8) -> list[dict]:
 def ensure_featviz(ctx: Context, layer: str, features) -> dict[int, Path]:
     """Feature visualisations (PNG, cached under the run's ``featviz/``) of ``features``."""
     from .featviz import FeatvizConfig, render_features
-    from .inception import load_model
 
-    key = ("featviz", ctx.profile.weights)
-    if key not in _MODELS:  # Lucent's redirected ReLU helps optimisation from noise
-        _MODELS[key] = load_model(ctx.profile.weights, redirected_relu=True)[0]
     cfg = FeatvizConfig(steps=ctx.profile.featviz_steps, size=ctx.profile.featviz_size)
-    return render_features(_MODELS[key], layer, load_sae(ctx, layer), ensure_saes(ctx)[layer], features,
+    return render_features(load_model_for(ctx, redirected_relu=True), layer, load_sae(ctx, layer), ensure_saes(ctx)[layer], features,
                            ctx.run_dir / "featviz", cfg)
 
 

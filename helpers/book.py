@@ -45,9 +45,9 @@ def preflight(name: str) -> str | None:
             load_model(p.weights)
         except WeightsUnavailable as e:
             reasons.append(str(e))
-    if p.images != "sample-or-generated":
+    if p.harvest.images != "sample-or-generated":
         try:
-            list_images(p.images)
+            list_images(p.harvest.images)
         except FileNotFoundError as e:
             reasons.append(str(e))
     return "\n".join(f"- {r}" for r in reasons) or None

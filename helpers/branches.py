@@ -1,42 +1,42 @@
-"""Branch specialization: how each feature's decoder vector splits over a layer's branches.
-
-For a decoder vector d (one row of ``W_dec``, length = layer width) and a branch's channel
-slice S, the paper's fraction is
-
-    fraction(d, S) = ||relu(d[S])|| / ||relu(d)||
-
-(``positive=True``); ``positive=False`` gives the plain ||d[S]|| / ||d||. A fraction means
-little on its own: a random direction already puts about sqrt(|S| / width) of its norm in a
-branch. ``baseline`` gives the distribution of the fraction for random directions (Gaussian)
-and for the decoder vectors with their channels shuffled; a feature is *specialised* to a
-branch when its fraction exceeds that baseline's upper quantile.
-"""
-
-from __future__ import annotations
+# GENERATED from nbs/04_branch_specialization.ipynb by `python -m helpers export`: edit the chapter, not this file
+# (tests/test_export.py fails when the two differ).
+"""Branch specialization (chapter 04): how each SAE feature's decoder vector splits over a
+layer's 1x1 / 3x3 / 5x5 / pool branches, against the split that chance gives."""
 
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .inception import BRANCHES
+from helpers.inception import BRANCHES
 
-Slices = dict[str, tuple[int, int]]
+Slices = dict[str, tuple[int, int]]  # branch -> (first channel, end) in the layer's concatenation
 
 
-def fraction_in_branch(decoder: torch.Tensor | np.ndarray, slices: Slices, positive: bool = True) -> np.ndarray:
-    """[n_features, 4]: the fraction of each decoder vector's norm in each branch (BRANCHES order)."""
-    d = torch.as_tensor(np.asarray(decoder) if not isinstance(decoder, torch.Tensor) else decoder).float()
+def fraction_in_branch(decoder, slices: Slices, positive: bool = True) -> np.ndarray:
+    """[n_features, 4]: ||relu(d[S])|| / ||relu(d)|| of each decoder vector d (rows of ``decoder``,
+    [n_features, width]) and branch slice S, in BRANCHES order; ``positive=False``: ||d[S]|| / ||d||.
+
+    Defined in chapter 04, *Branch specialization* (nbs/04_branch_specialization.ipynb).
+    """
+    d = torch.as_tensor(np.asarray(decoder) if not isinstance(decoder, torch.Tensor) else decoder).detach().float()
+    width = max(end for _, end in slices.values())
+    if d.ndim != 2 or d.shape[1] != width:
+        raise ValueError(f"decoder vectors of width {d.shape[-1]} do not fit branch slices of a {width}-wide "
+                         "layer; pass the slices of the layer the SAE was trained on")
     if positive:
         d = d.clamp_min(0)
     total = d.norm(dim=1)
-    parts = torch.stack([d[:, s:e].norm(dim=1) for s, e in (slices[b] for b in BRANCHES)], dim=1)
+    parts = torch.stack([d[:, start:end].norm(dim=1) for start, end in (slices[b] for b in BRANCHES)], dim=1)
     return torch.where(total[:, None] > 0, parts / total.clamp_min(1e-12)[:, None], 0.0).cpu().numpy()
 
 
 @dataclass
 class Baseline:
-    """Fractions of random directions: ``samples`` [n, 4]; ``threshold`` [4] its upper quantile."""
+    """The fractions of random directions: ``samples`` [n, 4]; ``threshold`` [4] is their upper quantile.
+
+    Defined in chapter 04, *Branch specialization* (nbs/04_branch_specialization.ipynb).
+    """
 
     kind: str
     samples: np.ndarray
@@ -44,20 +44,21 @@ class Baseline:
 
     @property
     def threshold(self) -> np.ndarray:
+        """[4] the ``quantile`` of each branch's fraction by chance."""
         return np.quantile(self.samples, self.quantile, axis=0)
 
     @property
     def mean(self) -> np.ndarray:
+        """[4] each branch's mean fraction by chance."""
         return self.samples.mean(axis=0)
 
 
 def baseline(decoder, slices: Slices, kind: str = "shuffled", positive: bool = True, n: int = 20_000,
              quantile: float = 0.99, seed: int = 0) -> Baseline:
-    """The fraction a branch gets by chance.
+    """The fraction a branch gets by chance: ``kind="gaussian"`` (isotropic random directions of the
+    layer's width) or ``kind="shuffled"`` (the decoder vectors with their channels permuted; ``n`` of them).
 
-    kind="gaussian": isotropic random directions of the layer's width.
-    kind="shuffled": the decoder vectors themselves, each with its channels permuted at random
-    (same values, no alignment with any branch); resampled to ``n`` vectors.
+    Defined in chapter 04, *Branch specialization* (nbs/04_branch_specialization.ipynb).
     """
     d = np.asarray(decoder.detach().cpu() if isinstance(decoder, torch.Tensor) else decoder, dtype=np.float32)
     rng = np.random.default_rng(seed)
@@ -72,12 +73,18 @@ def baseline(decoder, slices: Slices, kind: str = "shuffled", positive: bool = T
 
 
 def excess(fractions: np.ndarray, base: Baseline) -> np.ndarray:
-    """[n, 4]: each fraction minus the baseline's mean for that branch."""
+    """[n, 4]: each fraction minus the baseline's mean for that branch.
+
+    Defined in chapter 04, *Branch specialization* (nbs/04_branch_specialization.ipynb).
+    """
     return fractions - base.mean[None, :]
 
 
 def specialised(fractions: np.ndarray, base: Baseline, alive: np.ndarray | None = None) -> np.ndarray:
-    """[n, 4] bool: fraction above the baseline's upper quantile (dead features excluded)."""
+    """[n, 4] bool: the fraction is above the baseline's upper quantile (dead features excluded).
+
+    Defined in chapter 04, *Branch specialization* (nbs/04_branch_specialization.ipynb).
+    """
     mask = fractions > base.threshold[None, :]
     if alive is not None:
         mask &= np.asarray(alive, bool)[:, None]
@@ -85,71 +92,100 @@ def specialised(fractions: np.ndarray, base: Baseline, alive: np.ndarray | None 
 
 
 def dominant_branch(fractions: np.ndarray, base: Baseline | None = None) -> np.ndarray:
-    """[n] index into BRANCHES of each feature's most over-represented branch (by excess)."""
+    """[n] index into BRANCHES of each feature's most over-represented branch (largest excess).
+
+    Defined in chapter 04, *Branch specialization* (nbs/04_branch_specialization.ipynb).
+    """
     return (excess(fractions, base) if base is not None else fractions).argmax(axis=1)
 
 
-def specialisation_table(fractions: np.ndarray, base: Baseline, alive: np.ndarray | None = None) -> list[dict]:
-    """Per branch: features specialised to it, the count expected by chance, and their ratio."""
-    mask = specialised(fractions, base, alive)
-    n = int(mask.shape[0] if alive is None else np.asarray(alive, bool).sum())
-    expected = n * (1 - base.quantile)
-    return [{"branch": b, "specialised": int(mask[:, i].sum()), "expected by chance": round(expected, 1),
-             "ratio": round(float(mask[:, i].sum()) / expected, 2) if expected else float("nan"),
-             "threshold": round(float(base.threshold[i]), 3)} for i, b in enumerate(BRANCHES)]
-
-
-def same_branch_share(edges: np.ndarray, src_branch: np.ndarray, dst_branch: np.ndarray, n_perm: int = 2000,
-                      seed: int = 0) -> dict:
-    """The paper's cross-layer claim as a number.
-
-    edges: [m, 2] (source feature, target feature) of strong circuit edges; src_branch and
-    dst_branch give each feature's specialised branch index, or -1 where not specialised.
-    Returns the share of edges between specialised features whose two ends share a branch
-    type, and the same share when the targets' branches are permuted (chance).
-    """
-    s, t = src_branch[edges[:, 0]], dst_branch[edges[:, 1]]
-    keep = (s >= 0) & (t >= 0)
-    s, t = s[keep], t[keep]
-    if len(s) == 0:
-        return {"edges": 0, "share_same": float("nan"), "chance": float("nan"), "p_value": float("nan")}
-    observed = float((s == t).mean())
-    rng = np.random.default_rng(seed)
-    null = np.array([(s == rng.permutation(t)).mean() for _ in range(n_perm)])
-    return {"edges": int(len(s)), "share_same": observed, "chance": float(null.mean()),
-            "p_value": float(((null >= observed).sum() + 1) / (n_perm + 1))}
-
-
-# the paper's appendix figures: figure number -> (layer, branch)
-PAPER_FIGURES = {5: ("mixed4d", "1x1"), 6: ("mixed4d", "5x5"), 7: ("mixed4c", "5x5"), 8: ("mixed4a", "5x5"),
-                 9: ("mixed4b", "5x5"), 10: ("mixed4e", "5x5")}
-
-
-def most_specialised(fractions: np.ndarray, base: Baseline, branch: str, n: int | None = 10,
-                     alive: np.ndarray | None = None) -> list[int]:
-    """The ``n`` (None: all) live features with the largest excess fraction in ``branch`` (figure 1's pick)."""
-    b = BRANCHES.index(branch)
-    score = excess(fractions, base)[:, b].copy()
-    if alive is not None:
-        score[~np.asarray(alive, bool)] = -np.inf
-    order = np.argsort(-score)
-    return [int(i) for i in order[:n] if np.isfinite(score[i])]  # order[:None] is all
-
-
 def specialised_branch(fractions: np.ndarray, base: Baseline, alive: np.ndarray | None = None) -> np.ndarray:
-    """[n] the branch (index) a feature is specialised to, by largest excess; -1 if none."""
+    """[n] the branch index a feature is specialised to (its largest excess among those passed); -1 if none.
+
+    Defined in chapter 04, *Branch specialization* (nbs/04_branch_specialization.ipynb).
+    """
     mask = specialised(fractions, base, alive)
     best = np.where(mask, excess(fractions, base), -np.inf).argmax(axis=1)
     return np.where(mask.any(axis=1), best, -1)
 
 
-def layer_table(analyses: dict) -> list[dict]:
-    """``specialisation_table`` for every analysed layer (shuffled-channel baseline)."""
-    return [{"layer": layer, **row} for layer, a in analyses.items()
-            for row in specialisation_table(a["fractions"], a["shuffled"], a["alive"])]
+def most_specialised(fractions: np.ndarray, base: Baseline, branch: str, n: int | None = 10,
+                     alive: np.ndarray | None = None) -> list[int]:
+    """The ``n`` (None: all) live features with the largest excess fraction in ``branch``, best first.
+
+    Defined in chapter 04, *Branch specialization* (nbs/04_branch_specialization.ipynb).
+    """
+    b = BRANCHES.index(branch)
+    score = excess(fractions, base)[:, b].copy()
+    if alive is not None:
+        score[~np.asarray(alive, bool)] = -np.inf
+    order = np.argsort(-score)
+    return [int(i) for i in order[:n] if np.isfinite(score[i])]
 
 
-def selection_table(analyses: dict, n: int = 5) -> list[dict]:
-    """Figure 1's selection: per layer and branch, the most specialised live features."""
-    return [{"layer": layer, "branch": b, "features": ", ".join(map(str, most_specialised(
-        a["fractions"], a["shuffled"], b, n, a["alive"])))} for layer, a in analyses.items() for b in BRANCHES]
+def specialisation_table(fractions: np.ndarray, base: Baseline, alive: np.ndarray | None = None) -> list[dict]:
+    """Per branch: the features specialised to it, the count expected by chance, and their ratio.
+
+    Defined in chapter 04, *Branch specialization* (nbs/04_branch_specialization.ipynb).
+    """
+    mask = specialised(fractions, base, alive)
+    n = int(mask.shape[0] if alive is None else np.asarray(alive, bool).sum())
+    expected = n * (1 - base.quantile)
+    return [{"branch": b, "specialised": int(mask[:, i].sum()), "expected by chance": round(expected, 1),
+             "ratio to chance": round(float(mask[:, i].sum()) / expected, 2) if expected else float("nan"),
+             "threshold (fraction)": round(float(base.threshold[i]), 3)} for i, b in enumerate(BRANCHES)]
+
+
+@dataclass
+class BranchAnalysis:
+    """A layer's branch fractions (``fractions`` [n, 4], ``plain`` [n, 4]), both baselines, and
+    each feature's firing ``frequency`` [n] on the harvested vectors.
+
+    Defined in chapter 04, *Branch specialization* (nbs/04_branch_specialization.ipynb).
+    """
+
+    layer: str
+    slices: Slices
+    fractions: np.ndarray
+    plain: np.ndarray
+    shuffled: Baseline
+    gaussian: Baseline
+    frequency: np.ndarray
+
+    @property
+    def alive(self) -> np.ndarray:
+        """[n] bool: the features that fire at least once."""
+        return self.frequency > 0
+
+    def most_specialised(self, branch: str, n: int | None = 10) -> list[int]:
+        """The live features with the largest excess in ``branch`` over the shuffled baseline."""
+        return most_specialised(self.fractions, self.shuffled, branch, n, self.alive)
+
+    def dominant(self, features=None) -> np.ndarray:
+        """Each feature's dominant branch (index into BRANCHES), by excess over the shuffled baseline."""
+        f = self.fractions if features is None else self.fractions[np.asarray(features, int)]
+        return dominant_branch(f, self.shuffled)
+
+    def specialised_branch(self) -> np.ndarray:
+        """[n] the branch each live feature is specialised to, or -1."""
+        return specialised_branch(self.fractions, self.shuffled, self.alive)
+
+    def table(self) -> list[dict]:
+        """``specialisation_table`` against the shuffled baseline, live features only."""
+        return [{"layer": self.layer, **row} for row in specialisation_table(self.fractions, self.shuffled, self.alive)]
+
+
+def analyse_branches(layer: str, decoder, slices: Slices, frequency: np.ndarray, seed: int = 0) -> BranchAnalysis:
+    """The branch analysis of one layer's decoder vectors [n, width].
+
+    Defined in chapter 04, *Branch specialization* (nbs/04_branch_specialization.ipynb).
+    """
+    return BranchAnalysis(layer, slices, fraction_in_branch(decoder, slices),
+                          fraction_in_branch(decoder, slices, positive=False),
+                          baseline(decoder, slices, "shuffled", seed=seed),
+                          baseline(decoder, slices, "gaussian", seed=seed), np.asarray(frequency))
+
+
+# the paper's appendix figures: figure number -> (layer, branch)
+PAPER_FIGURES = {5: ("mixed4d", "1x1"), 6: ("mixed4d", "5x5"), 7: ("mixed4c", "5x5"), 8: ("mixed4a", "5x5"),
+                 9: ("mixed4b", "5x5"), 10: ("mixed4e", "5x5")}

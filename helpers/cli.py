@@ -1,66 +1,82 @@
-"""Command line: ``python -m helpers harvest|train|book ...``.
+"""Command line: ``python -m helpers harvest|train|book|export ...``.
 
 Each command's flags are generated from its config dataclass (``HarvestConfig``,
 ``TrainConfig``), so a run is fully described by the config written next to its output.
+Only ``config`` is imported to parse the command line: the command's own module (and torch)
+is imported when it runs, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import sys
 import typing
 
-from .harvest import HarvestConfig, harvest
-from .train import TrainConfig, train
+from .config import HarvestConfig, TrainConfig, choices, option
 
+# name: (config class, "module:function" that runs it, help)
 COMMANDS = {
-    "harvest": (HarvestConfig, harvest, "harvest activation vectors from InceptionV1 into a sharded store"),
-    "train": (TrainConfig, train, "train a TopK SAE on a harvested layer or an .npy of vectors"),
+    "harvest": (HarvestConfig, "harvest:harvest", "harvest activation vectors from InceptionV1 into a sharded store"),
+    "train": (TrainConfig, "train:train", "train a TopK SAE on a harvested layer or an .npy of vectors"),
+}
+# commands with their own parser: name -> ("module", help)
+DELEGATED = {
+    "book": ("book", "execute the notebooks in a profile and build the Jupyter Book"),
+    "export": ("export", "write helpers/ modules from the chapters' #| export cells (--check: only compare)"),
 }
 
 
-def _arg_type(annotation):
-    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation
+def _arg_type(cls, name: str):
+    """The type argparse converts a field's value to (``X | None`` -> X; tuples of layers stay a string)."""
+    hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) is typing.Literal:
+        return str
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+    kind = args[0] if args and typing.get_origin(hint) is not tuple else hint
+    return str if typing.get_origin(kind) in (tuple, list) or kind is tuple else kind
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _arg_type(f.type)
-        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
+        kind = _arg_type(cls, f.name)
+        default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        help_ = f"{f.metadata.get('help', '')} (default: {default})"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            parser.add_argument(option(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=help_, choices=f.metadata.get("choices"))
+            parser.add_argument(option(f.name), type=kind, default=default, help=help_, choices=choices(cls, f.name))
+
+
+def _run(target: str, cfg):
+    module, function = target.split(":")
+    return getattr(importlib.import_module(f".{module}", __package__), function)(cfg)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["book"]:
-        from .book import main as book_main
-
-        return book_main(argv[1:])
+    if argv[:1] and argv[0] in DELEGATED:
+        return importlib.import_module(f".{DELEGATED[argv[0]][0]}", __package__).main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("book", help="execute the notebooks in a profile and build the Jupyter Book")
+    for name, (_, help_) in DELEGATED.items():
+        sub.add_parser(name, help=help_)
     for name, (cls, _, help_) in COMMANDS.items():
         add_dataclass_arguments(sub.add_parser(name, help=help_, description=help_), cls)
     ns = parser.parse_args(argv)
-    cls, run, _ = COMMANDS[ns.command]
-    cfg = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+    cls, target, _ = COMMANDS[ns.command]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        cfg = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
         if ns.command == "train" and cfg.layer and "," in cfg.layer:  # several layers at once
             from .train import train_layers
 
             devices = [d for d in cfg.device.split(",") if d]
-            out = train_layers(cfg, [l for l in cfg.layer.split(",") if l], devices)
+            out = train_layers(cfg, [layer for layer in cfg.layer.split(",") if layer], devices)
         else:
-            out = run(cfg)
+            out = _run(target, cfg)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

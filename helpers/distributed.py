@@ -19,8 +19,16 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def setup(device: torch.device) -> tuple[int, int, torch.device]:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"``: CUDA when there is a GPU, else the CPU; anything else as torch reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def setup(device: str | torch.device) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); each rank gets its GPU."""
+    device = resolve_device(device)
     rank, size = world()
     if size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -1,15 +1,6 @@
-"""UMAP maps of a layer's decoder vectors (the paper's figures 3 and 4).
-
-One fit on all decoder vectors of a layer's SAE (cosine metric, fixed seed). The
-neighbour graph is computed exactly (one matrix product, in chunks) and handed to UMAP,
-which skips its approximate search: 13k vectors of mixed4e fit in seconds on a CPU.
-Features of the fitted SAE (a highlighted set) keep their fitted coordinates; new vectors
-(another SAE's, random directions) are placed by ``Embedding.transform`` at the
-similarity-weighted mean of their nearest fitted neighbours, UMAP's own first step when it
-transforms new points.
-"""
-
-from __future__ import annotations
+# GENERATED from nbs/06_umap.ipynb by `python -m helpers export`: edit the chapter, not this file
+# (tests/test_export.py fails when the two differ).
+"""UMAP maps of a layer's decoder vectors, the paper's figures 3 and 4 (chapter 06)."""
 
 import warnings
 from dataclasses import dataclass
@@ -20,13 +11,15 @@ import torch.nn.functional as F
 
 
 def cosine_knn(queries: np.ndarray, points: np.ndarray, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest neighbours by cosine distance: (indices [m, k], distances [m, k])."""
+    """Exact k nearest neighbours by cosine distance: (indices [m, k], distances [m, k]).
+
+    Defined in chapter 06, *UMAP of decoder vectors* (nbs/06_umap.ipynb).
+    """
     q = F.normalize(torch.as_tensor(queries, dtype=torch.float32), dim=1)
     p = F.normalize(torch.as_tensor(points, dtype=torch.float32), dim=1)
     idx, dist = [], []
     for s in range(0, len(q), chunk):
-        sim = q[s:s + chunk] @ p.T
-        v, i = sim.topk(k, dim=1)
+        v, i = (q[s:s + chunk] @ p.T).topk(k, dim=1)
         idx.append(i)
         dist.append((1 - v).clamp_min(0))
     return torch.cat(idx).numpy(), torch.cat(dist).numpy()
@@ -34,9 +27,14 @@ def cosine_knn(queries: np.ndarray, points: np.ndarray, k: int, chunk: int = 204
 
 @dataclass
 class Embedding:
-    coords: np.ndarray  # [n, 2]; dead (all-zero) vectors at the origin
-    vectors: np.ndarray  # [n, d] the fitted vectors
-    live: np.ndarray  # [n] bool
+    """A fitted map: ``coords`` [n, 2] of the fitted ``vectors`` [n, d] (dead ones, ``live`` False, at the origin).
+
+    Defined in chapter 06, *UMAP of decoder vectors* (nbs/06_umap.ipynb).
+    """
+
+    coords: np.ndarray
+    vectors: np.ndarray
+    live: np.ndarray
     n_neighbors: int
 
     def transform(self, vectors) -> np.ndarray:
@@ -49,7 +47,10 @@ class Embedding:
 
 
 def umap_embedding(decoder, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0) -> Embedding:
-    """Fit a 2-D UMAP (cosine) on decoder vectors [n, d]."""
+    """Fit a 2-D UMAP (cosine metric, exact neighbours, fixed seed) on decoder vectors [n, d].
+
+    Defined in chapter 06, *UMAP of decoder vectors* (nbs/06_umap.ipynb).
+    """
     import umap
 
     d = np.asarray(decoder.detach().cpu() if hasattr(decoder, "detach") else decoder, np.float32)

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .files import atomic_write
 from .images import ImageDataset, collate
 from .inception import LayerCapture, model_input_from_uint8
+from .selection import activation_bands
 
 CELL = 16  # pixels per grid cell at 224 px input (224 / 14)
 
@@ -45,8 +47,6 @@ class Examples:
     def save(self, path: Path) -> None:
         from safetensors.numpy import save
 
-        from .files import atomic_write
-
         data = save({k: np.ascontiguousarray(v) for k, v in self.__dict__.items() if isinstance(v, np.ndarray)},
                     metadata={"images_seen": str(self.images_seen)})
         atomic_write(path, lambda f: f.write(data))
@@ -61,18 +61,10 @@ class Examples:
         return cls(**arrays, images_seen=seen)
 
     def bands(self, feature: int, n_bands: int = 4, per_band: int = 3) -> list[list[tuple[float, int, int, int]]]:
-        """Examples at a range of activation levels: the sampled activations split into
-        ``n_bands`` equal-width bands up to the feature's maximum; ``per_band`` from each."""
-        ok = self.sample_image[feature] >= 0
-        v, i = self.sample_value[feature][ok], self.sample_image[feature][ok]
-        y, x = self.sample_y[feature][ok], self.sample_x[feature][ok]
+        """The feature's sampled examples in ``n_bands`` bands of activation (``selection.activation_bands``)."""
         top = float(self.top_value[feature, 0]) if self.top_image[feature, 0] >= 0 else 0.0
-        out = []
-        for b in range(n_bands):
-            lo, hi = top * b / n_bands, top * (b + 1) / n_bands
-            sel = np.flatnonzero((v > lo) & (v <= hi))[:per_band]
-            out.append([(float(v[j]), int(i[j]), int(y[j]), int(x[j])) for j in sel])
-        return out
+        return activation_bands(self.sample_value[feature], self.sample_image[feature], self.sample_y[feature],
+                                self.sample_x[feature], top, n_bands, per_band)
 
 
 @torch.no_grad()

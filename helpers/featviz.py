@@ -13,9 +13,7 @@ keyed by SAE, feature and settings; a rerun renders only what is missing.
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +21,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .config import FeatvizConfig
 from .files import atomic_write
 from .inception import MIXED_LAYERS
-
-
-@dataclass(frozen=True)
-class FeatvizConfig:
-    steps: int = 512  # the author used ~2500
-    size: int = 224
-    lr: float = 0.05
-    objective: str = "direction"  # or "neuron" (direction_neuron, the centre position)
-    batch: int = 16  # features per optimisation
-    seed: int = 0
-
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
 class _StopAfterLayer(RuntimeError):

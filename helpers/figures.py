@@ -1,14 +1,12 @@
 """Figure builders for the book, and the one way notebooks show a figure.
 
-Builders return plotly figures from numbers computed elsewhere (``store``, ``train``), so
-a test can check the numbers without drawing. ``show`` labels every figure made with
-random weights, and in a book build emits plain HTML (plotly.js is served once by the
-book itself), since myst-nb drops plotly's own output type.
+Builders return plotly figures from numbers computed elsewhere (the chapters' analyses,
+``store``, ``train``), so a test can check the numbers without drawing. ``show`` labels every
+figure made with random weights, and in a book build (``ctx.book_build``) emits plain HTML
+(plotly.js is served once by the book itself), since myst-nb drops plotly's own output type.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import plotly.graph_objects as go
@@ -30,7 +28,7 @@ def show(fig: go.Figure, ctx=None, save_as: str | None = None) -> None:
                            font=dict(size=28, color="rgba(200,0,0,0.25)"), textangle=-15)
     if save_as and ctx is not None:
         save(fig, ctx.run_dir / "figures", save_as)
-    if os.environ.get("SAE_BOOK_BUILD"):
+    if ctx is not None and ctx.book_build:
         display(HTML(fig.to_html(include_plotlyjs=False, full_html=False, config={"displaylogo": False})))
     else:
         fig.show()
@@ -116,7 +114,7 @@ def banner(ctx) -> None:
     from IPython.display import HTML, Markdown, display
 
     text = ctx.banner()
-    if os.environ.get("SAE_BOOK_BUILD"):
+    if ctx.book_build:
         display(Markdown(text))
         return
     import html
@@ -137,11 +135,11 @@ def kept_positions_figure(run, layer: str, image: int) -> go.Figure:
     store = ActivationStore(run, layer)
     prov = store.load_provenance()
     kept = prov[prov["image"] == image]
-    path = store.manifest["images"]["paths"][image]
-    label = store.manifest["images"]["labels"][image] or "unlabelled"
-    grid = store.manifest["grid"][layer][0]
+    path = store.manifest.images["paths"][image]
+    label = store.manifest.images["labels"][image] or "unlabelled"
+    grid = store.manifest.grid[layer][0]
     return positions_figure(load_image(path), kept["y"], kept["x"], grid,
-                            f"{layer}: {len(kept)} kept positions ({store.manifest['sampling']}) in image {image}, {label}")
+                            f"{layer}: {len(kept)} kept positions ({store.manifest.sampling}) in image {image}, {label}")
 
 
 def branch_rows(slices: dict[str, dict[str, tuple[int, int]]]) -> list[dict]:
@@ -153,44 +151,44 @@ def branch_rows(slices: dict[str, dict[str, tuple[int, int]]]) -> list[dict]:
 
 # --- results: branch specialization, UMAP, circuits -------------------------------------------
 def _hover(analysis, ids) -> list[str]:
-    f = analysis["fractions"]
+    f = analysis.fractions
     return [f"feature {i}<br>" + "<br>".join(f"{b}: {f[i, k]:.2f}" for k, b in enumerate(BRANCHES)) for i in ids]
 
 
-def branch_fraction_figure(analysis: dict, branch: str, highlights: dict[str, list[int]] | None = None,
+def branch_fraction_figure(analysis, branch: str, highlights: dict[str, list[int]] | None = None,
                            title: str = "") -> go.Figure:
-    """The paper's figures 5-10: every live feature's fraction in ``branch``, sorted; highlighted sets on top."""
+    """The paper's figures 5-10 from a BranchAnalysis: every live feature's fraction in ``branch``, sorted;
+    highlighted sets on top."""
     b = BRANCHES.index(branch)
-    alive = np.flatnonzero(analysis["alive"])
-    order = alive[np.argsort(analysis["fractions"][alive, b])]
-    values = analysis["fractions"][order, b]
+    alive = np.flatnonzero(analysis.alive)
+    order = alive[np.argsort(analysis.fractions[alive, b])]
+    values = analysis.fractions[order, b]
     rank = {int(f): r for r, f in enumerate(order)}
     fig = go.Figure(go.Scatter(x=np.arange(len(order)), y=values, mode="markers", marker=dict(size=3, color="#999"),
                                name="all features", text=_hover(analysis, order), hoverinfo="text"))
-    for base, dash in ((analysis["shuffled"], "dash"), (analysis["gaussian"], "dot")):
+    for base, dash in ((analysis.shuffled, "dash"), (analysis.gaussian, "dot")):
         fig.add_hline(y=float(base.threshold[b]), line_dash=dash, line_color="#d62728",
                       annotation_text=f"{base.kind} baseline, {base.quantile:.0%} quantile",
                       annotation_position="top left")
     for k, (name, ids) in enumerate((highlights or {}).items()):
         ids = [i for i in ids if i in rank]
-        fig.add_scatter(x=[rank[i] for i in ids], y=analysis["fractions"][ids, b], mode="markers", name=name,
+        fig.add_scatter(x=[rank[i] for i in ids], y=analysis.fractions[ids, b], mode="markers", name=name,
                         marker=dict(size=9, color=_palette(k + 1), line=dict(width=1, color="black")),
                         text=_hover(analysis, ids), hoverinfo="text")
-    fig.update_layout(title=title or f"{analysis['layer']}: fraction of each feature's decoder norm in the {branch} branch",
+    fig.update_layout(title=title or f"{analysis.layer}: fraction of each feature's decoder norm in the {branch} branch",
                       xaxis_title="feature rank (sorted by fraction)",
                       yaxis_title=f"||relu(d[{branch}])|| / ||relu(d)||", height=420)
     return fig
 
 
-def umap_figure(coords: np.ndarray, analysis: dict, colour: str = "dominant",
+def umap_figure(coords: np.ndarray, analysis, colour: str = "dominant",
                 highlights: dict[str, list[int]] | None = None, title: str = "") -> go.Figure:
-    """The paper's figures 3-4: UMAP of decoder vectors, coloured by dominant branch or 5x5 fraction."""
-    from .branches import dominant_branch
-
-    alive = np.flatnonzero(analysis["alive"])
+    """The paper's figures 3-4: UMAP of decoder vectors, coloured by dominant branch or 5x5 fraction
+    (``analysis``: the layer's BranchAnalysis)."""
+    alive = np.flatnonzero(analysis.alive)
     fig = go.Figure()
     if colour == "dominant":
-        dom = dominant_branch(analysis["fractions"], analysis["shuffled"])
+        dom = analysis.dominant()
         for k, b in enumerate(BRANCHES):
             ids = alive[dom[alive] == k]
             fig.add_scattergl(x=coords[ids, 0], y=coords[ids, 1], mode="markers", name=f"{b} dominant",
@@ -199,21 +197,20 @@ def umap_figure(coords: np.ndarray, analysis: dict, colour: str = "dominant",
     else:
         b = BRANCHES.index(colour)
         fig.add_scattergl(x=coords[alive, 0], y=coords[alive, 1], mode="markers", name=f"{colour} fraction",
-                          marker=dict(size=4, color=analysis["fractions"][alive, b], colorscale="Viridis",
+                          marker=dict(size=4, color=analysis.fractions[alive, b], colorscale="Viridis",
                                       colorbar=dict(title=colour)), text=_hover(analysis, alive), hoverinfo="text")
     for k, (name, ids) in enumerate((highlights or {}).items()):
         fig.add_scatter(x=coords[ids, 0], y=coords[ids, 1], mode="markers", name=name,
                         marker=dict(size=10, symbol="star", color=_palette(k + 3), line=dict(width=1, color="black")),
                         text=_hover(analysis, ids), hoverinfo="text")
-    fig.update_layout(title=title or f"UMAP of the {analysis['layer']} decoder vectors", height=520,
+    fig.update_layout(title=title or f"UMAP of the {analysis.layer} decoder vectors", height=520,
                       xaxis=dict(visible=False), yaxis=dict(visible=False))
     return fig
 
 
-def circuit_figure(graph: dict, analyses: dict[str, dict], title: str = "") -> go.Figure:
-    """The paper's figure 2: a circuit across layers; nodes coloured by their dominant branch."""
-    from .branches import dominant_branch
-
+def circuit_figure(graph: dict, analyses: dict, title: str = "") -> go.Figure:
+    """The paper's figure 2: a circuit across layers; nodes coloured by their dominant branch
+    (``analyses``: a BranchAnalysis per layer)."""
     layers = list(dict.fromkeys(layer for layer, _ in graph["nodes"]))
     pos = {}
     for x, layer in enumerate(layers):
@@ -227,14 +224,13 @@ def circuit_figure(graph: dict, analyses: dict[str, dict], title: str = "") -> g
                         line=dict(width=1 + 6 * abs(w) / top, color="#888"), hoverinfo="text",
                         text=f"{src[0]}:{src[1]} -> {dst[0]}:{dst[1]}, effect {w:.3g}")
     for k, b in enumerate(BRANCHES):
-        nodes = [n for n in graph["nodes"]
-                 if dominant_branch(analyses[n[0]]["fractions"][[n[1]]], analyses[n[0]]["shuffled"])[0] == k]
+        nodes = [n for n in graph["nodes"] if analyses[n[0]].dominant([n[1]])[0] == k]
         if nodes:
             fig.add_scatter(x=[pos[n][0] for n in nodes], y=[pos[n][1] for n in nodes], mode="markers+text",
                             name=f"{b} dominant", marker=dict(size=26, color=BRANCH_COLOURS[b]),
                             text=[str(n[1]) for n in nodes], textposition="middle center", textfont=dict(size=9),
                             hovertext=[f"{n[0]} feature {n[1]}<br>" + "<br>".join(
-                                f"{bb}: {analyses[n[0]]['fractions'][n[1], kk]:.2f}" for kk, bb in enumerate(BRANCHES))
+                                f"{bb}: {analyses[n[0]].fractions[n[1], kk]:.2f}" for kk, bb in enumerate(BRANCHES))
                                 for n in nodes], hoverinfo="text")
     fig.update_layout(title=title or "A circuit across layers (attribution edges)", height=460,
                       xaxis=dict(tickvals=list(range(len(layers))), ticktext=layers, showgrid=False),
@@ -273,15 +269,14 @@ def save(fig: go.Figure, folder, stem: str) -> list:
 
 
 def paper_figure(number: int, analyses: dict, highlights=None) -> go.Figure:
-    """Figures 5-10 of the paper. ``highlights``: {name: feature ids}, or a function of the layer
-    giving them; by default the layer's most specialised features."""
-    from .branches import PAPER_FIGURES, most_specialised
+    """Figures 5-10 of the paper from a BranchAnalysis per layer. ``highlights``: {name: feature ids}, or a
+    function of the layer giving them; by default the layer's most specialised features."""
+    from .branches import PAPER_FIGURES
 
     layer, branch = PAPER_FIGURES[number]
     a = analyses[layer]
     if highlights is None:
-        highlights = {"most specialised (figure 1 pick)": most_specialised(a["fractions"], a["shuffled"], branch, 10,
-                                                                           a["alive"])}
+        highlights = {"most specialised (figure 1 pick)": a.most_specialised(branch, 10)}
     elif callable(highlights):  # per layer, e.g. the automatic labels' sets
         highlights = highlights(layer)
     return branch_fraction_figure(a, branch, highlights, title=f"Figure {number}: {layer}, {branch} branch")
@@ -294,6 +289,8 @@ def figure1_image(panels: dict, layers, random_weights: bool, thumb: int = 96):
     panels: {(layer, branch): [(feature, featviz image or None, [crop arrays])]}.
     """
     from PIL import Image, ImageDraw
+
+    from .images import grid
 
     per_cell = max((len(v) for v in panels.values()), default=1)
     crops_n = max((len(c) for v in panels.values() for _, _, c in v), default=0)
@@ -310,10 +307,8 @@ def figure1_image(panels: dict, layers, random_weights: bool, thumb: int = 96):
             for k, (feature, viz, crops) in enumerate(panels.get((layer, b), [])):
                 x, y = label_w + c * cell_w + 4, y0 + 4 + k * (thumb + 18)
                 draw.text((x, y), f"feature {feature}", fill="black")
-                tiles = ([viz] if viz is not None else [np.full((thumb, thumb, 3), 230, np.uint8)]) + list(crops)
-                for t, tile in enumerate(tiles):
-                    img = Image.fromarray(np.asarray(tile, np.uint8)).resize((thumb, thumb))
-                    canvas.paste(img, (x + t * (thumb + 4), y + 14))
+                tiles = [viz, *crops]
+                canvas.paste(grid(tiles, thumb, len(tiles), gap=4, background=(230, 230, 230)), (x, y + 14))
     if random_weights:
         _stamp(canvas, NOT_A_RESULT)
     return canvas
@@ -355,14 +350,18 @@ def example_bands_image(rows: list[tuple[str, list[np.ndarray]]], size: int = 96
     """Labelled rows of crops (e.g. one row per activation band) as one PIL image."""
     from PIL import Image, ImageDraw
 
+    from .images import grid
+
     width = 110 + max((len(c) for _, c in rows), default=1) * (size + 4)
     canvas = Image.new("RGB", (width, len(rows) * (size + 6) + 4), "white")
     draw = ImageDraw.Draw(canvas)
     for r, (label, crops) in enumerate(rows):
         y = 4 + r * (size + 6)
         draw.text((4, y + size // 2 - 6), label, fill="black")
-        for k, c in enumerate(crops):
-            canvas.paste(Image.fromarray(np.asarray(c, np.uint8)).resize((size, size)), (110 + k * (size + 4), y))
+        if crops:
+            canvas.paste(grid(crops, size, len(crops), gap=4, background=(255, 255, 255)), (110, y))
+        else:
+            draw.text((114, y + size // 2 - 6), "(no sampled example in this band)", fill="#888")
     return canvas
 
 

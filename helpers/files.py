@@ -16,6 +16,12 @@ from typing import Any, Callable
 import numpy as np
 
 
+# Every on-disk name, once (as SAELens' constants.py): an SAE directory, a training run, a harvest.
+CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"  # SAELens' layout
+CHECKPOINT, METRICS, TRAIN_RECORD = "checkpoint.safetensors", "metrics.jsonl", "train.json"
+MANIFEST, HARVEST_LOG = "manifest.json", "harvest.jsonl"
+FEATURE_STATS, EXAMPLES = "feature_stats.safetensors", "examples.safetensors"
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -267,3 +267,17 @@ def generate_images(folder: str | Path, n: int, seed: int = 0, size: tuple[int, 
             img.save(path)
         paths.append(path)
     return ImageList(paths, source=f"generated(n={n}, seed={seed})")
+
+
+def grid(tiles, size: int, per_row: int, gap: int = 0, background=(235, 235, 235)) -> Image.Image:
+    """Images (uint8 [h, w, 3] arrays; None leaves a blank slot) resized to ``size`` px squares and laid
+    out ``per_row`` to a row with ``gap`` px between them: the one tiling routine of the figures and atlas."""
+    tiles = list(tiles)
+    rows = max(1, -(-len(tiles) // per_row))
+    step = size + gap
+    sheet = Image.new("RGB", (min(len(tiles), per_row) * step - gap if tiles else size, rows * step - gap), background)
+    for i, t in enumerate(tiles):
+        if t is not None:
+            sheet.paste(Image.fromarray(np.asarray(t, np.uint8)).resize((size, size)), ((i % per_row) * step,
+                                                                                        (i // per_row) * step))
+    return sheet

@@ -23,9 +23,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-MIXED_LAYERS = ("mixed3a", "mixed3b", "mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e", "mixed5a", "mixed5b")
-PAPER_LAYERS = ("mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e")
-BRANCHES = ("1x1", "3x3", "5x5", "pool")
+from .config import BRANCHES, MIXED_LAYERS, PAPER_LAYERS, check_layers  # noqa: F401 (names of the model)
+
 # the module whose output is each branch's contribution to the concatenation
 _BRANCH_MODULE = {"1x1": "{}_1x1", "3x3": "{}_3x3", "5x5": "{}_5x5", "pool": "{}_pool_reduce"}
 
@@ -38,21 +37,6 @@ RANDOM_WARNING = (
 
 class WeightsUnavailable(RuntimeError):
     """The pretrained weights could not be fetched or read."""
-
-
-def check_layers(layers) -> tuple[str, ...]:
-    """Validate layer names; return them in network order."""
-    if isinstance(layers, str):
-        layers = [s.strip() for s in layers.split(",") if s.strip()]
-    layers = list(layers)
-    unknown = [name for name in layers if name not in MIXED_LAYERS]
-    if unknown:
-        raise ValueError(
-            f"layer {unknown[0]!r} is not a layer of InceptionV1; choose from {', '.join(MIXED_LAYERS)}"
-        )
-    if not layers:
-        raise ValueError(f"no layers given; choose from {', '.join(MIXED_LAYERS)}")
-    return tuple(name for name in MIXED_LAYERS if name in layers)
 
 
 def lucent_cache_path() -> Path:

@@ -47,6 +47,47 @@ def sparse_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Ten
     return torch_decode(indices, values, weight)
 
 
+# --- the SAE's sparse backward pass -----------------------------------------------------
+class KeptPreacts(torch.autograd.Function):
+    """``pre[b, j] = x_c[b] . W[idx[b, j]] + b_enc[idx[b, j]]`` for the kept latents.
+
+    The values come from the dense matmul already done for the TopK; the backward pass is
+    sparse: O(batch * k * d_in) instead of O(batch * d_sae * d_in).
+    """
+
+    @staticmethod
+    def forward(ctx, x_c, weight, b_enc, idx, values):
+        ctx.save_for_backward(x_c, weight, idx)
+        ctx.d_sae = b_enc.shape[0]
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_c, weight, idx = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = sparse_decode(idx, grad, weight)  # the same gather-sum as the decoder
+        if ctx.needs_input_grad[1]:
+            grad_w = scatter_rows(idx, grad, x_c.to(weight.dtype), weight)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(ctx.d_sae, dtype=grad.dtype, device=grad.device)
+            grad_b.index_add_(0, idx.flatten(), grad.flatten())
+        return grad_x, grad_w, grad_b, None, None
+
+
+def scatter_rows(idx, coef, rows_in, like):
+    """``out[r] = sum over (b, j) with idx[b, j] == r of coef[b, j] * rows_in[b]``, [d_sae, d_in].
+
+    This is the weight gradient of ``embedding_bag``, which torch computes without
+    materialising [batch, k, d_in]; we borrow it.
+    """
+    w = like.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = F.embedding_bag(idx, w, per_sample_weights=coef, mode="sum")
+    return torch.autograd.grad(out, w, rows_in)[0]
+
+
 _CHECKS: dict[str, bool] = {}
 
 
@@ -118,8 +159,6 @@ class _TritonDecode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from .sae import _scatter_rows
-
         indices, values, weight = ctx.saved_tensors
         grad = grad.contiguous()
         batch, k = indices.shape
@@ -131,5 +170,5 @@ class _TritonDecode(torch.autograd.Function):
                                           BLOCK_D=min(triton.next_power_of_2(d), 64))
             grad_values = out.to(values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_weight = _scatter_rows(indices, values.to(weight.dtype), grad.to(weight.dtype), weight)
+            grad_weight = scatter_rows(indices, values.to(weight.dtype), grad.to(weight.dtype), weight)
         return None, grad_values, grad_weight

@@ -70,3 +70,15 @@ def highlight_sets(labels: list[dict], names=("animal", "dog")) -> dict[str, lis
     colours = sorted({n for e in labels for n in e.get("labels", {}) if n not in ("animal", "dog")})
     sets.update({f"colour: {c}": [i for i, e in enumerate(labels) if c in e.get("labels", {})] for c in colours})
     return {k: v for k, v in sets.items() if v}
+
+
+def feature_labels(top_image: np.ndarray, top_y: np.ndarray, top_x: np.ndarray, image_classes,
+                   cell_colours: np.ndarray) -> list[dict]:
+    """Class and colour labels of every feature from its top examples: ``top_*`` [n_features, top]
+    (image -1: none), ``cell_colours`` [images, H, W, 3] mean RGB around each grid cell."""
+    out = class_labels(top_image, image_classes)
+    for f, entry in enumerate(out):
+        ok = top_image[f] >= 0
+        rgb = cell_colours[top_image[f][ok], top_y[f][ok], top_x[f][ok]]
+        entry["labels"].update(colour_label(rgb) if ok.sum() >= 3 else {})
+    return out

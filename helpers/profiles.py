@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .inception import PAPER_LAYERS, RANDOM_WARNING
+from .config import FeatvizConfig, HarvestConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT.parent / "shared" / "imagenet-sample"
@@ -22,42 +22,47 @@ SAMPLE = ROOT.parent / "shared" / "imagenet-sample"
 
 @dataclass(frozen=True)
 class Profile:
+    """One scale of the whole book: a harvest, a training and a feature-visualisation config, and the
+    sizes of the analyses that run on every notebook build."""
+
     name: str
     description: str
-    weights: str  # lucent | random | path
-    images: str  # folder, .txt, imagenette, or "sample-or-generated"
-    max_images: int | None
-    per_image: int = 10
-    sampling: str = "top-norm"
-    expansion: int = 16
-    k: int = 32
-    tied: str = "full"
-    vectors_seen: int = 10_000_000
-    batch_size: int = 4096
-    aux_k: int = 0
-    harvest_batch: int = 64
+    harvest: HarvestConfig  # images "sample-or-generated": the smoke profile's images (see runs.image_source)
+    train: TrainConfig
+    featviz: FeatvizConfig = FeatvizConfig()
     circuit_images: int = 32  # images whose full activation maps the circuit analyses use
     circuit_sources: int = 512  # source features per layer in the attribution matrix
-    featviz_steps: int = 512  # optimisation steps per feature visualisation (the author: ~2500)
-    featviz_size: int = 224
     figure1_per_branch: int = 2  # features shown per layer and branch in figure 1
-    layers: tuple = PAPER_LAYERS
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.harvest.layers
+
+    @property
+    def weights(self) -> str:
+        return self.harvest.weights
+
+
+def _train(vectors_seen: int, batch_size: int = 4096, points: int = 40, **kw) -> TrainConfig:
+    """A training config that logs about ``points`` records, so its curves can be drawn."""
+    steps = -(-vectors_seen // batch_size)
+    return TrainConfig(vectors_seen=vectors_seen, batch_size=batch_size, log_every=max(1, steps // points), **kw)
 
 
 PROFILES = {
     "smoke": Profile("smoke", "CI and a first look: random weights, 64 images, tiny SAEs; minutes on 2 CPU cores",
-                     weights="random", images="sample-or-generated", max_images=64, expansion=4, k=16,
-                     vectors_seen=24_576, batch_size=1024, harvest_batch=16, circuit_images=4, circuit_sources=48,
-                     featviz_steps=4, featviz_size=64, figure1_per_branch=1),
+                     HarvestConfig(images="sample-or-generated", weights="random", max_images=64, batch_size=16),
+                     _train(24_576, batch_size=1024, expansion=4, k=16), FeatvizConfig(steps=4, size=64),
+                     circuit_images=4, circuit_sources=48, figure1_per_branch=1),
     "cpu": Profile("cpu", "a laptop afternoon: real weights, Imagenette validation images (3,925)",
-                   weights="lucent", images="imagenette", max_images=None, vectors_seen=2_000_000, aux_k=256),
+                   HarvestConfig(images="imagenette", weights="lucent"), _train(2_000_000, aux_k=256)),
     "gpu": Profile("gpu", "a Colab T4: real weights, Imagenette validation images, 50M vectors per SAE",
-                   weights="lucent", images="imagenette", max_images=None, vectors_seen=50_000_000, aux_k=256,
-                   harvest_batch=256),
+                   HarvestConfig(images="imagenette", weights="lucent", batch_size=256),
+                   _train(50_000_000, aux_k=256)),
     "paper": Profile("paper", "as the paper: ImageNet train ($IMAGENET_TRAIN), ~1e9 vectors per SAE",
-                     weights="lucent", images=os.environ.get("IMAGENET_TRAIN", "/data/imagenet/train"),
-                     max_images=None, vectors_seen=1_000_000_000, aux_k=256, harvest_batch=512,
-                     featviz_steps=2048),
+                     HarvestConfig(images=os.environ.get("IMAGENET_TRAIN", "/data/imagenet/train"), weights="lucent",
+                                   batch_size=512),
+                     _train(1_000_000_000, aux_k=256), FeatvizConfig(steps=2048)),
 }
 
 
@@ -82,6 +87,7 @@ class Context:
     run_dir: Path
     saes: str = "train"  # or "author"
     fallback_reason: str | None = None
+    book_build: bool = False  # executed by the book build: figures as plain HTML, no live widgets
 
     @property
     def harvest_dir(self) -> Path:
@@ -104,6 +110,8 @@ class Context:
             lines.append(f"The `cpu` profile could not run here, so this is the smoke profile. What failed:\n\n"
                          f"{self.fallback_reason}")
         if self.random_weights:
+            from .inception import RANDOM_WARNING
+
             lines.insert(0, f"**Not a result.** {RANDOM_WARNING}.")
         kind = "warning" if self.random_weights or self.fallback_reason else "note"
         return f":::{{{kind}}}\n" + "\n\n".join(lines) + "\n:::\n"
@@ -115,4 +123,5 @@ def context(profile: str | None = None, run_dir: str | None = None, saes: str | 
     saes = saes or os.environ.get("SAE_SAES", "train")
     if saes not in ("train", "author"):
         raise ValueError(f"SAE_SAES={saes!r}; choose 'train' or 'author'")
-    return Context(p, run, saes, os.environ.get("SAE_FALLBACK_REASON") or None)
+    return Context(p, run, saes, os.environ.get("SAE_FALLBACK_REASON") or None,
+                   book_build=bool(os.environ.get("SAE_BOOK_BUILD")))

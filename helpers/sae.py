@@ -20,6 +20,7 @@ backward pass touches only their rows of W_enc and W_dec.
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,51 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import sparse_decode
+from .config import Tied
+from .files import CFG_FILE, WEIGHTS_FILE, atomic_write, write_json
+from .kernels import KeptPreacts, sparse_decode
 
-TIED = ("full", "init")
-WEIGHTS_FILE, CFG_FILE = "sae_weights.safetensors", "cfg.json"
+TIED = typing.get_args(Tied)
 ENCODE_CHUNK = 1024
-
-
-class _KeptPreacts(torch.autograd.Function):
-    """``pre[b, j] = x_c[b] . W[idx[b, j]] + b_enc[idx[b, j]]`` for the kept latents.
-
-    The values come from the dense matmul already done for the TopK; the backward pass is
-    sparse: O(batch * k * d_in) instead of O(batch * d_sae * d_in).
-    """
-
-    @staticmethod
-    def forward(ctx, x_c, weight, b_enc, idx, values):
-        ctx.save_for_backward(x_c, weight, idx)
-        ctx.d_sae = b_enc.shape[0]
-        return values
-
-    @staticmethod
-    def backward(ctx, grad):
-        x_c, weight, idx = ctx.saved_tensors
-        grad = grad.to(weight.dtype)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = sparse_decode(idx, grad, weight)  # the same gather-sum as the decoder
-        if ctx.needs_input_grad[1]:
-            grad_w = _scatter_rows(idx, grad, x_c.to(weight.dtype), weight)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(ctx.d_sae, dtype=grad.dtype, device=grad.device)
-            grad_b.index_add_(0, idx.flatten(), grad.flatten())
-        return grad_x, grad_w, grad_b, None, None
-
-
-def _scatter_rows(idx, coef, rows_in, like):
-    """``out[r] = sum over (b, j) with idx[b, j] == r of coef[b, j] * rows_in[b]``, [d_sae, d_in].
-
-    This is the weight gradient of ``embedding_bag``, which torch computes without
-    materialising [batch, k, d_in]; we borrow it.
-    """
-    w = like.detach().requires_grad_(True)
-    with torch.enable_grad():
-        out = F.embedding_bag(idx, w, per_sample_weights=coef, mode="sum")
-    return torch.autograd.grad(out, w, rows_in)[0]
 
 
 class SparseCode(NamedTuple):
@@ -129,10 +91,10 @@ class TopKSAE(nn.Module):
 
     def _topk(self, x_c, k, dead: torch.Tensor | None = None, aux_k: int = 0):
         kept, idx, aux_kept, aux_idx = self._select(x_c, k, dead, aux_k)
-        code = SparseCode(F.relu(_KeptPreacts.apply(x_c, self.encoder_weight, self.b_enc, idx, kept.float())), idx)
+        code = SparseCode(F.relu(KeptPreacts.apply(x_c, self.encoder_weight, self.b_enc, idx, kept.float())), idx)
         aux = None
         if aux_k:
-            aux = SparseCode(F.relu(_KeptPreacts.apply(x_c, self.encoder_weight, self.b_enc, aux_idx,
+            aux = SparseCode(F.relu(KeptPreacts.apply(x_c, self.encoder_weight, self.b_enc, aux_idx,
                                                        aux_kept.float())), aux_idx)
         return code, aux
 
@@ -214,17 +176,22 @@ class TopKSAE(nn.Module):
             "normalize_activations": "none", "dtype": "float32", "device": "cpu", "tied": self.tied,
         }
 
-    def save(self, directory: str | Path, **extra) -> Path:
-        """Write ``cfg.json`` (architecture, sizes, plus ``extra`` keys) and the weights."""
-        from safetensors.torch import save as save_bytes
+    @property
+    def metadata(self) -> dict:
+        """Where the SAE came from (layer, branch slices, weights, training), as saved in ``cfg.json``."""
+        return getattr(self, "cfg", {}).get("metadata", {})
 
-        from .files import atomic_write, write_json
+    def save(self, directory: str | Path, **metadata) -> Path:
+        """Write ``cfg.json`` (architecture and sizes; provenance ``metadata`` under its own key, as
+        SAELens keeps it) and the weights."""
+        from safetensors.torch import save as save_bytes
 
         directory = Path(directory)
         tensors = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
         data = save_bytes({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
         atomic_write(directory / WEIGHTS_FILE, lambda f: f.write(data))
-        write_json(directory / CFG_FILE, {**extra, **self.config()})
+        self.cfg = {**self.config(), "metadata": metadata}
+        write_json(directory / CFG_FILE, self.cfg)
         return directory
 
     @classmethod
@@ -234,7 +201,13 @@ class TopKSAE(nn.Module):
         directory = Path(directory)
         if not (directory / CFG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{directory} is not a saved SAE: it needs {CFG_FILE} and {WEIGHTS_FILE}")
-        cfg = json.loads((directory / CFG_FILE).read_text())
+        try:
+            cfg = json.loads((directory / CFG_FILE).read_text())
+        except ValueError as e:
+            raise ValueError(f"{directory / CFG_FILE} is not readable JSON ({e}); save the SAE again") from e
+        missing = [key for key in ("architecture", "d_in", "d_sae") if key not in cfg]
+        if missing:
+            raise ValueError(f"{directory / CFG_FILE} lacks {', '.join(missing)}: it is not an SAE config")
         if cfg.get("architecture") != "topk":
             raise ValueError(f"{directory} holds a {cfg.get('architecture')!r} SAE, not a TopK SAE")
         k = cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k")
@@ -253,7 +226,7 @@ class TopKSAE(nn.Module):
         return sae.to(device)
 
 
-# --- losses and metrics -------------------------------------------------------------------
+# --- firing statistics ----------------------------------------------------------------------
 @torch.no_grad()
 def firing_stats(sae: TopKSAE, batches) -> dict[str, torch.Tensor]:
     """Per latent over an iterable of [batch, d_in] tensors: how often it fires and how strongly.
@@ -275,27 +248,3 @@ def firing_stats(sae: TopKSAE, batches) -> dict[str, torch.Tensor]:
         n += x.shape[0]
     return {"frequency": count.double() / max(n, 1), "mean_when_active": total / count.clamp_min(1),
             "max": peak, "n": torch.tensor(n)}
-
-
-
-def normalized_mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The paper's loss: mean over vectors of ||x' - x||^2 / ||x||^2."""
-    return ((x_hat - x).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-12)).mean()
-
-
-def fvu(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Fraction of variance unexplained: sum ||x - x'||^2 / sum ||x - mean(x)||^2."""
-    return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-
-
-def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
-    """Weiszfeld's algorithm: the point minimising the sum of distances to the rows of x."""
-    x = x.float()
-    m = x.mean(0)
-    for _ in range(iters):
-        w = 1.0 / (x - m).norm(dim=1).clamp_min(1e-8)
-        new = (w[:, None] * x).sum(0) / w.sum()
-        if (new - m).norm() <= tol * m.norm().clamp_min(1e-8):
-            return new
-        m = new
-    return m

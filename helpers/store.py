@@ -17,14 +17,18 @@ crash or a full disk never leaves a partial shard that looks complete. Arrays ar
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .files import read_json, write_json, write_npy
+from .files import MANIFEST, read_json, write_json, write_npy
 
 PROVENANCE = np.dtype([("image", "<i4"), ("y", "<i2"), ("x", "<i2"), ("norm", "<f4")])
 
@@ -58,17 +62,78 @@ def write_shard(run: Path, shard: int, arrays: dict[str, tuple[np.ndarray, np.nd
     write_json(shard_record_path(run, shard), record)
 
 
-def read_manifest(run: str | Path) -> dict:
-    path = Path(run) / "manifest.json"
-    if not path.is_file():
-        raise StoreError(
-            f"{run} has no manifest.json, so it is not a harvest run directory; "
-            "make one with `python -m helpers harvest --out DIR ...`"
-        )
-    try:
-        return read_json(path)
-    except ValueError as e:
-        raise StoreError(f"{path} is not readable JSON ({e}); rerun the harvest into a fresh --out") from e
+@dataclass(frozen=True)
+class Manifest:
+    """What a harvest's store holds and what made it (``manifest.json``), as saev's ``Metadata``:
+    written when the harvest starts, completed when its last shard is committed, read by every
+    later step. ``identity()`` is what a resumed harvest must agree on."""
+
+    weights_id: str
+    input: str  # the image convention and decoder
+    layers: tuple[str, ...]
+    widths: dict[str, int]
+    branch_slices: dict[str, dict[str, tuple[int, int]]]
+    grid: dict[str, list[int]]  # [H, W] per layer
+    per_image: int
+    sampling: str
+    seed: int
+    shard_images: int
+    n_shards: int
+    images: dict  # paths, labels, classes, source (images.ImageList.to_record)
+    images_sha256: str
+    config: dict  # the HarvestConfig, as given
+    model: str = "InceptionV1 (Lucid inception5h via Lucent)"
+    random_weights: bool = False
+    warning: str | None = None
+    helpers_version: str = ""
+    kind: str = "harvest"
+    started: str = ""
+    complete: bool = False
+    finished: str | None = None
+    vectors: int | None = None
+    skipped: tuple = ()  # [image index, path, error] of each unreadable file
+
+    IDENTITY: ClassVar[tuple[str, ...]] = ("layers", "per_image", "sampling", "weights_id", "seed", "shard_images",
+                                           "images_sha256", "input")
+
+    def identity(self) -> dict:
+        """The settings that define the store's content, as JSON values."""
+        return json.loads(json.dumps({k: getattr(self, k) for k in self.IDENTITY}))
+
+    def differs_from(self, other: "Manifest") -> list[str]:
+        """The identity settings on which two manifests disagree."""
+        mine, theirs = self.identity(), other.identity()
+        return [k for k in self.IDENTITY if mine[k] != theirs[k]]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images["paths"])
+
+    @classmethod
+    def load(cls, run: str | Path) -> "Manifest":
+        path = Path(run) / MANIFEST
+        if not path.is_file():
+            raise StoreError(f"{run} has no {MANIFEST}, so it is not a harvest run directory; "
+                             "make one with `python -m helpers harvest --out DIR ...`")
+        try:
+            data = read_json(path)
+            known = {f.name for f in dataclasses.fields(cls)}
+            data = {k: v for k, v in data.items() if k in known}
+            data["layers"] = tuple(data["layers"])
+            data["skipped"] = tuple(tuple(s) for s in data.get("skipped", ()))
+            data["branch_slices"] = {layer: {b: tuple(s) for b, s in sl.items()}
+                                     for layer, sl in data["branch_slices"].items()}
+            return cls(**data)
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"{path} is not a readable harvest manifest ({type(e).__name__}: {e}); "
+                             "rerun the harvest into a fresh --out") from e
+
+    def save(self, run: str | Path) -> None:
+        write_json(Path(run) / MANIFEST, dataclasses.asdict(self))
+
+
+def read_manifest(run: str | Path) -> Manifest:
+    return Manifest.load(run)
 
 
 class ActivationStore:
@@ -83,10 +148,10 @@ class ActivationStore:
     def __init__(self, run: str | Path, layer: str, *, allow_partial: bool = False):
         self.run = Path(run)
         self.manifest = read_manifest(self.run)
-        layers = self.manifest["layers"]
+        layers = self.manifest.layers
         if layer not in layers:
             raise StoreError(f"layer {layer!r} was not harvested in {self.run}; it holds {', '.join(layers)}")
-        if not self.manifest.get("complete") and not allow_partial:
+        if not self.manifest.complete and not allow_partial:
             raise StoreError(
                 f"the harvest in {self.run} is not finished; run the same harvest command again to "
                 "complete it (it resumes), or pass allow_partial=True to read the finished shards"
@@ -94,9 +159,9 @@ class ActivationStore:
         self.layer = layer
         self.shards = finished_shards(self.run)
         self.records = {k: read_shard_record(self.run, k) for k in self.shards}
-        self.d = int(self.manifest["widths"][layer])
-        self.branch_slices = {b: tuple(s) for b, s in self.manifest["branch_slices"][layer].items()}
-        self.weights_id = self.manifest["weights_id"]
+        self.d = int(self.manifest.widths[layer])
+        self.branch_slices = dict(self.manifest.branch_slices[layer])
+        self.weights_id = self.manifest.weights_id
 
     def __len__(self) -> int:
         return sum(r["vectors"] for r in self.records.values())
@@ -242,19 +307,13 @@ class DeviceBatches:
             yield self.data.index_select(0, parts[0] if len(parts) == 1 else torch.cat(parts)).float()
 
 
-def save_manifest(run: Path, manifest: dict) -> None:
-    write_json(Path(run) / "manifest.json", manifest)
-
-
 def summary(run: str | Path) -> list[dict]:
     """Per layer: width, vectors, images used and skipped, for a finished harvest."""
     m = read_manifest(run)
-    n_images = len(m["images"]["paths"])
-    return [{"layer": layer, "width": m["widths"][layer], "vectors": len(ActivationStore(run, layer)),
-             "images": n_images - len(m.get("skipped", [])), "skipped": len(m.get("skipped", [])),
-             "per image": m["per_image"], "sampling": m["sampling"]} for layer in m["layers"]]
+    return [{"layer": layer, "width": m.widths[layer], "vectors": len(ActivationStore(run, layer)),
+             "images": m.n_images - len(m.skipped), "skipped": len(m.skipped),
+             "per image": m.per_image, "sampling": m.sampling} for layer in m.layers]
 
 
 def norms_by_layer(run: str | Path) -> dict[str, np.ndarray]:
-    m = read_manifest(run)
-    return {layer: ActivationStore(run, layer).load_provenance()["norm"] for layer in m["layers"]}
+    return {layer: ActivationStore(run, layer).load_provenance()["norm"] for layer in read_manifest(run).layers}

@@ -15,51 +15,22 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .files import append_jsonl, atomic_write, write_json
-from .sae import TIED, TopKSAE, fvu, geometric_median, normalized_mse
+from .config import TrainConfig
+from .files import CFG_FILE, CHECKPOINT, METRICS, TRAIN_RECORD, append_jsonl, atomic_write, write_json
+from .loss import fvu, geometric_median, normalized_mse, training_loss
+from .sae import TopKSAE
 from .store import ActivationStore, ShuffledBatches, StoreError
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.safetensors"
-STORES = ("auto", "disk", "device")
-
-
-@dataclass
-class TrainConfig:
-    run: str | None = field(default=None, metadata={"help": "harvest run directory (with --layer)"})
-    layer: str | None = field(default=None, metadata={"help": "layer of the run to train on, e.g. mixed4c; several "
-                                                      "(mixed4a,mixed4b,...) train at once, one process each"})
-    vectors: str | None = field(default=None, metadata={"help": "instead of --run: an .npy file of shape [N, d]"})
-    out: str = field(default="runs/sae", metadata={"help": "directory for the SAE, metrics and checkpoints"})
-    expansion: int = field(default=16, metadata={"help": "latents = expansion x layer width"})
-    k: int = field(default=32, metadata={"help": "latents kept per vector"})
-    tied: str = field(default="full", metadata={"help": "full (paper's code: W_dec = W_enc^T) or init (Gao et al.)",
-                                                            "choices": TIED})
-    aux_k: int = field(default=0, metadata={"help": "AuxK latents against dead latents (0: off; Gao: d_in/2)"})
-    aux_coef: float = field(default=1 / 32, metadata={"help": "weight of the AuxK loss"})
-    lr: float | None = field(default=None, metadata={"help": "Adam learning rate (default 2e-4 / sqrt(latents / 2^14))"})
-    batch_size: int = field(default=4096, metadata={"help": "vectors per step"})
-    vectors_seen: int = field(default=10_000_000, metadata={"help": "training budget in vectors (paper: ~1e9)"})
-    dead_after: int = field(default=1_000_000, metadata={"help": "a latent silent for this many vectors is dead"})
-    holdout: int = field(default=16384, metadata={"help": "vectors held out for the final FVU"})
-    log_every: int = field(default=25, metadata={"help": "steps between metrics records"})
-    checkpoint_every: int = field(default=5_000_000, metadata={"help": "vectors between checkpoints"})
-    store: str = field(default="auto", metadata={"help": "where training batches come from: disk (shuffled stream of "
-                                                 "memmaps), device (all vectors copied to the device once, shuffled "
-                                                 "there), auto (device on CUDA when it fits)",
-                                                 "choices": STORES})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ...; with several layers, a comma list "
-                                                         "(cuda:0,cuda:1,...) used in turn"})
-    seed: int = field(default=0, metadata={"help": "seeds initialisation and data order"})
-    resume: bool = field(default=False, metadata={"help": "continue from --out's checkpoint"})
 
 
 # settings a resumed run must share with the checkpoint (the budget may grow)
@@ -123,22 +94,25 @@ def _split_holdout(arrays: list[np.ndarray], holdout: int):
     return arrays[:-1] + [last[: len(last) - n]], last[len(last) - n:]
 
 
-def _save_checkpoint(path: Path, sae, opt, since_fired, vectors_seen, step, cfg) -> None:
+def _save_checkpoint(path: Path, state, cfg) -> None:
     from safetensors.torch import save as save_bytes
 
+    sae, opt = state.sae, state.opt
     tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
     names = {id(p): n for n, p in sae.named_parameters()}
     for p, st in opt.state.items():
         for key, value in st.items():
             tensors[f"adam/{names[id(p)]}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    tensors["since_fired"] = since_fired.cpu()
-    meta = {"vectors_seen": str(vectors_seen), "step": str(step), "config": json.dumps(asdict(cfg))}
+    tensors["since_fired"] = state.since_fired.cpu()
+    meta = {"vectors_seen": str(state.seen), "step": str(state.step), "config": json.dumps(asdict(cfg))}
     data = save_bytes(tensors, metadata=meta)
     atomic_write(path, lambda f: f.write(data))
 
 
-def _load_checkpoint(path: Path, sae, opt, cfg, device):
+def _load_checkpoint(path: Path, state, cfg, device) -> None:
     from safetensors import safe_open
+
+    sae, opt = state.sae, state.opt
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
@@ -152,111 +126,141 @@ def _load_checkpoint(path: Path, sae, opt, cfg, device):
         for n, p in sae.named_parameters():
             p.copy_(tensors[f"param/{n}"])
     names = dict(sae.named_parameters())
-    state = {}
+    adam = {}
     for key, value in tensors.items():
         if key.startswith("adam/"):
             _, n, field_name = key.split("/")
-            state.setdefault(n, {})[field_name] = value.to(device)
-    for n, st in state.items():
+            adam.setdefault(n, {})[field_name] = value.to(device)
+    for n, st in adam.items():
         opt.state[names[n]] = st
-    return tensors["since_fired"].to(device), int(meta["vectors_seen"]), int(meta["step"])
+    state.since_fired = tensors["since_fired"].to(device)
+    state.seen, state.step = int(meta["vectors_seen"]), int(meta["step"])
+
+
+@dataclass
+class _State:
+    """What a training run carries from step to step, and what a checkpoint holds."""
+
+    sae: TopKSAE
+    opt: torch.optim.Optimizer
+    since_fired: torch.Tensor  # [d_sae] vectors since each latent last fired
+    seen: int = 0
+    step: int = 0
+
+
+class _Step(NamedTuple):
+    x: torch.Tensor
+    x_hat: torch.Tensor
+    code: object  # sae.SparseCode
+    loss: torch.Tensor
+    aux_loss: torch.Tensor | None
+    dead: torch.Tensor
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train (or resume) one SAE; returns the output directory."""
+    """Train (or resume) one SAE; returns the output directory. The steps: open the vectors, start
+    (or resume) the SAE, then step, log and checkpoint until the budget is spent, then save."""
     from . import distributed
-    from .harvest import resolve_device
 
-    if cfg.tied not in TIED:
-        raise ValueError(f"--tied {cfg.tied!r}; choose from {', '.join(TIED)}")
     arrays, info = open_source(cfg)
-    rank, ranks, device = distributed.setup(resolve_device(cfg.device))
+    rank, ranks, device = distributed.setup(cfg.device)
     if cfg.batch_size % ranks:
         raise ValueError(f"--batch-size {cfg.batch_size} must divide evenly over the {ranks} processes")
     mine = slice(rank * cfg.batch_size // ranks, (rank + 1) * cfg.batch_size // ranks)  # this rank's rows
-    cuda = device.type == "cuda"
-    d_in = arrays[0].shape[1]
-    d_sae = cfg.expansion * d_in
     train_arrays, held = _split_holdout(arrays, cfg.holdout)
     out = Path(cfg.out)
-    ckpt = out / CHECKPOINT
-    if ckpt.exists() and not cfg.resume:
-        raise FileExistsError(f"{out} already holds a training checkpoint; pass --resume to continue it "
-                              "or choose another --out")
+    d_sae = cfg.expansion * arrays[0].shape[1]
+    state = _start(cfg, out, train_arrays, d_sae, device, rank)
+    lr = state.opt.param_groups[0]["lr"]
 
-    sae = TopKSAE(d_in, d_sae, cfg.k, cfg.tied, seed=cfg.seed).to(device)
-    lr = cfg.lr or default_lr(d_sae)
-    opt = make_optimizer(sae.parameters(), lr)
-    since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
-    seen, step = 0, 0
-    if cfg.resume and ckpt.exists():
-        since_fired, seen, step = _load_checkpoint(ckpt, sae, opt, cfg, device)
-        log.info("resuming %s at %d vectors", out, seen)
-    else:
-        sample = ShuffledBatches(train_arrays, min(16384, sum(map(len, train_arrays))), cfg.seed)
-        with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(next(sample.batches()).to(device)))
-    if seen == 0 and rank == 0 and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-
-    stream = _batches(cfg, train_arrays, device, d_sae).batches(start=seen)
+    stream = _batches(cfg, train_arrays, device, d_sae).batches(start=state.seen)
     total_steps = math.ceil(cfg.vectors_seen / cfg.batch_size)
-    bar = tqdm(total=total_steps, initial=step, unit="step", desc=f"train {info['layer'] or 'sae'}",
+    bar = tqdm(total=total_steps, initial=state.step, unit="step", desc=f"train {info['layer'] or 'sae'}",
                **({"disable": True} if rank > 0 else {}))
-    next_ckpt = (seen // cfg.checkpoint_every + 1) * cfg.checkpoint_every
-    t0, seen0 = time.perf_counter(), seen
+    next_ckpt = (state.seen // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+    t0, seen0 = time.perf_counter(), state.seen
     record = {}
-    while step < total_steps:
-        x = next(stream)[mine].to(device, non_blocking=True)  # every rank reads the same global batch
-        dead = since_fired >= min(cfg.dead_after, max(seen, 1))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            out_ = sae.forward_train(x, dead, cfg.aux_k)
-        x_hat = out_.x_hat.float()
-        loss = normalized_mse(x_hat, x)
-        total = loss
-        aux_loss = None
-        if out_.aux_recon is not None:
-            aux_loss = fvu(out_.aux_recon.float(), (x - x_hat).detach())
-            total = loss + cfg.aux_coef * aux_loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        distributed.average_gradients(sae.parameters())  # under torchrun: the global batch's gradient
-        sae.remove_radial_grad()
-        opt.step()
-        sae.normalize_decoder()
-        fired = torch.zeros(sae.d_sae, device=device)
-        fired[out_.code.indices[out_.code.values > 0]] = 1
-        distributed.all_reduce(fired, "max")
-        since_fired += cfg.batch_size
-        since_fired[fired > 0] = 0
-        seen += cfg.batch_size
-        step += 1
+    while state.step < total_steps:
+        result = _step(cfg, state, next(stream)[mine].to(device, non_blocking=True))  # ranks share the global batch
         bar.update(1)
-
-        last = step == total_steps
-        if step % cfg.log_every == 0 or last or seen >= next_ckpt:
-            stats = _global_stats(loss, x_hat, x, out_.code)
-            if not math.isfinite(stats["loss_nmse"]):
-                raise NonFiniteLoss(
-                    f"the loss became {stats['loss_nmse']} at step {step}; the last good checkpoint is kept in {ckpt} "
-                    "(if any). Lower --lr, check the vectors for inf/nan, and run again with --resume")
-            with torch.no_grad():
-                record = {"step": step, "vectors_seen": seen, **stats,
-                          "dead_fraction": dead.float().mean().item(),
-                          "aux_loss": None if aux_loss is None else aux_loss.item(), "lr": lr,
-                          "vectors_per_s": (seen - seen0) / (time.perf_counter() - t0)}
-            if rank == 0:
-                append_jsonl(out / "metrics.jsonl", record)
+        last = state.step == total_steps
+        if state.step % cfg.log_every == 0 or last or state.seen >= next_ckpt:
+            record = _log(out, state, result, lr, (state.seen - seen0) / (time.perf_counter() - t0), rank)
             bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2f}")
-        if seen >= next_ckpt or last:
+        if state.seen >= next_ckpt or last:
             if rank == 0:
-                _save_checkpoint(ckpt, sae, opt, since_fired, seen, step, cfg)
+                _save_checkpoint(out / CHECKPOINT, state, cfg)
             distributed.barrier()
             next_ckpt += cfg.checkpoint_every
     bar.close()
     if rank > 0:
         return out
-    return _finish(out, sae, cfg, info, held, since_fired, seen, lr, record, device)
+    return _finish(out, state, cfg, info, held, lr, record, device)
+
+
+def _start(cfg: TrainConfig, out: Path, arrays, d_sae: int, device: torch.device, rank: int) -> _State:
+    """A new SAE (b_dec at the geometric median of a sample), or the one in ``out``'s checkpoint."""
+    ckpt = out / CHECKPOINT
+    if ckpt.exists() and not cfg.resume:
+        raise FileExistsError(f"{out} already holds a training checkpoint; pass --resume to continue it "
+                              "or choose another --out")
+    sae = TopKSAE(arrays[0].shape[1], d_sae, cfg.k, cfg.tied, seed=cfg.seed).to(device)
+    state = _State(sae, make_optimizer(sae.parameters(), cfg.lr or default_lr(d_sae)),
+                   torch.zeros(d_sae, dtype=torch.long, device=device))
+    if cfg.resume and ckpt.exists():
+        _load_checkpoint(ckpt, state, cfg, device)
+        log.info("resuming %s at %d vectors", out, state.seen)
+    else:
+        sample = ShuffledBatches(arrays, min(16384, sum(map(len, arrays))), cfg.seed)
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(next(sample.batches()).to(device)))
+    if state.seen == 0 and rank == 0 and (out / METRICS).exists():
+        (out / METRICS).unlink()
+    return state
+
+
+def _step(cfg: TrainConfig, state: _State, x: torch.Tensor) -> _Step:
+    """One optimisation step on the batch x: forward, loss, backward (gradients averaged over
+    ranks), Adam, the decoder constraint, and the dead-latent counters."""
+    from . import distributed
+
+    sae = state.sae
+    dead = state.since_fired >= min(cfg.dead_after, max(state.seen, 1))
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
+        out = sae.forward_train(x, dead, cfg.aux_k)
+    x_hat = out.x_hat.float()
+    aux = None if out.aux_recon is None else out.aux_recon.float()
+    total, loss, aux_loss = training_loss(x, x_hat, aux, cfg.aux_coef)
+    state.opt.zero_grad(set_to_none=True)
+    total.backward()
+    distributed.average_gradients(sae.parameters())  # under torchrun: the global batch's gradient
+    sae.remove_radial_grad()
+    state.opt.step()
+    sae.normalize_decoder()
+    fired = torch.zeros(sae.d_sae, device=x.device)
+    fired[out.code.indices[out.code.values > 0]] = 1
+    distributed.all_reduce(fired, "max")
+    state.since_fired += cfg.batch_size
+    state.since_fired[fired > 0] = 0
+    state.seen += cfg.batch_size
+    state.step += 1
+    return _Step(x, x_hat, out.code, loss, aux_loss, dead)
+
+
+def _log(out: Path, state: _State, result: _Step, lr: float, vectors_per_s: float, rank: int) -> dict:
+    """The metrics record of this step (global over ranks), appended to ``metrics.jsonl``."""
+    stats = _global_stats(result.loss, result.x_hat, result.x, result.code)
+    if not math.isfinite(stats["loss_nmse"]):
+        raise NonFiniteLoss(
+            f"the loss became {stats['loss_nmse']} at step {state.step}; the last good checkpoint is kept in "
+            f"{out / CHECKPOINT} (if any). Lower --lr, check the vectors for inf/nan, and run again with --resume")
+    record = {"step": state.step, "vectors_seen": state.seen, **stats,
+              "dead_fraction": result.dead.float().mean().item(),
+              "aux_loss": None if result.aux_loss is None else result.aux_loss.item(), "lr": lr,
+              "vectors_per_s": vectors_per_s}
+    if rank == 0:
+        append_jsonl(out / METRICS, record)
+    return record
 
 
 def memory_estimate(d_in: int, d_sae: int, k: int = 32, batch: int = 4096, tied: str = "full", *, aux_k: int = 0,
@@ -288,8 +292,6 @@ def _batches(cfg: TrainConfig, arrays, device: torch.device, d_sae: int):
 
     rows, d = sum(len(a) for a in arrays), arrays[0].shape[1]
     mode = cfg.store
-    if mode not in STORES:
-        raise ValueError(f"--store {mode!r}; choose from {', '.join(STORES)}")
     if mode != "disk" and device.type == "cuda":
         need = sum(memory_estimate(d, d_sae, cfg.k, cfg.batch_size, cfg.tied, aux_k=cfg.aux_k, cuda=True,
                                    store_rows=rows).values())
@@ -327,8 +329,11 @@ def _global_stats(loss, x_hat, x, code) -> dict:
             "l0": (sums[3] / n).item()}
 
 
-def _finish(out, sae, cfg, info, held, since_fired, seen, lr, last_record, device) -> Path:
+def _finish(out, state, cfg, info, held, lr, last_record, device) -> Path:
+    """The held-out evaluation, then the SAE (``cfg.json`` with its provenance, weights) and ``train.json``."""
     from .inception import RANDOM_WARNING, is_random
+
+    sae, seen = state.sae, state.seen
 
     held_fvu = held_nmse = None
     if len(held):
@@ -336,7 +341,7 @@ def _finish(out, sae, cfg, info, held, since_fired, seen, lr, last_record, devic
             x = torch.from_numpy(np.array(held, dtype=np.float32)).to(device)
             x_hat = sae(x)
             held_fvu, held_nmse = fvu(x_hat, x).item(), normalized_mse(x_hat, x).item()
-    dead_fraction = (since_fired >= min(cfg.dead_after, max(seen, 1))).float().mean().item()
+    dead_fraction = (state.since_fired >= min(cfg.dead_after, max(seen, 1))).float().mean().item()
     weights_id = info["weights_id"]
     extra = {
         "layer": info["layer"], "branch_slices": info["branch_slices"], "weights_id": weights_id,
@@ -347,7 +352,7 @@ def _finish(out, sae, cfg, info, held, since_fired, seen, lr, last_record, devic
         "dead_after": cfg.dead_after, "lr": lr, "expansion": cfg.expansion, "helpers_version": __version__,
     }
     sae.save(out, **extra)
-    write_json(out / "train.json", {"config": asdict(cfg), "last_metrics": last_record, **extra})
+    write_json(out / TRAIN_RECORD, {"config": asdict(cfg), "last_metrics": last_record, **extra})
     return out
 
 
@@ -355,7 +360,7 @@ def read_metrics(sae_dirs: dict[str, Path]) -> dict[str, list[dict]]:
     """``metrics.jsonl`` of each SAE (empty for SAEs not trained here, e.g. the author's)."""
     from .files import read_jsonl
 
-    return {layer: read_jsonl(Path(d) / "metrics.jsonl") if (Path(d) / "metrics.jsonl").exists() else []
+    return {layer: read_jsonl(Path(d) / METRICS) if (Path(d) / METRICS).exists() else []
             for layer, d in sae_dirs.items()}
 
 
@@ -363,11 +368,12 @@ def summary(sae_dirs: dict[str, Path]) -> list[dict]:
     """Per SAE: its size and how well it reconstructs held-out vectors."""
     rows = []
     for layer, d in sae_dirs.items():
-        cfg = json.loads((Path(d) / "cfg.json").read_text())
+        cfg = json.loads((Path(d) / CFG_FILE).read_text())
+        meta = cfg.get("metadata", {})
         rows.append({"layer": layer, "d_in": cfg["d_in"], "latents": cfg["d_sae"], "k": cfg["k"],
-                     "tied": cfg["tied"], "vectors seen": cfg.get("vectors_seen"),
-                     "held-out FVU": cfg.get("final_fvu"), "held-out NMSE": cfg.get("final_nmse"),
-                     "dead fraction": cfg.get("dead_fraction")})
+                     "tied": cfg["tied"], "vectors seen": meta.get("vectors_seen"),
+                     "held-out FVU": meta.get("final_fvu"), "held-out NMSE": meta.get("final_nmse"),
+                     "dead fraction": meta.get("dead_fraction")})
     return rows
 
 

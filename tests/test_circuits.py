@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.circuits import (ablation_edges, active_features, ablation_effects, attribution, circuit_graph, mixed_block, spearman,
-                              weight_edges)
+from helpers.circuits import (ablation_edges, active_features, ablation_effects, attribution, circuit_graph, mixed_block,
+                              same_branch_share, spearman, weight_edges)
 from helpers.inception import LayerCapture, branch_slices, model_input
 from helpers.sae import TopKSAE
 
@@ -105,3 +105,16 @@ def test_circuit_graph_follows_positive_edges(random_model, acts):
     layers = {n[0] for n in graph["nodes"]}
     assert layers == {"mixed4b", "mixed4c", "mixed4d"} and all(e[2] > 0 for e in graph["edges"])
     assert len([e for e in graph["edges"] if e[0][0] == "mixed4b"]) == 2
+
+
+def test_same_branch_share_against_chance():
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 4, 300)
+    dst = rng.integers(0, 4, 300)
+    edges = np.stack([np.arange(300), np.arange(300)], axis=1)
+    aligned = same_branch_share(edges, src, src.copy())
+    assert aligned["share_same"] == 1.0 and aligned["p_value"] < 0.01 and 0.15 < aligned["chance"] < 0.35
+    unrelated = same_branch_share(edges, src, dst)
+    assert abs(unrelated["share_same"] - unrelated["chance"]) < 0.08 and unrelated["p_value"] > 0.01
+    src[:100] = -1  # not specialised: left out
+    assert same_branch_share(edges, src, dst)["edges"] == 200

@@ -29,7 +29,7 @@ def test_harvest_then_train_from_the_command_line(tmp_path, image_dir):
                 "--tied", "init", "--device", "cpu", "--store", "device")
     assert t.returncode == 0, t.stderr
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
-    assert cfg["d_sae"] == 1024 and cfg["tied"] == "init" and cfg["layer"] == "mixed4b"
+    assert cfg["d_sae"] == 1024 and cfg["tied"] == "init" and cfg["metadata"]["layer"] == "mixed4b"
     assert json.loads((tmp_path / "sae" / "train.json").read_text())["config"]["store"] == "device"
 
 

@@ -78,4 +78,4 @@ def test_several_layers_train_at_once_one_process_each(tmp_path, harvest_run):
          "--device", "cpu,cpu"])
     for layer, width in (("mixed4a", 508), ("mixed4c", 512)):
         cfg = read_json(tmp_path / "saes" / layer / "cfg.json")
-        assert cfg["layer"] == layer and cfg["d_in"] == width and cfg["vectors_seen"] == 16
+        assert cfg["metadata"]["layer"] == layer and cfg["d_in"] == width and cfg["metadata"]["vectors_seen"] == 16

@@ -201,7 +201,7 @@ def test_bad_settings_have_clear_errors(tmp_path, image_dir):
     with pytest.raises(ValueError, match="exceeds the 14x14 grid"):
         harvest(HarvestConfig(images=str(image_dir), out=str(tmp_path / "a"), layers="mixed4a", weights="random",
                               workers=0, per_image=197, max_images=1))
-    with pytest.raises(ValueError, match="sampling 'random' is unknown"):
+    with pytest.raises(ValueError, match="--sampling 'random' is not a choice; choose from top-norm, norm-weighted"):
         harvest(HarvestConfig(images=str(image_dir), out=str(tmp_path / "b"), sampling="random", weights="random"))
     with pytest.raises(StoreError, match="no manifest.json"):
         ActivationStore(tmp_path, "mixed4a")

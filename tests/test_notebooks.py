@@ -70,7 +70,7 @@ def test_later_chapters_reuse_the_run(smoke_book):
     assert (run / "harvest" / "manifest.json").exists()
     assert sorted(p.name for p in (run / "saes").iterdir()) == ["mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"]
     cfg = json.loads((run / "saes" / "mixed4c" / "cfg.json").read_text())
-    assert cfg["random_weights"] is True and cfg["d_sae"] == 4 * 512
+    assert cfg["metadata"]["random_weights"] is True and cfg["d_sae"] == 4 * 512
 
 
 def test_paper_figures_are_written_as_png_and_svg_with_the_label(smoke_book):

@@ -6,8 +6,11 @@ from helpers import book, profiles
 def test_profiles_scale_up():
     p = profiles.PROFILES
     assert p["smoke"].weights == "random" and p["cpu"].weights == p["gpu"].weights == p["paper"].weights == "lucent"
-    assert p["smoke"].vectors_seen < p["cpu"].vectors_seen < p["gpu"].vectors_seen < p["paper"].vectors_seen
-    assert (p["cpu"].expansion, p["cpu"].k) == (16, 32)  # the paper's SAEs from cpu up
+    seen = [p[name].train.vectors_seen for name in ("smoke", "cpu", "gpu", "paper")]
+    assert seen == sorted(seen) and len(set(seen)) == 4
+    assert (p["cpu"].train.expansion, p["cpu"].train.k) == (16, 32)  # the paper's SAEs from cpu up
+    for profile in p.values():  # every profile logs enough points to draw its training curves
+        assert -(-profile.train.vectors_seen // profile.train.batch_size) // profile.train.log_every >= 20
     with pytest.raises(ValueError, match="profile 'huge' is unknown"):
         profiles.get_profile("huge")
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.sae import TopKSAE, fvu, geometric_median, normalized_mse
+from helpers.loss import fvu, geometric_median, normalized_mse, topk_sae, training_loss
+from helpers.sae import TopKSAE
 
 
 def _randomised(tied, d_in=12, d_sae=48, k=5, seed=0):
@@ -20,11 +21,9 @@ def _randomised(tied, d_in=12, d_sae=48, k=5, seed=0):
 
 
 def dense_reference(W_enc, W_dec, b_enc, b_dec, x, k, dead=None, aux_k=0):
-    """The SAE written out densely: [batch, d_sae] latents and plain matmuls."""
+    """The SAE as chapter 03 writes it (``loss.topk_sae``, the oracle), plus AuxK written out densely."""
+    x_hat, _ = topk_sae(x, W_enc, b_enc, W_dec, b_dec, k)
     pre = (x - b_dec) @ W_enc + b_enc
-    idx = pre.detach().topk(k, dim=-1).indices
-    z = torch.zeros_like(pre).scatter(1, idx, torch.relu(pre.gather(1, idx)))
-    x_hat = z @ W_dec + b_dec
     aux = None
     if aux_k:
         masked = pre.detach().masked_fill(~dead, float("-inf"))
@@ -91,7 +90,7 @@ def test_save_load_round_trip_in_saelens_layout(tmp_path):
     sae.save(tmp_path / "sae", layer="mixed4c", weights_id="random(seed=0)")
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["d_in"] == 12 and cfg["d_sae"] == 48 and cfg["k"] == 5
-    assert cfg["apply_b_dec_to_input"] is True and cfg["layer"] == "mixed4c" and cfg["tied"] == "init"
+    assert cfg["apply_b_dec_to_input"] is True and cfg["metadata"]["layer"] == "mixed4c" and cfg["tied"] == "init"
     tensors = load_file(tmp_path / "sae" / "sae_weights.safetensors")
     assert tensors["W_enc"].shape == (12, 48) and tensors["W_dec"].shape == (48, 12)
     assert tensors["b_enc"].shape == (48,) and tensors["b_dec"].shape == (12,)
@@ -125,6 +124,10 @@ def test_losses_by_hand():
     assert normalized_mse(x_hat, x).item() == pytest.approx((1 / 25 + 1) / 2)
     # residual energy 2; variance about the mean (2, 2): 1+4+1+4 = 10
     assert fvu(x_hat, x).item() == pytest.approx(2 / 10)
+    total, nmse, aux = training_loss(x, x_hat, torch.zeros_like(x), aux_coef=0.5)
+    # AuxK: the residual x - x_hat = [[0, 1], [1, 0]] against a zero reconstruction: FVU 2 / 1 (mean 0.5, 0.5)
+    assert nmse.item() == pytest.approx((1 / 25 + 1) / 2) and aux.item() == pytest.approx(2.0)
+    assert total.item() == pytest.approx(nmse.item() + 0.5 * 2.0)
 
 
 def test_geometric_median_resists_outliers():

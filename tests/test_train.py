@@ -56,8 +56,9 @@ def test_tied_init_keeps_unit_decoder_rows(tmp_path, vectors):
 def test_records_and_cfg(tmp_path, harvest_run):
     out = train(TrainConfig(run=str(harvest_run), layer="mixed4c", out=str(tmp_path / "sae"), expansion=2, k=8,
                             batch_size=16, vectors_seen=64, device="cpu", log_every=1, holdout=8))
-    cfg = json.loads((out / "cfg.json").read_text())
-    assert cfg["layer"] == "mixed4c" and cfg["d_in"] == 512 and cfg["d_sae"] == 1024
+    full = json.loads((out / "cfg.json").read_text())
+    cfg = full["metadata"]
+    assert cfg["layer"] == "mixed4c" and full["d_in"] == 512 and full["d_sae"] == 1024
     assert cfg["branch_slices"]["5x5"] == [384, 448] and cfg["weights_id"] == "random(seed=0)"
     assert cfg["random_weights"] is True and "RANDOM" in cfg["warning"]
     assert cfg["vectors_seen"] == 64 and 0 <= cfg["dead_fraction"] <= 1 and cfg["final_fvu"] > 0

@@ -1,0 +1,147 @@
+"""What each long job is asked to do: one dataclass per job, checked when it is made.
+
+``HarvestConfig``, ``TrainConfig`` and ``FeatvizConfig`` describe a harvest, an SAE's
+training and a batch of feature visualisations. The command line is generated from them
+(``cli``), they are written next to every artifact, and a profile (``profiles``) is one of
+each. Choices are ``Literal`` fields and numbers have ranges, both checked in
+``__post_init__``, so a bad value stops before anything runs or is written.
+
+This module imports no torch: ``python -m helpers --help`` reads it alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+MIXED_LAYERS = ("mixed3a", "mixed3b", "mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e", "mixed5a", "mixed5b")
+PAPER_LAYERS = ("mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e")
+BRANCHES = ("1x1", "3x3", "5x5", "pool")
+
+Sampling = Literal["top-norm", "norm-weighted"]
+Decode = Literal["workers", "device"]
+Tied = Literal["full", "init"]
+StoreMode = Literal["auto", "disk", "device"]
+Objective = Literal["direction", "neuron"]
+
+
+def check_layers(layers) -> tuple[str, ...]:
+    """Layer names (a list, or one comma-separated string) checked and put in network order."""
+    if isinstance(layers, str):
+        layers = [s.strip() for s in layers.split(",") if s.strip()]
+    layers = list(layers)
+    unknown = [name for name in layers if name not in MIXED_LAYERS]
+    if unknown:
+        raise ValueError(f"layer {unknown[0]!r} is not a layer of InceptionV1; choose from {', '.join(MIXED_LAYERS)}")
+    if not layers:
+        raise ValueError(f"no layers given; choose from {', '.join(MIXED_LAYERS)}")
+    return tuple(name for name in MIXED_LAYERS if name in layers)
+
+
+def option(name: str) -> str:
+    """A field's name as its command-line flag."""
+    return "--" + name.replace("_", "-")
+
+
+def choices(cls, name: str) -> tuple | None:
+    """The allowed values of a ``Literal`` field (also inside ``X | None``), else None."""
+    hint = typing.get_type_hints(cls)[name]
+    for arg in (hint, *typing.get_args(hint)):
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg)
+    return None
+
+
+def _validate(cfg) -> None:
+    """Check every Literal field's value and every numeric field's range (``min`` in its metadata)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        allowed = choices(type(cfg), f.name)
+        if allowed and value is not None and value not in allowed:
+            raise ValueError(f"{option(f.name)} {value!r} is not a choice; choose from {', '.join(map(str, allowed))}")
+        low = f.metadata.get("min")
+        if low is not None and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                      or value < low):
+            raise ValueError(f"{option(f.name)} {value!r} is out of range: it must be a number >= {low}")
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class HarvestConfig:
+    images: str = field(default="imagenette", metadata=_help("folder of images, .txt list of paths, or 'imagenette'"))
+    out: str = field(default="runs/harvest", metadata=_help("run directory to write (or resume)"))
+    layers: tuple[str, ...] = field(default=PAPER_LAYERS, metadata=_help("comma-separated mixed layers"))
+    per_image: int = field(default=10, metadata=_help("grid positions kept per image and layer", min=1))
+    sampling: Sampling = field(default="top-norm", metadata=_help("top-norm (paper text) or norm-weighted (paper code)"))
+    weights: str = field(default="lucent", metadata=_help("lucent, random, or a path to a .pth state dict"))
+    max_images: int | None = field(default=None, metadata=_help("use only the first N images", min=1))
+    batch_size: int = field(default=64, metadata=_help("images per forward pass", min=1))
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:1, ..."))
+    seed: int = field(default=0, metadata=_help("seeds norm-weighted sampling and random weights"))
+    shard_images: int = field(default=1000, metadata=_help("images per shard (the unit of resume)", min=1))
+    workers: int = field(default=2, metadata=_help("DataLoader worker processes reading (and decoding) images", min=0))
+    decode: Decode = field(default="workers", metadata=_help(
+        "workers: PIL decodes in the DataLoader workers; device: JPEGs are decoded, resized and cropped on "
+        "--device (nvJPEG on CUDA), other formats by PIL"))
+    amp: bool = field(default=True, metadata=_help("bfloat16 autocast and channels-last on CUDA"))
+
+    def __post_init__(self):
+        self.layers = check_layers(self.layers)  # a comma string from the CLI becomes a tuple, once
+        _validate(self)
+
+
+@dataclass
+class TrainConfig:
+    run: str | None = field(default=None, metadata=_help("harvest run directory (with --layer)"))
+    layer: str | None = field(default=None, metadata=_help(
+        "layer of the run to train on, e.g. mixed4c; several (mixed4a,mixed4b,...) train at once, one process each"))
+    vectors: str | None = field(default=None, metadata=_help("instead of --run: an .npy file of shape [N, d]"))
+    out: str = field(default="runs/sae", metadata=_help("directory for the SAE, metrics and checkpoints"))
+    expansion: int = field(default=16, metadata=_help("latents = expansion x layer width", min=1))
+    k: int = field(default=32, metadata=_help("latents kept per vector", min=1))
+    tied: Tied = field(default="full", metadata=_help("full (paper's code: W_dec = W_enc^T) or init (Gao et al.)"))
+    aux_k: int = field(default=0, metadata=_help("AuxK latents against dead latents (0: off; Gao: d_in/2)", min=0))
+    aux_coef: float = field(default=1 / 32, metadata=_help("weight of the AuxK loss", min=0))
+    lr: float | None = field(default=None, metadata=_help(
+        "Adam learning rate (default 2e-4 / sqrt(latents / 2^14))", min=1e-12))
+    batch_size: int = field(default=4096, metadata=_help("vectors per step", min=1))
+    vectors_seen: int = field(default=10_000_000, metadata=_help("training budget in vectors (paper: ~1e9)", min=1))
+    dead_after: int = field(default=1_000_000, metadata=_help("a latent silent for this many vectors is dead", min=1))
+    holdout: int = field(default=16384, metadata=_help("vectors held out for the final FVU", min=0))
+    log_every: int = field(default=25, metadata=_help("steps between metrics records", min=1))
+    checkpoint_every: int = field(default=5_000_000, metadata=_help("vectors between checkpoints", min=1))
+    store: StoreMode = field(default="auto", metadata=_help(
+        "where training batches come from: disk (shuffled stream of memmaps), device (all vectors copied to the "
+        "device once, shuffled there), auto (device on CUDA when it fits)"))
+    device: str = field(default="auto", metadata=_help(
+        "auto, cpu, cuda, ...; with several layers, a comma list (cuda:0,cuda:1,...) used in turn"))
+    seed: int = field(default=0, metadata=_help("seeds initialisation and data order"))
+    resume: bool = field(default=False, metadata=_help("continue from --out's checkpoint"))
+
+    def __post_init__(self):
+        _validate(self)
+
+
+@dataclass(frozen=True)
+class FeatvizConfig:
+    steps: int = field(default=512, metadata=_help("optimisation steps (the author: ~2500)", min=1))
+    size: int = field(default=224, metadata=_help("image side in pixels", min=16))
+    lr: float = field(default=0.05, metadata=_help("Adam learning rate", min=1e-12))
+    objective: Objective = field(default="direction", metadata=_help(
+        "direction (cosine with the decoder vector, mean over positions) or neuron (the centre position)"))
+    batch: int = field(default=16, metadata=_help("features per optimisation", min=1))
+    seed: int = field(default=0, metadata=_help("seeds the image parameterisation"))
+
+    def __post_init__(self):
+        _validate(self)
+
+    def key(self) -> str:
+        """A short hash of the settings, naming the cache folder of the images they make."""
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]

@@ -1,0 +1,152 @@
+"""Chapters to modules: the code a chapter marks for export becomes a module of this package.
+
+A chapter (``nbs/NN_name.ipynb``) names its module in one code cell, ``#| default_exp
+branches``, and marks each cell to export with a first line ``#| export`` (nbdev's
+markers). ``python -m helpers export`` writes ``helpers/<module>.py``: a header saying it
+is generated, the chapter's module docstring (the first exported cell may open with one),
+then the exported cells in order. Every top-level function and class must have a
+docstring; the exporter adds to it the chapter that defines it, as d2l does.
+
+Generated modules are committed and never edited by hand: ``python -m helpers export
+--check`` (and ``tests/test_export.py``) fails when a module differs from its chapter.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "nbs"
+PACKAGE = ROOT / "helpers"
+EXPORT, DEFAULT_EXP = "#| export", "#| default_exp"
+HEADER = ("# GENERATED from {chapter} by `python -m helpers export`: edit the chapter, not this file\n"
+          "# (tests/test_export.py fails when the two differ).\n")
+
+
+class ExportError(ValueError):
+    """A chapter's export cells cannot make a module."""
+
+
+@dataclass(frozen=True)
+class Chapter:
+    path: Path
+    module: str  # helpers/<module>.py
+    title: str
+    cells: tuple[str, ...]  # the exported cells' source, markers removed
+
+    @property
+    def number(self) -> str:
+        return self.path.name.split("_", 1)[0]
+
+
+def read_chapter(path: Path) -> Chapter | None:
+    """The chapter's export target and exported cells, or None if it exports nothing."""
+    nb = json.loads(Path(path).read_text())
+    module, cells, title = None, [], path.stem
+    for cell in nb["cells"]:
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "markdown" and title == path.stem and source.startswith("# "):
+            title = source.splitlines()[0][2:].strip()
+        if cell["cell_type"] != "code":
+            continue
+        first, _, rest = source.partition("\n")
+        if first.startswith(DEFAULT_EXP):
+            module = first[len(DEFAULT_EXP):].strip()
+        elif first.strip() == EXPORT:
+            cells.append(rest.strip("\n"))
+    if not cells:
+        return None
+    if not module:
+        raise ExportError(f"{path.name} marks cells with {EXPORT} but names no module; add a cell "
+                          f"'{DEFAULT_EXP} NAME' (the module becomes helpers/NAME.py)")
+    return Chapter(Path(path), module, title, tuple(cells))
+
+
+def _with_chapter_in_docstrings(source: str, chapter: Chapter) -> str:
+    """Append 'Defined in chapter NN, Title.' to the docstring of every top-level def and class."""
+    tree = ast.parse(source)
+    lines = source.split("\n")
+    note = f"Defined in chapter {chapter.number}, *{chapter.title}* (nbs/{chapter.path.name})."
+    edits = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        doc = node.body[0] if node.body else None
+        if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+            raise ExportError(f"{chapter.path.name}: exported {node.name!r} has no docstring; say what it computes")
+        edits.append((doc.end_lineno - 1, doc.end_col_offset, doc.col_offset))
+    for line_no, end, indent in sorted(edits, reverse=True):
+        line = lines[line_no]
+        quote = line[end - 3:end]
+        if quote not in ('"""', "'''"):
+            raise ExportError(f"{chapter.path.name}: write docstrings with triple quotes (line {line_no + 1})")
+        pad, text = " " * indent, line[:end - 3].rstrip()
+        # 'text' is the docstring's last line ('    """One line.' or '' when the quotes stand alone)
+        lines[line_no] = f"{text}\n\n{pad}{note}\n{pad}{quote}{line[end:]}" if text.strip() else \
+            f"\n{pad}{note}\n{pad}{quote}{line[end:]}"
+    return "\n".join(lines)
+
+
+def module_source(chapter: Chapter) -> str:
+    """The text of ``helpers/<chapter.module>.py``."""
+    cells = list(chapter.cells)
+    docstring = ""
+    first = ast.parse(cells[0]).body
+    if first and isinstance(first[0], ast.Expr) and isinstance(first[0].value, ast.Constant) \
+            and isinstance(first[0].value.value, str):
+        end = first[0].end_lineno
+        head = cells[0].split("\n")
+        docstring, cells[0] = "\n".join(head[:end]) + "\n", "\n".join(head[end:]).strip("\n")
+    body = "\n\n\n".join(c for c in cells if c)
+    body = _with_chapter_in_docstrings(body, chapter)
+    text = HEADER.format(chapter=f"nbs/{chapter.path.name}") + docstring + "\n" + body + "\n"
+    return re.sub(r"\n{4,}", "\n\n\n", text)
+
+
+def chapters(folder: Path = NOTEBOOKS) -> list[Chapter]:
+    found = [c for c in (read_chapter(p) for p in sorted(Path(folder).glob("[0-9]*.ipynb"))) if c]
+    seen: dict[str, Path] = {}
+    for c in found:
+        if c.module in seen:
+            raise ExportError(f"{c.path.name} and {seen[c.module].name} both export helpers/{c.module}.py; "
+                              "one module per chapter")
+        seen[c.module] = c.path
+    return found
+
+
+def export(folder: Path = NOTEBOOKS, package: Path = PACKAGE, check: bool = False) -> list[str]:
+    """Write (or, with ``check``, compare) every generated module; returns the modules that
+    differ from their chapter (with ``check``) or were rewritten."""
+    changed = []
+    for chapter in chapters(folder):
+        target = Path(package) / f"{chapter.module}.py"
+        text = module_source(chapter)
+        if not target.exists() or target.read_text() != text:
+            changed.append(f"helpers/{chapter.module}.py (from nbs/{chapter.path.name})")
+            if not check:
+                target.write_text(text)
+    return changed
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m helpers export", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if a module differs")
+    args = parser.parse_args(argv)
+    try:
+        changed = export(check=args.check)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.check and changed:
+        print("generated modules differ from their chapters (run `python -m helpers export`):\n  "
+              + "\n  ".join(changed), file=sys.stderr)
+        return 1
+    print("\n".join(f"wrote {c}" for c in changed) or "every generated module matches its chapter")
+    return 0

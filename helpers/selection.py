@@ -1,0 +1,52 @@
+# GENERATED from nbs/07_feature_visualization.ipynb by `python -m helpers export`: edit the chapter, not this file
+# (tests/test_export.py fails when the two differ).
+"""Which dataset examples and which features the book shows (chapter 07)."""
+
+import numpy as np
+import torch
+
+from helpers.inception import BRANCHES
+
+
+def strongest_examples(z: torch.Tensor, top: int, width: int = 14) -> tuple[np.ndarray, ...]:
+    """Each feature's ``top`` strongest images from dense activation maps ``z`` [images, positions, features]:
+    (value, image, y, x), each [features, top], strongest first; image -1 (value 0) where it fires on fewer.
+
+    Defined in chapter 07, *Feature visualisation and dataset examples* (nbs/07_feature_visualization.ipynb).
+    """
+    best, where = z.max(dim=1)  # per image and feature: the strongest position
+    value, image = best.T.topk(min(top, z.shape[0]), dim=1)  # [features, top]
+    position = where.T.gather(1, image)
+    image = torch.where(value > 0, image, -1)
+    out = [np.zeros((z.shape[2], top), np.float32), np.full((z.shape[2], top), -1), np.zeros((z.shape[2], top), int),
+           np.zeros((z.shape[2], top), int)]
+    n = value.shape[1]
+    out[0][:, :n], out[1][:, :n] = value.clamp_min(0).numpy(), image.numpy()
+    out[2][:, :n], out[3][:, :n] = (position // width).numpy(), (position % width).numpy()
+    return tuple(out)
+
+
+def activation_bands(value: np.ndarray, image: np.ndarray, y: np.ndarray, x: np.ndarray, maximum: float,
+                     n_bands: int = 4, per_band: int = 3) -> list[list[tuple[float, int, int, int]]]:
+    """A feature's sampled examples (``value``, ``image`` (-1: empty slot), ``y``, ``x``) split into ``n_bands``
+    equal-width bands of activation up to ``maximum``; up to ``per_band`` (value, image, y, x) from each, weakest band first.
+
+    Defined in chapter 07, *Feature visualisation and dataset examples* (nbs/07_feature_visualization.ipynb).
+    """
+    ok = image >= 0
+    value, image, y, x = value[ok], image[ok], y[ok], x[ok]
+    out = []
+    for b in range(n_bands):
+        lo, hi = maximum * b / n_bands, maximum * (b + 1) / n_bands
+        chosen = np.flatnonzero((value > lo) & (value <= hi))[:per_band]
+        out.append([(float(value[j]), int(image[j]), int(y[j]), int(x[j])) for j in chosen])
+    return out
+
+
+def figure1_features(analysis, top_image: np.ndarray, branch: str, n: int) -> list[int]:
+    """The ``n`` features of a layer's BranchAnalysis most specialised to ``branch`` that have an example
+    (``top_image`` [features, top], -1: none).
+
+    Defined in chapter 07, *Feature visualisation and dataset examples* (nbs/07_feature_visualization.ipynb).
+    """
+    return [f for f in analysis.most_specialised(branch, None) if top_image[f, 0] >= 0][:n]

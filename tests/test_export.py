@@ -1,0 +1,65 @@
+"""The chapters define the science; the modules generated from them must say the same."""
+
+import importlib
+import inspect
+import json
+import shutil
+
+import pytest
+
+from helpers import export
+
+
+def test_every_generated_module_matches_its_chapter():
+    changed = export.export(check=True)
+    assert changed == [], f"edit the chapter and run `python -m helpers export`: {changed}"
+
+
+def test_the_chapters_define_the_papers_computations():
+    """Each definition a reader looks for lives in the chapter that presents it."""
+    where = {c.module: c.path.stem for c in export.chapters()}
+    assert where == {"sampling": "02_harvesting", "loss": "03_training", "branches": "04_branch_specialization",
+                     "circuits": "05_circuits", "embed": "06_umap", "selection": "07_feature_visualization"}
+    defined = {"sampling": ["select_positions"], "loss": ["topk_sae", "normalized_mse", "training_loss"],
+               "branches": ["fraction_in_branch", "baseline", "analyse_branches"],
+               "circuits": ["ablation_edges", "attribution", "circuit_graph"], "embed": ["umap_embedding"],
+               "selection": ["strongest_examples", "activation_bands", "figure1_features"]}
+    for module, names in defined.items():
+        for name in names:
+            obj = getattr(importlib.import_module(f"helpers.{module}"), name)
+            assert f"Defined in chapter {where[module][:2]}" in inspect.getdoc(obj), (module, name)
+
+
+def test_a_chapter_edit_is_caught_until_the_module_is_regenerated(tmp_path):
+    nbs, package = tmp_path / "nbs", tmp_path / "helpers"
+    shutil.copytree(export.NOTEBOOKS, nbs)
+    package.mkdir()
+    assert len(export.export(nbs, package)) == 6  # all written into the empty package
+    assert export.export(nbs, package, check=True) == []
+    path = nbs / "04_branch_specialization.ipynb"
+    nb = json.loads(path.read_text())
+    cell = next(c for c in nb["cells"] if "".join(c["source"]).startswith("#| export\n") and
+                "def fraction_in_branch" in "".join(c["source"]))
+    cell["source"] = "".join(cell["source"]).replace("d = d.clamp_min(0)", "d = d.abs()")
+    path.write_text(json.dumps(nb))
+    assert export.export(nbs, package, check=True) == ["helpers/branches.py (from nbs/04_branch_specialization.ipynb)"]
+    export.export(nbs, package)
+    assert "d = d.abs()" in (package / "branches.py").read_text()
+    (package / "branches.py").write_text((package / "branches.py").read_text() + "\n# edited by hand\n")
+    assert export.export(nbs, package, check=True) != []  # a hand edit of a generated module is caught too
+
+
+def test_an_exported_function_without_a_docstring_is_refused(tmp_path):
+    nb = {"cells": [{"cell_type": "markdown", "metadata": {}, "source": "# A chapter"},
+                    {"cell_type": "code", "metadata": {}, "source": "#| default_exp thing", "outputs": []},
+                    {"cell_type": "code", "metadata": {}, "source": "#| export\ndef f(x):\n    return x", "outputs": []}],
+          "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    (tmp_path / "09_thing.ipynb").write_text(json.dumps(nb))
+    with pytest.raises(export.ExportError, match="'f' has no docstring"):
+        export.export(tmp_path, tmp_path)
+    nb["cells"][2]["source"] = '#| export\ndef f(x):\n    """Twice."""\n    return 2 * x'
+    (tmp_path / "09_thing.ipynb").write_text(json.dumps(nb))
+    export.export(tmp_path, tmp_path)
+    text = (tmp_path / "thing.py").read_text()
+    assert text.startswith("# GENERATED from nbs/09_thing.ipynb")
+    assert '"""Twice.\n\n    Defined in chapter 09, *A chapter* (nbs/09_thing.ipynb).\n    """' in text

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import FeatvizConfig
-from .files import atomic_write
+from .files import WEIGHTS_FILE, atomic_write
 from .inception import MIXED_LAYERS
 
 
@@ -76,7 +76,7 @@ def cache_path(cache_dir: Path, sae_id: str, layer: str, feature: int, cfg: Feat
 def sae_id(sae_dir: Path) -> str:
     """A short id of an SAE's weights file, so cached images follow the SAE they show."""
     h = hashlib.sha256()
-    with open(Path(sae_dir) / "sae_weights.safetensors", "rb") as f:
+    with open(Path(sae_dir) / WEIGHTS_FILE, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:10]

@@ -33,14 +33,20 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save
 
 from . import branches, circuits, dashboard, embed, labels
+from .author import REPO_ID, fetch_author_sae
+from .examples import Examples, cell_colours, example_pass
+from .featviz import cache_path, render_features, sae_id
 from .files import CFG_FILE, CHECKPOINT, EXAMPLES, FEATURE_STATS, MANIFEST, atomic_write, write_npy
 from .images import ImageList, generate_images, load_image
 from .inception import LayerCapture, architecture_slices, load_model, model_input_from_uint8
 from .profiles import SAMPLE, Context
 from .sae import TopKSAE, firing_stats
+from .harvest import harvest
 from .store import ActivationStore, read_manifest
+from .train import train
 
 ARTIFACTS: dict[str, tuple[Callable, bool]] = {}  # name -> (maker, per layer)
 _MEMO: dict = {}
@@ -88,8 +94,6 @@ def image_source(ctx: Context) -> str:
 
 @_artifact("harvest", per_layer=False)
 def _harvest(ctx: Context) -> Path:
-    from .harvest import harvest
-
     if (ctx.harvest_dir / MANIFEST).exists() and read_manifest(ctx.harvest_dir).complete:
         return ctx.harvest_dir
     cfg = dataclasses.replace(ctx.profile.harvest, images=image_source(ctx), out=str(ctx.harvest_dir),
@@ -105,8 +109,6 @@ def _images(ctx: Context) -> ImageList:
 
 @_artifact("cell_colours", per_layer=False)
 def _cell_colours(ctx: Context) -> np.ndarray:
-    from .examples import cell_colours
-
     path = get(ctx, "harvest") / "cell_colours.npy"
     if not path.exists():
         colours = []
@@ -144,13 +146,9 @@ def layer_activations(ctx: Context, layers, n_images: int) -> dict[str, torch.Te
 @_artifact("sae_dir")
 def _sae_dir(ctx: Context, layer: str) -> Path:
     """Reused when saved; trained (resuming a checkpoint), or fetched for ``saes="author"``, otherwise."""
-    from .train import train
-
     directory = ctx.sae_dir(layer)
     if not (directory / CFG_FILE).exists():
         if ctx.saes == "author":
-            from .author import REPO_ID, fetch_author_sae
-
             fetch_author_sae(layer).save(directory, layer=layer, source=f"hf:{REPO_ID}",
                                          weights_id="lucent (the author's)", random_weights=False)
         else:
@@ -172,8 +170,6 @@ def _slices(ctx: Context, layer: str) -> dict[str, tuple[int, int]]:
 
 @_artifact("feature_stats")
 def _feature_stats(ctx: Context, layer: str, max_vectors: int = 500_000) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file, save
-
     path = get(ctx, "sae_dir", layer) / FEATURE_STATS
     if not path.exists():
         vectors = ActivationStore(get(ctx, "harvest"), layer).load(max_vectors)
@@ -192,8 +188,6 @@ def _branches(ctx: Context, layer: str) -> branches.BranchAnalysis:
 # --- seeing features --------------------------------------------------------------------------
 @_artifact("examples")
 def _examples(ctx: Context, layer: str):
-    from .examples import Examples, example_pass
-
     path = get(ctx, "sae_dir", layer) / EXAMPLES
     if not path.exists():
         example_pass(get(ctx, "model"), get(ctx, "sae", layer), layer, get(ctx, "images")).save(path)
@@ -209,8 +203,6 @@ def _labels(ctx: Context, layer: str, top: int = 8) -> list[dict]:
 
 def featviz(ctx: Context, layer: str, features) -> dict[int, Path]:
     """Feature visualisations (PNG, cached under the run's ``featviz/``) of ``features``."""
-    from .featviz import render_features
-
     return render_features(get(ctx, "featviz_model"), layer, get(ctx, "sae", layer), get(ctx, "sae_dir", layer),
                            features, ctx.run_dir / "featviz", ctx.profile.featviz)
 
@@ -229,8 +221,6 @@ def _umap(ctx: Context, layer: str) -> embed.Embedding:
 
 @_artifact("view")
 def _view(ctx: Context, layer: str) -> dashboard.LayerView:
-    from .featviz import cache_path, sae_id
-
     analysis = get(ctx, "branches", layer)
     sid = sae_id(get(ctx, "sae_dir", layer))
     rendered = {int(f): cache_path(ctx.run_dir / "featviz", sid, layer, int(f), ctx.profile.featviz)

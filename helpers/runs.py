@@ -40,11 +40,11 @@ from .author import REPO_ID, fetch_author_sae
 from .examples import Examples, cell_colours, example_pass
 from .featviz import cache_path, render_features, sae_id
 from .files import CFG_FILE, CHECKPOINT, EXAMPLES, FEATURE_STATS, MANIFEST, atomic_write, write_npy
+from .harvest import harvest
 from .images import ImageList, generate_images, load_image
 from .inception import LayerCapture, architecture_slices, load_model, model_input_from_uint8
 from .profiles import SAMPLE, Context
 from .sae import TopKSAE, firing_stats
-from .harvest import harvest
 from .store import ActivationStore, read_manifest
 from .train import train
 

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import importlib
 import logging
+import os
 import sys
 import typing
 
@@ -26,6 +27,7 @@ COMMANDS = {
 DELEGATED = {
     "book": ("book", "execute the notebooks in a profile and build the Jupyter Book"),
     "export": ("export", "write helpers/ modules from the chapters' #| export cells (--check: only compare)"),
+    "verify": ("store", "check a harvest's store: every shard against its record, the manifest and its checksums"),
 }
 
 
@@ -77,8 +79,12 @@ def main(argv=None) -> int:
             out = train_layers(cfg, [layer for layer in cfg.layer.split(",") if layer], devices)
         else:
             out = _run(target, cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # every failure as one line (SAE_DEBUG=1 shows the traceback)
+        if os.environ.get("SAE_DEBUG"):
+            raise
+        known = isinstance(e, (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError))
+        print(f"error: {e}" if known else f"error: {type(e).__name__}: {e} (rerun with SAE_DEBUG=1 for the traceback, "
+              "and report it)", file=sys.stderr)
         return 2
     print(out)
     return 0

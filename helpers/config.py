@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -65,8 +66,8 @@ def _validate(cfg) -> None:
             raise ValueError(f"{option(f.name)} {value!r} is not a choice; choose from {', '.join(map(str, allowed))}")
         low = f.metadata.get("min")
         if low is not None and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                                      or value < low):
-            raise ValueError(f"{option(f.name)} {value!r} is out of range: it must be a number >= {low}")
+                                                      or not math.isfinite(value) or value < low):
+            raise ValueError(f"{option(f.name)} {value!r} is out of range: it must be a finite number >= {low}")
 
 
 def _help(text: str, **extra) -> dict:
@@ -84,7 +85,7 @@ class HarvestConfig:
     max_images: int | None = field(default=None, metadata=_help("use only the first N images", min=1))
     batch_size: int = field(default=64, metadata=_help("images per forward pass", min=1))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:1, ..."))
-    seed: int = field(default=0, metadata=_help("seeds norm-weighted sampling and random weights"))
+    seed: int = field(default=0, metadata=_help("seeds norm-weighted sampling and random weights", min=0))
     shard_images: int = field(default=1000, metadata=_help("images per shard (the unit of resume)", min=1))
     workers: int = field(default=2, metadata=_help("DataLoader worker processes reading (and decoding) images", min=0))
     decode: Decode = field(default="workers", metadata=_help(
@@ -122,7 +123,7 @@ class TrainConfig:
         "device once, shuffled there), auto (device on CUDA when it fits)"))
     device: str = field(default="auto", metadata=_help(
         "auto, cpu, cuda, ...; with several layers, a comma list (cuda:0,cuda:1,...) used in turn"))
-    seed: int = field(default=0, metadata=_help("seeds initialisation and data order"))
+    seed: int = field(default=0, metadata=_help("seeds initialisation and data order", min=0))
     resume: bool = field(default=False, metadata=_help("continue from --out's checkpoint"))
 
     def __post_init__(self):
@@ -137,7 +138,7 @@ class FeatvizConfig:
     objective: Objective = field(default="direction", metadata=_help(
         "direction (cosine with the decoder vector, mean over positions) or neuron (the centre position)"))
     batch: int = field(default=16, metadata=_help("features per optimisation", min=1))
-    seed: int = field(default=0, metadata=_help("seeds the image parameterisation"))
+    seed: int = field(default=0, metadata=_help("seeds the image parameterisation", min=0))
 
     def __post_init__(self):
         _validate(self)

@@ -6,7 +6,9 @@ place, so a crash or a full disk never leaves a half-written file that looks com
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -67,8 +69,68 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
-def write_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
-    return atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+class _Stream:
+    """A file seen only through ``write`` (numpy then writes arrays in chunks with ``write``, whose
+    failures carry their errno, instead of ``tofile``, whose OSError on a full disk has none),
+    hashing what goes through."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += memoryview(data).nbytes
+        return self.f.write(data)
+
+
+def write_npy(path: str | os.PathLike, array: np.ndarray) -> dict:
+    """Write ``array`` as .npy atomically; returns its ``{"sha256", "bytes"}`` for a commit record."""
+    streams = []
+
+    def save(f):
+        streams.append(_Stream(f))
+        np.save(streams[-1], array, allow_pickle=False)
+
+    atomic_write(path, save)
+    return {"sha256": streams[-1].sha256.hexdigest(), "bytes": streams[-1].bytes}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str):
+    """Hold an exclusive lock on ``path`` (created if missing) while the block runs; if another
+    process holds it, stop at once with a ``LockedError`` naming ``what`` and the lock file."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise LockedError(f"{what} is in use by {holder} (lock {path}); wait for it to finish, "
+                              "or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock of a run directory."""
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:

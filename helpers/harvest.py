@@ -17,6 +17,7 @@ first unfinished shard and ends with the same store as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -32,15 +33,16 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import HarvestConfig
-from .files import HARVEST_LOG, MANIFEST, append_jsonl
+from .files import HARVEST_LOG, MANIFEST, append_jsonl, exclusive_lock
 from .images import ImageDataset, collate, decode_on_device, list_images
 from .inception import (RANDOM_WARNING, LayerCapture, branch_slices, check_layers, is_random, layer_width, load_model,
                         model_input_from_uint8)
 from .sampling import select_positions
-from .store import (PROVENANCE, Manifest, StoreError, finished_shards, read_manifest, read_shard_record,
-                    write_shard)
+from .store import (PROVENANCE, Manifest, StoreError, read_manifest, read_shard_record, shard_problems,
+                    shard_record_path, write_shard)
 
 log = logging.getLogger(__name__)
+LOCK = ".harvest.lock"
 INPUT = "Resize(256) CenterCrop(224), RGB in [0,1] -> x*255-117"
 
 
@@ -50,7 +52,8 @@ def _uniforms(seed: int, shard: int, layer: str, n_images: int, per_image: int) 
 
 
 def _sha256_lines(lines) -> str:
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    # file names need not be UTF-8: undecodable bytes travel as surrogates and go back to bytes here
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 class _ShardBatches:
@@ -106,24 +109,50 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
         model = model.to(memory_format=torch.channels_last)
     capture = LayerCapture(model, layers)
     slices = branch_slices(model, layers)
-    out = Path(cfg.out)
     manifest = _manifest(cfg, images, weights_id, slices, capture, device)
-    if rank == 0:
-        manifest = _open_run(out, manifest)
-    distributed.barrier()
-    if is_random(weights_id):
-        log.warning("harvest %s: %s", out, RANDOM_WARNING)
+    _check_settings(cfg, manifest)  # before anything is written
+    out = Path(cfg.out)
+    with exclusive_lock(out / LOCK, f"the harvest directory {out}") if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            manifest = _open_run(out, manifest)
+        distributed.barrier()
+        if is_random(weights_id):
+            log.warning("harvest %s: %s", out, RANDOM_WARNING)
+        _harvest_shards(cfg, out, manifest, images, capture, device, use_amp, rank, ranks)
+        distributed.barrier()
+        if rank == 0:
+            _finish(out, manifest)
+    return out
 
-    n_images, n_shards = len(images), manifest.n_shards
+
+def _check_settings(cfg: HarvestConfig, manifest: Manifest) -> None:
+    """Settings that only the model can check: positions per image against each layer's grid."""
+    for layer, (h, w) in manifest.grid.items():
+        if cfg.sampling == "top-norm" and cfg.per_image > h * w:
+            raise ValueError(f"--per-image {cfg.per_image} exceeds the {h}x{w} grid of positions of {layer}; "
+                             f"top-norm keeps distinct positions, so use at most {h * w}")
+
+
+def _harvest_shards(cfg, out: Path, manifest: Manifest, images, capture, device, use_amp, rank, ranks) -> None:
+    """This rank's shards that are not finished (or are damaged, or were made under another
+    configuration: those are redone), batch by batch, each committed when its last image is in."""
+    layers, n_images, n_shards = manifest.layers, len(images), manifest.n_shards
     shard_len = lambda k: min((k + 1) * cfg.shard_images, n_images) - k * cfg.shard_images
-    done = set(finished_shards(out))
     mine = [k for k in range(n_shards) if k % ranks == rank]  # under torchrun, shards by rank
+    done = set()
+    for k in mine:
+        problems = shard_problems(out, manifest, k)
+        if not problems:
+            done.add(k)
+        elif shard_record_path(out, k).exists():
+            log.warning("harvest %s: redoing %s", out, "; ".join(problems))
+            shard_record_path(out, k).unlink()
     todo = [k for k in mine if k not in done]
     loader = DataLoader(ImageDataset(images, encoded=cfg.decode == "device"),
                         batch_sampler=_ShardBatches(todo, cfg.shard_images, n_images, cfg.batch_size),
                         collate_fn=collate, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         persistent_workers=False)
-    bar = tqdm(total=sum(map(shard_len, mine)), initial=sum(shard_len(k) for k in done if k in mine), unit="img",
+    bar = tqdm(total=sum(map(shard_len, mine)), initial=sum(map(shard_len, done)), unit="img",
                desc=f"harvest {out.name}" + (f" rank {rank}" if ranks > 1 else ""))
     pending: dict[int, _ShardBuffer] = {}
     for idx, pixels, bad in loader:
@@ -140,13 +169,9 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
             _harvest_batch(capture, pixels, idx - buffer.first_image, cfg, device, use_amp, buffer)
         bar.update(len(idx) + len(bad))
         if buffer.complete:
-            record = _commit_shard(out, pending.pop(shard), layers, cfg.per_image, slices)
+            record = _commit_shard(out, pending.pop(shard), manifest, cfg.per_image)
             append_jsonl(out / HARVEST_LOG, record)
     bar.close()
-    distributed.barrier()
-    if rank == 0:
-        _finish(out, manifest)
-    return out
 
 
 def _manifest(cfg: HarvestConfig, images, weights_id: str, slices, capture, device) -> Manifest:
@@ -271,10 +296,11 @@ def _harvest_batch(capture, pixels, rows, cfg, device, use_amp, buffer: _ShardBu
         buffer.parts.setdefault(name, []).append(_Kept(vectors.half().cpu(), image, pos // w, pos % w, norms.cpu()))
 
 
-def _commit_shard(out, buffer: _ShardBuffer, layers, per_image, slices) -> dict:
-    """Write the shard's arrays, then its record (the commit); returns the record."""
-    arrays = {name: buffer.arrays(name, layer_width(slices[name])) for name in layers}
+def _commit_shard(out, buffer: _ShardBuffer, manifest: Manifest, per_image: int) -> dict:
+    """Write the shard's arrays, then its record (the commit); returns the progress record."""
+    arrays = {name: buffer.arrays(name, manifest.widths[name]) for name in manifest.layers}
     record = {"shard": buffer.shard, "images": [buffer.first_image, buffer.first_image + buffer.n_images],
-              "vectors": len(arrays[layers[-1]][0]), "per_image": per_image, "skipped": sorted(buffer.skipped)}
+              "vectors": len(arrays[manifest.layers[-1]][0]), "per_image": per_image,
+              "skipped": sorted(buffer.skipped), "identity": manifest.identity_hash()}
     write_shard(out, buffer.shard, arrays, record)
     return {**record, "seconds": round(time.perf_counter() - buffer.started, 3)}

@@ -98,7 +98,13 @@ def list_images(source: str | Path, *, cache_dir: str | Path | None = None) -> I
             )
         return ImageList(files, source=str(path))
     if path.is_file() and path.suffix.lower() == ".txt":
-        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        try:
+            lines = [ln.strip() for ln in path.read_text(errors="surrogateescape").splitlines()]
+        except OSError as e:
+            raise FileNotFoundError(f"cannot read the image list {path} ({e})") from e
+        if any("\x00" in ln for ln in lines):
+            raise FileNotFoundError(f"the image list {path} is not text (it holds NUL bytes); give a .txt file "
+                                    "with one image path per line")
         files = [(path.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines if ln and not ln.startswith("#")]
         if not files:
             raise FileNotFoundError(f"the image list {path} names no files")
@@ -130,13 +136,46 @@ def _imagenette(cache_dir) -> ImageList:
     return images
 
 
+MAX_ASPECT = 4  # longer side / shorter side beyond which the image is centre-cropped before resizing
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An RGB image with the same content: palettes and alpha flattened, and 16-bit and float
+    greyscale scaled to 8 bits (``convert("RGB")`` alone clips them to white or black)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(f"a {img.mode} image with non-finite values; save it as 8-bit")
+        if img.mode == "F":  # floats: [0, 1] or [0, 255]
+            top = a.max()
+            if a.min() < 0 or top > 255:
+                raise ValueError(f"a float image with values in [{a.min():.3g}, {top:.3g}], neither [0, 1] "
+                                 "nor [0, 255]; save it as 8-bit")
+            a = a * 255 if top <= 1 else a
+        elif img.mode.startswith("I;16") or a.max() > 255:  # 16-bit samples
+            if a.min() < 0 or a.max() > 65535:
+                raise ValueError(f"a 32-bit integer image with values in [{a.min():.0f}, {a.max():.0f}]; "
+                                 "save it as 8- or 16-bit")
+            a = a / 257
+        return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("P", "LA", "PA"):
+        return img.convert("RGBA").convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def load_image(path, resize: int = RESIZE, crop: int = CROP) -> np.ndarray:
     """Decode (a path or file object), convert to RGB, Resize(resize) + CenterCrop(crop):
-    uint8 [crop, crop, 3]."""
+    uint8 [crop, crop, 3]. An image more than ``MAX_ASPECT`` times longer than wide (or the
+    reverse) is first centre-cropped to that ratio, which keeps what the centre crop sees and
+    bounds the memory of the resize (a 1 x 6000 image would become 256 x 1.5M pixels)."""
     with Image.open(path) as img:
         img.load()
-        if img.mode != "RGB":
-            img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")
+        w, h = img.size
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            long = MAX_ASPECT * min(w, h)
+            left, top = (w - min(w, long)) // 2, (h - min(h, long)) // 2
+            img = img.crop((left, top, left + min(w, long), top + min(h, long)))
+        img = to_rgb(img)
         # torchvision Resize(256): shorter side to 256; then CenterCrop(224)
         img = TF.center_crop(TF.resize(img, resize), crop)
         return np.array(img, dtype=np.uint8)

@@ -89,7 +89,15 @@ def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
             raise WeightsUnavailable(
                 f"weights {weights!r} is neither 'lucent', 'random' nor an existing .pth file"
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a torch file, or a pickle that weights_only refuses (it never runs it)
+            raise WeightsUnavailable(
+                f"cannot read {path} as a PyTorch state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                "give Lucent's inception5h.pth or a file saved with torch.save(model.state_dict())") from e
+        if not isinstance(state, dict):
+            raise WeightsUnavailable(f"{path} holds a {type(state).__name__}, not a state dict; save one with "
+                                     "torch.save(model.state_dict())")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise WeightsUnavailable(

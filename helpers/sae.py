@@ -196,26 +196,47 @@ class TopKSAE(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "TopKSAE":
+        """Read a saved SAE; a malformed directory raises ``ValueError`` naming the file, the key and the fix."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        if not (directory / CFG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+        cfg_path, weights_path = directory / CFG_FILE, directory / WEIGHTS_FILE
+        if not cfg_path.is_file() or not weights_path.is_file():
             raise FileNotFoundError(f"{directory} is not a saved SAE: it needs {CFG_FILE} and {WEIGHTS_FILE}")
+        fix = "save the SAE again (TopKSAE.save, or train it)"
         try:
-            cfg = json.loads((directory / CFG_FILE).read_text())
-        except ValueError as e:
-            raise ValueError(f"{directory / CFG_FILE} is not readable JSON ({e}); save the SAE again") from e
-        missing = [key for key in ("architecture", "d_in", "d_sae") if key not in cfg]
-        if missing:
-            raise ValueError(f"{directory / CFG_FILE} lacks {', '.join(missing)}: it is not an SAE config")
+            cfg = json.loads(cfg_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_path} is not readable JSON ({e}); {fix}") from e
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{cfg_path} holds a JSON {type(cfg).__name__}, not an SAE config object; {fix}")
         if cfg.get("architecture") != "topk":
-            raise ValueError(f"{directory} holds a {cfg.get('architecture')!r} SAE, not a TopK SAE")
-        k = cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k")
-        tensors = load_file(directory / WEIGHTS_FILE)
+            raise ValueError(f"{cfg_path}: architecture {cfg.get('architecture')!r}, not 'topk'; this loader reads "
+                             f"TopK SAEs only")
+        k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+        sizes = {"d_in": cfg.get("d_in"), "d_sae": cfg.get("d_sae"), "k": k}
+        bad = [f"{key}={value!r}" for key, value in sizes.items()
+               if isinstance(value, bool) or not isinstance(value, int) or value < 1]
+        if bad:
+            raise ValueError(f"{cfg_path}: {', '.join(bad)} (each must be a whole number >= 1); {fix}")
         tied = cfg.get("tied", "init")
+        if tied not in TIED or k > sizes["d_sae"]:
+            raise ValueError(f"{cfg_path}: tied={tied!r} (choose from {', '.join(TIED)}) with k={k}, "
+                             f"d_sae={sizes['d_sae']} (k at most d_sae); {fix}")
+        try:
+            tensors = load_file(weights_path)
+        except Exception as e:  # truncated or not a safetensors file
+            raise ValueError(f"{weights_path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                             f"{fix}") from e
+        d_in, d_sae = sizes["d_in"], sizes["d_sae"]
+        shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+        wrong = [f"{key} {tuple(tensors[key].shape) if key in tensors else 'missing'} (want {shape})"
+                 for key, shape in shapes.items() if key not in tensors or tuple(tensors[key].shape) != shape]
+        if wrong:
+            raise ValueError(f"{weights_path} does not match {CFG_FILE}: {'; '.join(wrong)}; {fix}")
         if tied == "full" and not torch.equal(tensors["W_enc"].T, tensors["W_dec"]):
-            raise ValueError(f"{directory} says tied='full' but its W_enc is not W_dec^T")
-        sae = cls(cfg["d_in"], cfg["d_sae"], k, tied)
+            raise ValueError(f"{directory} says tied='full' but its W_enc is not W_dec^T; {fix}")
+        sae = cls(d_in, d_sae, k, tied)
         with torch.no_grad():
             sae.encoder_weight.copy_(tensors["W_enc"].T)
             if sae.decoder_weight is not None:

@@ -11,24 +11,29 @@ Layout of a run directory::
     harvest.jsonl                      one progress record per finished shard
 
 A shard counts only once its record exists; the record is written last, atomically, so a
-crash or a full disk never leaves a partial shard that looks complete. Arrays are plain
-``.npy`` files, memory-mapped on reading: nothing loads a whole store into memory.
+crash or a full disk never leaves a partial shard that looks complete. The record carries the
+identity of the configuration that made the shard and each file's length and SHA-256:
+opening a store checks every shard against the manifest, the record and the files' lengths
+(``check_shards``; a damaged or foreign shard is refused, and a rerun of the harvest redoes
+it), and ``verify`` (``python -m helpers verify --run DIR``) checks the checksums too.
+Arrays are plain ``.npy`` files, memory-mapped on reading: nothing loads a whole store into
+memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .files import MANIFEST, read_json, write_json, write_npy
+from .files import MANIFEST, read_json, sha256_file, write_json, write_npy
 
 PROVENANCE = np.dtype([("image", "<i4"), ("y", "<i2"), ("x", "<i2"), ("norm", "<f4")])
 
@@ -54,12 +59,82 @@ def read_shard_record(run: Path, shard: int) -> dict:
     return read_json(shard_record_path(run, shard))
 
 
-def write_shard(run: Path, shard: int, arrays: dict[str, tuple[np.ndarray, np.ndarray]], record: dict) -> None:
-    """Write every layer's (vectors, provenance) for a shard, then its record (the commit)."""
+def shard_file(run: Path, layer: str, shard: int, kind: str) -> Path:
+    """``kind``: "vectors" or "provenance"."""
+    return Path(run) / layer / f"{shard_name(shard)}.{kind}.npy"
+
+
+def write_shard(run: Path, shard: int, arrays: dict[str, tuple[np.ndarray, np.ndarray]], record: dict) -> dict:
+    """Write every layer's (vectors, provenance) for a shard, then its record (the commit), which
+    lists each file's rows, bytes and SHA-256; returns the record."""
+    files = {}
     for layer, (vectors, provenance) in arrays.items():
-        write_npy(Path(run) / layer / f"{shard_name(shard)}.vectors.npy", vectors)
-        write_npy(Path(run) / layer / f"{shard_name(shard)}.provenance.npy", provenance)
+        for kind, array in (("vectors", vectors), ("provenance", provenance)):
+            path = shard_file(run, layer, shard, kind)
+            files[f"{layer}/{path.name}"] = {"rows": len(array), **write_npy(path, array)}
+    record = {**record, "files": files}
     write_json(shard_record_path(run, shard), record)
+    return record
+
+
+def _npy_rows_and_width(path: Path) -> tuple[int, int | None]:
+    """The row count and width of an .npy file from its header (the data is not read)."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, _ = read(f)
+    return (shape[0] if shape else 0), (shape[1] if len(shape) > 1 else None)
+
+
+def shard_problems(run: Path, manifest: "Manifest", shard: int, layers=None, checksums: bool = False) -> list[str]:
+    """What is wrong with a finished shard, or []: its record missing or made under another configuration,
+    a file missing or of another length, row count or width than its record and the manifest say, or
+    (with ``checksums``) a file whose SHA-256 differs from the record's."""
+    path = shard_record_path(run, shard)
+    if not path.is_file():
+        return [f"shard {shard}: no commit record ({path.name} missing: never finished, or deleted)"]
+    try:
+        record = read_json(path)
+    except ValueError as e:
+        return [f"shard {shard}: unreadable commit record {path} ({e})"]
+    if record.get("identity") != manifest.identity_hash():
+        return [f"shard {shard}: made under another configuration than {MANIFEST} describes "
+                "(or by an older version of this package)"]
+    problems = []
+    for layer in layers or manifest.layers:
+        for kind in ("vectors", "provenance"):
+            file = shard_file(run, layer, shard, kind)
+            expected = record.get("files", {}).get(f"{layer}/{file.name}")
+            if expected is None or not file.is_file():
+                problems.append(f"shard {shard}: {file.relative_to(run)} is missing")
+                continue
+            if file.stat().st_size != expected["bytes"]:
+                problems.append(f"shard {shard}: {file.relative_to(run)} has {file.stat().st_size} bytes, "
+                                f"its record says {expected['bytes']} (truncated or replaced)")
+                continue
+            try:
+                rows, width = _npy_rows_and_width(file)
+            except (OSError, ValueError) as e:
+                problems.append(f"shard {shard}: {file.relative_to(run)} is not a readable .npy ({e})")
+                continue
+            if rows != expected["rows"] or rows != record["vectors"]:
+                problems.append(f"shard {shard}: {file.relative_to(run)} has {rows} rows, its record says "
+                                f"{record['vectors']}")
+            elif kind == "vectors" and width != manifest.widths[layer]:
+                problems.append(f"shard {shard}: {file.relative_to(run)} is {width} wide, {layer} is "
+                                f"{manifest.widths[layer]}")
+            elif checksums and sha256_file(file) != expected["sha256"]:
+                problems.append(f"shard {shard}: {file.relative_to(run)} differs from its checksum (corrupted)")
+    return problems
+
+
+def verify(run: str | Path, checksums: bool = True) -> list[str]:
+    """Every problem of a harvest's store (all shards, all layers, checksums included), or []."""
+    manifest = read_manifest(run)
+    problems = [p for k in range(manifest.n_shards) for p in shard_problems(Path(run), manifest, k,
+                                                                             checksums=checksums)]
+    return problems if manifest.complete or not problems else \
+        [f"the harvest is not finished ({manifest.n_shards} shards planned)"] + problems
 
 
 @dataclass(frozen=True)
@@ -99,6 +174,10 @@ class Manifest:
     def identity(self) -> dict:
         """The settings that define the store's content, as JSON values."""
         return json.loads(json.dumps({k: getattr(self, k) for k in self.IDENTITY}))
+
+    def identity_hash(self) -> str:
+        """A short hash of ``identity()``, written into every shard's commit record."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
     def differs_from(self, other: "Manifest") -> list[str]:
         """The identity settings on which two manifests disagree."""
@@ -157,7 +236,16 @@ class ActivationStore:
                 "complete it (it resumes), or pass allow_partial=True to read the finished shards"
             )
         self.layer = layer
-        self.shards = finished_shards(self.run)
+        problems = {k: shard_problems(self.run, self.manifest, k, [layer]) for k in range(self.manifest.n_shards)}
+        bad = [p for k in problems for p in problems[k]
+               if not (allow_partial and not shard_record_path(self.run, k).exists())]
+        if bad:
+            raise StoreError(
+                f"the store in {self.run} is damaged ({len(bad)} problem{'s' * (len(bad) > 1)}):\n  "
+                + "\n  ".join(bad[:10]) + ("\n  ..." if len(bad) > 10 else "")
+                + "\nRepair it by running the same harvest command again (same --out): it redoes exactly the "
+                "missing and damaged shards and keeps the rest")
+        self.shards = [k for k in range(self.manifest.n_shards) if not problems[k]]
         self.records = {k: read_shard_record(self.run, k) for k in self.shards}
         self.d = int(self.manifest.widths[layer])
         self.branch_slices = dict(self.manifest.branch_slices[layer])
@@ -317,3 +405,25 @@ def summary(run: str | Path) -> list[dict]:
 
 def norms_by_layer(run: str | Path) -> dict[str, np.ndarray]:
     return {layer: ActivationStore(run, layer).load_provenance()["norm"] for layer in read_manifest(run).layers}
+
+
+def main(argv=None) -> int:
+    """``python -m helpers verify --run DIR``: check every shard of a harvest, checksums included."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m helpers verify", description=main.__doc__.split(":")[1].strip())
+    parser.add_argument("--run", required=True, help="harvest run directory")
+    args = parser.parse_args(argv)
+    try:
+        problems = verify(args.run)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if problems:
+        print(f"{args.run}: {len(problems)} problems\n  " + "\n  ".join(problems) + "\nrun the same harvest command "
+              "again (same --out) to redo the damaged shards", file=sys.stderr)
+        return 1
+    manifest = read_manifest(args.run)
+    print(f"{args.run}: all {manifest.n_shards} shards of {len(manifest.layers)} layers match their records and checksums")
+    return 0

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import TrainConfig
-from .files import CFG_FILE, CHECKPOINT, METRICS, TRAIN_RECORD, append_jsonl, atomic_write, write_json
+from .files import CFG_FILE, CHECKPOINT, METRICS, TRAIN_RECORD, append_jsonl, atomic_write, read_jsonl, write_json
 from .loss import fvu, geometric_median, normalized_mse, training_loss
 from .sae import TopKSAE
 from .store import ActivationStore, ShuffledBatches, StoreError
@@ -71,9 +71,15 @@ def open_source(cfg: TrainConfig) -> tuple[list[np.ndarray], dict]:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise StoreError(f"cannot read {path} as an .npy array ({e})") from e
-    if array.ndim != 2 or array.dtype.kind != "f":
-        raise StoreError(f"{path} holds a {array.dtype} array of shape {array.shape}; need float [N, d]")
+        raise StoreError(f"cannot read {path} as an .npy array ({e}); --vectors takes one array saved with "
+                         "numpy.save, of shape [N, d]") from e
+    if not isinstance(array, np.ndarray):  # an .npz archive, whatever its name
+        array.close()
+        raise StoreError(f"{path} is an .npz archive of several arrays, not one .npy array; save the vectors "
+                         "with numpy.save(path, vectors) (shape [N, d])")
+    if array.ndim != 2 or array.dtype.kind != "f" or 0 in array.shape:
+        raise StoreError(f"{path} holds a {array.dtype} array of shape {array.shape}; --vectors needs float "
+                         "vectors of shape [N, d], N and d at least 1")
     info = {"layer": cfg.layer, "branch_slices": None, "weights_id": None, "source": str(path.resolve())}
     if cfg.layer is not None:
         from .inception import architecture_slices, layer_width
@@ -86,11 +92,18 @@ def open_source(cfg: TrainConfig) -> tuple[list[np.ndarray], dict]:
     return [array], info
 
 
+MIN_HOLDOUT = 32  # fewer held-out vectors give an FVU that means nothing (one vector has no variance)
+
+
 def _split_holdout(arrays: list[np.ndarray], holdout: int):
+    """(training arrays, held-out vectors): the last ``holdout`` vectors, at most a tenth of them all."""
     total = sum(len(a) for a in arrays)
-    n = min(holdout, total // 10)
     last = arrays[-1]
-    n = min(n, len(last) - 1) if len(last) > 1 else 0
+    n = min(holdout, total // 10, max(len(last) - 1, 0))
+    if holdout and n < MIN_HOLDOUT:
+        raise ValueError(f"only {n} of the {total} vectors can be held out for the final FVU (at most a tenth, "
+                         f"from the last shard), fewer than {MIN_HOLDOUT}: harvest more vectors, or pass "
+                         "--holdout 0 to skip the held-out evaluation")
     return arrays[:-1] + [last[: len(last) - n]], last[len(last) - n:]
 
 
@@ -109,19 +122,41 @@ def _save_checkpoint(path: Path, state, cfg) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def _load_checkpoint(path: Path, state, cfg, device) -> None:
+class CheckpointError(ValueError):
+    """A training checkpoint that cannot be resumed from."""
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(metadata, tensors, the config it was made with), or a CheckpointError naming the file and the fix."""
     from safetensors import safe_open
 
-    sae, opt = state.sae, state.opt
+    fix = f"delete {path} to train from the start, or restore it from a copy, and run again"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # truncated, not a safetensors file, ...
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); {fix}") from e
+    try:
+        old = json.loads(meta["config"])
+        int(meta["vectors_seen"]), int(meta["step"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} lacks this trainer's metadata (config, vectors_seen, step); {fix}") from e
+    return meta, tensors, old
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    old = json.loads(meta["config"])
+
+def _load_checkpoint(path: Path, state, cfg, device) -> None:
+    sae, opt = state.sae, state.opt
+    meta, tensors, old = _read_checkpoint(path)
     differ = [k for k in _RESUME_KEYS if old.get(k) != asdict(cfg).get(k)]
     if differ:
         raise ValueError(f"cannot resume: the checkpoint in {path.parent} was made with other settings "
                          f"({', '.join(f'{k}={old.get(k)!r}' for k in differ)}); use those or a new --out")
+    missing = [n for n in [f"param/{n}" for n, _ in sae.named_parameters()] + ["since_fired"] if n not in tensors]
+    wrong = [n for n, p in sae.named_parameters() if f"param/{n}" in tensors and tensors[f"param/{n}"].shape != p.shape]
+    if missing or wrong:
+        raise CheckpointError(f"{path} does not hold this SAE (missing {missing[:3]}, other shapes {wrong[:3]}); "
+                              f"delete it to train from the start, or use the --out it belongs to")
     with torch.no_grad():
         for n, p in sae.named_parameters():
             p.copy_(tensors[f"param/{n}"])
@@ -170,6 +205,9 @@ def train(cfg: TrainConfig) -> Path:
     train_arrays, held = _split_holdout(arrays, cfg.holdout)
     out = Path(cfg.out)
     d_sae = cfg.expansion * arrays[0].shape[1]
+    if cfg.k > d_sae:
+        raise ValueError(f"--k {cfg.k} exceeds the {d_sae} latents (--expansion {cfg.expansion} x width "
+                         f"{arrays[0].shape[1]}); lower --k or raise --expansion")
     state = _start(cfg, out, train_arrays, d_sae, device, rank)
     lr = state.opt.param_groups[0]["lr"]
 
@@ -214,8 +252,10 @@ def _start(cfg: TrainConfig, out: Path, arrays, d_sae: int, device: torch.device
         sample = ShuffledBatches(arrays, min(16384, sum(map(len, arrays))), cfg.seed)
         with torch.no_grad():
             sae.b_dec.copy_(geometric_median(next(sample.batches()).to(device)))
-    if state.seen == 0 and rank == 0 and (out / METRICS).exists():
-        (out / METRICS).unlink()
+    if rank == 0 and (out / METRICS).exists():  # records past the checkpoint are made again
+        kept = [r for r in read_jsonl(out / METRICS) if r["step"] <= state.step]
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        atomic_write(out / METRICS, lambda f: f.write(text), mode="w")
     return state
 
 
@@ -358,8 +398,6 @@ def _finish(out, state, cfg, info, held, lr, last_record, device) -> Path:
 
 def read_metrics(sae_dirs: dict[str, Path]) -> dict[str, list[dict]]:
     """``metrics.jsonl`` of each SAE (empty for SAEs not trained here, e.g. the author's)."""
-    from .files import read_jsonl
-
     return {layer: read_jsonl(Path(d) / METRICS) if (Path(d) / METRICS).exists() else []
             for layer, d in sae_dirs.items()}
 

@@ -52,3 +52,11 @@ def test_planted_specialists_stand_out_and_random_ones_do_not():
 def test_bad_baseline_kind():
     with pytest.raises(ValueError, match="gaussian"):
         baseline(np.ones((2, 512)), SLICES, kind="uniform")
+
+
+def test_slices_of_another_layer_are_refused():
+    mixed4a = {"1x1": (0, 192), "3x3": (192, 396), "5x5": (396, 444), "pool": (444, 508)}
+    with pytest.raises(ValueError, match="width 508 do not fit branch slices of a 512-wide layer"):
+        fraction_in_branch(np.ones((3, 508)), SLICES)
+    with pytest.raises(ValueError, match="width 512 do not fit branch slices of a 508-wide layer"):
+        fraction_in_branch(np.ones((3, 512)), mixed4a)

@@ -25,7 +25,7 @@ def test_harvest_then_train_from_the_command_line(tmp_path, image_dir):
     assert manifest["config"]["max_images"] == 3 and manifest["config"]["decode"] == "device"
 
     t = run_cli("train", "--run", str(run), "--layer", "mixed4b", "--out", str(tmp_path / "sae"),
-                "--expansion", "2", "--k", "4", "--batch-size", "4", "--vectors-seen", "8", "--holdout", "2",
+                "--expansion", "2", "--k", "4", "--batch-size", "4", "--vectors-seen", "8", "--holdout", "0",
                 "--tied", "init", "--device", "cpu", "--store", "device")
     assert t.returncode == 0, t.stderr
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
@@ -40,3 +40,67 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--tied", "half"])
+
+
+# --- every number on the command line: a valid result, or one line naming the option -------------
+import contextlib
+import io
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+NUMBERS = st.one_of(st.integers(-50, 400), st.sampled_from([0, -1, 1, 2**31]),
+                    st.floats(allow_nan=True, allow_infinity=True, width=32))
+PROPERTY = settings(max_examples=40, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _run(argv) -> tuple[int, list[str]]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse: a value of the wrong type
+            code = e.code
+    return code, [line for line in err.getvalue().splitlines() if line.startswith("error:") or "error:" in line]
+
+
+@PROPERTY
+@given(option=st.sampled_from(["per-image", "max-images", "batch-size", "shard-images", "workers", "seed"]),
+       value=NUMBERS)
+def test_every_harvest_number_gives_a_store_or_one_line_naming_it(tmp_path_factory, image_dir, option, value):
+    if option == "workers" and isinstance(value, int) and value > 2:
+        value = 2  # each worker is a process: a valid count, kept small
+    if option in ("batch-size", "max-images", "shard-images", "per-image") and isinstance(value, int) and value > 200:
+        value = value % 200 + 1 if option != "per-image" else value  # keeps a run short; per-image above 196 is an error
+    out = tmp_path_factory.mktemp("h") / "run"
+    code, errors = _run(["harvest", "--images", str(image_dir), "--out", str(out), "--layers", "mixed4a",
+                         "--weights", "random", "--workers", "0", "--device", "cpu", f"--{option}", str(value)])
+    if code == 0:
+        from helpers.store import ActivationStore, read_manifest
+
+        m = read_manifest(out)
+        assert m.complete and len(ActivationStore(out, "mixed4a")) == m.n_images * m.per_image > 0
+    else:
+        assert code == 2 and len(errors) == 1 and f"--{option}" in errors[0], (option, value, errors)
+
+
+@PROPERTY
+@given(option=st.sampled_from(["expansion", "k", "aux-k", "aux-coef", "lr", "batch-size", "vectors-seen", "dead-after",
+                               "holdout", "log-every", "checkpoint-every", "seed"]), value=NUMBERS)
+def test_every_training_number_gives_an_sae_or_one_line_naming_it(tmp_path_factory, option, value):
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("t")
+    np.save(folder / "v.npy", np.abs(np.random.default_rng(0).standard_normal((2000, 8))).astype(np.float32))
+    if option in ("expansion", "vectors-seen", "checkpoint-every") and isinstance(value, int) and value > 64:
+        value = value % 64 + 1  # valid, kept small so the run is short
+    args = {"--vectors": str(folder / "v.npy"), "--out": str(folder / "sae"), "--expansion": "2", "--k": "4",
+            "--batch-size": "64", "--vectors-seen": "256", "--holdout": "0", "--device": "cpu",
+            f"--{option}": str(value)}
+    code, errors = _run(["train", *[x for pair in args.items() for x in pair]])
+    if code == 0:
+        cfg = json.loads((folder / "sae" / "cfg.json").read_text())
+        assert cfg["d_sae"] == 8 * int(args["--expansion"]) and cfg["metadata"]["vectors_seen"] > 0
+    else:
+        assert code == 2 and len(errors) == 1 and f"--{option}" in errors[0], (option, value, errors)

@@ -74,7 +74,7 @@ def test_torchrun_training_follows_the_single_process_loss_curve_and_resumes(tmp
 
 def test_several_layers_train_at_once_one_process_each(tmp_path, harvest_run):
     run(["train", "--run", str(harvest_run), "--layer", "mixed4a,mixed4c", "--out", str(tmp_path / "saes"),
-         "--expansion", "2", "--k", "4", "--batch-size", "8", "--vectors-seen", "16", "--holdout", "4",
+         "--expansion", "2", "--k", "4", "--batch-size", "8", "--vectors-seen", "16", "--holdout", "0",
          "--device", "cpu,cpu"])
     for layer, width in (("mixed4a", 508), ("mixed4c", 512)):
         cfg = read_json(tmp_path / "saes" / layer / "cfg.json")

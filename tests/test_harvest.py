@@ -220,3 +220,58 @@ def test_harvest_real_imagenet_images(tmp_path):
     m = read_json(out / "manifest.json")
     assert m["vectors"] == 10 * len(chosen) and m["skipped"] == []
     assert m["images"]["classes"][-3:] == [0, 1, 2]
+
+
+def _can_mount_tmpfs() -> str | None:
+    """Why a private tmpfs cannot be mounted here, or None (it can: root, with unshare)."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return "needs root and unshare to mount a small tmpfs in a private mount namespace"
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
+    return None if probe.returncode == 0 else f"unshare -m is not allowed here ({probe.stderr.decode().strip()})"
+
+
+def test_a_real_full_disk_is_named_and_the_rerun_finishes(tmp_path, image_dir):
+    """A 512 KB tmpfs in a private mount namespace: the real error of a full disk, not a simulated one."""
+    import subprocess
+    import sys
+
+    reason = _can_mount_tmpfs()
+    if reason:
+        pytest.skip(reason)
+    mount = tmp_path / "small"
+    mount.mkdir()
+    harvest_cmd = (f"{sys.executable} -m helpers harvest --images {image_dir} --out {mount}/run --layers mixed4e "
+                   "--weights random --workers 0 --device cpu --shard-images 2 --per-image 100")  # 333 KB a shard
+    script = (f"mount -t tmpfs -o size=512k tmpfs {mount} && {{ {harvest_cmd}; echo first=$?; "
+              f"cp -r {mount}/run {tmp_path}/copy; }}")
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
+                          text=True, timeout=600)
+    assert "first=2" in done.stdout, done.stdout + done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "disk full while writing" in error[0] and "free some space" in error[0], done.stderr
+    assert "Traceback" not in done.stderr
+    copy = tmp_path / "copy"  # what the full disk left: finished shards only, no partial file, no .tmp
+    assert not list(copy.rglob("*.tmp")) and not read_json(copy / "manifest.json")["complete"]
+    committed = finished_shards(copy)
+    assert committed and all((copy / "mixed4e" / f"{k:06d}.vectors.npy").exists() for k in committed)
+    # with room again, the same command finishes the job and the store is whole
+    again = subprocess.run(harvest_cmd.replace(f"{mount}/run", str(copy)).split(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert len(ActivationStore(copy, "mixed4e")) == 7 * 100
+
+
+def test_a_refused_setting_writes_nothing_so_the_corrected_rerun_runs(tmp_path, image_dir):
+    cfg = dict(images=str(image_dir), out=str(tmp_path / "run"), layers="mixed4a", weights="random", workers=0)
+    with pytest.raises(ValueError, match="--per-image 197 exceeds the 14x14 grid"):
+        harvest(HarvestConfig(per_image=197, **cfg))
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    harvest(HarvestConfig(per_image=196, **cfg))
+    for bad in (dict(per_image=0), dict(max_images=0), dict(max_images=-1), dict(shard_images=-2),
+                dict(shard_images=0), dict(batch_size=-4), dict(per_image=-3), dict(workers=-1)):
+        option = "--" + next(iter(bad)).replace("_", "-")
+        with pytest.raises(ValueError, match=f"{option} .* is out of range"):
+            HarvestConfig(**{**cfg, **bad})

@@ -115,3 +115,57 @@ def test_decoding_on_the_device_matches_pil_within_one_level(tmp_path):
         i = int(idx[j])
         want = pil[i][1]
         assert (got.int() - want.int()).abs().max() <= 1, names[i]
+
+
+# --- images that convert("RGB") would blank, or that would blow up the resize ----------------------
+def test_16_bit_and_float_greyscale_keep_their_content(tmp_path):
+    ramp = np.linspace(0, 1, 300 * 300).reshape(300, 300)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float01.tif")
+    Image.fromarray((ramp * 255).astype(np.float32)).save(tmp_path / "float255.tif")
+    Image.fromarray((ramp * 255).astype(np.uint8)).save(tmp_path / "grey8.png")
+    reference = load_image(tmp_path / "grey8.png").astype(int)
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")  # what convert("RGB") clips to white
+    for name in ("grey16.png", "float01.tif", "float255.tif"):
+        got = load_image(tmp_path / name).astype(int)
+        assert np.abs(got - reference).max() <= 1, name  # the same ramp, within a grey level
+    Image.fromarray((ramp * 1000).astype(np.float32)).save(tmp_path / "hdr.tif")
+    with pytest.raises(ValueError, match=r"float image with values in \[0, 1e\+03\].*save it as 8-bit"):
+        load_image(tmp_path / "hdr.tif")
+
+
+def test_an_extreme_aspect_ratio_is_cropped_before_the_resize(tmp_path):
+    strip = np.zeros((1, 6000, 3), np.uint8)
+    strip[:, 2990:3010] = 255  # the centre, which the centre crop shows
+    Image.fromarray(strip).save(tmp_path / "strip.png")  # 18 KB; resized whole, 256 x 1.5M pixels
+    out = load_image(tmp_path / "strip.png")
+    assert out.shape == (224, 224, 3) and out.max() == 255
+    wide = np.random.default_rng(0).integers(0, 255, (300, 900, 3), np.uint8)  # 3:1, under the cap: untouched
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    with Image.open(tmp_path / "wide.png") as img:
+        expected = np.array(T.CenterCrop(224)(T.Resize(256)(img.convert("RGB"))))
+    assert np.array_equal(load_image(tmp_path / "wide.png"), expected)
+
+
+def test_a_binary_file_as_the_image_list_is_refused(tmp_path):
+    (tmp_path / "list.txt").write_bytes(b"\x00\x01\x02PK\x03\x04" * 10)
+    with pytest.raises(FileNotFoundError, match="list.txt is not text .*one image path per line"):
+        list_images(tmp_path / "list.txt")
+
+
+def test_a_file_name_that_is_not_utf8_is_harvested(tmp_path, image_dir):
+    import os
+    import shutil
+
+    from helpers.config import HarvestConfig
+    from helpers.harvest import harvest
+    from helpers.store import ActivationStore
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    first = sorted(image_dir.iterdir())[0]
+    shutil.copy(first, os.fsdecode(bytes(folder) + b"/caf\xe9" + first.suffix.encode()))
+    run = harvest(HarvestConfig(images=str(folder), out=str(tmp_path / "run"), layers="mixed4a", weights="random",
+                                workers=0, device="cpu"))
+    store = ActivationStore(run, "mixed4a")
+    assert len(store) == 10 and os.fsencode(store.manifest.images["paths"][0]).endswith(b"caf\xe9.png")

@@ -108,3 +108,22 @@ def test_random_weights_are_labelled(caplog):
     _, weights_id = load_model("random", seed=3)
     assert weights_id == "random(seed=3)"
     assert "RANDOM weights" in caplog.text
+
+
+def test_weights_that_are_not_a_state_dict_are_named(tmp_path):
+    import pickle
+
+    (tmp_path / "notes.pth").write_text("these are not weights")
+    with pytest.raises(WeightsUnavailable, match=r"cannot read .*notes.pth as a PyTorch state dict .*torch.save"):
+        load_model(str(tmp_path / "notes.pth"))
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(WeightsUnavailable, match="evil.pth as a PyTorch state dict"):
+        load_model(str(tmp_path / "evil.pth"))  # refused by weights_only, never run
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(WeightsUnavailable, match="holds a list, not a state dict"):
+        load_model(str(tmp_path / "list.pth"))

@@ -183,3 +183,47 @@ def test_saelens_loads_what_we_save(tmp_path, tied):
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode(x), ours.encode(x))
         torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
+
+
+def _malformed(directory, case):
+    """Damage a saved SAE directory in one of many ways a careless user or a bad copy would."""
+    from safetensors.torch import save_file
+
+    cfg_path, w_path = directory / "cfg.json", directory / "sae_weights.safetensors"
+    cfg, w = json.loads(cfg_path.read_text()), load_file(w_path)
+    edits = {
+        "cfg not json": lambda: cfg_path.write_text("{'d_in': 4,"),
+        "cfg a list": lambda: cfg_path.write_text("[1, 2]"),
+        "cfg empty": lambda: cfg_path.write_text(""),
+        "cfg binary": lambda: cfg_path.write_bytes(b"\xff\xfe\x00\x01"),
+        "no architecture": lambda: cfg_path.write_text(json.dumps({k: v for k, v in cfg.items() if k != "architecture"})),
+        "other architecture": lambda: cfg_path.write_text(json.dumps({**cfg, "architecture": "jumprelu"})),
+        "no d_in": lambda: cfg_path.write_text(json.dumps({k: v for k, v in cfg.items() if k != "d_in"})),
+        "d_sae text": lambda: cfg_path.write_text(json.dumps({**cfg, "d_sae": "8"})),
+        "no k": lambda: cfg_path.write_text(json.dumps({k: v for k, v in cfg.items()
+                                                        if k not in ("k", "activation_fn_kwargs")})),
+        "k zero": lambda: cfg_path.write_text(json.dumps({**cfg, "k": 0, "activation_fn_kwargs": {"k": 0}})),
+        "k too large": lambda: cfg_path.write_text(json.dumps({**cfg, "k": 9, "activation_fn_kwargs": {"k": 9}})),
+        "tied unknown": lambda: cfg_path.write_text(json.dumps({**cfg, "tied": "half"})),
+        "weights truncated": lambda: w_path.write_bytes(w_path.read_bytes()[:40]),
+        "weights garbage": lambda: w_path.write_bytes(b"garbage" * 30),
+        "weights missing a tensor": lambda: save_file({k: v for k, v in w.items() if k != "b_enc"}, w_path),
+        "weights of another size": lambda: save_file({**w, "W_enc": torch.zeros(5, 8)}, w_path),
+        "sizes not matching cfg": lambda: cfg_path.write_text(json.dumps({**cfg, "d_in": 5})),
+    }
+    edits[case]()
+
+
+MALFORMED = ["cfg not json", "cfg a list", "cfg empty", "cfg binary", "no architecture", "other architecture", "no d_in",
+             "d_sae text", "no k", "k zero", "k too large", "tied unknown", "weights truncated", "weights garbage",
+             "weights missing a tensor", "weights of another size", "sizes not matching cfg"]
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_sae_directory_is_named_with_the_file(tmp_path, case):
+    TopKSAE(4, 8, 2, "init", seed=0).save(tmp_path / "s")
+    _malformed(tmp_path / "s", case)
+    with pytest.raises(ValueError) as info:
+        TopKSAE.load(tmp_path / "s")
+    message = str(info.value)
+    assert str(tmp_path / "s") in message and ("cfg.json" in message or "sae_weights.safetensors" in message), message

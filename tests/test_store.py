@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -73,3 +75,96 @@ def test_device_batches_larger_than_the_store_wrap_around():
     batch = next(DeviceBatches(arrays, batch_size=12, seed=0).batches())
     ids = batch[:, 0].long().tolist()
     assert sorted(ids[:5]) == sorted(ids[5:10]) == [0, 1, 2, 3, 4]
+
+
+# --- a damaged store is refused, named, and repaired by rerunning the harvest ----------------------
+import json
+import shutil
+
+from helpers.config import HarvestConfig
+from helpers.harvest import harvest
+from helpers.store import read_manifest, shard_record_path, verify
+
+
+@pytest.fixture
+def run_copy(tmp_path, harvest_run):
+    """A private copy of the session's finished harvest (7 images, shards of 4: two shards)."""
+    return Path(shutil.copytree(harvest_run, tmp_path / "run"))
+
+
+def _same_harvest(run, image_dir):
+    return harvest(HarvestConfig(images=str(image_dir), out=str(run), layers="mixed4a,mixed4c", weights="random",
+                                 batch_size=3, shard_images=4, workers=0, device="cpu"))
+
+
+def test_a_deleted_commit_record_is_refused_then_redone(run_copy, image_dir):
+    before = np.asarray(ActivationStore(run_copy, "mixed4c").vectors(1)).copy()
+    shard_record_path(run_copy, 1).unlink()
+    with pytest.raises(StoreError, match=r"(?s)damaged.*shard 1: no commit record.*same harvest command again"):
+        ActivationStore(run_copy, "mixed4c")
+    _same_harvest(run_copy, image_dir)
+    store = ActivationStore(run_copy, "mixed4c")
+    assert len(store) == 70 and np.array_equal(np.asarray(store.vectors(1)), before)
+    assert verify(run_copy) == []
+
+
+def test_a_vectors_file_with_half_its_rows_is_refused_then_redone(run_copy, image_dir):
+    path = run_copy / "mixed4c" / "000000.vectors.npy"
+    full = np.load(path)
+    np.save(path, full[: len(full) // 2])  # a valid .npy, half the rows
+    with pytest.raises(StoreError, match="shard 0: mixed4c/000000.vectors.npy has .* bytes, its record says"):
+        ActivationStore(run_copy, "mixed4c")
+    ActivationStore(run_copy, "mixed4a")  # the other layer is whole
+    _same_harvest(run_copy, image_dir)  # the rerun notices and redoes shard 0
+    assert np.array_equal(np.load(path), full) and verify(run_copy) == []
+
+
+def test_verify_finds_a_flipped_byte_that_the_lengths_cannot(run_copy, capsys):
+    from helpers.cli import main
+
+    path = run_copy / "mixed4a" / "000001.vectors.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    ActivationStore(run_copy, "mixed4a")  # same length and rows: opening does not read the data
+    assert verify(run_copy) == ["shard 1: mixed4a/000001.vectors.npy differs from its checksum (corrupted)"]
+    assert main(["verify", "--run", str(run_copy)]) == 1
+    assert "differs from its checksum" in capsys.readouterr().err
+
+
+def test_shards_of_another_configuration_are_never_adopted(run_copy, image_dir):
+    old = np.asarray(ActivationStore(run_copy, "mixed4a").vectors(0)).copy()
+    (run_copy / "manifest.json").unlink()
+    harvest(HarvestConfig(images=str(image_dir), out=str(run_copy), layers="mixed4a,mixed4c", weights="random",
+                          batch_size=3, shard_images=4, workers=0, device="cpu", seed=1))
+    assert read_manifest(run_copy).seed == 1
+    new = np.asarray(ActivationStore(run_copy, "mixed4a").vectors(0))
+    assert not np.array_equal(new, old)  # seed 1: other random weights, so other activations, all redone
+    records = [json.loads(shard_record_path(run_copy, k).read_text()) for k in (0, 1)]
+    assert {r["identity"] for r in records} == {read_manifest(run_copy).identity_hash()}
+
+
+def test_a_second_harvest_into_the_same_directory_stops_at_once(run_copy, image_dir):
+    from helpers.files import LockedError, exclusive_lock
+
+    with exclusive_lock(run_copy / ".harvest.lock", "the harvest directory"):
+        with pytest.raises(LockedError, match=r"in use by pid \d+ .*wait for it to finish, or choose another --out"):
+            _same_harvest(run_copy, image_dir)
+    _same_harvest(run_copy, image_dir)  # free again
+
+
+def test_two_harvests_at_once_one_runs_one_stops(tmp_path, image_dir):
+    """Two real processes into one directory: exactly one harvests, the other says why it stopped."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "helpers", "harvest", "--images", str(image_dir), "--out", str(tmp_path / "r"),
+            "--layers", "mixed4a", "--weights", "random", "--workers", "0", "--device", "cpu", "--batch-size", "1"]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    if codes == [0, 0]:  # the first finished before the second started: no overlap to test
+        pytest.skip("the two harvests did not overlap")
+    assert codes == [0, 2]
+    assert "in use by pid" in next(err for code, err in results if code == 2)
+    assert verify(tmp_path / "r") == []

@@ -53,15 +53,17 @@ def test_tied_init_keeps_unit_decoder_rows(tmp_path, vectors):
     assert not torch.allclose(w["W_enc"].T, w["W_dec"])
 
 
-def test_records_and_cfg(tmp_path, harvest_run):
+def test_records_and_cfg(tmp_path, harvest_run, vectors):
     out = train(TrainConfig(run=str(harvest_run), layer="mixed4c", out=str(tmp_path / "sae"), expansion=2, k=8,
-                            batch_size=16, vectors_seen=64, device="cpu", log_every=1, holdout=8))
+                            batch_size=16, vectors_seen=64, device="cpu", log_every=1, holdout=0))
     full = json.loads((out / "cfg.json").read_text())
     cfg = full["metadata"]
     assert cfg["layer"] == "mixed4c" and full["d_in"] == 512 and full["d_sae"] == 1024
     assert cfg["branch_slices"]["5x5"] == [384, 448] and cfg["weights_id"] == "random(seed=0)"
     assert cfg["random_weights"] is True and "RANDOM" in cfg["warning"]
-    assert cfg["vectors_seen"] == 64 and 0 <= cfg["dead_fraction"] <= 1 and cfg["final_fvu"] > 0
+    assert cfg["vectors_seen"] == 64 and 0 <= cfg["dead_fraction"] <= 1 and cfg["final_fvu"] is None  # --holdout 0
+    held = json.loads((train(small(vectors, tmp_path / "held")) / "cfg.json").read_text())["metadata"]
+    assert held["final_fvu"] > 0 and held["final_fvu_on"] == "256 held-out vectors"
     records = read_jsonl(out / "metrics.jsonl")
     assert len(records) == 4 and {"fvu", "l0", "dead_fraction", "loss_nmse", "vectors_seen"} <= set(records[0])
     assert all(0 < r["l0"] <= 8 for r in records)
@@ -87,5 +89,64 @@ def test_bad_inputs(tmp_path, vectors):
     with pytest.raises(ValueError, match="cannot resume.*k=4"):
         train(small(vectors, tmp_path / "c", k=5, resume=True))
     np.save(tmp_path / "ints.npy", np.zeros((10, 3), np.int64))
-    with pytest.raises(StoreError, match="need float"):
+    with pytest.raises(StoreError, match="needs float vectors of shape"):
         train(small(tmp_path / "ints.npy", tmp_path / "d"))
+
+
+def test_a_damaged_checkpoint_is_named_with_the_fix(tmp_path, vectors):
+    from safetensors.torch import save_file
+
+    from helpers.train import CheckpointError
+
+    out = train(small(vectors, tmp_path / "s", vectors_seen=128 * 3))
+    ckpt = out / CHECKPOINT
+    good = ckpt.read_bytes()
+    cases = {"truncated": good[: len(good) // 2], "garbage": b"not a checkpoint at all" * 50}
+    for name, data in cases.items():
+        ckpt.write_bytes(data)
+        with pytest.raises(CheckpointError, match=f"{ckpt} is not a readable checkpoint .*delete .* to train from"):
+            train(small(vectors, out, vectors_seen=128 * 6, resume=True))
+    save_file({"x": torch.zeros(2)}, ckpt)  # a safetensors file without this trainer's metadata
+    with pytest.raises(CheckpointError, match="lacks this trainer's metadata"):
+        train(small(vectors, out, vectors_seen=128 * 6, resume=True))
+
+
+def test_resume_cuts_the_metrics_back_to_the_checkpoint(tmp_path, vectors):
+    out = tmp_path / "s"
+    cfg = dict(vectors_seen=128 * 8, log_every=1, checkpoint_every=128 * 3)
+    straight = read_jsonl(train(small(vectors, tmp_path / "straight", **cfg)) / "metrics.jsonl")
+    with pytest.raises(NonFiniteLoss):  # a crash after step 4, past the checkpoint at step 3
+        import helpers.train as T
+
+        real = T._log
+        def crash(out_, state, *a, **k):
+            if state.step == 5:
+                raise NonFiniteLoss("simulated crash")
+            return real(out_, state, *a, **k)
+        T._log = crash
+        try:
+            train(small(vectors, out, **cfg))
+        finally:
+            T._log = real
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    train(small(vectors, out, resume=True, **cfg))
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert steps == list(range(1, 9))  # step 4 once, not twice
+    assert [r["fvu"] for r in read_jsonl(out / "metrics.jsonl")] == [r["fvu"] for r in straight]
+
+
+def test_numbers_that_make_no_sense_are_refused(tmp_path, vectors):
+    np.save(tmp_path / "ten.npy", np.random.default_rng(0).random((10, 16), np.float32))
+    with pytest.raises(ValueError, match="only 1 of the 10 vectors can be held out .*--holdout 0"):
+        train(small(tmp_path / "ten.npy", tmp_path / "a"))
+    with pytest.raises(ValueError, match="--k 65 exceeds the 64 latents"):
+        train(small(vectors, tmp_path / "b", k=65))
+    with open(tmp_path / "two.npy", "wb") as f:  # an .npz archive under an .npy name
+        np.savez(f, a=np.zeros((4, 4)), b=np.ones(3))
+    with pytest.raises(StoreError, match="is an .npz archive .*numpy.save"):
+        train(small(tmp_path / "two.npy", tmp_path / "c"))
+    for bad in (dict(lr=0), dict(batch_size=-64), dict(vectors_seen=-5), dict(log_every=0),
+                dict(checkpoint_every=0), dict(batch_size=0)):
+        option = "--" + next(iter(bad)).replace("_", "-")
+        with pytest.raises(ValueError, match=f"{option} .* is out of range"):
+            small(vectors, tmp_path / "d", **bad)

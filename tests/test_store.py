@@ -168,3 +168,35 @@ def test_two_harvests_at_once_one_runs_one_stops(tmp_path, image_dir):
     assert codes == [0, 2]
     assert "in use by pid" in next(err for code, err in results if code == 2)
     assert verify(tmp_path / "r") == []
+
+
+def test_prefetch_keeps_the_order_and_raises_the_readers_error():
+    from helpers.store import prefetch
+
+    arrays = [_rows(50), _rows(30, offset=50)]
+    plain = ShuffledBatches(arrays, batch_size=8, seed=1, buffer_rows=32, block_rows=16).batches(start=13)
+    ahead = prefetch(ShuffledBatches(arrays, batch_size=8, seed=1, buffer_rows=32, block_rows=16).batches(start=13))
+    for _ in range(30):
+        assert torch.equal(next(plain), next(ahead))
+
+    def failing():
+        yield torch.zeros(1)
+        raise StoreError("cannot read shard 3")
+
+    stream = prefetch(failing())
+    assert torch.equal(next(stream), torch.zeros(1))
+    with pytest.raises(StoreError, match="cannot read shard 3"):
+        next(stream)
+
+
+def test_one_copy_loading_gives_the_order_of_concatenate_then_permute():
+    """The chunk is assembled by scattering each block to its rows' places; the order is the one of
+    concatenating the blocks and permuting the rows (the stream's definition), checked directly."""
+    from helpers.store import _rng
+
+    arrays = [_rows(50), _rows(30, offset=50), _rows(20, offset=80)]
+    sb = ShuffledBatches(arrays, batch_size=10, seed=4, buffer_rows=40, block_rows=16)
+    for c, chunk in enumerate(sb._chunks(0)):
+        concatenated = np.concatenate([arrays[i][s:e] for i, s, e in chunk])
+        expected = concatenated[_rng(4, "rows", 0, c).permutation(len(concatenated))]
+        assert np.array_equal(sb._load(chunk, 0, c), expected)

@@ -1,0 +1,166 @@
+"""Training end to end, as a user runs it: whole processes, ours against sparsify, in turns.
+
+Each round starts ``python -m helpers train --vectors FILE ...`` and then the same training
+with EleutherAI's sparsify (a short script, as a sparsify user writes it: the .npy
+memory-mapped, a shuffled permutation per epoch, b_dec at the geometric median of a
+sample, Adam, unit-norm decoder, the held-out FVU, ``save_to_disk``), one after the other,
+``--rounds`` times. Same data (sparse combinations of a planted dictionary, d=512, saved as
+float16 .npy), same settings (n=8192 latents, k=32, batch 4096, lr 4e-4, decoder tied at
+initialisation only, no AuxK), same held-out vectors (the last 16,384).
+
+Reported: wall seconds per process (median over rounds), the median of the per-round ratio
+sparsify / ours, the held-out FVU of each, and a breakdown: start-up (process start until
+training code runs: imports), then the phases each process records (ours: ``train.json``'s
+``seconds``), data (waiting for batches), steps, evaluation, saving.
+
+    python bench/bench_e2e.py [--vectors 163840] [--rounds 3] [--data-rows 200000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import write_results  # noqa: E402
+
+D, N, K, BATCH, LR, HOLDOUT = 512, 8192, 32, 4096, 4e-4, 16384
+
+
+def make_data(path: Path, rows: int) -> None:
+    import numpy as np
+    import torch
+
+    from bench_peers import data
+
+    train, held = data(-(-rows // BATCH) + 2)
+    np.save(path, torch.cat([train, held]).numpy().astype(np.float16)[:rows])
+
+
+def run_sparsify(vectors: str, out: str, budget: int) -> dict:
+    """The sparsify user's script; prints its phases as JSON."""
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # no GPU: its eager decoder
+    import numpy as np
+    import torch
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    started = time.time()  # as ours: once the imports are done
+
+    seconds, clock = {}, time.perf_counter
+    t = clock()
+    x_all = np.load(vectors, mmap_mode="r")
+    train, held = x_all[:-HOLDOUT], x_all[-HOLDOUT:]
+    seconds["open"] = clock() - t
+    t = clock()
+    torch.manual_seed(0)
+    sae = SparseCoder(D, SparseCoderConfig(num_latents=N, k=K), device="cpu")
+    rng = np.random.default_rng(0)
+    sample = torch.from_numpy(np.asarray(train[np.sort(rng.choice(len(train), 16384, replace=False))])).float()
+    median = sample.mean(0)
+    for _ in range(100):  # geometric median (Weiszfeld), as sparsify's trainer initialises b_dec
+        w = 1 / (sample - median).norm(dim=1).clamp_min(1e-8)
+        median = (w[:, None] * sample).sum(0) / w.sum()
+    sae.b_dec.data.copy_(median)
+    opt = torch.optim.Adam(sae.parameters(), lr=LR)
+    seconds["init"] = clock() - t
+    seconds["data"] = seconds["steps"] = 0.0
+    order, pos = rng.permutation(len(train)), 0
+    for _ in range(-(-budget // BATCH)):
+        t = clock()
+        if pos + BATCH > len(order):
+            order, pos = rng.permutation(len(train)), 0
+        x = torch.from_numpy(np.asarray(train[np.sort(order[pos:pos + BATCH])])).float()
+        pos += BATCH
+        seconds["data"] += clock() - t
+        t = clock()
+        loss = sae(x).fvu
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+        seconds["steps"] += clock() - t
+    t = clock()
+    with torch.no_grad():
+        xh = torch.from_numpy(np.asarray(held)).float()
+        out_h = sae(xh).sae_out
+        fvu = float((out_h - xh).pow(2).sum() / (xh - xh.mean(0)).pow(2).sum())
+    seconds["evaluation"] = clock() - t
+    t = clock()
+    sae.save_to_disk(out)
+    seconds["saving"] = clock() - t
+    return {"started_at": started, "fvu": fvu, **seconds}
+
+
+def run_ours(vectors: str, out: str, budget: int) -> list[str]:
+    return [sys.executable, "-m", "helpers", "train", "--vectors", vectors, "--out", out, "--expansion", str(N // D),
+            "--k", str(K), "--tied", "init", "--batch-size", str(BATCH), "--lr", str(LR), "--vectors-seen",
+            str(budget), "--holdout", str(HOLDOUT), "--device", "cpu"]
+
+
+def one(case: str, vectors: str, budget: int, tmp: str) -> dict:
+    out = tempfile.mkdtemp(dir=tmp)
+    cmd = run_ours(vectors, out, budget) if case == "ours" else \
+        [sys.executable, __file__, "--run-sparsify", vectors, "--out", out, "--vectors", str(budget)]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.time() - t0
+    if proc.returncode:
+        raise RuntimeError(f"{case} failed:\n{proc.stderr[-2000:]}")
+    if case == "ours":
+        record = json.loads((Path(out) / "train.json").read_text())
+        phases, fvu = record["seconds"], record["final_fvu"]
+    else:
+        phases = json.loads(proc.stdout.strip().splitlines()[-1])
+        fvu = phases.pop("fvu")
+    started = phases.pop("started_at")
+    return {"wall": wall, "fvu": fvu, "start-up": started - t0, **phases}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vectors", type=int, default=163_840, help="training budget in vectors (each trainer)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--data-rows", type=int, default=200_000)
+    p.add_argument("--run-sparsify", metavar="NPY", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.run_sparsify:
+        print(json.dumps(run_sparsify(a.run_sparsify, a.out, a.vectors)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        vectors = str(Path(tmp) / "vectors.npy")
+        make_data(Path(vectors), max(a.data_rows, HOLDOUT * 10))
+        runs = {"ours": [], "sparsify": []}
+        for r in range(a.rounds):
+            for case in runs:
+                runs[case].append(one(case, vectors, a.vectors, tmp))
+                print(f"round {r + 1} {case}: {runs[case][-1]['wall']:.1f} s, FVU {runs[case][-1]['fvu']:.4f}",
+                      flush=True)
+    ratios = [s["wall"] / o["wall"] for o, s in zip(runs["ours"], runs["sparsify"])]
+    phases = ["start-up", "open", "init", "data", "steps", "log", "checkpoint", "evaluation", "saving"]
+    print(f"\nend to end, CPU ({os.cpu_count()} cores); {a.vectors} vectors of d={D}, n={N}, k={K}, batch {BATCH}, "
+          f"{a.rounds} rounds in turn")
+    print(f"  sparsify / ours, median per-round ratio: {statistics.median(ratios):.2f}x "
+          f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+    print("  case        wall s   FVU     " + "  ".join(f"{ph:>10}" for ph in phases))
+    results = {}
+    for case, rs in runs.items():
+        med = {k: statistics.median(r.get(k, 0.0) for r in rs) for k in ["wall", "fvu", *phases]}
+        results[case] = {**med, "rounds": rs}
+        print(f"  {case:<10} {med['wall']:7.1f}  {med['fvu']:.4f} " + "  ".join(f"{med[ph]:10.2f}" for ph in phases))
+    results["ratio"] = {"median": statistics.median(ratios), "rounds": ratios}
+    write_results("e2e", "cpu", results)
+
+
+if __name__ == "__main__":
+    main()

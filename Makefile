@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_core.py --memory
 	$(PY) bench/bench_seeing.py
 	$(PY) bench/bench_peers.py
+	$(PY) bench/bench_e2e.py
 
 clean:
 	rm -rf _build .pytest_cache

@@ -62,6 +62,8 @@ def test_records_and_cfg(tmp_path, harvest_run, vectors):
     assert cfg["branch_slices"]["5x5"] == [384, 448] and cfg["weights_id"] == "random(seed=0)"
     assert cfg["random_weights"] is True and "RANDOM" in cfg["warning"]
     assert cfg["vectors_seen"] == 64 and 0 <= cfg["dead_fraction"] <= 1 and cfg["final_fvu"] is None  # --holdout 0
+    seconds = json.loads((out / "train.json").read_text())["seconds"]
+    assert {"open", "init", "data", "steps", "evaluation", "saving"} <= set(seconds) and seconds["steps"] > 0
     held = json.loads((train(small(vectors, tmp_path / "held")) / "cfg.json").read_text())["metadata"]
     assert held["final_fvu"] > 0 and held["final_fvu_on"] == "256 held-out vectors"
     records = read_jsonl(out / "metrics.jsonl")

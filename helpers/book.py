@@ -11,6 +11,7 @@
 3. Stage the book in ``_build/src``: config, prose pages (each given the profile banner),
    executed notebooks, and plotly.js copied once into ``_static`` (served offline, not
    inlined per page).
+   MathJax's SVG build is copied there too, so formulas render offline.
 4. ``jupyter-book build`` -> ``_build/html``.
 """
 
@@ -80,7 +81,7 @@ def execute_notebooks(out_dir: Path, env: dict[str, str], paths: list[Path] | No
     """Run each notebook top to bottom in a fresh kernel with ``env`` set; save it executed."""
     import nbformat
     from nbclient import NotebookClient
-    from tqdm.auto import tqdm
+    from .progress import progress
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,7 @@ def execute_notebooks(out_dir: Path, env: dict[str, str], paths: list[Path] | No
     os.environ.update(env)
     done = []
     try:
-        for path in tqdm(paths or notebooks(), desc="notebooks", unit="nb"):
+        for path in progress(paths or notebooks(), desc="notebooks", unit="nb"):
             nb = nbformat.read(path, as_version=4)
             t = time.perf_counter()
             client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
@@ -140,7 +141,21 @@ def stage(executed: list[Path], banner: str, src: Path, atlas: Path | None = Non
     static = src / "_static"
     static.mkdir()
     shutil.copy(Path(plotly.__file__).parent / "package_data" / "plotly.min.js", static / "plotly.min.js")
+    (static / "mathjax").mkdir()
+    shutil.copy(mathjax_file(), static / "mathjax" / "tex-svg.js")
     return src
+
+
+def mathjax_file() -> Path:
+    """MathJax 3 (TeX input, SVG output: one file, no fonts to fetch), from the django-static-mathjax
+    package, which ships MathJax's own files; the book serves it instead of a CDN."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mathjax")
+    path = Path(spec.origin).parent / "static" / "mathjax" / "es5" / "tex-svg.js" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError("MathJax is not installed: pip install -e '.[book]' (django-static-mathjax ships it)")
+    return path
 
 
 def build_html(src: Path, out: Path) -> Path:

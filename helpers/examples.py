@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .files import atomic_write
 from .images import ImageDataset, collate
 from .inception import LayerCapture, model_input_from_uint8
+from .progress import progress
 from .selection import activation_bands
 
 CELL = 16  # pixels per grid cell at 224 px input (224 / 14)
@@ -84,7 +84,7 @@ def example_pass(model, sae, layer: str, images, top: int = 16, reservoir: int =
     capture = LayerCapture(model, [layer])
     loader = DataLoader(ImageDataset(images), batch_size=batch_size, collate_fn=collate, num_workers=workers)
     hw = None
-    for idx, pixels, _bad in tqdm(loader, desc=f"examples {layer}", unit="batch"):
+    for idx, pixels, _bad in progress(loader, desc=f"examples {layer}", unit="batch"):
         if pixels is None:
             continue
         acts = capture(model_input_from_uint8(pixels.to(dev)))[layer]  # [B, C, H, W]

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from .config import FeatvizConfig
 from .files import WEIGHTS_FILE, atomic_write
 from .inception import MIXED_LAYERS
+from .progress import progress
 
 
 class _StopAfterLayer(RuntimeError):
@@ -44,7 +44,9 @@ def _stop_after(model, layer: str):
 
 def render_directions(model, layer: str, directions: torch.Tensor, cfg: FeatvizConfig = FeatvizConfig()) -> np.ndarray:
     """Optimise one image per direction [n, C], all in one batch: float images [n, size, size, 3]."""
-    from lucent.optvis import objectives, param, render
+    with warnings.catch_warnings():  # Lucent's transforms use torch.jit.script, which torch now deprecates
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        from lucent.optvis import objectives, param, render
 
     directions = directions.detach().float()
     device = next(model.parameters()).device
@@ -57,6 +59,7 @@ def render_directions(model, layer: str, directions: torch.Tensor, cfg: FeatvizC
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Some layers could not be computed")
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
             images = render.render_vis(model, objective, lambda: param.image(cfg.size, batch=n),
                                        optimizer=lambda p: torch.optim.Adam(p, lr=cfg.lr),
                                        thresholds=(cfg.steps,), show_image=False, progress=False)
@@ -89,7 +92,7 @@ def render_features(model, layer: str, sae, sae_dir: Path, features, cache_dir: 
     paths = {int(f): cache_path(cache_dir, sid, layer, int(f), cfg) for f in features}
     todo = [f for f, p in paths.items() if not p.exists()]
     directions = sae.decoder_directions.detach()
-    for start in tqdm(range(0, len(todo), cfg.batch), desc=f"featviz {layer}", unit="batch",
+    for start in progress(range(0, len(todo), cfg.batch), desc=f"featviz {layer}", unit="batch",
                       disable=not todo):
         chunk = todo[start:start + cfg.batch]
         images = render_directions(model, layer, directions[chunk], cfg)

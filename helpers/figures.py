@@ -251,6 +251,7 @@ def agreement_figure(attributed: np.ndarray, ablated: np.ndarray, rho: float) ->
 
 def save(fig: go.Figure, folder, stem: str) -> list:
     """Write ``stem``.png and .svg (needs kaleido and a Chrome/Chromium); returns the files written."""
+    import logging
     from pathlib import Path
 
     import plotly.io as pio
@@ -258,13 +259,16 @@ def save(fig: go.Figure, folder, stem: str) -> list:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{stem}.png", folder / f"{stem}.svg"]
+    quiet = logging.getLogger("choreographer")  # kaleido's browser channel logs harmless decoding errors
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:  # one browser session for both files
         pio.write_images([fig, fig], paths, width=900, height=fig.layout.height or 450)
     except Exception as e:  # no kaleido or no browser: the interactive figure still stands
-        import logging
-
         logging.getLogger(__name__).warning("could not write %s.png/.svg: %s", stem, e)
         return []
+    finally:
+        quiet.setLevel(level)
     return paths
 
 

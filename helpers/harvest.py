@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from . import __version__
 from .config import HarvestConfig
@@ -37,6 +36,7 @@ from .files import HARVEST_LOG, MANIFEST, append_jsonl, exclusive_lock
 from .images import ImageDataset, collate, decode_on_device, list_images
 from .inception import (RANDOM_WARNING, LayerCapture, branch_slices, check_layers, is_random, layer_width, load_model,
                         model_input_from_uint8)
+from .progress import progress
 from .sampling import select_positions
 from .store import (PROVENANCE, Manifest, StoreError, read_manifest, read_shard_record, shard_problems,
                     shard_record_path, write_shard)
@@ -152,7 +152,7 @@ def _harvest_shards(cfg, out: Path, manifest: Manifest, images, capture, device,
                         batch_sampler=_ShardBatches(todo, cfg.shard_images, n_images, cfg.batch_size),
                         collate_fn=collate, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         persistent_workers=False)
-    bar = tqdm(total=sum(map(shard_len, mine)), initial=sum(map(shard_len, done)), unit="img",
+    bar = progress(total=sum(map(shard_len, mine)), initial=sum(map(shard_len, done)), unit="img",
                desc=f"harvest {out.name}" + (f" rank {rank}" if ranks > 1 else ""))
     pending: dict[int, _ShardBuffer] = {}
     for idx, pixels, bad in loader:

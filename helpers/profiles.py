@@ -123,5 +123,10 @@ def context(profile: str | None = None, run_dir: str | None = None, saes: str | 
     saes = saes or os.environ.get("SAE_SAES", "train")
     if saes not in ("train", "author"):
         raise ValueError(f"SAE_SAES={saes!r}; choose 'train' or 'author'")
-    return Context(p, run, saes, os.environ.get("SAE_FALLBACK_REASON") or None,
-                   book_build=bool(os.environ.get("SAE_BOOK_BUILD")))
+    ctx = Context(p, run, saes, os.environ.get("SAE_FALLBACK_REASON") or None,
+                  book_build=bool(os.environ.get("SAE_BOOK_BUILD")))
+    if ctx.book_build:  # the pages carry the banner and the watermarks; log lines would only clutter them
+        import logging
+
+        logging.getLogger("helpers").setLevel(logging.ERROR)
+    return ctx

@@ -22,12 +22,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from .config import TrainConfig
 from .files import CFG_FILE, CHECKPOINT, METRICS, TRAIN_RECORD, append_jsonl, atomic_write, read_jsonl, write_json
 from .loss import fvu, geometric_median, normalized_mse, training_loss
+from .progress import progress
 from .sae import TopKSAE
 from .store import ActivationStore, ShuffledBatches, StoreError, prefetch, random_rows
 
@@ -217,7 +217,7 @@ def train(cfg: TrainConfig) -> Path:
 
     stream = _batches(cfg, train_arrays, device, d_sae, start=state.seen)
     total_steps = math.ceil(cfg.vectors_seen / cfg.batch_size)
-    bar = tqdm(total=total_steps, initial=state.step, unit="step", desc=f"train {info['layer'] or 'sae'}",
+    bar = progress(total=total_steps, initial=state.step, unit="step", desc=f"train {info['layer'] or 'sae'}",
                **({"disable": True} if rank > 0 else {}))
     next_ckpt = (state.seen // cfg.checkpoint_every + 1) * cfg.checkpoint_every
     t0, seen0 = time.perf_counter(), state.seen

@@ -8,6 +8,7 @@ import yaml
 from browser import chromium, js_errors, screenshot
 from helpers.profiles import ROOT
 
+MATH = {"nbs/03_training": 3, "nbs/04_branch_specialization": 3}  # at least this many typeset formulas
 FIGURES = {"nbs/01_inceptionv1_branches": 1, "nbs/02_harvesting": 2, "nbs/03_training": 1,
            "nbs/04_branch_specialization": 6, "nbs/05_circuits": 2, "nbs/06_umap": 4}
 
@@ -54,6 +55,19 @@ def test_pages_load_and_draw_their_figures_without_js_errors(smoke_book, browser
         assert broken == [], f"{page}: images not loaded {broken}"
         assert js_errors(browser) == [], page
         assert browser.execute_script("return document.querySelector('h1') !== null"), page
+        if page in MATH:  # MathJax from the book's own files has typeset the formulas: no raw TeX left
+            deadline = time.time() + 10
+            while time.time() < deadline and not browser.execute_script(
+                    "return document.querySelectorAll('mjx-container svg').length"):
+                time.sleep(0.2)
+            assert browser.execute_script("return document.querySelectorAll('mjx-container svg').length") >= MATH[page]
+            assert "$$" not in browser.execute_script("return document.querySelector('main').innerText"), page
+        scripts = browser.execute_script("return [...document.scripts].map(s => s.src).filter(s => s)")
+        assert page not in MATH or [s for s in scripts if "_static/mathjax/tex-svg.js" in s], page
+        assert not [s for s in scripts if s.startswith("http")], f"{page} loads scripts from the network: {scripts}"
+        if page != "book/references":  # the offline banner's command line copies as typed: no en dash
+            text = browser.execute_script("return document.querySelector('main').innerText")
+            assert "--weights PATH.pth" in text and "\u2013weights" not in text, page
         if page == "book/intro":
             screenshot(browser, "book-intro.png")
         if page == "nbs/04_branch_specialization":

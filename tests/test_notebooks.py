@@ -80,3 +80,13 @@ def test_paper_figures_are_written_as_png_and_svg_with_the_label(smoke_book):
     for n in range(2, 11):
         assert (folder / f"figure-{n:02d}.png").stat().st_size > 5000, n
         assert "RANDOM WEIGHTS: NOT A RESULT" in (folder / f"figure-{n:02d}.svg").read_text(), n
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_pages_hold_no_progress_bars_log_lines_or_warnings(smoke_book, name):
+    for output in _outputs(smoke_book["executed"][name]):
+        assert not (output.output_type == "stream" and output.name == "stderr"), output.get("text", "")[:300]
+        data = output.get("data", {})
+        assert "application/vnd.jupyter.widget-view+json" not in data, data.get("text/plain")  # a tqdm.notebook bar
+        text = str(data) + output.get("text", "")
+        assert ".venv" not in text and "Traceback" not in text and "Warning:" not in text, text[:300]

@@ -1,8 +1,11 @@
-"""Keep each inline <script> once per page.
+"""Keep each script once per page.
 
 Sphinx 7.4 registers an inline script that an extension adds during ``builder-inited``
 twice (once as filename None, once as ''), so sphinx-thebe's ``const THEBE_JS_URL`` is
-declared twice and every page throws a SyntaxError. This drops the exact repeats.
+declared twice and every page throws a SyntaxError. A local ``mathjax_path`` is likewise
+added twice (once deferred by Sphinx's mathjax extension, once plain), and MathJax loaded
+twice throws "Cannot set property Package". This keeps the first of each inline script and
+of each file (whatever its attributes).
 """
 
 
@@ -10,9 +13,11 @@ def _once(app, pagename, templatename, context, doctree):
     seen, kept = set(), []
     for script in context.get("script_files", []):
         if not hasattr(script, "attributes"):  # a plain file name
-            key = (str(script), ())
+            key = str(script)
+        elif script.filename:  # a file: once, whatever its attributes
+            key = script.filename
         else:  # None and '' both mean "inline"
-            key = (script.filename or "", tuple(sorted(script.attributes.items())))
+            key = ("inline", tuple(sorted(script.attributes.items())))
         if key not in seen:
             seen.add(key)
             kept.append(script)

@@ -28,7 +28,7 @@ from .files import atomic_write
 from .figures import BRANCH_COLOURS
 from .images import ImageList, grid, load_image
 
-THUMB, CROP, CROPS = 48, 48, 3
+THUMB, CROP, CROPS, GAP = 48, 96, 3, 2  # px; GAP keeps JPEG bleed of a neighbouring tile out of view
 TEMPLATE = Path(__file__).with_name("atlas.html")
 
 
@@ -96,17 +96,20 @@ def write_layer_atlas(folder: Path, view: LayerView, note: str = "") -> Path:
     records = layer_records(view)
     order = [r["id"] for r in records]
     thumbs, crops = thumbnails(view, order)
-    per_row = 40
-    _save_jpeg(grid([thumbs.get(f) for f in order], THUMB, per_row), out / "thumbs.jpg")
-    strips = [c for f in order for c in (crops[f][:CROPS] + [None] * CROPS)[:CROPS]]  # CROPS slots per feature
-    _save_jpeg(grid(strips, CROP, 10 * CROPS), out / "crops.jpg")
+    per_row, strips_per_row = 40, 4
+    _save_jpeg(grid([thumbs.get(f) for f in order], THUMB, per_row, gap=GAP), out / "thumbs.jpg")
+    # each feature's crops side by side in a strip, the strips with a gap between them
+    strips = [np.asarray(grid((crops[f][:CROPS] + [None] * CROPS)[:CROPS], CROP, CROPS)) for f in order]
+    sheet = grid(strips, CROP, strips_per_row, gap=GAP, width=CROP * CROPS)
+    _save_jpeg(sheet, out / "crops.jpg")
     for i, r in enumerate(records):
-        r["thumb"] = [(i % per_row) * THUMB, (i // per_row) * THUMB]
-        r["crops"] = [(i % 10) * CROP * CROPS, (i // 10) * CROP]
+        r["thumb"] = [(i % per_row) * (THUMB + GAP), (i // per_row) * (THUMB + GAP)]
+        r["crops"] = [(i % strips_per_row) * (CROP * CROPS + GAP), (i // strips_per_row) * (CROP + GAP)]
     page = (TEMPLATE.read_text().replace("__LAYER__", html.escape(view.layer)).replace("__NOTE__", note)
             .replace("__DATA__", json.dumps(records).replace("</", "<\\/"))
             .replace("__COLOURS__", json.dumps(BRANCH_COLOURS)).replace("__BRANCHES__", json.dumps(list(BRANCHES)))
-            .replace("__THUMB__", str(THUMB)).replace("__CROP__", str(CROP)).replace("__NCROPS__", str(CROPS)))
+            .replace("__THUMB__", str(THUMB)).replace("__CROP__", str(CROP)).replace("__NCROPS__", str(CROPS))
+            .replace("__DETAIL__", str(CROP * CROPS + 40)))
     atomic_write(out / "index.html", lambda f: f.write(page), mode="w")
     return out / "index.html"
 

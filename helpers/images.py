@@ -308,15 +308,18 @@ def generate_images(folder: str | Path, n: int, seed: int = 0, size: tuple[int, 
     return ImageList(paths, source=f"generated(n={n}, seed={seed})")
 
 
-def grid(tiles, size: int, per_row: int, gap: int = 0, background=(235, 235, 235)) -> Image.Image:
-    """Images (uint8 [h, w, 3] arrays; None leaves a blank slot) resized to ``size`` px squares and laid
-    out ``per_row`` to a row with ``gap`` px between them: the one tiling routine of the figures and atlas."""
-    tiles = list(tiles)
+def grid(tiles, size: int, per_row: int, gap: int = 0, background=(235, 235, 235),
+         width: int | None = None) -> Image.Image:
+    """Images (uint8 [h, w, 3] arrays; None leaves a blank slot) resized to ``width`` x ``size`` px
+    (square by default) and laid out ``per_row`` to a row with ``gap`` px between them: the one tiling
+    routine of the figures and the atlas."""
+    tiles, width = list(tiles), width or size
     rows = max(1, -(-len(tiles) // per_row))
-    step = size + gap
-    sheet = Image.new("RGB", (min(len(tiles), per_row) * step - gap if tiles else size, rows * step - gap), background)
+    across, down = width + gap, size + gap
+    sheet = Image.new("RGB", (min(len(tiles), per_row) * across - gap if tiles else width, rows * down - gap),
+                      background)
     for i, t in enumerate(tiles):
         if t is not None:
-            sheet.paste(Image.fromarray(np.asarray(t, np.uint8)).resize((size, size)), ((i % per_row) * step,
-                                                                                        (i // per_row) * step))
+            sheet.paste(Image.fromarray(np.asarray(t, np.uint8)).resize((width, size)),
+                        ((i % per_row) * across, (i // per_row) * down))
     return sheet

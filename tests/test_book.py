@@ -91,7 +91,11 @@ def test_the_atlas_shows_every_feature_and_opens_a_detail_view(smoke_book, brows
     assert sprite > 0
     cells[3].click()
     title = browser.execute_script("return document.getElementById('detail-title').textContent")
-    assert title.startswith("feature ")
+    assert title.startswith("mixed4c feature ")  # the title names the layer
+    assert "not shares" in browser.execute_script("return document.getElementById('detail').innerText")
+    crops = browser.execute_script("const c = document.querySelector('#detail .crops'); "
+                                   "return [c.offsetWidth, c.offsetHeight]")
+    assert crops[1] >= 96 and crops[0] >= 3 * 96  # large enough to see
     assert browser.execute_script("return document.querySelectorAll('#detail .bar').length") == 4
     assert js_errors(browser) == []
     screenshot(browser, "atlas-mixed4c.png")
@@ -99,5 +103,15 @@ def test_the_atlas_shows_every_feature_and_opens_a_detail_view(smoke_book, brows
     link.click()  # a neighbour in the adjacent layer's atlas
     time.sleep(0.3)
     assert "/atlas/mixed4" in browser.current_url and "#f" in browser.current_url
-    assert browser.execute_script("return document.getElementById('detail-title').textContent").startswith("feature")
+    assert " feature " in browser.execute_script("return document.getElementById('detail-title').textContent")
     assert js_errors(browser) == []
+    browser.get((html / "atlas" / "mixed4c" / "index.html").as_uri())
+    browser.find_element("id", "back").click()  # every atlas page leads back to the book
+    time.sleep(0.5)  # the book's index.html redirects to its first page
+    assert "/atlas/" not in browser.current_url and browser.execute_script("return document.querySelector('h1') !== null")
+    browser.get((html / "book" / "intro.html").as_uri())  # the atlas is in the sidebar and the intro
+    sidebar = browser.execute_script("return [...document.querySelectorAll('nav a')].map(a => a.textContent.trim())")
+    assert "The feature atlas" in sidebar
+    browser.get((html / "book" / "atlas.html").as_uri())
+    browser.find_element("link text", "mixed4c").click()
+    assert browser.current_url.endswith("/atlas/mixed4c/index.html") and js_errors(browser) == []

@@ -9,6 +9,11 @@ docstring; the exporter adds to it the chapter that defines it, as d2l does.
 
 Generated modules are committed and never edited by hand: ``python -m helpers export
 --check`` (and ``tests/test_export.py``) fails when a module differs from its chapter.
+
+The repository is named once, in ``_config.yml`` (``repository.url`` and ``branch``, which
+Jupyter Book's launch buttons read too). The export writes it into each chapter's "Open in
+Colab" badge and install cell (which installs the package with its ``[book]`` extra) and into
+the README's badge, and ``--check`` fails when one of them names another.
 """
 
 from __future__ import annotations
@@ -119,6 +124,49 @@ def chapters(folder: Path = NOTEBOOKS) -> list[Chapter]:
     return found
 
 
+def repository(config: Path = ROOT / "_config.yml") -> tuple[str, str]:
+    """(owner/name, branch) of the repository ``_config.yml`` names."""
+    import yaml
+
+    repo = yaml.safe_load(Path(config).read_text())["repository"]
+    url = repo["url"].rstrip("/").removesuffix(".git")
+    if not url.startswith("https://github.com/"):
+        raise ExportError(f"_config.yml's repository.url {url!r} is not a https://github.com/OWNER/NAME address")
+    return url.removeprefix("https://github.com/"), repo.get("branch", "main")
+
+
+COLAB_BADGE = re.compile(r"https://colab\.research\.google\.com/github/[^)\s]+?/blob/[^/)\s]+/nbs/[^)\s]+\.ipynb")
+INSTALL = re.compile(r'%pip install -q "[^"]*"')
+
+
+def colab_cells(path: Path, repo: str, branch: str, write: bool) -> bool:
+    """Whether the chapter's badge and install cell name ``repo``@``branch`` (rewritten, with ``write``)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    badge = f"https://colab.research.google.com/github/{repo}/blob/{branch}/nbs/{path.name}"
+    install = f'%pip install -q "inception-sae[book] @ git+https://github.com/{repo}@{branch}"'
+    changed = False
+    for cell in nb.cells:
+        new = COLAB_BADGE.sub(badge, cell.source) if cell.cell_type == "markdown" else \
+            INSTALL.sub(install, cell.source) if "google.colab" in cell.source else cell.source
+        changed |= new != cell.source
+        cell.source = new
+    if changed and write:
+        nbformat.write(nb, path)
+    return not changed
+
+
+def readme_badge(readme: Path, repo: str, branch: str, write: bool) -> bool:
+    """Whether the README's Colab badge names ``repo``@``branch`` (rewritten, with ``write``)."""
+    text = Path(readme).read_text()
+    new = COLAB_BADGE.sub(f"https://colab.research.google.com/github/{repo}/blob/{branch}/nbs/"
+                          "01_inceptionv1_branches.ipynb", text)
+    if new != text and write:
+        Path(readme).write_text(new)
+    return new == text
+
+
 def export(folder: Path = NOTEBOOKS, package: Path = PACKAGE, check: bool = False) -> list[str]:
     """Write (or, with ``check``, compare) every generated module; returns the modules that
     differ from their chapter (with ``check``) or were rewritten."""
@@ -144,8 +192,13 @@ def main(argv=None) -> int:
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    repo, branch = repository()
+    stale = [f"nbs/{p.name}" for p in sorted(NOTEBOOKS.glob("[0-9]*.ipynb"))
+             if not colab_cells(p, repo, branch, write=not args.check)]
+    stale += [] if readme_badge(ROOT / "README.md", repo, branch, write=not args.check) else ["README.md"]
+    changed += [f"{name} (the Colab badge or install cell of {repo}@{branch})" for name in stale]
     if args.check and changed:
-        print("generated modules differ from their chapters (run `python -m helpers export`):\n  "
+        print("generated modules or Colab cells differ from their sources (run `python -m helpers export`):\n  "
               + "\n  ".join(changed), file=sys.stderr)
         return 1
     print("\n".join(f"wrote {c}" for c in changed) or "every generated module matches its chapter")

@@ -63,3 +63,24 @@ def test_an_exported_function_without_a_docstring_is_refused(tmp_path):
     text = (tmp_path / "thing.py").read_text()
     assert text.startswith("# GENERATED from nbs/09_thing.ipynb")
     assert '"""Twice.\n\n    Defined in chapter 09, *A chapter* (nbs/09_thing.ipynb).\n    """' in text
+
+
+def test_every_chapter_opens_on_colab_from_the_one_configured_repository(tmp_path):
+    repo, branch = export.repository()
+    for path in export.NOTEBOOKS.glob("[0-9]*.ipynb"):
+        assert export.colab_cells(path, repo, branch, write=False), path.name
+        text = path.read_text()
+        assert f"colab.research.google.com/github/{repo}/blob/{branch}/nbs/{path.name}" in text
+        assert f"inception-sae[book] @ git+https://github.com/{repo}@{branch}" in text  # what the chapters need
+    assert export.readme_badge(export.ROOT / "README.md", repo, branch, write=False)
+    # another repository in _config.yml: every chapter is stale until the export rewrites it
+    copy = tmp_path / "01.ipynb"
+    shutil.copy(next(export.NOTEBOOKS.glob("01_*.ipynb")), copy)
+    assert not export.colab_cells(copy, "someone/fork", "dev", write=False)
+    assert export.colab_cells(copy, "someone/fork", "dev", write=True) is False
+    assert export.colab_cells(copy, "someone/fork", "dev", write=False)
+    assert "github/someone/fork/blob/dev/nbs/01.ipynb" in copy.read_text()
+    config = tmp_path / "_config.yml"
+    config.write_text("repository:\n  url: https://gitlab.com/x/y\n")
+    with pytest.raises(export.ExportError, match="not a https://github.com/OWNER/NAME"):
+        export.repository(config)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from common import write_results  # noqa: E402
 
@@ -52,6 +53,8 @@ def run_sparsify(vectors: str, out: str, budget: int) -> dict:
     import torch
     from sparsify import SparseCoder, SparseCoderConfig
 
+    from helpers.loss import geometric_median
+
     started = time.time()  # as ours: once the imports are done
 
     seconds, clock = {}, time.perf_counter
@@ -64,11 +67,7 @@ def run_sparsify(vectors: str, out: str, budget: int) -> dict:
     sae = SparseCoder(D, SparseCoderConfig(num_latents=N, k=K), device="cpu")
     rng = np.random.default_rng(0)
     sample = torch.from_numpy(np.asarray(train[np.sort(rng.choice(len(train), 16384, replace=False))])).float()
-    median = sample.mean(0)
-    for _ in range(100):  # geometric median (Weiszfeld), as sparsify's trainer initialises b_dec
-        w = 1 / (sample - median).norm(dim=1).clamp_min(1e-8)
-        median = (w[:, None] * sample).sum(0) / w.sum()
-    sae.b_dec.data.copy_(median)
+    sae.b_dec.data.copy_(geometric_median(sample))  # as sparsify's trainer initialises b_dec
     opt = torch.optim.Adam(sae.parameters(), lr=LR)
     seconds["init"] = clock() - t
     seconds["data"] = seconds["steps"] = 0.0

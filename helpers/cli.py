@@ -34,11 +34,10 @@ DELEGATED = {
 def _arg_type(cls, name: str):
     """The type argparse converts a field's value to (``X | None`` -> X; tuples of layers stay a string)."""
     hint = typing.get_type_hints(cls)[name]
-    if typing.get_origin(hint) is typing.Literal:
+    if typing.get_origin(hint) in (typing.Literal, tuple):  # choices are checked by argparse; layers split later
         return str
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    kind = args[0] if args and typing.get_origin(hint) is not tuple else hint
-    return str if typing.get_origin(kind) in (tuple, list) or kind is tuple else kind
+    optional = [a for a in typing.get_args(hint) if a is not type(None)]  # X | None
+    return optional[0] if optional else hint
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:

@@ -13,6 +13,7 @@ UMAP, and its strongest neighbours in the adjacent layers (weight view, the 1x1 
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 from dataclasses import dataclass
@@ -167,7 +168,7 @@ class Explorer:
         v = self.view(self.layer.value)
         a, ex = v.analysis, v.examples
         if self.render is not None:
-            v = LayerView(**{**v.__dict__, "featviz": {**v.featviz, **self.render(v.layer, [feature])}})
+            v = dataclasses.replace(v, featviz={**v.featviz, **self.render(v.layer, [feature])})
         thumbs, crops = thumbnails(v, [feature])
         fr = ", ".join(f"{b} {a.fractions[feature, k]:.2f}" for k, b in enumerate(BRANCHES))
         lines = [f"**{v.layer} feature {feature}**: fraction per branch {fr}; fires on "

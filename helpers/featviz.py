@@ -12,7 +12,6 @@ keyed by SAE, feature and settings; a rerun renders only what is missing.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from PIL import Image
 
 from .config import FeatvizConfig
-from .files import WEIGHTS_FILE, atomic_write
+from .files import WEIGHTS_FILE, atomic_write, sha256_file
 from .inception import MIXED_LAYERS
 from .progress import progress
 
@@ -78,11 +77,7 @@ def cache_path(cache_dir: Path, sae_id: str, layer: str, feature: int, cfg: Feat
 
 def sae_id(sae_dir: Path) -> str:
     """A short id of an SAE's weights file, so cached images follow the SAE they show."""
-    h = hashlib.sha256()
-    with open(Path(sae_dir) / WEIGHTS_FILE, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
+    return sha256_file(Path(sae_dir) / WEIGHTS_FILE)[:10]
 
 
 def render_features(model, layer: str, sae, sae_dir: Path, features, cache_dir: Path,

@@ -38,7 +38,7 @@ from .inception import (RANDOM_WARNING, LayerCapture, branch_slices, check_layer
                         model_input_from_uint8)
 from .progress import progress
 from .sampling import select_positions
-from .store import (PROVENANCE, Manifest, StoreError, read_manifest, read_shard_record, shard_problems,
+from .store import (PROVENANCE, Manifest, StoreError, check_shard, read_manifest, read_shard_record,
                     shard_record_path, write_shard)
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
     """
     from . import distributed
 
-    layers = check_layers(cfg.layers)
+    layers = cfg.layers  # checked and put in network order when the config was made
     rank, ranks, device = distributed.setup(cfg.device)
     images = list_images(cfg.images).head(cfg.max_images)
     if model is None:
@@ -126,11 +126,10 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
 
 
 def _check_settings(cfg: HarvestConfig, manifest: Manifest) -> None:
-    """Settings that only the model can check: positions per image against each layer's grid."""
-    for layer, (h, w) in manifest.grid.items():
-        if cfg.sampling == "top-norm" and cfg.per_image > h * w:
-            raise ValueError(f"--per-image {cfg.per_image} exceeds the {h}x{w} grid of positions of {layer}; "
-                             f"top-norm keeps distinct positions, so use at most {h * w}")
+    """Settings that only the model can check (positions per image against each layer's grid), by
+    selecting positions once on an empty layer of each grid: the selection's own checks."""
+    for h, w in manifest.grid.values():
+        select_positions(torch.zeros(1, 1, h, w), cfg.per_image, cfg.sampling, torch.zeros(1, cfg.per_image))
 
 
 def _harvest_shards(cfg, out: Path, manifest: Manifest, images, capture, device, use_amp, rank, ranks) -> None:
@@ -141,7 +140,7 @@ def _harvest_shards(cfg, out: Path, manifest: Manifest, images, capture, device,
     mine = [k for k in range(n_shards) if k % ranks == rank]  # under torchrun, shards by rank
     done = set()
     for k in mine:
-        problems = shard_problems(out, manifest, k)
+        _, problems = check_shard(out, manifest, k)
         if not problems:
             done.add(k)
         elif shard_record_path(out, k).exists():

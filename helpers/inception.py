@@ -13,7 +13,6 @@ Input convention: RGB pixels in [0, 1], mapped by ``x * 255 - 117`` (what Lucent
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import urllib.error
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 from .config import BRANCHES, MIXED_LAYERS, PAPER_LAYERS, check_layers  # noqa: F401 (names of the model)
+from .files import sha256_file
 
 # the module whose output is each branch's contribution to the concatenation
 _BRANCH_MODULE = {"1x1": "{}_1x1", "3x3": "{}_3x3", "5x5": "{}_5x5", "pool": "{}_pool_reduce"}
@@ -41,14 +41,6 @@ class WeightsUnavailable(RuntimeError):
 
 def lucent_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(LUCENT_URL).name
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
@@ -82,7 +74,7 @@ def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
                 "without meaning"
             ) from e
         model.load_state_dict(state)
-        weights_id = f"lucent:inception5h.pth:sha256={_sha256(lucent_cache_path())[:16]}"
+        weights_id = f"lucent:inception5h.pth:sha256={sha256_file(lucent_cache_path())[:16]}"
     else:
         path = Path(weights)
         if not path.is_file():
@@ -104,7 +96,7 @@ def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
                 f"{path} is not an InceptionV1 (inception5h) state dict: "
                 f"missing {list(missing)[:3]}..., unexpected {list(unexpected)[:3]}..."
             )
-        weights_id = f"file:{path.name}:sha256={_sha256(path)[:16]}"
+        weights_id = f"file:{path.name}:sha256={sha256_file(path)[:16]}"
     model.weights_id = weights_id
     return model.eval().requires_grad_(False).to(device), weights_id
 

@@ -49,6 +49,8 @@ from .store import ActivationStore, read_manifest
 from .train import train
 
 ARTIFACTS: dict[str, tuple[Callable, bool]] = {}  # name -> (maker, per layer)
+FEATURE_STATS_VECTORS = 500_000  # harvested vectors a feature's firing frequency is counted on
+LABEL_EXAMPLES = 8  # top examples a feature's automatic labels are read from
 _MEMO: dict = {}
 
 
@@ -169,10 +171,10 @@ def _slices(ctx: Context, layer: str) -> dict[str, tuple[int, int]]:
 
 
 @_artifact("feature_stats")
-def _feature_stats(ctx: Context, layer: str, max_vectors: int = 500_000) -> dict[str, np.ndarray]:
+def _feature_stats(ctx: Context, layer: str) -> dict[str, np.ndarray]:
     path = get(ctx, "sae_dir", layer) / FEATURE_STATS
     if not path.exists():
-        vectors = ActivationStore(get(ctx, "harvest"), layer).load(max_vectors)
+        vectors = ActivationStore(get(ctx, "harvest"), layer).load(FEATURE_STATS_VECTORS)
         batches = (torch.from_numpy(vectors[i:i + 8192].astype(np.float32)) for i in range(0, len(vectors), 8192))
         data = save({k: v.numpy() for k, v in firing_stats(get(ctx, "sae", layer), batches).items()})
         atomic_write(path, lambda f: f.write(data))
@@ -195,8 +197,8 @@ def _examples(ctx: Context, layer: str):
 
 
 @_artifact("labels")
-def _labels(ctx: Context, layer: str, top: int = 8) -> list[dict]:
-    ex = get(ctx, "examples", layer)
+def _labels(ctx: Context, layer: str) -> list[dict]:
+    ex, top = get(ctx, "examples", layer), LABEL_EXAMPLES
     return labels.feature_labels(ex.top_image[:, :top], ex.top_y[:, :top], ex.top_x[:, :top],
                                  get(ctx, "images").classes, get(ctx, "cell_colours"))
 

@@ -5,8 +5,6 @@
 import numpy as np
 import torch
 
-from helpers.inception import BRANCHES
-
 
 def strongest_examples(z: torch.Tensor, top: int, width: int = 14) -> tuple[np.ndarray, ...]:
     """Each feature's ``top`` strongest images from dense activation maps ``z`` [images, positions, features]:
@@ -17,13 +15,9 @@ def strongest_examples(z: torch.Tensor, top: int, width: int = 14) -> tuple[np.n
     best, where = z.max(dim=1)  # per image and feature: the strongest position
     value, image = best.T.topk(min(top, z.shape[0]), dim=1)  # [features, top]
     position = where.T.gather(1, image)
-    image = torch.where(value > 0, image, -1)
-    out = [np.zeros((z.shape[2], top), np.float32), np.full((z.shape[2], top), -1), np.zeros((z.shape[2], top), int),
-           np.zeros((z.shape[2], top), int)]
-    n = value.shape[1]
-    out[0][:, :n], out[1][:, :n] = value.clamp_min(0).numpy(), image.numpy()
-    out[2][:, :n], out[3][:, :n] = (position // width).numpy(), (position % width).numpy()
-    return tuple(out)
+    pad = lambda t, fill: torch.nn.functional.pad(t, (0, top - t.shape[1]), value=fill).numpy()  # fewer images
+    return (pad(value.clamp_min(0), 0), pad(torch.where(value > 0, image, -1), -1), pad(position // width, 0),
+            pad(position % width, 0))
 
 
 def activation_bands(value: np.ndarray, image: np.ndarray, y: np.ndarray, x: np.ndarray, maximum: float,

@@ -86,20 +86,21 @@ def _npy_rows_and_width(path: Path) -> tuple[int, int | None]:
     return (shape[0] if shape else 0), (shape[1] if len(shape) > 1 else None)
 
 
-def shard_problems(run: Path, manifest: "Manifest", shard: int, layers=None, checksums: bool = False) -> list[str]:
-    """What is wrong with a finished shard, or []: its record missing or made under another configuration,
-    a file missing or of another length, row count or width than its record and the manifest say, or
-    (with ``checksums``) a file whose SHA-256 differs from the record's."""
+def check_shard(run: Path, manifest: "Manifest", shard: int, layers=None,
+                checksums: bool = False) -> tuple[dict | None, list[str]]:
+    """(the shard's commit record, what is wrong with the shard): problems are a record missing or made
+    under another configuration, a file missing or of another length, row count or width than its record
+    and the manifest say, or (with ``checksums``) a file whose SHA-256 differs from the record's."""
     path = shard_record_path(run, shard)
     if not path.is_file():
-        return [f"shard {shard}: no commit record ({path.name} missing: never finished, or deleted)"]
+        return None, [f"shard {shard}: no commit record ({path.name} missing: never finished, or deleted)"]
     try:
         record = read_json(path)
     except ValueError as e:
-        return [f"shard {shard}: unreadable commit record {path} ({e})"]
+        return None, [f"shard {shard}: unreadable commit record {path} ({e})"]
     if record.get("identity") != manifest.identity_hash():
-        return [f"shard {shard}: made under another configuration than {MANIFEST} describes "
-                "(or by an older version of this package)"]
+        return record, [f"shard {shard}: made under another configuration than {MANIFEST} describes "
+                        "(or by an older version of this package)"]
     problems = []
     for layer in layers or manifest.layers:
         for kind in ("vectors", "provenance"):
@@ -125,14 +126,14 @@ def shard_problems(run: Path, manifest: "Manifest", shard: int, layers=None, che
                                 f"{manifest.widths[layer]}")
             elif checksums and sha256_file(file) != expected["sha256"]:
                 problems.append(f"shard {shard}: {file.relative_to(run)} differs from its checksum (corrupted)")
-    return problems
+    return record, problems
 
 
 def verify(run: str | Path, checksums: bool = True) -> list[str]:
     """Every problem of a harvest's store (all shards, all layers, checksums included), or []."""
     manifest = read_manifest(run)
-    problems = [p for k in range(manifest.n_shards) for p in shard_problems(Path(run), manifest, k,
-                                                                             checksums=checksums)]
+    problems = [p for k in range(manifest.n_shards) for p in check_shard(Path(run), manifest, k,
+                                                                           checksums=checksums)[1]]
     return problems if manifest.complete or not problems else \
         [f"the harvest is not finished ({manifest.n_shards} shards planned)"] + problems
 
@@ -236,8 +237,8 @@ class ActivationStore:
                 "complete it (it resumes), or pass allow_partial=True to read the finished shards"
             )
         self.layer = layer
-        problems = {k: shard_problems(self.run, self.manifest, k, [layer]) for k in range(self.manifest.n_shards)}
-        bad = [p for k in problems for p in problems[k]
+        checked = {k: check_shard(self.run, self.manifest, k, [layer]) for k in range(self.manifest.n_shards)}
+        bad = [p for k, (record, problems) in checked.items() for p in problems
                if not (allow_partial and not shard_record_path(self.run, k).exists())]
         if bad:
             raise StoreError(
@@ -245,8 +246,8 @@ class ActivationStore:
                 + "\n  ".join(bad[:10]) + ("\n  ..." if len(bad) > 10 else "")
                 + "\nRepair it by running the same harvest command again (same --out): it redoes exactly the "
                 "missing and damaged shards and keeps the rest")
-        self.shards = [k for k in range(self.manifest.n_shards) if not problems[k]]
-        self.records = {k: read_shard_record(self.run, k) for k in self.shards}
+        self.records = {k: record for k, (record, problems) in checked.items() if not problems}
+        self.shards = sorted(self.records)
         self.d = int(self.manifest.widths[layer])
         self.branch_slices = dict(self.manifest.branch_slices[layer])
         self.weights_id = self.manifest.weights_id

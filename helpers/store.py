@@ -14,7 +14,7 @@ A shard counts only once its record exists; the record is written last, atomical
 crash or a full disk never leaves a partial shard that looks complete. The record carries the
 identity of the configuration that made the shard and each file's length and SHA-256:
 opening a store checks every shard against the manifest, the record and the files' lengths
-(``check_shards``; a damaged or foreign shard is refused, and a rerun of the harvest redoes
+(``check_shard``; a damaged or foreign shard is refused, and a rerun of the harvest redoes
 it), and ``verify`` (``python -m helpers verify --run DIR``) checks the checksums too.
 Arrays are plain ``.npy`` files, memory-mapped on reading: nothing loads a whole store into
 memory.
@@ -86,6 +86,27 @@ def _npy_rows_and_width(path: Path) -> tuple[int, int | None]:
     return (shape[0] if shape else 0), (shape[1] if len(shape) > 1 else None)
 
 
+def _file_problem(file: Path, expected: dict | None, rows: int, width: tuple[str, int] | None,
+                  checksums: bool) -> str | None:
+    """What is wrong with one file of a shard against its record's entry (None: nothing)."""
+    if expected is None or not file.is_file():
+        return "is missing"
+    size = file.stat().st_size
+    if size != expected["bytes"]:
+        return f"has {size} bytes, its record says {expected['bytes']} (truncated or replaced)"
+    try:
+        found, found_width = _npy_rows_and_width(file)
+    except (OSError, ValueError) as e:
+        return f"is not a readable .npy ({e})"
+    if found != expected["rows"] or found != rows:
+        return f"has {found} rows, its record says {rows}"
+    if width is not None and found_width != width[1]:
+        return f"is {found_width} wide, {width[0]} is {width[1]}"
+    if checksums and sha256_file(file) != expected["sha256"]:
+        return "differs from its checksum (corrupted)"
+    return None
+
+
 def check_shard(run: Path, manifest: "Manifest", shard: int, layers=None,
                 checksums: bool = False) -> tuple[dict | None, list[str]]:
     """(the shard's commit record, what is wrong with the shard): problems are a record missing or made
@@ -106,26 +127,10 @@ def check_shard(run: Path, manifest: "Manifest", shard: int, layers=None,
         for kind in ("vectors", "provenance"):
             file = shard_file(run, layer, shard, kind)
             expected = record.get("files", {}).get(f"{layer}/{file.name}")
-            if expected is None or not file.is_file():
-                problems.append(f"shard {shard}: {file.relative_to(run)} is missing")
-                continue
-            if file.stat().st_size != expected["bytes"]:
-                problems.append(f"shard {shard}: {file.relative_to(run)} has {file.stat().st_size} bytes, "
-                                f"its record says {expected['bytes']} (truncated or replaced)")
-                continue
-            try:
-                rows, width = _npy_rows_and_width(file)
-            except (OSError, ValueError) as e:
-                problems.append(f"shard {shard}: {file.relative_to(run)} is not a readable .npy ({e})")
-                continue
-            if rows != expected["rows"] or rows != record["vectors"]:
-                problems.append(f"shard {shard}: {file.relative_to(run)} has {rows} rows, its record says "
-                                f"{record['vectors']}")
-            elif kind == "vectors" and width != manifest.widths[layer]:
-                problems.append(f"shard {shard}: {file.relative_to(run)} is {width} wide, {layer} is "
-                                f"{manifest.widths[layer]}")
-            elif checksums and sha256_file(file) != expected["sha256"]:
-                problems.append(f"shard {shard}: {file.relative_to(run)} differs from its checksum (corrupted)")
+            width = (layer, manifest.widths[layer]) if kind == "vectors" else None
+            problem = _file_problem(file, expected, record["vectors"], width, checksums)
+            if problem:
+                problems.append(f"shard {shard}: {file.relative_to(run)} {problem}")
     return record, problems
 
 

@@ -13,7 +13,7 @@ sparsify / ours, the held-out FVU of each, and a breakdown: start-up (process st
 training code runs: imports), then the phases each process records (ours: ``train.json``'s
 ``seconds``), data (waiting for batches), steps, evaluation, saving.
 
-    python bench/bench_e2e.py [--vectors 163840] [--rounds 3] [--data-rows 200000]
+    python bench/bench_e2e.py [--vectors 163840] [--rounds 3] [--data-rows 200000] [--device cuda]
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ def make_data(path: Path, rows: int) -> None:
     np.save(path, torch.cat([train, held]).numpy().astype(np.float16)[:rows])
 
 
-def run_sparsify(vectors: str, out: str, budget: int) -> dict:
-    """The sparsify user's script; prints its phases as JSON."""
-    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # no GPU: its eager decoder
+def run_sparsify(vectors: str, out: str, budget: int, device: str = "cpu") -> dict:
+    """The sparsify user's script; prints its phases as JSON. On CUDA, its Triton decoder."""
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "0" if device.startswith("cuda") else "1")
     import numpy as np
     import torch
     from sparsify import SparseCoder, SparseCoderConfig
@@ -57,16 +57,21 @@ def run_sparsify(vectors: str, out: str, budget: int) -> dict:
 
     started = time.time()  # as ours: once the imports are done
 
-    seconds, clock = {}, time.perf_counter
+    def clock():  # phases end when the device's work is done
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    seconds = {}
     t = clock()
     x_all = np.load(vectors, mmap_mode="r")
     train, held = x_all[:-HOLDOUT], x_all[-HOLDOUT:]
     seconds["open"] = clock() - t
     t = clock()
     torch.manual_seed(0)
-    sae = SparseCoder(D, SparseCoderConfig(num_latents=N, k=K), device="cpu")
+    sae = SparseCoder(D, SparseCoderConfig(num_latents=N, k=K), device=device)
     rng = np.random.default_rng(0)
-    sample = torch.from_numpy(np.asarray(train[np.sort(rng.choice(len(train), 16384, replace=False))])).float()
+    sample = torch.from_numpy(np.asarray(train[np.sort(rng.choice(len(train), 16384, replace=False))])).float().to(device)
     sae.b_dec.data.copy_(geometric_median(sample))  # as sparsify's trainer initialises b_dec
     opt = torch.optim.Adam(sae.parameters(), lr=LR)
     seconds["init"] = clock() - t
@@ -76,7 +81,7 @@ def run_sparsify(vectors: str, out: str, budget: int) -> dict:
         t = clock()
         if pos + BATCH > len(order):
             order, pos = rng.permutation(len(train)), 0
-        x = torch.from_numpy(np.asarray(train[np.sort(order[pos:pos + BATCH])])).float()
+        x = torch.from_numpy(np.asarray(train[np.sort(order[pos:pos + BATCH])])).to(device).float()
         pos += BATCH
         seconds["data"] += clock() - t
         t = clock()
@@ -89,7 +94,7 @@ def run_sparsify(vectors: str, out: str, budget: int) -> dict:
         seconds["steps"] += clock() - t
     t = clock()
     with torch.no_grad():
-        xh = torch.from_numpy(np.asarray(held)).float()
+        xh = torch.from_numpy(np.asarray(held)).to(device).float()
         out_h = sae(xh).sae_out
         fvu = float((out_h - xh).pow(2).sum() / (xh - xh.mean(0)).pow(2).sum())
     seconds["evaluation"] = clock() - t
@@ -99,16 +104,18 @@ def run_sparsify(vectors: str, out: str, budget: int) -> dict:
     return {"started_at": started, "fvu": fvu, **seconds}
 
 
-def run_ours(vectors: str, out: str, budget: int) -> list[str]:
+def run_ours(vectors: str, out: str, budget: int, device: str = "cpu") -> list[str]:
+    """Our train command; on CUDA with the vectors held on the device (``--store device``)."""
+    store = ["--store", "device"] if device.startswith("cuda") else []
     return [sys.executable, "-m", "helpers", "train", "--vectors", vectors, "--out", out, "--expansion", str(N // D),
             "--k", str(K), "--tied", "init", "--batch-size", str(BATCH), "--lr", str(LR), "--vectors-seen",
-            str(budget), "--holdout", str(HOLDOUT), "--device", "cpu"]
+            str(budget), "--holdout", str(HOLDOUT), "--device", device, *store]
 
 
-def one(case: str, vectors: str, budget: int, tmp: str) -> dict:
+def one(case: str, vectors: str, budget: int, tmp: str, device: str) -> dict:
     out = tempfile.mkdtemp(dir=tmp)
-    cmd = run_ours(vectors, out, budget) if case == "ours" else \
-        [sys.executable, __file__, "--run-sparsify", vectors, "--out", out, "--vectors", str(budget)]
+    cmd = run_ours(vectors, out, budget, device) if case == "ours" else \
+        [sys.executable, __file__, "--run-sparsify", vectors, "--out", out, "--vectors", str(budget), "--device", device]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -130,11 +137,12 @@ def main() -> None:
     p.add_argument("--vectors", type=int, default=163_840, help="training budget in vectors (each trainer)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--data-rows", type=int, default=200_000)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (ours then with --store device)")
     p.add_argument("--run-sparsify", metavar="NPY", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.run_sparsify:
-        print(json.dumps(run_sparsify(a.run_sparsify, a.out, a.vectors)))
+        print(json.dumps(run_sparsify(a.run_sparsify, a.out, a.vectors, a.device)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         vectors = str(Path(tmp) / "vectors.npy")
@@ -142,12 +150,13 @@ def main() -> None:
         runs = {"ours": [], "sparsify": []}
         for r in range(a.rounds):
             for case in runs:
-                runs[case].append(one(case, vectors, a.vectors, tmp))
+                runs[case].append(one(case, vectors, a.vectors, tmp, a.device))
                 print(f"round {r + 1} {case}: {runs[case][-1]['wall']:.1f} s, FVU {runs[case][-1]['fvu']:.4f}",
                       flush=True)
     ratios = [s["wall"] / o["wall"] for o, s in zip(runs["ours"], runs["sparsify"])]
     phases = ["start-up", "open", "init", "data", "steps", "log", "checkpoint", "evaluation", "saving"]
-    print(f"\nend to end, CPU ({os.cpu_count()} cores); {a.vectors} vectors of d={D}, n={N}, k={K}, batch {BATCH}, "
+    where = torch_device_name(a.device)
+    print(f"\nend to end, {where} ({os.cpu_count()} CPU cores); {a.vectors} vectors of d={D}, n={N}, k={K}, batch {BATCH}, "
           f"{a.rounds} rounds in turn")
     print(f"  sparsify / ours, median per-round ratio: {statistics.median(ratios):.2f}x "
           f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
@@ -158,7 +167,16 @@ def main() -> None:
         results[case] = {**med, "rounds": rs}
         print(f"  {case:<10} {med['wall']:7.1f}  {med['fvu']:.4f} " + "  ".join(f"{med[ph]:10.2f}" for ph in phases))
     results["ratio"] = {"median": statistics.median(ratios), "rounds": ratios}
-    write_results("e2e", "cpu", results)
+    results["device"] = where
+    write_results("e2e", a.device.split(":")[0], results)
+
+
+def torch_device_name(device: str) -> str:
+    if not device.startswith("cuda"):
+        return "CPU"
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))
 
 
 if __name__ == "__main__":

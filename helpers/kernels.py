@@ -103,7 +103,8 @@ def scatter_rows(idx, coef, rows_in, like):
     The weight gradient of the sparse decoder (and of the kept pre-activations), without
     materialising [batch, k, d_in]: on a CPU a sparse [d_sae, batch] matrix of the
     coefficients (CSR) times ``rows_in``, twice as fast as torch's ``embedding_bag`` backward
-    there (measured: 10 against 22 ms for 4096 x 32 of 8192 x 512); elsewhere that backward.
+    there (measured: 10 against 22 ms for 4096 x 32 of 8192 x 512); on CUDA a dense product
+    (``_dense_scatter_rows``; ``SAE_SCATTER=bag``: ``embedding_bag``'s backward instead).
     """
     if like.device.type == "cpu":
         n_rows, (batch, k) = like.shape[0], idx.shape
@@ -116,10 +117,28 @@ def scatter_rows(idx, coef, rows_in, like):
             coefficients = torch.sparse_csr_tensor(crow, order // k, coef.flatten()[order].to(like.dtype),
                                                    (n_rows, batch))
             return coefficients @ rows_in.to(like.dtype)
+    if like.is_cuda and os.environ.get("SAE_SCATTER", "dense") == "dense":
+        return _dense_scatter_rows(idx, coef, rows_in, like)
     w = like.detach().requires_grad_(True)
     with torch.enable_grad():
         out = F.embedding_bag(idx, w, per_sample_weights=coef, mode="sum")
     return torch.autograd.grad(out, w, rows_in)[0]
+
+
+def _dense_scatter_rows(idx, coef, rows_in, like):
+    """``scatter_rows`` on a GPU: the coefficients scattered into a dense [batch, d_sae] matrix, then
+    one tensor-core product (TF32) with ``rows_in``. Measured on an H200 (d_sae 8192, d_in 512,
+    batch 4096, ``bench/profile_cuda.py``): a training step of 2.15 ms against 2.82 ms with
+    ``embedding_bag``'s backward (a sort, then a segment sum), which a GPU runs slower than the
+    dense product it avoids. Memory: a transient [batch, d_sae] float32."""
+    z = torch.zeros(idx.shape[0], like.shape[0], dtype=like.dtype, device=like.device)
+    z.scatter_add_(1, idx, coef.to(like.dtype))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return z.T @ rows_in.to(like.dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 _CHECKS: dict[str, bool] = {}
@@ -140,7 +159,8 @@ def _checked(device: torch.device) -> bool:
                 got, want = _TritonDecode.apply(i, v, w), torch_decode(i, v, w)
                 got = (got.detach(), *torch.autograd.grad(got, (v, w), grad))
                 want = (want.detach(), *torch.autograd.grad(want, (v, w), grad))
-            _CHECKS[key] = all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got, want))
+            # relative: the weight gradient on CUDA is a TF32 product (about 3e-4); a broken kernel is off by ~1
+            _CHECKS[key] = all(float((a - b).norm()) <= 2e-3 * float(b.norm()) for a, b in zip(got, want))
             reason = "its results differ from embedding_bag's"
         except Exception as e:  # a Triton or driver that cannot build the kernels
             _CHECKS[key], reason = False, f"{type(e).__name__}: {e}"

@@ -338,7 +338,8 @@ def memory_estimate(d_in: int, d_sae: int, k: int = 32, batch: int = 4096, tied:
 
     weights ``P = d_sae*d_in*m + d_sae + d_in`` floats, m = 1 (tied full) or 2 (tied init):
     parameters, gradients and Adam's two moments are 4P floats, plus one transient
-    [d_sae, d_in] gradient term in the backward pass (and a bf16 weight copy on CUDA).
+    [d_sae, d_in] gradient term in the backward pass (on CUDA also a bf16 weight copy and the
+    dense [batch, d_sae] float32 coefficients of the weight gradient, ``kernels.scatter_rows``).
     Pre-activations: one dense [rows, d_sae] buffer, rows = batch on CUDA (bf16) or
     ``encode_chunk`` on CPU (float32). Per-batch tensors: about 8 [batch, d_in] float32s and
     the kept latents' values and indices. The device store: rows*d_in float16.
@@ -348,7 +349,7 @@ def memory_estimate(d_in: int, d_sae: int, k: int = 32, batch: int = 4096, tied:
     rows = batch if (cuda or not encode_chunk) else min(encode_chunk, batch)
     return {
         "weights, gradients, Adam": 4 * params * 4,
-        "backward transient": d_sae * d_in * 4 + (d_sae * d_in * m * 2 if cuda else 0),
+        "backward transient": d_sae * d_in * 4 + (d_sae * d_in * m * 2 + batch * d_sae * 4 if cuda else 0),
         "pre-activations": rows * d_sae * (2 if cuda else 4),
         "batch tensors": 8 * batch * d_in * 4 + batch * (k + aux_k) * (4 + 8) * 3,
         "device store": store_rows * d_in * 2,

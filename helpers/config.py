@@ -25,6 +25,7 @@ BRANCHES = ("1x1", "3x3", "5x5", "pool")
 
 Sampling = Literal["top-norm", "norm-weighted"]
 Decode = Literal["workers", "device"]
+InputScale = Literal["lucent", "unit"]
 Tied = Literal["full", "init"]
 StoreMode = Literal["auto", "disk", "device"]
 Objective = Literal["direction", "neuron"]
@@ -92,6 +93,10 @@ class HarvestConfig:
         "workers: PIL decodes in the DataLoader workers; device: JPEGs are decoded, resized and cropped on "
         "--device (nvJPEG on CUDA), other formats by PIL"))
     amp: bool = field(default=True, metadata=_help("bfloat16 autocast and channels-last on CUDA"))
+    input_scale: InputScale = field(default="lucent", metadata=_help(
+        "lucent: RGB in [0,1] mapped by x*255-117, as Lucent's render_vis feeds the model; unit: [0,1] as is, "
+        "the paper author's harvest (ToTensor() images into Lucent's forward, which does no preprocessing), "
+        "which the author's published SAEs were trained on"))
 
     def __post_init__(self):
         self.layers = check_layers(self.layers)  # a comma string from the CLI becomes a tuple, once

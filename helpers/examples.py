@@ -69,8 +69,10 @@ class Examples:
 
 @torch.no_grad()
 def example_pass(model, sae, layer: str, images, top: int = 16, reservoir: int = 64, batch_size: int = 32,
-                 device: str | torch.device = "cpu", seed: int = 0, workers: int = 0) -> Examples:
-    """Stream ``images`` (an ImageList) once; keep each feature's top and sampled examples."""
+                 device: str | torch.device = "cpu", seed: int = 0, workers: int = 0,
+                 input_scale: str = "lucent") -> Examples:
+    """Stream ``images`` (an ImageList) once; keep each feature's top and sampled examples.
+    ``input_scale``: the convention the SAE's vectors were harvested under (``inception.INPUT_SCALES``)."""
     from torch.utils.data import DataLoader
 
     n = sae.d_sae
@@ -87,7 +89,7 @@ def example_pass(model, sae, layer: str, images, top: int = 16, reservoir: int =
     for idx, pixels, _bad in progress(loader, desc=f"examples {layer}", unit="batch"):
         if pixels is None:
             continue
-        acts = capture(model_input_from_uint8(pixels.to(dev)))[layer]  # [B, C, H, W]
+        acts = capture(model_input_from_uint8(pixels.to(dev), input_scale))[layer]  # [B, C, H, W]
         b, c, h, w = acts.shape
         hw = h * w
         # per image and feature: the strongest position, from dense codes a few images at a time
@@ -139,9 +141,10 @@ def crop(image: np.ndarray, y: int, x: int, window: int = 100) -> np.ndarray:
 
 
 @torch.no_grad()
-def activation_map(model, sae, layer: str, pixels: torch.Tensor, feature: int) -> np.ndarray:
+def activation_map(model, sae, layer: str, pixels: torch.Tensor, feature: int,
+                   input_scale: str = "lucent") -> np.ndarray:
     """The feature's activation at every grid cell of one uint8 image [3, 224, 224]: [14, 14]."""
-    acts = LayerCapture(model, [layer])(model_input_from_uint8(pixels[None]))[layer][0]
+    acts = LayerCapture(model, [layer])(model_input_from_uint8(pixels[None], input_scale))[layer][0]
     c, h, w = acts.shape
     z = sae.encode(acts.reshape(c, -1).T)[:, feature]
     return z.reshape(h, w).cpu().numpy()

@@ -43,7 +43,8 @@ from .store import (PROVENANCE, Manifest, StoreError, check_shard, read_manifest
 
 log = logging.getLogger(__name__)
 LOCK = ".harvest.lock"
-INPUT = "Resize(256) CenterCrop(224), RGB in [0,1] -> x*255-117"
+INPUT = "Resize(256) CenterCrop(224), RGB in [0,1] -> x*255-117"  # input_scale "lucent"
+INPUT_UNIT = "Resize(256) CenterCrop(224), RGB in [0,1] as is (the author's convention)"  # input_scale "unit"
 
 
 def _uniforms(seed: int, shard: int, layer: str, n_images: int, per_image: int) -> torch.Tensor:
@@ -181,9 +182,9 @@ def _manifest(cfg: HarvestConfig, images, weights_id: str, slices, capture, devi
     return Manifest(
         weights_id=weights_id,
         # decoders differ by up to one grey level, so the decoder is part of what the store is
-        input=INPUT + ("" if cfg.decode == "workers" else f"; JPEGs decoded on {device.type} (torchvision "
+        input=(INPUT if cfg.input_scale == "lucent" else INPUT_UNIT) + ("" if cfg.decode == "workers" else f"; JPEGs decoded on {device.type} (torchvision "
                        "decode_jpeg), tensor resize with antialiasing"),
-        layers=layers, widths={name: layer_width(slices[name]) for name in layers}, branch_slices=slices,
+        input_scale=cfg.input_scale, layers=layers, widths={name: layer_width(slices[name]) for name in layers}, branch_slices=slices,
         grid={name: list(t.shape[2:]) for name, t in probe.items()},
         per_image=cfg.per_image, sampling=cfg.sampling, seed=cfg.seed, shard_images=cfg.shard_images,
         n_shards=math.ceil(len(images) / cfg.shard_images), images=images.to_record(),
@@ -281,7 +282,7 @@ class _ShardBuffer:
 
 def _harvest_batch(capture, pixels, rows, cfg, device, use_amp, buffer: _ShardBuffer) -> None:
     """Forward one batch, select positions in every layer, keep them in the shard's buffer."""
-    x = model_input_from_uint8(pixels.to(device, non_blocking=True))
+    x = model_input_from_uint8(pixels.to(device, non_blocking=True), cfg.input_scale)
     if use_amp:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):

@@ -6,8 +6,11 @@ projection). ``branch_slices`` reads the channel slice of each branch off the mo
 by watching which branch output lands where in the concatenation, so nothing here is a
 hard-coded width.
 
-Input convention: RGB pixels in [0, 1], mapped by ``x * 255 - 117`` (what Lucent's
-``render_vis`` does for this model); not torchvision's mean/std normalisation.
+Input conventions (``INPUT_SCALES``): RGB pixels in [0, 1] mapped by ``x * 255 - 117``
+(``"lucent"``: what Lucent's ``render_vis`` does for this model; not torchvision's mean/std
+normalisation), or left in [0, 1] (``"unit"``: what the paper author's harvest fed the model,
+since Lucent's ``forward`` does no preprocessing; the author's published SAEs were trained on
+those activations). A store and every SAE record which one made them.
 """
 
 from __future__ import annotations
@@ -105,14 +108,20 @@ def is_random(weights_id: str) -> bool:
     return weights_id.startswith("random")
 
 
-def model_input(pixels01: torch.Tensor) -> torch.Tensor:
-    """RGB in [0, 1], [B, 3, H, W] -> the model's input scale."""
-    return pixels01 * 255.0 - 117.0
+INPUT_SCALES = {"lucent": (255.0, -117.0), "unit": (1.0, 0.0)}  # name -> (scale, shift) of [0, 1] pixels
 
 
-def model_input_from_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB [B, 3, H, W] -> model input; equals ``model_input(pixels / 255)``."""
-    return model_input(pixels.float() / 255.0)
+def model_input(pixels01: torch.Tensor, input_scale: str = "lucent") -> torch.Tensor:
+    """RGB in [0, 1], [B, 3, H, W] -> the model's input under ``input_scale`` (``INPUT_SCALES``)."""
+    if input_scale not in INPUT_SCALES:
+        raise ValueError(f"input_scale {input_scale!r} is unknown; choose from {', '.join(INPUT_SCALES)}")
+    scale, shift = INPUT_SCALES[input_scale]
+    return pixels01 * scale + shift
+
+
+def model_input_from_uint8(pixels: torch.Tensor, input_scale: str = "lucent") -> torch.Tensor:
+    """uint8 RGB [B, 3, H, W] -> model input; equals ``model_input(pixels / 255, input_scale)``."""
+    return model_input(pixels.float() / 255.0, input_scale)
 
 
 class _StopForward(Exception):

@@ -90,8 +90,14 @@ class Context:
     book_build: bool = False  # executed by the book build: figures as plain HTML, no live widgets
 
     @property
+    def input_scale(self) -> str:
+        """The input convention of this context's harvest: the author's ("unit") where the author's SAEs
+        encode it, since they were trained on activations of [0, 1] inputs; else the profile's."""
+        return "unit" if self.saes == "author" else self.profile.harvest.input_scale
+
+    @property
     def harvest_dir(self) -> Path:
-        return self.run_dir / "harvest"
+        return self.run_dir / ("harvest" if self.input_scale == "lucent" else f"harvest-{self.input_scale}")
 
     def sae_dir(self, layer: str) -> Path:
         return self.run_dir / ("author-saes" if self.saes == "author" else "saes") / layer
@@ -105,7 +111,11 @@ class Context:
         p = self.profile
         lines = [f"Built with the **{p.name}** profile ({p.description}); weights: `{p.weights}`; "
                  f"SAEs: {'the paper author' + chr(39) + 's published SAEs' if self.saes == 'author' else 'trained here'}; "
-                 f"run directory `{self.run_dir.name}`."]
+                 f"run directory `{self.run_dir.name}`.",
+                 "Images enter the network " + ("in [0, 1] as they are: the author's convention, the one the author's "
+                                                "SAEs were trained on (Lucent's `forward` does no preprocessing)."
+                                                if self.input_scale == "unit" else
+                                                "as `x*255-117` of [0, 1] pixels, as Lucent's `render_vis` feeds them.")]
         if self.fallback_reason:
             lines.append(f"The `cpu` profile could not run here, so this is the smoke profile. What failed:\n\n"
                          f"{self.fallback_reason}")

@@ -99,7 +99,7 @@ def _harvest(ctx: Context) -> Path:
     if (ctx.harvest_dir / MANIFEST).exists() and read_manifest(ctx.harvest_dir).complete:
         return ctx.harvest_dir
     cfg = dataclasses.replace(ctx.profile.harvest, images=image_source(ctx), out=str(ctx.harvest_dir),
-                              workers=min(4, os.cpu_count() or 1))
+                              workers=min(4, os.cpu_count() or 1), input_scale=ctx.input_scale)
     return harvest(cfg)
 
 
@@ -141,7 +141,7 @@ def layer_activations(ctx: Context, layers, n_images: int) -> dict[str, torch.Te
     paths = [p for i, p in enumerate(manifest.images["paths"]) if i not in skipped][:n_images]
     pixels = torch.stack([torch.from_numpy(load_image(Path(p))).permute(2, 0, 1) for p in paths])
     with torch.no_grad():
-        return LayerCapture(get(ctx, "model"), layers)(model_input_from_uint8(pixels))
+        return LayerCapture(get(ctx, "model"), layers)(model_input_from_uint8(pixels, manifest.input_scale))
 
 
 # --- one SAE per layer ------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def _sae_dir(ctx: Context, layer: str) -> Path:
     directory = ctx.sae_dir(layer)
     if not (directory / CFG_FILE).exists():
         if ctx.saes == "author":
-            fetch_author_sae(layer).save(directory, layer=layer, source=f"hf:{REPO_ID}",
+            fetch_author_sae(layer).save(directory, layer=layer, source=f"hf:{REPO_ID}", input_scale="unit",
                                          weights_id="lucent (the author's)", random_weights=False)
         else:
             train(dataclasses.replace(ctx.profile.train, run=str(get(ctx, "harvest")), layer=layer,
@@ -161,7 +161,24 @@ def _sae_dir(ctx: Context, layer: str) -> Path:
 
 @_artifact("sae")
 def _sae(ctx: Context, layer: str) -> TopKSAE:
-    return TopKSAE.load(get(ctx, "sae_dir", layer))
+    sae = TopKSAE.load(get(ctx, "sae_dir", layer))
+    check_input_scale(sae, read_manifest(get(ctx, "harvest")), get(ctx, "sae_dir", layer))
+    return sae
+
+
+class InputScaleMismatch(ValueError):
+    """An SAE trained on activations of one input convention, asked to encode another's."""
+
+
+def check_input_scale(sae: TopKSAE, manifest, where: Path) -> None:
+    """Refuse to encode a harvest made under another input convention than the SAE's vectors were:
+    the activations of [0, 1] inputs and of ``x*255-117`` inputs are two different distributions."""
+    theirs = sae.metadata.get("input_scale")
+    if theirs is not None and theirs != manifest.input_scale:
+        raise InputScaleMismatch(
+            f"the SAE in {where} was trained on activations of {theirs!r} inputs, but the harvest it would encode "
+            f"used {manifest.input_scale!r} inputs (inception.INPUT_SCALES). Harvest again with "
+            f"--input-scale {theirs} (a new --out), or use an SAE trained on this harvest")
 
 
 @_artifact("slices")
@@ -192,7 +209,8 @@ def _branches(ctx: Context, layer: str) -> branches.BranchAnalysis:
 def _examples(ctx: Context, layer: str):
     path = get(ctx, "sae_dir", layer) / EXAMPLES
     if not path.exists():
-        example_pass(get(ctx, "model"), get(ctx, "sae", layer), layer, get(ctx, "images")).save(path)
+        example_pass(get(ctx, "model"), get(ctx, "sae", layer), layer, get(ctx, "images"),
+                     input_scale=read_manifest(get(ctx, "harvest")).input_scale).save(path)
     return Examples.load(path)
 
 

@@ -164,6 +164,7 @@ class Manifest:
     images_sha256: str
     config: dict  # the HarvestConfig, as given
     model: str = "InceptionV1 (Lucid inception5h via Lucent)"
+    input_scale: str = "lucent"  # inception.INPUT_SCALES; part of the identity through ``input``
     random_weights: bool = False
     warning: str | None = None
     helpers_version: str = ""

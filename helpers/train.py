@@ -67,7 +67,8 @@ def open_source(cfg: TrainConfig) -> tuple[list[np.ndarray], dict]:
             raise ValueError("--run needs --layer (e.g. --layer mixed4c)")
         store = ActivationStore(cfg.run, cfg.layer)
         return store.vector_arrays(), {"layer": cfg.layer, "branch_slices": store.branch_slices,
-                                       "weights_id": store.weights_id, "source": str(Path(cfg.run).resolve())}
+                                       "weights_id": store.weights_id, "source": str(Path(cfg.run).resolve()),
+                                       "input_scale": store.manifest.input_scale}
     path = Path(cfg.vectors)
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -424,6 +425,7 @@ def _finish(out, state, cfg, info, held, lr, last_record, device, clock: _Clock)
         "source": info["source"], "vectors_seen": seen, "final_fvu": held_fvu, "final_nmse": held_nmse,
         "final_fvu_on": f"{len(held)} held-out vectors", "dead_fraction": dead_fraction,
         "dead_after": cfg.dead_after, "lr": lr, "expansion": cfg.expansion, "helpers_version": __version__,
+        "input_scale": info.get("input_scale"),  # the images' convention (None for --vectors: unknown)
     }
     with clock("saving"):
         sae.save(out, **extra)

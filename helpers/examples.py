@@ -151,10 +151,21 @@ def activation_map(model, sae, layer: str, pixels: torch.Tensor, feature: int,
 
 
 def overlay(image: np.ndarray, amap: np.ndarray) -> np.ndarray:
-    """The image dimmed where the map is low: uint8 [224, 224, 3]."""
-    m = amap / amap.max() if amap.max() > 0 else amap
-    up = np.kron(m, np.ones((CELL, CELL)))[: image.shape[0], : image.shape[1]]
-    return (image * (0.25 + 0.75 * up[..., None])).astype(np.uint8)
+    """Where the feature fires on the image, uint8 [224, 224, 3]: the image dimmed where the map
+    ``amap`` [14, 14] is zero, tinted red in proportion to the activation, and the strongest cell
+    framed in yellow. A map that is zero everywhere leaves the image dimmed, with no frame."""
+    m = amap / amap.max() if amap.max() > 0 else np.zeros_like(amap)
+    up = np.kron(m, np.ones((CELL, CELL)))[: image.shape[0], : image.shape[1]][..., None]
+    red = np.array([255.0, 40.0, 40.0])
+    out = image * (0.35 + 0.65 * up) * (1 - 0.45 * up) + red * 0.45 * up
+    if amap.max() > 0:
+        y, x = np.unravel_index(int(np.argmax(amap)), amap.shape)
+        y0, x0 = y * CELL, x * CELL
+        frame = np.zeros(out.shape[:2], bool)
+        frame[max(y0 - 2, 0):y0 + CELL + 2, max(x0 - 2, 0):x0 + CELL + 2] = True
+        frame[y0 + 1:y0 + CELL - 1, x0 + 1:x0 + CELL - 1] = False
+        out[frame] = (255, 230, 0)
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def cell_colours(image: np.ndarray, radius: int = 1) -> np.ndarray:

@@ -16,6 +16,7 @@ from .inception import BRANCHES
 
 BRANCH_COLOURS = {"1x1": "#4C78A8", "3x3": "#F58518", "5x5": "#54A24B", "pool": "#B279A2"}
 NOT_A_RESULT = "RANDOM WEIGHTS: NOT A RESULT"
+LAYER_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]  # lines of mixed4a, 4b, ...
 
 
 def show(fig: go.Figure, ctx=None, save_as: str | None = None) -> None:
@@ -98,15 +99,28 @@ def training_curves_figure(metrics: dict[str, list[dict]]) -> go.Figure:
         seen = [r["vectors_seen"] for r in metrics[layer]]
         for col, (key, _) in enumerate(panels, start=1):
             fig.add_scatter(x=seen, y=[r[key] for r in metrics[layer]], name=layer, legendgroup=layer,
-                            showlegend=col == 1, mode="lines", line=dict(color=_palette(i)), row=1, col=col)
+                            showlegend=col == 1, mode="lines", line=dict(color=LAYER_COLOURS[i % len(LAYER_COLOURS)]), row=1, col=col)
     fig.update_xaxes(title_text="vectors seen")
     fig.update_layout(title="Training the TopK SAEs", height=380)
     return fig
 
 
-def _palette(i: int) -> str:
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
-    return colours[i % len(colours)]
+# the hue names of labels.HUES as marker colours: a set named "colour: blue" is drawn blue
+HUE_COLOURS = {"red": "#d92121", "orange": "#d97d21", "yellow": "#ccbe1f", "green": "#21b021", "cyan": "#21c4d9",
+               "blue": "#213fd9", "purple": "#9b21d9", "magenta": "#d9219b"}  # each at the middle of its hue
+# other sets: colours no hue name claims, told apart by their symbols too
+_NEUTRAL = [("black", "diamond"), ("#8c564b", "star"), ("#555555", "square"), ("#000000", "cross"),
+            ("#7f7f7f", "triangle-up")]
+
+
+def highlight_style(name: str, k: int) -> dict:
+    """Marker of the ``k``-th highlighted set: the named hue for "colour: NAME" sets (a circle),
+    else a neutral colour and a symbol of its own."""
+    hue = name.split(":", 1)[1].strip() if name.startswith("colour:") else None
+    if hue in HUE_COLOURS:
+        return dict(color=HUE_COLOURS[hue], symbol="circle")
+    colour, symbol = _NEUTRAL[k % len(_NEUTRAL)]
+    return dict(color=colour, symbol=symbol)
 
 
 def banner(ctx) -> None:
@@ -166,14 +180,18 @@ def branch_fraction_figure(analysis, branch: str, highlights: dict[str, list[int
     rank = {int(f): r for r, f in enumerate(order)}
     fig = go.Figure(go.Scatter(x=np.arange(len(order)), y=values, mode="markers", marker=dict(size=3, color="#999"),
                                name="all features", text=_hover(analysis, order), hoverinfo="text"))
-    for base, dash in ((analysis.shuffled, "dash"), (analysis.gaussian, "dot")):
-        fig.add_hline(y=float(base.threshold[b]), line_dash=dash, line_color="#d62728",
+    # the two baselines' labels at opposite ends of their lines, so they never print over each other
+    for base, dash, where in ((analysis.shuffled, "dash", "top left"), (analysis.gaussian, "dot", "bottom right")):
+        fig.add_hline(y=float(base.threshold[b]), line_dash=dash, line_color="#444",
                       annotation_text=f"{base.kind} baseline, {base.quantile:.0%} quantile",
-                      annotation_position="top left")
-    for k, (name, ids) in enumerate((highlights or {}).items()):
+                      annotation_position=where, annotation_font_size=11)
+    neutral = 0
+    for name, ids in (highlights or {}).items():
         ids = [i for i in ids if i in rank]
+        style = highlight_style(name, neutral)
+        neutral += not name.startswith("colour:")
         fig.add_scatter(x=[rank[i] for i in ids], y=analysis.fractions[ids, b], mode="markers", name=name,
-                        marker=dict(size=9, color=_palette(k + 1), line=dict(width=1, color="black")),
+                        marker=dict(size=9, **style, line=dict(width=1, color="black")),
                         text=_hover(analysis, ids), hoverinfo="text")
     fig.update_layout(title=title or f"{analysis.layer}: fraction of each feature's decoder norm in the {branch} branch",
                       xaxis_title="feature rank (sorted by fraction)",
@@ -198,13 +216,19 @@ def umap_figure(coords: np.ndarray, analysis, colour: str = "dominant",
         b = BRANCHES.index(colour)
         fig.add_scattergl(x=coords[alive, 0], y=coords[alive, 1], mode="markers", name=f"{colour} fraction",
                           marker=dict(size=4, color=analysis.fractions[alive, b], colorscale="Viridis",
-                                      colorbar=dict(title=colour)), text=_hover(analysis, alive), hoverinfo="text")
-    for k, (name, ids) in enumerate((highlights or {}).items()):
+                                      colorbar=dict(title=f"{colour}<br>fraction", x=1.0, xanchor="left")),
+                          text=_hover(analysis, alive), hoverinfo="text")
+    neutral = 0
+    for name, ids in (highlights or {}).items():
+        style = highlight_style(name, neutral)
+        neutral += not name.startswith("colour:")
         fig.add_scatter(x=coords[ids, 0], y=coords[ids, 1], mode="markers", name=name,
-                        marker=dict(size=10, symbol="star", color=_palette(k + 3), line=dict(width=1, color="black")),
+                        marker=dict(size=10, **style, line=dict(width=1, color="white")),
                         text=_hover(analysis, ids), hoverinfo="text")
-    fig.update_layout(title=title or f"UMAP of the {analysis.layer} decoder vectors", height=520,
-                      xaxis=dict(visible=False), yaxis=dict(visible=False))
+    # the legend below the map, the colour bar (if any) to its right: they cannot overlap
+    fig.update_layout(title=title or f"UMAP of the {analysis.layer} decoder vectors", height=560,
+                      xaxis=dict(visible=False), yaxis=dict(visible=False),
+                      legend=dict(orientation="h", x=0, y=-0.02, yanchor="top"))
     return fig
 
 
@@ -318,19 +342,60 @@ def figure1_image(panels: dict, layers, random_weights: bool, thumb: int = 96):
     return canvas
 
 
-def _stamp(canvas, text: str) -> None:
-    """Write ``text`` large and red across the middle of a PIL image."""
-    from PIL import ImageDraw, ImageFont
+def _font(size: int):
+    from PIL import ImageFont
 
     try:
-        font = ImageFont.load_default(size=max(16, canvas.width // 30))
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one small bitmap font
+        return ImageFont.load_default()
+
+
+def figure1_layer_image(title: str, entries: list[tuple[str, np.ndarray | None, list[np.ndarray]]],
+                        random_weights: bool, thumb: int = 112, columns: int = 2):
+    """The paper's figure 1 panel for one layer, legible at page width: ``entries`` (label, feature
+    visualisation or None, top crops), ``columns`` to a row, each the visualisation then its crops,
+    under a title; the random-weights watermark across it when ``random_weights``."""
+    from PIL import Image, ImageDraw
+
+    from .images import grid
+
+    crops_n = max((len(c) for _, _, c in entries), default=0)
+    entry_w, entry_h = (1 + crops_n) * (thumb + 4) + 16, thumb + 30
+    head = 34
+    rows = -(-len(entries) // columns)
+    canvas = Image.new("RGB", (columns * entry_w + 8, head + rows * entry_h + 6), "white")
     draw = ImageDraw.Draw(canvas)
-    box = draw.textbbox((0, 0), text, font=font)
-    x, y = (canvas.width - (box[2] - box[0])) // 2, (canvas.height - (box[3] - box[1])) // 2
-    draw.rectangle([x - 8, y - 6, x + box[2] - box[0] + 8, y + box[3] - box[1] + 10], fill=(255, 255, 255))
-    draw.text((x, y), text, fill=(200, 0, 0), font=font)
+    draw.text((8, 6), title, fill="black", font=_font(19))
+    for k, (label, viz, crops) in enumerate(entries):
+        x, y = 8 + (k % columns) * entry_w, head + (k // columns) * entry_h
+        draw.text((x, y), label, fill="black", font=_font(15))
+        tiles = [viz if viz is not None else np.full((thumb, thumb, 3), 230, np.uint8), *crops]
+        canvas.paste(grid(tiles, thumb, len(tiles), gap=4, background=(230, 230, 230)), (x, y + 22))
+    if random_weights:
+        _stamp(canvas, NOT_A_RESULT)
+    return canvas
+
+
+def _stamp(canvas, text: str, alpha: int = 80) -> None:
+    """Write ``text`` across ``canvas`` (a PIL RGB image) along its diagonal, red and translucent
+    (``alpha`` of 255), so that it marks the whole figure and hides none of it."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    angle = math.degrees(math.atan2(canvas.height, canvas.width))
+    diagonal = math.hypot(canvas.width, canvas.height)
+    size = 12  # the largest font whose text spans about 70% of the diagonal
+    while size < 400 and _font(size + 4).getbbox(text)[2] <= 0.7 * diagonal:
+        size += 4
+    font = _font(size)
+    box = font.getbbox(text)
+    label = Image.new("RGBA", (box[2] - box[0] + 20, box[3] - box[1] + 20), (0, 0, 0, 0))
+    ImageDraw.Draw(label).text((10 - box[0], 10 - box[1]), text, font=font, fill=(200, 0, 0, alpha))
+    label = label.rotate(angle, expand=True, resample=Image.BICUBIC)
+    x, y = (canvas.width - label.width) // 2, (canvas.height - label.height) // 2
+    canvas.paste(label, (x, y), label)
 
 
 def show_image(img, ctx=None, save_as: str | None = None) -> None:

@@ -32,7 +32,8 @@ class Profile:
     featviz: FeatvizConfig = FeatvizConfig()
     circuit_images: int = 32  # images whose full activation maps the circuit analyses use
     circuit_sources: int = 512  # source features per layer in the attribution matrix
-    figure1_per_branch: int = 2  # features shown per layer and branch in figure 1
+    figure1_per_branch: int = 2  # features per layer and branch in figure 1's all-branch grid
+    figure1_per_layer: int = 6  # features in figure 1's panel of each layer (the paper's branch)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -53,7 +54,8 @@ PROFILES = {
     "smoke": Profile("smoke", "CI and a first look: random weights, 64 images, tiny SAEs; minutes on 2 CPU cores",
                      HarvestConfig(images="sample-or-generated", weights="random", max_images=64, batch_size=16),
                      _train(24_576, batch_size=1024, expansion=4, k=16), FeatvizConfig(steps=4, size=64),
-                     circuit_images=4, circuit_sources=48, figure1_per_branch=1),
+                     circuit_images=4, circuit_sources=48, figure1_per_branch=1,
+                     figure1_per_layer=4),
     "cpu": Profile("cpu", "a laptop afternoon: real weights, Imagenette validation images (3,925)",
                    HarvestConfig(images="imagenette", weights="lucent"), _train(2_000_000, aux_k=256)),
     "gpu": Profile("gpu", "a Colab T4: real weights, Imagenette validation images, 50M vectors per SAE",

@@ -37,6 +37,9 @@ def activation_bands(value: np.ndarray, image: np.ndarray, y: np.ndarray, x: np.
     return out
 
 
+PAPER_FIGURE1_BRANCH = {"mixed4a": "1x1", "mixed4b": "5x5", "mixed4c": "5x5", "mixed4d": "1x1", "mixed4e": "5x5"}
+
+
 def figure1_features(analysis, top_image: np.ndarray, branch: str, n: int) -> list[int]:
     """The ``n`` features of a layer's BranchAnalysis most specialised to ``branch`` that have an example
     (``top_image`` [features, top], -1: none).

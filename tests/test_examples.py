@@ -81,3 +81,18 @@ def test_cell_colours():
     mixed = cell_colours(image, radius=1)[5, 6]  # cells 5-7 across the border
     np.testing.assert_allclose(mixed, [255 * 2 / 3, 0, 255 / 3], rtol=1e-6)
     assert CELL == 16
+
+
+def test_the_overlay_shows_where_the_feature_fires():
+    grey = np.full((224, 224, 3), 128, np.uint8)
+    amap = np.zeros((14, 14))
+    amap[3, 9], amap[10, 2] = 2.0, 1.0  # strongest at cell (3, 9), half as strong at (10, 2)
+    shown = overlay(grey, amap).astype(int)
+    cell = lambda y, x: shown[y * CELL + 4:(y + 1) * CELL - 4, x * CELL + 4:(x + 1) * CELL - 4].reshape(-1, 3).mean(0)
+    strong, weak, silent = cell(3, 9), cell(10, 2), cell(6, 6)
+    assert strong[0] - strong[2] > weak[0] - weak[2] > 0 == silent[0] - silent[2]  # redder where stronger
+    assert silent.mean() < 0.5 * 128  # dimmed where it does not fire
+    frame = shown[3 * CELL - 1, 9 * CELL + 8]  # just above the strongest cell: the yellow frame
+    assert frame[0] > 200 and frame[1] > 200 and frame[2] < 50
+    nothing = overlay(grey, np.zeros((14, 14)))  # no activation: dimmed, no frame
+    assert nothing.max() < 128 and (nothing[..., 0] == nothing[..., 2]).all()

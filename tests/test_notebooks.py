@@ -58,11 +58,12 @@ def test_executes_in_smoke_profile_with_the_random_weights_warning(smoke_book, n
 
 def test_seeing_features_chapters_show_figure_1_and_link_the_atlas(smoke_book):
     pngs = [o for o in _outputs(smoke_book["executed"]["07_feature_visualization"]) if "image/png" in o.get("data", {})]
-    assert len(pngs) == 2  # figure 1 and the close-up of one feature
+    assert len(pngs) == 5 + 1 + 1  # figure 1's panel of each layer, its all-branch grid, the close-up
     html = [o["data"]["text/html"] for o in _outputs(smoke_book["executed"]["08_feature_explorer"])
             if "text/html" in o.get("data", {})]
     assert any('href="../atlas/mixed4c/index.html"' in h for h in html)
-    assert (smoke_book["run"] / "figures" / "figure-01.png").exists()
+    for name in ("mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e", "all"):
+        assert (smoke_book["run"] / "figures" / f"figure-01-{name}.png").exists(), name
 
 
 def test_later_chapters_reuse_the_run(smoke_book):

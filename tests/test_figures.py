@@ -1,0 +1,115 @@
+"""What a reader sees of the figures, drawn by plotly.js in a real headless Chromium and read back
+from the page (legend swatches, label boxes), and the images' watermark and size."""
+
+import colorsys
+import re
+from pathlib import Path
+
+import numpy as np
+import plotly
+import pytest
+
+from browser import chromium, js_errors, screenshot
+from helpers import figures
+from helpers.branches import analyse_branches
+from helpers.inception import architecture_slices
+from helpers.labels import HUES, hue_name
+
+PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = chromium()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def analysis():
+    rng = np.random.default_rng(0)
+    decoder = rng.normal(size=(400, 512)).astype(np.float32)
+    return analyse_branches("mixed4c", decoder, architecture_slices("mixed4c"), np.ones(400))
+
+
+def render(browser, fig, tmp_path: Path, name: str) -> None:
+    page = tmp_path / f"{name}.html"
+    fig.write_html(page, include_plotlyjs="directory", full_html=True)  # plotly.min.js beside it, offline
+    (tmp_path / "plotly.min.js").write_bytes(PLOTLY_JS.read_bytes())
+    browser.get(page.as_uri())
+    browser.execute_script("return 1")
+    assert js_errors(browser) == []
+
+
+def legend(browser) -> dict[str, tuple[int, int, int]]:
+    """{legend entry text: the fill colour of its swatch, as drawn}."""
+    entries = browser.execute_script("""
+        return [...document.querySelectorAll('.legend .traces')].map(t => [
+            t.querySelector('.legendtext').textContent,
+            getComputedStyle(t.querySelector('.legendpoints path')).fill]);""")
+    return {text: tuple(int(v) for v in re.findall(r"\d+", fill)[:3]) for text, fill in entries}
+
+
+def boxes(browser, selector: str) -> list[dict]:
+    return browser.execute_script(
+        f"return [...document.querySelectorAll('{selector}')].map(e => e.getBoundingClientRect().toJSON())")
+
+
+def overlap(a: dict, b: dict) -> bool:
+    return a["left"] < b["right"] and b["left"] < a["right"] and a["top"] < b["bottom"] and b["top"] < a["bottom"]
+
+
+def test_colour_sets_are_drawn_in_the_colour_they_name(browser, analysis, tmp_path):
+    sets = {"animal": [1, 2, 3], "colour: blue": [4, 5], "colour: orange": [6, 7], "colour: green": [8],
+            "colour: red": [9], "dog": [10]}
+    render(browser, figures.branch_fraction_figure(analysis, "5x5", sets), tmp_path, "fractions")
+    drawn = legend(browser)
+    for name in ("blue", "orange", "green", "red"):  # the labeller names the drawn colour as the set
+        assert hue_name(drawn[f"colour: {name}"])[0] == name, (name, drawn[f"colour: {name}"])
+    for name in {n for n, _ in HUES}:
+        assert hue_name(tuple(int(figures.HUE_COLOURS[name][i:i + 2], 16) for i in (1, 3, 5)))[0] == name
+    for name in ("animal", "dog"):  # sets that name no colour are drawn in no saturated hue
+        assert colorsys.rgb_to_hsv(*(np.asarray(drawn[name]) / 255))[1] < 0.6, (name, drawn[name])
+
+
+def test_the_two_baseline_labels_never_print_over_each_other(browser, analysis, tmp_path):
+    b = 2  # the 5x5 branch; the worst case: both baselines at the same height
+    analysis.gaussian.threshold[b] = analysis.shuffled.threshold[b]
+    render(browser, figures.branch_fraction_figure(analysis, "5x5"), tmp_path, "baselines")
+    labels = boxes(browser, ".annotation")
+    assert len(labels) == 2
+    assert not overlap(*labels), labels
+
+
+def test_the_umap_colour_bar_does_not_cover_the_legend(browser, analysis, tmp_path):
+    coords = np.random.default_rng(1).normal(size=(400, 2))
+    fig = figures.umap_figure(coords, analysis, "5x5", {"animal-labelled": [1, 2, 3], "most 5x5-specialised": [4, 5]})
+    render(browser, fig, tmp_path, "umap")
+    legend_box, bar = boxes(browser, ".legend")[0], boxes(browser, ".colorbar")[0]
+    assert not overlap(legend_box, bar), (legend_box, bar)
+    assert set(legend(browser)) >= {"animal-labelled", "most 5x5-specialised"}
+    screenshot(browser, "figure-umap-legend.png")
+
+
+def test_the_watermark_is_translucent_and_hides_nothing():
+    from PIL import Image
+
+    base = (np.indices((300, 600)).sum(0)[..., None] % 7 * 30 + np.array([10, 60, 110])).astype(np.uint8)
+    img = Image.fromarray(base.copy())
+    figures._stamp(img, figures.NOT_A_RESULT)
+    after = np.asarray(img).astype(int)
+    changed = (after != base).any(-1)
+    assert 0.01 < changed.mean() < 0.2  # text across the figure, not a box over it
+    assert not (after == 255).all(-1).any()  # no white box
+    ys, xs = np.nonzero(changed)
+    assert np.ptp(ys) > 0.6 * 300 and np.ptp(xs) > 0.6 * 600  # along the diagonal
+    # where the text is, the figure still shows through: the change is partial
+    diff = np.abs(after - base)[changed]
+    assert np.median(diff.max(-1)) < 120
+
+
+def test_figure_1_panels_stay_legible_at_page_width():
+    crops = [np.zeros((100, 100, 3), np.uint8)] * 3
+    entries = [(f"feature {i}: 5x5 fraction 0.50", np.zeros((224, 224, 3), np.uint8), crops) for i in range(6)]
+    img = figures.figure1_layer_image("Figure 1, mixed4c", entries, random_weights=True)
+    assert img.width <= 1100  # shown at about 780 px: its 15 px labels at 10.6 px or more

@@ -124,6 +124,36 @@ def ablation_edges(model, sae_src, sae_dst, src_layer: str, acts_src: torch.Tens
                          float(change[i, where[i]].norm())) for i in range(b)]
 
 
+@torch.no_grad()
+def ablation_control(model, sae_src, sae_dst, src_layer: str, acts_src: torch.Tensor, features,
+                     target: str = "activation") -> dict:
+    """The paper's ablation beside its control, over every source in ``features`` and every image.
+
+    The control does no ablation: it matches the *unablated* L+1 vector at the ablated position to
+    the most aligned L+1 feature. If the ablation's edges carried information about their source,
+    they would often differ from the control's; returned: how often the most-changed L+1 position
+    is the ablated position itself, how many distinct targets the sources reach, and how often the
+    ablation's target equals the control's (the agreement rate).
+
+    Defined in chapter 05, *Circuits between layers* (nbs/05_circuits.ipynb).
+    """
+    dst_layer = next_layer(src_layer)
+    before = positions(mixed_block(model, dst_layer, acts_src))  # [B, HW, C']
+    directions = F.normalize(sae_dst.decoder_directions.to(before), dim=-1)
+    w = acts_src.shape[3]
+    cases = []
+    for f in features:
+        for e in ablation_edges(model, sae_src, sae_dst, src_layer, acts_src, f, target):
+            at = e.src_position[0] * w + e.src_position[1]  # the mixed4 grids are the same size
+            control = int((F.normalize(before[e.image, at], dim=0) @ directions.T).argmax())
+            cases.append((f, e.dst_feature, control, e.dst_position == e.src_position))
+    src, dst, control, same_place = (np.array(c) for c in zip(*cases))
+    return {"cases": len(cases), "sources": int(len(set(src.tolist()))),
+            "distinct_targets": int(len(set(dst.tolist()))),
+            "distinct_control_targets": int(len(set(control.tolist()))),
+            "at_the_ablated_position": float(same_place.mean()), "agreement": float((dst == control).mean())}
+
+
 def relu_tangent(pre: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The one-sided derivative of relu at ``pre`` along ``t`` (pre broadcasts over t's leading dims).
 
@@ -261,13 +291,15 @@ def weight_neighbours(model, layer: str, saes: dict, alive: dict, top: int = 5) 
     return out
 
 
-def circuit_graph(model, saes: dict, acts: dict, layers, seed: int, top: int = 3) -> dict:
-    """Follow the strongest positive attribution edges from ``seed`` in ``layers[0]`` onwards; ``saes``
-    and ``acts`` (activations [B, C, H, W]) per layer. {"nodes": [(layer, feature)], "edges": [(u, v, effect)]}.
+def circuit_graph(model, saes: dict, acts: dict, layers, seeds, top: int = 3) -> dict:
+    """Follow the strongest positive attribution edges from ``seeds`` (one feature of ``layers[0]``, or
+    several) onwards, layer by layer; ``saes`` and ``acts`` (activations [B, C, H, W]) per layer.
+    {"nodes": [(layer, feature)], "edges": [(u, v, effect)]}; a layer no positive edge reaches has no node.
 
     Defined in chapter 05, *Circuits between layers* (nbs/05_circuits.ipynb).
     """
-    frontier, nodes, edges = [seed], [(layers[0], seed)], []
+    frontier = [int(s) for s in np.atleast_1d(seeds)]
+    nodes, edges = [(layers[0], s) for s in frontier], []
     for src, dst in zip(layers[:-1], layers[1:]):
         nxt = []
         for i in frontier:

@@ -232,15 +232,19 @@ def umap_figure(coords: np.ndarray, analysis, colour: str = "dominant",
     return fig
 
 
-def circuit_figure(graph: dict, analyses: dict, title: str = "") -> go.Figure:
-    """The paper's figure 2: a circuit across layers; nodes coloured by their dominant branch
-    (``analyses``: a BranchAnalysis per layer)."""
-    layers = list(dict.fromkeys(layer for layer, _ in graph["nodes"]))
-    pos = {}
+def circuit_figure(graph: dict, analyses: dict, title: str = "", layers=None, thumbs: dict | None = None) -> go.Figure:
+    """The paper's figure 2: a circuit across ``layers`` (default: those with nodes); nodes coloured by
+    their dominant branch (``analyses``: a BranchAnalysis per layer), each with its image from
+    ``thumbs`` ({(layer, feature): uint8 array}) beside it. A layer without nodes says so."""
+    from PIL import Image
+
+    layers = list(layers or dict.fromkeys(layer for layer, _ in graph["nodes"]))
+    pos, tallest = {}, 1
     for x, layer in enumerate(layers):
         column = [n for n in graph["nodes"] if n[0] == layer]
+        tallest = max(tallest, len(column))
         for y, node in enumerate(column):
-            pos[node] = (x, y - (len(column) - 1) / 2)
+            pos[node] = (x, (len(column) - 1) / 2 - y)
     fig = go.Figure()
     top = max((abs(w) for *_, w in graph["edges"]), default=1.0)
     for src, dst, w in graph["edges"]:
@@ -251,14 +255,24 @@ def circuit_figure(graph: dict, analyses: dict, title: str = "") -> go.Figure:
         nodes = [n for n in graph["nodes"] if analyses[n[0]].dominant([n[1]])[0] == k]
         if nodes:
             fig.add_scatter(x=[pos[n][0] for n in nodes], y=[pos[n][1] for n in nodes], mode="markers+text",
-                            name=f"{b} dominant", marker=dict(size=26, color=BRANCH_COLOURS[b]),
-                            text=[str(n[1]) for n in nodes], textposition="middle center", textfont=dict(size=9),
+                            name=f"{b} dominant", marker=dict(size=30, color=BRANCH_COLOURS[b]),
+                            text=[str(n[1]) for n in nodes], textposition="middle center", textfont=dict(size=10),
                             hovertext=[f"{n[0]} feature {n[1]}<br>" + "<br>".join(
                                 f"{bb}: {analyses[n[0]].fractions[n[1], kk]:.2f}" for kk, bb in enumerate(BRANCHES))
                                 for n in nodes], hoverinfo="text")
-    fig.update_layout(title=title or "A circuit across layers (attribution edges)", height=460,
-                      xaxis=dict(tickvals=list(range(len(layers))), ticktext=layers, showgrid=False),
-                      yaxis=dict(visible=False))
+    for node, img in (thumbs or {}).items():
+        if node in pos:
+            fig.add_layout_image(source=Image.fromarray(np.asarray(img, np.uint8)), xref="x", yref="y",
+                                 x=pos[node][0] + 0.09, y=pos[node][1], sizex=0.3, sizey=0.8, xanchor="left",
+                                 yanchor="middle", layer="above")
+    for x, layer in enumerate(layers):
+        if not any(n[0] == layer for n in graph["nodes"]):
+            fig.add_annotation(x=x, y=0, text=f"no positive edge<br>into {layer}", showarrow=False,
+                               font=dict(size=13, color="#666"), bordercolor="#aaa", borderpad=6)
+    fig.update_layout(title=title or "A circuit across layers (attribution edges)", height=max(460, 120 * tallest),
+                      xaxis=dict(tickvals=list(range(len(layers))), ticktext=layers, showgrid=False, zeroline=False,
+                                 range=[-0.4, len(layers) - 0.45]),
+                      yaxis=dict(visible=False, range=[-(tallest + 1) / 2, (tallest + 1) / 2]))
     return fig
 
 

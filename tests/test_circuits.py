@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.circuits import (ablation_edges, active_features, ablation_effects, attribution, circuit_graph, mixed_block,
-                              same_branch_share, spearman, weight_edges)
+from helpers.circuits import (ablation_control, ablation_edges, active_features, ablation_effects, attribution,
+                              circuit_graph, mixed_block, same_branch_share, spearman, weight_edges)
 from helpers.inception import LayerCapture, branch_slices, model_input
 from helpers.sae import TopKSAE
 
@@ -100,11 +100,40 @@ def test_circuit_graph_follows_positive_edges(random_model, acts):
     saes = {"mixed4b": fitted_sae(acts["mixed4b"]), "mixed4c": fitted_sae(acts["mixed4c"], seed=1),
             "mixed4d": fitted_sae(acts["mixed4d"], seed=2)}
     seed = active_features(saes["mixed4b"], acts["mixed4b"])[0]
-    graph = circuit_graph(random_model, saes, acts, ["mixed4b", "mixed4c", "mixed4d"], seed=seed, top=2)
+    graph = circuit_graph(random_model, saes, acts, ["mixed4b", "mixed4c", "mixed4d"], seeds=seed, top=2)
     assert graph["nodes"][0] == ("mixed4b", seed)
     layers = {n[0] for n in graph["nodes"]}
     assert layers == {"mixed4b", "mixed4c", "mixed4d"} and all(e[2] > 0 for e in graph["edges"])
     assert len([e for e in graph["edges"] if e[0][0] == "mixed4b"]) == 2
+    # two seeds: both start the graph, each with its own edges, and a target reached twice is one node
+    second = active_features(saes["mixed4b"], acts["mixed4b"])[1]
+    both = circuit_graph(random_model, saes, acts, ["mixed4b", "mixed4c", "mixed4d"], seeds=[seed, second], top=2)
+    assert both["nodes"][:2] == [("mixed4b", seed), ("mixed4b", second)]
+    assert {e[0][1] for e in both["edges"] if e[0][0] == "mixed4b"} == {seed, second}
+    assert len(both["nodes"]) == len(set(both["nodes"]))
+
+
+def test_the_ablation_control_by_brute_force(random_model, acts):
+    """Recomputed from the network's own mixed4c activations (not the block): the control's target is the
+    mixed4c feature most aligned with the unablated vector at the ablated cell."""
+    sb, sc = fitted_sae(acts["mixed4b"]), fitted_sae(acts["mixed4c"], seed=1)
+    sources = active_features(sb, acts["mixed4b"])[:5]
+    got = ablation_control(random_model, sb, sc, "mixed4b", acts["mixed4b"], sources)
+    own = acts["mixed4c"]  # [B, C, 14, 14], from the network's forward pass
+    dirs = torch.nn.functional.normalize(sc.decoder_directions.detach(), dim=1)
+    agree, same_place, targets, control_targets = 0, 0, set(), set()
+    for f in sources:
+        for e in ablation_edges(random_model, sb, sc, "mixed4b", acts["mixed4b"], f):
+            v = own[e.image, :, e.src_position[0], e.src_position[1]]
+            control = int(torch.argmax(dirs @ (v / v.norm())))
+            agree += control == e.dst_feature
+            same_place += e.dst_position == e.src_position
+            targets.add(e.dst_feature)
+            control_targets.add(control)
+    n = len(sources) * own.shape[0]
+    assert got["cases"] == n and got["sources"] == len(sources)
+    assert got["agreement"] == pytest.approx(agree / n) and got["at_the_ablated_position"] == pytest.approx(same_place / n)
+    assert got["distinct_targets"] == len(targets) and got["distinct_control_targets"] == len(control_targets)
 
 
 def test_same_branch_share_against_chance():

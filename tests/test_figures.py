@@ -113,3 +113,18 @@ def test_figure_1_panels_stay_legible_at_page_width():
     entries = [(f"feature {i}: 5x5 fraction 0.50", np.zeros((224, 224, 3), np.uint8), crops) for i in range(6)]
     img = figures.figure1_layer_image("Figure 1, mixed4c", entries, random_weights=True)
     assert img.width <= 1100  # shown at about 780 px: its 15 px labels at 10.6 px or more
+
+
+def test_figure_2_draws_every_layer_and_says_where_no_edge_arrives(browser, analysis, tmp_path):
+    analyses = {layer: analysis for layer in ("mixed4b", "mixed4c", "mixed4d")}
+    graph = {"nodes": [("mixed4b", 1), ("mixed4b", 2), ("mixed4c", 3)],
+             "edges": [(("mixed4b", 1), ("mixed4c", 3), 0.5), (("mixed4b", 2), ("mixed4c", 3), 0.2)]}
+    thumbs = {node: np.full((100, 100, 3), 40 * k, np.uint8) for k, node in enumerate(graph["nodes"])}
+    render(browser, figures.circuit_figure(graph, analyses, "two seeds", ["mixed4b", "mixed4c", "mixed4d"], thumbs),
+           tmp_path, "circuit")
+    ticks = browser.execute_script("return [...document.querySelectorAll('.xtick text')].map(t => t.textContent)")
+    assert ticks == ["mixed4b", "mixed4c", "mixed4d"]
+    notes = browser.execute_script("return [...document.querySelectorAll('.annotation')].map(a => a.textContent)")
+    assert notes == ["no positive edgeinto mixed4d"]
+    assert browser.execute_script("return document.querySelectorAll('.layer-above image').length") == 3
+    screenshot(browser, "figure-2-circuit.png")

@@ -49,18 +49,63 @@ def author_file_for(layer: str, files: list[str]) -> str:
     return matches[0]
 
 
+def _reachable(timeout: float = 5.0) -> str | None:
+    """None if the hub answers, else why not: one request, so that an offline machine fails at once
+    instead of after the hub client's retries (which also log to stderr)."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/api/models/{REPO_ID}"
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered (an error page is still an answer: the client will say what is wrong)
+    except (urllib.error.URLError, OSError) as e:
+        return str(getattr(e, "reason", e))
+    return None
+
+
+def _cached(layer: str, cache_dir) -> Path | None:
+    """The layer's file in the hub's local cache (a snapshot of the repository downloaded before), else None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(REPO_ID, local_files_only=True, cache_dir=cache_dir))
+    except Exception:  # nothing cached (LocalEntryNotFoundError and kin)
+        return None
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    try:
+        return folder / author_file_for(layer, files)
+    except AuthorSAEUnavailable:  # this layer's file was not downloaded yet
+        return None
+
+
 def fetch_author_sae(layer: str, cache_dir: str | Path | None = None) -> TopKSAE:
-    """Download (once) and convert the author's SAE for ``layer``."""
+    """The author's SAE for ``layer``, converted: from the hub's cache when downloaded before (offline
+    then works), else downloaded once."""
+    import logging
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
     try:
         from huggingface_hub import hf_hub_download, list_repo_files
 
-        filename = author_file_for(layer, list_repo_files(REPO_ID))
-        path = hf_hub_download(REPO_ID, filename, cache_dir=cache_dir)
+        path = _cached(layer, cache_dir)
+        if path is None:
+            why = _reachable()
+            if why is not None:
+                raise ConnectionError(why)
+            hub_log.setLevel(logging.ERROR)  # no retry chatter in the pages
+            filename = author_file_for(layer, list_repo_files(REPO_ID))
+            path = hf_hub_download(REPO_ID, filename, cache_dir=cache_dir)
     except AuthorSAEUnavailable:
         raise
     except Exception as e:  # offline: connection errors of several kinds
         raise AuthorSAEUnavailable(
             f"could not fetch the paper's SAE for {layer} from the Hugging Face hub ({REPO_ID}): {e}. "
             "This needs internet once; or train SAEs here (SAE_SAES=train, the default)") from e
+    finally:
+        hub_log.setLevel(level)
     state = torch.load(path, map_location="cpu", weights_only=True)
     return from_author_state_dict(state)

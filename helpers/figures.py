@@ -276,6 +276,36 @@ def circuit_figure(graph: dict, analyses: dict, title: str = "", layers=None, th
     return fig
 
 
+def matched_cosines_figure(pairs: dict[str, np.ndarray]) -> go.Figure:
+    """Chapter 09: each pair's matched cosines (one-to-one matching), sorted, with the 0.7 and 0.9 lines."""
+    fig = go.Figure()
+    for i, (name, cos) in enumerate(pairs.items()):
+        cos = np.sort(np.asarray(cos))[::-1]
+        fig.add_scatter(x=np.arange(len(cos)) / max(len(cos) - 1, 1), y=cos, mode="lines", name=name,
+                        line=dict(color=LAYER_COLOURS[i % len(LAYER_COLOURS)], width=2))
+    for t, where in ((0.9, "top right"), (0.7, "bottom right")):
+        fig.add_hline(y=t, line_dash="dot", line_color="#444", annotation_text=f"cosine {t}",
+                      annotation_position=where)
+    fig.update_layout(title="Decoder directions matched one to one: cosine of each pair, best first", height=400,
+                      xaxis_title="share of matched pairs", yaxis_title="cosine with its partner",
+                      xaxis=dict(tickformat=".0%"), legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def fraction_distributions_figure(analyses: dict) -> go.Figure:
+    """Chapter 09: the live features' fraction in each branch, one box per SAE (``analyses``: name ->
+    BranchAnalysis of the same layer), branches side by side."""
+    fig = go.Figure()
+    for i, (name, a) in enumerate(analyses.items()):
+        alive = np.flatnonzero(a.alive)
+        fig.add_box(x=np.repeat(BRANCHES, len(alive)), y=a.fractions[alive].T.ravel(), name=name,
+                    marker_color=LAYER_COLOURS[i % len(LAYER_COLOURS)], boxpoints=False)
+    fig.update_layout(boxmode="group", height=420, yaxis_title="fraction of the decoder norm in the branch",
+                      title="Branch fractions of each SAE's live features (not shares: a feature's four do not sum to 1)",
+                      legend=dict(orientation="h", y=-0.15))
+    return fig
+
+
 def agreement_figure(attributed: np.ndarray, ablated: np.ndarray, rho: float) -> go.Figure:
     """Attribution against true ablation, one point per (source, target) edge."""
     fig = go.Figure(go.Scattergl(x=ablated, y=attributed, mode="markers", marker=dict(size=4, opacity=0.6)))

@@ -38,6 +38,21 @@ RANDOM_WARNING = (
 )
 
 
+# a state dict holding this key is a stand-in: random weights with Lucent's names and shapes, put where
+# the download would be so that the real loading path runs offline; it is labelled random everywhere
+STAND_IN_KEY = "_stand_in_random_weights"
+
+
+def stand_in_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random InceptionV1 weights under Lucent's key names and shapes, marked as a stand-in."""
+    from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = InceptionV1(pretrained=False).state_dict()
+    return {**state, STAND_IN_KEY: torch.tensor(seed)}
+
+
 class WeightsUnavailable(RuntimeError):
     """The pretrained weights could not be fetched or read."""
 
@@ -76,8 +91,11 @@ def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
                 "or pass weights=PATH.pth (--weights PATH.pth); weights='random' runs the pipeline "
                 "without meaning"
             ) from e
-        model.load_state_dict(state)
         weights_id = f"lucent:inception5h.pth:sha256={sha256_file(lucent_cache_path())[:16]}"
+        if STAND_IN_KEY in state:
+            weights_id = f"random(stand-in at {lucent_cache_path().name}, seed={int(state.pop(STAND_IN_KEY))})"
+            log.warning(RANDOM_WARNING)
+        model.load_state_dict(state)
     else:
         path = Path(weights)
         if not path.is_file():
@@ -93,6 +111,7 @@ def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
         if not isinstance(state, dict):
             raise WeightsUnavailable(f"{path} holds a {type(state).__name__}, not a state dict; save one with "
                                      "torch.save(model.state_dict())")
+        stand_in = state.pop(STAND_IN_KEY, None)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise WeightsUnavailable(
@@ -100,8 +119,28 @@ def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
                 f"missing {list(missing)[:3]}..., unexpected {list(unexpected)[:3]}..."
             )
         weights_id = f"file:{path.name}:sha256={sha256_file(path)[:16]}"
+        if stand_in is not None:
+            weights_id = f"random(stand-in {path.name}, seed={int(stand_in)})"
+            log.warning(RANDOM_WARNING)
     model.weights_id = weights_id
     return model.eval().requires_grad_(False).to(device), weights_id
+
+
+def is_stand_in(weights: str) -> bool:
+    """Whether ``weights`` (``"lucent"``: the downloaded file; or a path) is a stand-in file of random
+    weights (``STAND_IN_KEY`` inside), whatever its name says."""
+    path = lucent_cache_path() if weights == "lucent" else Path(weights)
+    if weights == "random" or not path.is_file():
+        return False
+    return _holds_stand_in_key(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _holds_stand_in_key(path: str, mtime_ns: int) -> bool:
+    try:
+        return STAND_IN_KEY in torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a state dict: loading it will say so
+        return False
 
 
 def is_random(weights_id: str) -> bool:

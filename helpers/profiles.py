@@ -106,7 +106,12 @@ class Context:
 
     @property
     def random_weights(self) -> bool:
-        return self.profile.weights == "random"
+        """Random weights: asked for, or a stand-in file where the pretrained one would be."""
+        if self.profile.weights == "random":
+            return True
+        from .inception import is_stand_in
+
+        return is_stand_in(self.profile.weights)
 
     def banner(self) -> str:
         """A MyST admonition naming the profile and weights (a warning for random weights)."""

@@ -20,8 +20,9 @@ rest of the process. What it can get (``ARTIFACTS``)::
     umap            the UMAP fit of the layer's decoder vectors (chapter 06)
     view            what the atlas and the explorer show of the layer (a dashboard.LayerView)
 
-Two functions take more than a layer: ``layer_activations`` (full activation maps of the
-first images) and ``featviz`` (visualisations of chosen features, cached as PNG files).
+Three functions take more than a layer: ``layer_activations`` (full activation maps of the
+first images), ``featviz`` (visualisations of chosen features, cached as PNG files) and
+``sae_with_seed`` (the layer's SAE trained from another seed, chapter 09).
 """
 
 from __future__ import annotations
@@ -179,6 +180,18 @@ def check_input_scale(sae: TopKSAE, manifest, where: Path) -> None:
             f"the SAE in {where} was trained on activations of {theirs!r} inputs, but the harvest it would encode "
             f"used {manifest.input_scale!r} inputs (inception.INPUT_SCALES). Harvest again with "
             f"--input-scale {theirs} (a new --out), or use an SAE trained on this harvest")
+
+
+def sae_with_seed(ctx: Context, layer: str, seed: int) -> TopKSAE:
+    """The layer's SAE trained again from another ``seed`` (same vectors and settings), for chapter 09's
+    yardstick; the profile's own seed gives the layer's SAE."""
+    if seed == ctx.profile.train.seed:
+        return get(ctx, "sae", layer)
+    directory = ctx.run_dir / f"saes-seed{seed}" / layer
+    if not (directory / CFG_FILE).exists():
+        train(dataclasses.replace(ctx.profile.train, run=str(get(ctx, "harvest")), layer=layer, out=str(directory),
+                                  seed=seed, resume=(directory / CHECKPOINT).exists()))
+    return TopKSAE.load(directory)
 
 
 @_artifact("slices")

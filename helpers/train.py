@@ -97,7 +97,7 @@ def open_source(cfg: TrainConfig) -> tuple[list[np.ndarray], dict]:
 MIN_HOLDOUT = 32  # fewer held-out vectors give an FVU that means nothing (one vector has no variance)
 
 
-def _split_holdout(arrays: list[np.ndarray], holdout: int):
+def split_holdout(arrays: list[np.ndarray], holdout: int):
     """(training arrays, held-out vectors): the last ``holdout`` vectors, at most a tenth of them all."""
     total = sum(len(a) for a in arrays)
     last = arrays[-1]
@@ -206,7 +206,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.batch_size % ranks:
         raise ValueError(f"--batch-size {cfg.batch_size} must divide evenly over the {ranks} processes")
     mine = slice(rank * cfg.batch_size // ranks, (rank + 1) * cfg.batch_size // ranks)  # this rank's rows
-    train_arrays, held = _split_holdout(arrays, cfg.holdout)
+    train_arrays, held = split_holdout(arrays, cfg.holdout)
     out = Path(cfg.out)
     d_sae = cfg.expansion * arrays[0].shape[1]
     if cfg.k > d_sae:

@@ -10,7 +10,7 @@ from helpers.profiles import ROOT
 
 MATH = {"nbs/03_training": 3, "nbs/04_branch_specialization": 3}  # at least this many typeset formulas
 FIGURES = {"nbs/01_inceptionv1_branches": 1, "nbs/02_harvesting": 2, "nbs/03_training": 1,
-           "nbs/04_branch_specialization": 6, "nbs/05_circuits": 2, "nbs/06_umap": 4}
+           "nbs/04_branch_specialization": 6, "nbs/05_circuits": 2, "nbs/06_umap": 4, "nbs/09_comparing_saes": 2}
 
 
 def toc_pages() -> list[str]:

@@ -19,11 +19,13 @@ def test_the_chapters_define_the_papers_computations():
     """Each definition a reader looks for lives in the chapter that presents it."""
     where = {c.module: c.path.stem for c in export.chapters()}
     assert where == {"sampling": "02_harvesting", "loss": "03_training", "branches": "04_branch_specialization",
-                     "circuits": "05_circuits", "embed": "06_umap", "selection": "07_feature_visualization"}
+                     "circuits": "05_circuits", "embed": "06_umap", "selection": "07_feature_visualization",
+                     "compare": "09_comparing_saes"}
     defined = {"sampling": ["select_positions"], "loss": ["topk_sae", "normalized_mse", "training_loss"],
                "branches": ["fraction_in_branch", "baseline", "analyse_branches"],
                "circuits": ["ablation_edges", "attribution", "circuit_graph"], "embed": ["umap_embedding"],
-               "selection": ["strongest_examples", "activation_bands", "figure1_features"]}
+               "selection": ["strongest_examples", "activation_bands", "figure1_features"],
+               "compare": ["match_features", "matched_share", "reconstruction"]}
     for module, names in defined.items():
         for name in names:
             obj = getattr(importlib.import_module(f"helpers.{module}"), name)

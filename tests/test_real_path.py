@@ -1,0 +1,80 @@
+"""The real path, offline: Lucent's weights file and the author's Hugging Face files replaced by
+stand-ins of the same names, shapes and places (random, and marked so), and the `cpu` profile's code
+path run on them: the only difference from a reader's run is the bytes of the files (and, to stay
+quick, the sizes: fewer images and vectors)."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_images
+from helpers import profiles, runs
+from helpers.author import AUTHOR_K, REPO_ID
+from helpers.inception import (RANDOM_WARNING, STAND_IN_KEY, is_stand_in, load_model, lucent_cache_path,
+                               stand_in_state_dict)
+from helpers.store import read_manifest
+
+
+@pytest.fixture()
+def stand_ins(tmp_path, monkeypatch):
+    """inception5h.pth where torch.hub puts the download, and the author's repository in the hub cache."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch-hub"))
+    lucent_cache_path().parent.mkdir(parents=True)
+    torch.save(stand_in_state_dict(seed=3), lucent_cache_path())
+    repo = tmp_path / "hf" / f"models--{REPO_ID.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for layer, width in (("mixed4b", 512), ("mixed4c", 512)):  # the author's file names and key names
+        torch.save({"W_enc.weight": torch.randn(4 * width, width, generator=g) / width ** 0.5,
+                    "b_pre": torch.randn(width, generator=g), "b_latent": torch.zeros(4 * width)},
+                   snapshot / f"TOP_k_SAE_{layer}.pth")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    return tmp_path
+
+
+def test_a_stand_in_at_the_download_path_loads_as_lucent_and_is_labelled_random(stand_ins, caplog):
+    model, weights_id = load_model("lucent")
+    assert weights_id.startswith("random(stand-in") and is_stand_in("lucent")
+    assert RANDOM_WARNING in caplog.text
+    reference = load_model("random", seed=3)[0]  # the same random weights, built directly
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert STAND_IN_KEY not in model.state_dict()
+
+
+def test_the_cpu_profiles_path_with_the_authors_saes_runs_on_stand_ins(stand_ins):
+    cpu = profiles.PROFILES["cpu"]
+    make_images(stand_ins / "images", 12)
+    profile = dataclasses.replace(cpu, harvest=dataclasses.replace(cpu.harvest, images=str(stand_ins / "images"),
+                                                                   batch_size=6, layers=("mixed4b", "mixed4c")),
+                                  circuit_images=2, circuit_sources=8)
+    assert profile.weights == "lucent"  # the real loading path, not "random"
+    ctx = profiles.Context(profile, stand_ins / "run", saes="author")
+    assert ctx.random_weights and "Not a result" in ctx.banner()  # the stand-in is found out and labelled
+
+    sae = runs.get(ctx, "sae", "mixed4c")  # from the hub cache, converted, saved with its convention
+    assert (sae.k, sae.d_sae, sae.tied) == (AUTHOR_K, 2048, "full")
+    cfg = json.loads((ctx.sae_dir("mixed4c") / "cfg.json").read_text())
+    assert cfg["metadata"]["input_scale"] == "unit" and cfg["metadata"]["source"] == f"hf:{REPO_ID}"
+    manifest = read_manifest(runs.get(ctx, "harvest"))
+    assert manifest.input_scale == "unit" and manifest.random_weights and "stand-in" in manifest.weights_id
+    assert ctx.harvest_dir.name == "harvest-unit"
+    analysis = runs.get(ctx, "branches", "mixed4c")
+    assert analysis.fractions.shape == (2048, 4) and np.isfinite(analysis.fractions).all()
+    examples = runs.get(ctx, "examples", "mixed4c")
+    assert (examples.top_image[:, 0] >= 0).any()
+    acts = runs.layer_activations(ctx, ["mixed4b", "mixed4c"], 2)
+    from helpers.circuits import ablation_control
+    control = ablation_control(runs.get(ctx, "model"), runs.get(ctx, "sae", "mixed4b"), sae, "mixed4b",
+                               acts["mixed4b"], [0, 1])
+    assert control["cases"] == 4

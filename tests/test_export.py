@@ -36,7 +36,7 @@ def test_a_chapter_edit_is_caught_until_the_module_is_regenerated(tmp_path):
     nbs, package = tmp_path / "nbs", tmp_path / "helpers"
     shutil.copytree(export.NOTEBOOKS, nbs)
     package.mkdir()
-    assert len(export.export(nbs, package)) == 6  # all written into the empty package
+    assert len(export.export(nbs, package)) == 7  # all written into the empty package
     assert export.export(nbs, package, check=True) == []
     path = nbs / "04_branch_specialization.ipynb"
     nb = json.loads(path.read_text())

@@ -77,7 +77,8 @@ def _help(text: str, **extra) -> dict:
 
 @dataclass
 class HarvestConfig:
-    images: str = field(default="imagenette", metadata=_help("folder of images, .txt list of paths, or 'imagenette'"))
+    images: str = field(default="imagenette", metadata=_help(
+        "folder of images, .txt list of paths, or a download: imagenette, imagenette+imagewoof, imagenet-sample"))
     out: str = field(default="runs/harvest", metadata=_help("run directory to write (or resume)"))
     layers: tuple[str, ...] = field(default=PAPER_LAYERS, metadata=_help("comma-separated mixed layers"))
     per_image: int = field(default=10, metadata=_help("grid positions kept per image and layer", min=1))

@@ -1,4 +1,4 @@
-"""Image sources: a folder, a text file of paths, or Imagenette; labels from ImageNet wnids.
+"""Image sources: a folder, a text file of paths, or a downloadable ImageNet subset; labels from ImageNet wnids.
 
 Every source resolves to an ``ImageList``: a sorted list of files with an optional
 ImageNet class per file (read from a wnid in the file or folder name, e.g.
@@ -79,15 +79,31 @@ class ImageList:
         }
 
 
+# freely downloadable ImageNet subsets (no login): name -> [(archive URL, folder it unpacks to, folders of images)]
+FASTAI = "https://s3.amazonaws.com/fast-ai-imageclas"
+DOWNLOADS = {
+    # Imagenette (10 easy classes, 2 of them animals) and Imagewoof (10 dog breeds), both splits, 320 px:
+    # 26,394 images of 20 classes, 12 of them animals (the paper's findings are about animal features)
+    "imagenette+imagewoof": [(f"{FASTAI}/imagenette2-320.tgz", "imagenette2-320", ("train", "val")),
+                             (f"{FASTAI}/imagewoof2-320.tgz", "imagewoof2-320", ("train", "val"))],
+    # one image of each of the 1000 ImageNet classes (398 animal classes): the most diverse, but few
+    "imagenet-sample": [("https://github.com/EliSchwartz/imagenet-sample-images/archive/refs/heads/master.zip",
+                         "imagenet-sample-images-master", ("",))],
+}
+
+
 def list_images(source: str | Path, *, cache_dir: str | Path | None = None) -> ImageList:
     """Resolve an image source to an ``ImageList``.
 
     source: a folder (searched recursively), a ``.txt`` file of paths (one per line,
-    relative to the file), or ``"imagenette"`` (torchvision's Imagenette validation split,
-    downloaded once into ``cache_dir``).
+    relative to the file), ``"imagenette"`` (torchvision's Imagenette validation split), or a
+    name in ``DOWNLOADS`` (``"imagenette+imagewoof"``, ``"imagenet-sample"``); the downloads
+    happen once, into ``cache_dir``.
     """
     if str(source) == "imagenette":
         return _imagenette(cache_dir)
+    if str(source) in DOWNLOADS:
+        return _downloaded(str(source), cache_dir)
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -134,6 +150,28 @@ def _imagenette(cache_dir) -> ImageList:
     images = list_images(root / "imagenette2-320" / "val")
     images.source = "imagenette:val:320px"
     return images
+
+
+def _downloaded(name: str, cache_dir) -> ImageList:
+    """A ``DOWNLOADS`` image set: each archive downloaded and unpacked once (a folder that exists is
+    reused, so an interrupted unpacking is redone by deleting it), its images listed in a fixed order."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    root = Path(cache_dir or default_cache_dir())
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for url, folder, parts in DOWNLOADS[name]:
+        if not (root / folder / ".complete").exists():
+            try:
+                download_and_extract_archive(url, str(root), remove_finished=True)
+            except Exception as e:  # network errors surface as URLError, OSError, RuntimeError
+                raise FileNotFoundError(
+                    f"could not download {url} into {root} ({e}). With internet this happens once; offline, "
+                    "pass --images with a folder of images instead") from e
+            (root / folder / ".complete").touch()
+        for part in parts:
+            paths += list_images(root / folder / part).paths
+    return ImageList(paths, source=name)
 
 
 MAX_ASPECT = 4  # longer side / shorter side beyond which the image is centre-cropped before resizing

@@ -56,10 +56,12 @@ PROFILES = {
                      _train(24_576, batch_size=1024, expansion=4, k=16), FeatvizConfig(steps=4, size=64),
                      circuit_images=4, circuit_sources=48, figure1_per_branch=1,
                      figure1_per_layer=4),
-    "cpu": Profile("cpu", "a laptop afternoon: real weights, Imagenette validation images (3,925)",
-                   HarvestConfig(images="imagenette", weights="lucent"), _train(2_000_000, aux_k=256)),
-    "gpu": Profile("gpu", "a Colab T4: real weights, Imagenette validation images, 50M vectors per SAE",
-                   HarvestConfig(images="imagenette", weights="lucent", batch_size=256),
+    "cpu": Profile("cpu", "a laptop afternoon: real weights, Imagenette and Imagewoof (26,394 images of 20 classes, "
+                          "12 of them animals), 2M vectors per SAE",
+                   HarvestConfig(images="imagenette+imagewoof", weights="lucent"), _train(2_000_000, aux_k=256)),
+    "gpu": Profile("gpu", "a Colab T4: real weights, Imagenette and Imagewoof (26,394 images, 12 of 20 classes "
+                          "animals), 50M vectors per SAE",
+                   HarvestConfig(images="imagenette+imagewoof", weights="lucent", batch_size=256),
                    _train(50_000_000, aux_k=256)),
     "paper": Profile("paper", "as the paper: ImageNet train ($IMAGENET_TRAIN), ~1e9 vectors per SAE",
                      HarvestConfig(images=os.environ.get("IMAGENET_TRAIN", "/data/imagenet/train"), weights="lucent",

@@ -92,6 +92,51 @@ def test_imagenette_offline_says_what_to_do(tmp_path, monkeypatch):
         list_images("imagenette", cache_dir=tmp_path)
 
 
+def test_a_downloaded_image_set_is_fetched_once_and_labelled(tmp_path, monkeypatch):
+    """Two archives laid out as Imagenette's and Imagewoof's (class folders named by wnid, train and val),
+    served over HTTP from this machine: both unpacked, listed in order with their classes, not fetched again."""
+    import functools
+    import http.server
+    import tarfile
+    import threading
+
+    from helpers import images as images_module
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+
+    archives = []
+    for name, wnids in (("nette", ["n01440764", "n03000684"]), ("woof", ["n02086240", "n02087394"])):
+        src = tmp_path / "src" / name / f"{name}-320"
+        for split in ("train", "val"):
+            for w in wnids:
+                (src / split / w).mkdir(parents=True)
+                Image.new("RGB", (40, 30), (10, 20, 30)).save(src / split / w / f"{w}_1.JPEG")
+        with tarfile.open(tmp_path / f"{name}.tgz", "w:gz") as tar:
+            tar.add(src, arcname=f"{name}-320")
+        archives.append((f"{url}/{name}.tgz", f"{name}-320", ("train", "val")))
+    monkeypatch.setitem(images_module.DOWNLOADS, "test-set", archives)
+    cache = tmp_path / "cache"
+    got = list_images("test-set", cache_dir=cache)
+    assert got.source == "test-set" and len(got) == 8
+    assert [p.parent.name for p in got.paths[:4]] == ["n01440764", "n03000684"] * 2  # nette train, then val
+    assert got.classes[:2] == [0, 491] and set(got.classes[4:]) == {155, 159}  # tench, chain saw; two dog breeds
+    for archive in ("nette.tgz", "woof.tgz"):
+        (tmp_path / archive).unlink()  # gone: a second listing must not need them
+    assert list_images("test-set", cache_dir=cache).paths == got.paths
+    server.shutdown()
+
+
+def test_a_download_offline_says_what_to_do(tmp_path, monkeypatch):
+    from helpers import images as images_module
+
+    monkeypatch.setitem(images_module.DOWNLOADS, "test-set", [("http://nowhere.invalid/x.tgz", "x", ("",))])
+    with pytest.raises(FileNotFoundError, match="could not download http://nowhere.invalid/x.tgz .*pass --images"):
+        list_images("test-set", cache_dir=tmp_path)
+
+
 def test_decoding_on_the_device_matches_pil_within_one_level(tmp_path):
     """The ``--decode device`` path (here on the CPU) against PIL decode + Resize + CenterCrop."""
     rng = np.random.default_rng(2)

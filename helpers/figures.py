@@ -170,9 +170,10 @@ def _hover(analysis, ids) -> list[str]:
 
 
 def branch_fraction_figure(analysis, branch: str, highlights: dict[str, list[int]] | None = None,
-                           title: str = "") -> go.Figure:
+                           title: str = "", control=None) -> go.Figure:
     """The paper's figures 5-10 from a BranchAnalysis: every live feature's fraction in ``branch``, sorted;
-    highlighted sets on top."""
+    highlighted sets on top; with ``control`` (the same layer's BranchAnalysis on the untrained network),
+    its sorted fractions as a line, stretched to the same number of features."""
     b = BRANCHES.index(branch)
     alive = np.flatnonzero(analysis.alive)
     order = alive[np.argsort(analysis.fractions[alive, b])]
@@ -180,6 +181,11 @@ def branch_fraction_figure(analysis, branch: str, highlights: dict[str, list[int
     rank = {int(f): r for r, f in enumerate(order)}
     fig = go.Figure(go.Scatter(x=np.arange(len(order)), y=values, mode="markers", marker=dict(size=3, color="#999"),
                                name="all features", text=_hover(analysis, order), hoverinfo="text"))
+    if control is not None:
+        theirs = np.sort(control.fractions[np.flatnonzero(control.alive), b])
+        fig.add_scatter(x=np.linspace(0, max(len(order) - 1, 0), len(theirs)), y=theirs, mode="lines",
+                        name="same pipeline, untrained network", line=dict(color="#1f77b4", width=2),
+                        hoverinfo="skip")
     # the two baselines' labels at opposite ends of their lines, so they never print over each other
     for base, dash, where in ((analysis.shuffled, "dash", "top left"), (analysis.gaussian, "dot", "bottom right")):
         fig.add_hline(y=float(base.threshold[b]), line_dash=dash, line_color="#444",
@@ -340,9 +346,10 @@ def save(fig: go.Figure, folder, stem: str) -> list:
     return paths
 
 
-def paper_figure(number: int, analyses: dict, highlights=None) -> go.Figure:
+def paper_figure(number: int, analyses: dict, highlights=None, controls: dict | None = None) -> go.Figure:
     """Figures 5-10 of the paper from a BranchAnalysis per layer. ``highlights``: {name: feature ids}, or a
-    function of the layer giving them; by default the layer's most specialised features."""
+    function of the layer giving them; by default the layer's most specialised features. ``controls``: the
+    untrained network's BranchAnalysis per layer, drawn as a line."""
     from .branches import PAPER_FIGURES
 
     layer, branch = PAPER_FIGURES[number]
@@ -351,7 +358,8 @@ def paper_figure(number: int, analyses: dict, highlights=None) -> go.Figure:
         highlights = {"most specialised (figure 1 pick)": a.most_specialised(branch, 10)}
     elif callable(highlights):  # per layer, e.g. the automatic labels' sets
         highlights = highlights(layer)
-    return branch_fraction_figure(a, branch, highlights, title=f"Figure {number}: {layer}, {branch} branch")
+    return branch_fraction_figure(a, branch, highlights, title=f"Figure {number}: {layer}, {branch} branch",
+                                  control=(controls or {}).get(layer))
 
 
 def figure1_image(panels: dict, layers, random_weights: bool, thumb: int = 96):

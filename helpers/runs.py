@@ -20,9 +20,10 @@ rest of the process. What it can get (``ARTIFACTS``)::
     umap            the UMAP fit of the layer's decoder vectors (chapter 06)
     view            what the atlas and the explorer show of the layer (a dashboard.LayerView)
 
-Three functions take more than a layer: ``layer_activations`` (full activation maps of the
-first images), ``featviz`` (visualisations of chosen features, cached as PNG files) and
-``sae_with_seed`` (the layer's SAE trained from another seed, chapter 09).
+Four functions take more than a layer: ``layer_activations`` (full activation maps of the
+first images), ``featviz`` (visualisations of chosen features, cached as PNG files),
+``sae_with_seed`` (the layer's SAE trained from another seed, chapter 09) and
+``untrained_control`` (the same profile on the untrained network, chapter 04).
 """
 
 from __future__ import annotations
@@ -180,6 +181,14 @@ def check_input_scale(sae: TopKSAE, manifest, where: Path) -> None:
             f"the SAE in {where} was trained on activations of {theirs!r} inputs, but the harvest it would encode "
             f"used {manifest.input_scale!r} inputs (inception.INPUT_SCALES). Harvest again with "
             f"--input-scale {theirs} (a new --out), or use an SAE trained on this harvest")
+
+
+def untrained_control(ctx: Context) -> Context:
+    """The same profile on the untrained network: random weights, the same images and SAE settings,
+    in the run's ``untrained/`` folder (chapter 04's control: what the pipeline finds without training)."""
+    p = ctx.profile
+    return dataclasses.replace(ctx, profile=dataclasses.replace(p, harvest=dataclasses.replace(p.harvest, weights="random")),
+                               run_dir=ctx.run_dir / "untrained", saes="train")
 
 
 def sae_with_seed(ctx: Context, layer: str, seed: int) -> TopKSAE:

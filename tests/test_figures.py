@@ -46,7 +46,8 @@ def legend(browser) -> dict[str, tuple[int, int, int]]:
     entries = browser.execute_script("""
         return [...document.querySelectorAll('.legend .traces')].map(t => [
             t.querySelector('.legendtext').textContent,
-            getComputedStyle(t.querySelector('.legendpoints path')).fill]);""")
+            (s => s.fill !== 'none' ? s.fill : s.stroke)(getComputedStyle(
+                t.querySelector('.legendpoints path') || t.querySelector('.legendlines path')))]);""")
     return {text: tuple(int(v) for v in re.findall(r"\d+", fill)[:3]) for text, fill in entries}
 
 
@@ -128,3 +129,14 @@ def test_figure_2_draws_every_layer_and_says_where_no_edge_arrives(browser, anal
     assert notes == ["no positive edgeinto mixed4d"]
     assert browser.execute_script("return document.querySelectorAll('.layer-above image').length") == 3
     screenshot(browser, "figure-2-circuit.png")
+
+
+def test_figures_5_to_10_draw_the_untrained_control_beside_the_features(browser, analysis, tmp_path):
+    rng = np.random.default_rng(3)
+    control = analyse_branches("mixed4c", rng.normal(size=(300, 512)).astype(np.float32),
+                               architecture_slices("mixed4c"), np.ones(300))
+    render(browser, figures.branch_fraction_figure(analysis, "5x5", {"animal": [1, 2]}, control=control),
+           tmp_path, "control")
+    assert "same pipeline, untrained network" in legend(browser)
+    xs = browser.execute_script("return Array.from(document.querySelector('.plotly-graph-div')._fullData[1].x)")
+    assert len(xs) == 300 and xs[0] == 0 and xs[-1] == pytest.approx(399)  # stretched over the 400 features

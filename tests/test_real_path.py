@@ -78,3 +78,11 @@ def test_the_cpu_profiles_path_with_the_authors_saes_runs_on_stand_ins(stand_ins
     control = ablation_control(runs.get(ctx, "model"), runs.get(ctx, "sae", "mixed4b"), sae, "mixed4b",
                                acts["mixed4b"], [0, 1])
     assert control["cases"] == 4
+
+
+def test_the_untrained_control_is_the_same_profile_on_random_weights(tmp_path):
+    ctx = profiles.Context(profiles.PROFILES["cpu"], tmp_path / "run")
+    control = runs.untrained_control(ctx)
+    assert control.profile.weights == "random" and control.random_weights
+    assert control.profile.harvest.images == ctx.profile.harvest.images and control.profile.train == ctx.profile.train
+    assert control.harvest_dir == tmp_path / "run" / "untrained" / "harvest" and control.saes == "train"

@@ -22,7 +22,7 @@ LAYER_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b
 def show(fig: go.Figure, ctx=None, save_as: str | None = None) -> None:
     """Display ``fig``, watermarked when ``ctx`` says the weights are random; with ``save_as``,
     also write it as PNG and SVG into the run's ``figures/`` folder (watermark included)."""
-    from IPython.display import HTML, display
+    from IPython.display import display
 
     if ctx is not None and ctx.random_weights and not any(a.text == NOT_A_RESULT for a in fig.layout.annotations):
         fig.add_annotation(text=NOT_A_RESULT, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False,
@@ -30,9 +30,42 @@ def show(fig: go.Figure, ctx=None, save_as: str | None = None) -> None:
     if save_as and ctx is not None:
         save(fig, ctx.run_dir / "figures", save_as)
     if ctx is not None and ctx.book_build:
-        display(HTML(fig.to_html(include_plotlyjs=False, full_html=False, config={"displaylogo": False})))
+        import json
+
+        display({"text/html": figure_html(fig), "application/vnd.plotly.v1+json": json.loads(fig.to_json())}, raw=True)
     else:
         fig.show()
+
+
+PLOTLY_CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
+
+
+def figure_html(fig: go.Figure) -> str:
+    """The figure as an HTML output that draws itself wherever it is opened: in the book with the book's
+    own plotly.js (offline: it waits for the page's scripts, which load it); in a notebook opened
+    elsewhere (the book's downloadable .ipynb on Colab, say), where no plotly.js is loaded, with
+    plotly.js from its CDN. (JupyterLab renders the plotly mimetype beside it instead.)"""
+    import json
+    import uuid
+
+    from plotly.offline import get_plotlyjs_version
+
+    div = f"fig-{uuid.uuid4().hex[:12]}"
+    spec = json.loads(fig.to_json())  # plotly's own encoding (typed arrays included), read back to add the config
+    spec["config"] = {"displaylogo": False, "responsive": True}
+    spec = json.dumps(spec).replace("</", "<\\/")  # no "</script>" can end the script early
+    cdn = PLOTLY_CDN.format(version=get_plotlyjs_version())
+    return (f'<div id="{div}" class="plotly-graph-div" style="height:{fig.layout.height or 450}px; width:100%;"></div>\n'
+            f"<script>(function () {{\n"
+            f"  var spec = {spec};\n"
+            f'  function draw() {{ Plotly.newPlot("{div}", spec.data, spec.layout, spec.config); }}\n'
+            f"  function go() {{\n"
+            f"    if (window.Plotly) {{ draw(); return; }}\n"
+            f'    var s = document.createElement("script"); s.src = "{cdn}"; s.onload = draw; document.head.appendChild(s);\n'
+            f"  }}\n"
+            f'  if (document.readyState === "complete") go(); else window.addEventListener("load", go);\n'
+            f"}})();</script>")
+
 
 
 def markdown(text: str) -> None:

@@ -56,6 +56,10 @@ PROFILES = {
                      _train(24_576, batch_size=1024, expansion=4, k=16), FeatvizConfig(steps=4, size=64),
                      circuit_images=4, circuit_sources=48, figure1_per_branch=1,
                      figure1_per_layer=4),
+    "colab": Profile("colab", "a first look on Colab, in minutes: real weights, the paper author's published SAEs, "
+                              "the ImageNet sample (1,000 images, one per class, 398 of them animals)",
+                     HarvestConfig(images="imagenet-sample", weights="lucent", batch_size=128),
+                     _train(5_000_000, aux_k=256), FeatvizConfig(steps=256)),
     "cpu": Profile("cpu", "a laptop afternoon: real weights, Imagenette and Imagewoof (26,394 images of 20 classes, "
                           "12 of them animals), 2M vectors per SAE",
                    HarvestConfig(images="imagenette+imagewoof", weights="lucent"), _train(2_000_000, aux_k=256)),
@@ -71,6 +75,11 @@ PROFILES = {
 
 
 def default_profile_name() -> str:
+    """colab on Colab (a chapter opened alone reaches its first figure in minutes), gpu with CUDA, else cpu."""
+    import sys
+
+    if "google.colab" in sys.modules:
+        return "colab"
     import torch
 
     return "gpu" if torch.cuda.is_available() else "cpu"
@@ -139,7 +148,8 @@ class Context:
 def context(profile: str | None = None, run_dir: str | None = None, saes: str | None = None) -> Context:
     p = get_profile(profile)
     run = Path(run_dir or os.environ.get("SAE_RUN_DIR") or ROOT / "runs" / p.name)
-    saes = saes or os.environ.get("SAE_SAES", "train")
+    # the colab profile shows the paper's own SAEs unless told otherwise: no training before the first figure
+    saes = saes or os.environ.get("SAE_SAES") or ("author" if p.name == "colab" else "train")
     if saes not in ("train", "author"):
         raise ValueError(f"SAE_SAES={saes!r}; choose 'train' or 'author'")
     ctx = Context(p, run, saes, os.environ.get("SAE_FALLBACK_REASON") or None,

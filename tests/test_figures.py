@@ -2,11 +2,13 @@
 from the page (legend swatches, label boxes), and the images' watermark and size."""
 
 import colorsys
+import time
 import re
 from pathlib import Path
 
 import numpy as np
 import plotly
+import plotly.offline
 import pytest
 
 from browser import chromium, js_errors, screenshot
@@ -140,3 +142,27 @@ def test_figures_5_to_10_draw_the_untrained_control_beside_the_features(browser,
     assert "same pipeline, untrained network" in legend(browser)
     xs = browser.execute_script("return Array.from(document.querySelector('.plotly-graph-div')._fullData[1].x)")
     assert len(xs) == 300 and xs[0] == 0 and xs[-1] == pytest.approx(399)  # stretched over the 400 features
+
+
+def test_a_figure_output_draws_itself_in_the_book_and_outside_it(browser, analysis, tmp_path):
+    """In the book, plotly.js is the book's own (loaded deferred, so after the output's script): the
+    figure waits for it and fetches nothing. Opened elsewhere with no plotly.js (the downloadable .ipynb
+    on Colab), the output loads plotly.js from its CDN itself (offline here: only the request is checked)."""
+    html = figures.figure_html(figures.branch_fraction_figure(analysis, "5x5"))
+    (tmp_path / "plotly.min.js").write_bytes(PLOTLY_JS.read_bytes())
+    book = tmp_path / "book.html"
+    book.write_text(f'<html><head><script defer src="plotly.min.js"></script></head><body>{html}</body></html>')
+    browser.get(book.as_uri())
+    for _ in range(50):
+        if browser.execute_script("return document.querySelector('.plotly-graph-div .main-svg') !== null"):
+            break
+        time.sleep(0.1)
+    assert browser.execute_script("return document.querySelector('.plotly-graph-div .main-svg') !== null")
+    assert not browser.execute_script("return [...document.scripts].filter(s => s.src.startsWith('http')).length")
+    assert js_errors(browser) == []
+    bare = tmp_path / "notebook.html"
+    bare.write_text(f"<html><head></head><body>{html}</body></html>")
+    browser.get(bare.as_uri())
+    time.sleep(0.3)
+    cdn = browser.execute_script("return [...document.scripts].map(s => s.src).filter(s => s.startsWith('http'))")
+    assert cdn == [figures.PLOTLY_CDN.format(version=plotly.offline.get_plotlyjs_version())]

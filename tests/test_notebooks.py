@@ -51,6 +51,9 @@ def test_executes_in_smoke_profile_with_the_random_weights_warning(smoke_book, n
     html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     figures = [h for h in html if "plotly-graph-div" in h]
     assert len(figures) == FIGURES.get(name, 0)
+    # opened outside the book: JupyterLab draws the plotly mimetype, Colab the HTML (which loads plotly.js itself)
+    assert len([o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]) == len(figures)
+    assert all("cdn.plot.ly" in h and 'document.readyState === "complete"' in h for h in figures)
     for fig in figures:
         assert "RANDOM WEIGHTS: NOT A RESULT" in fig
         assert len(fig) < 500_000 and not re.search(r"plotly\.js v\d", fig)  # plotly.js is not inlined

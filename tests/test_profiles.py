@@ -46,13 +46,15 @@ def test_preflight_offline_names_what_failed(monkeypatch):
     import urllib.error
 
     import torch
-    import torchvision.datasets
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
                         lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
-    monkeypatch.setattr(torchvision.datasets, "Imagenette", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("offline")))
+    import torchvision.datasets.utils
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("offline")))
     reason = book.preflight("cpu")
-    assert "inception5h.pth" in reason and "Imagenette" in reason
+    assert "inception5h.pth" in reason and "imagenette2-320.tgz" in reason
     assert book.preflight("smoke") is None
 
 
@@ -64,3 +66,16 @@ def test_smoke_images_come_from_the_sample_or_are_generated(tmp_path, monkeypatc
     folder = runs.image_source(ctx)
     from helpers.images import list_images
     assert len(list_images(folder)) == 64
+
+
+def test_on_colab_a_chapter_defaults_to_the_authors_saes_on_a_small_image_set(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    monkeypatch.delenv("SAE_PROFILE", raising=False)
+    monkeypatch.delenv("SAE_SAES", raising=False)
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    ctx = profiles.context(None, str(tmp_path))
+    assert ctx.profile.name == "colab" and ctx.saes == "author" and ctx.input_scale == "unit"
+    assert ctx.profile.harvest.images == "imagenet-sample" and ctx.profile.weights == "lucent"
+    assert profiles.context("colab", str(tmp_path), "train").saes == "train"  # one switch away

@@ -315,6 +315,26 @@ def circuit_figure(graph: dict, analyses: dict, title: str = "", layers=None, th
     return fig
 
 
+def spliced_figure(rows: list[dict]) -> go.Figure:
+    """Chapter 03: top-1 agreement with the clean network when each layer's output is replaced by its
+    SAE's reconstruction (all channels, or one branch), against the zero and mean floors."""
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    cases = list(dict.fromkeys(r["spliced in"] for r in rows))
+    colours = {"SAE reconstruction": "#222222", "zeros (floor)": "#bbbbbb", "mean vector (floor)": "#888888",
+               **{f"SAE, {b} branch only": c for b, c in BRANCH_COLOURS.items()}}
+    fig = go.Figure()
+    for case in cases:
+        got = {r["layer"]: r for r in rows if r["spliced in"] == case}
+        fig.add_bar(x=layers, y=[got[l]["top-1 agreement"] for l in layers], name=case,
+                    marker_color=colours.get(case, "#1f77b4"),
+                    hovertext=[f"KL {got[l]['KL']:.3g}, KL recovered {got[l]['KL recovered']:.2f}" for l in layers])
+    fig.update_layout(barmode="group", height=420, yaxis=dict(title="top-1 agreement with the clean network",
+                                                               range=[0, 1.02]),
+                      title="Spliced in: each layer's output replaced by its SAE's reconstruction",
+                      legend=dict(orientation="h", y=-0.15))
+    return fig
+
+
 def matched_cosines_figure(pairs: dict[str, np.ndarray]) -> go.Figure:
     """Chapter 09: each pair's matched cosines (one-to-one matching), sorted, with the 0.7 and 0.9 lines."""
     fig = go.Figure()

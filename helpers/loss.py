@@ -63,3 +63,61 @@ def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> to
             return new
         m = new
     return m
+
+
+@torch.no_grad()
+def spliced_probs(model, layer: str, x: torch.Tensor, replace) -> torch.Tensor:
+    """The network's class probabilities [B, classes] on input ``x`` with ``layer``'s output [B, C, H, W]
+    replaced by ``replace(output)``.
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+    handle = getattr(model, layer).register_forward_hook(lambda module, inputs, out: replace(out))
+    try:
+        return model(x)
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def reconstruct_positions(sae, acts: torch.Tensor, channels: tuple[int, int] | None = None) -> torch.Tensor:
+    """``acts`` [B, C, H, W] with every position's vector replaced by the SAE's reconstruction, or only the
+    ``channels`` (start, stop) of one branch, the others kept.
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+    b, c, h, w = acts.shape
+    rec = sae(acts.permute(0, 2, 3, 1).reshape(-1, c)).reshape(b, h, w, c).permute(0, 3, 1, 2)
+    if channels is None:
+        return rec
+    out = acts.clone()
+    out[:, channels[0]:channels[1]] = rec[:, channels[0]:channels[1]]
+    return out
+
+
+@torch.no_grad()
+def spliced_evaluation(model, layer: str, sae, x: torch.Tensor, slices: dict) -> list[dict]:
+    """Top-1 agreement with the clean network and KL(clean || spliced) on ``x``, for the SAE's reconstruction
+    spliced in at ``layer`` (all channels, then each branch of ``slices`` alone) and for two floors: the layer
+    zeroed and replaced by its mean vector (over ``x``'s images and positions).
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+    clean = model(x)
+    from helpers.inception import LayerCapture
+
+    mean = LayerCapture(model, [layer])(x)[layer].mean(dim=(0, 2, 3))
+    cases = {"SAE reconstruction": lambda a: reconstruct_positions(sae, a),
+             **{f"SAE, {b} branch only": (lambda a, s=s: reconstruct_positions(sae, a, s)) for b, s in slices.items()},
+             "zeros (floor)": torch.zeros_like,
+             "mean vector (floor)": lambda a: mean[None, :, None, None].expand_as(a).clone()}
+    rows = []
+    for name, replace in cases.items():
+        q = spliced_probs(model, layer, x, replace)
+        kl = (clean * (clean.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(dim=1).mean()
+        rows.append({"layer": layer, "spliced in": name, "top-1 agreement": float((q.argmax(1) == clean.argmax(1)).float().mean()),
+                     "KL": float(kl)})
+    floor = next(r["KL"] for r in rows if r["spliced in"] == "mean vector (floor)")
+    for r in rows:
+        r["KL recovered"] = 1 - r["KL"] / floor if floor > 0 else float("nan")
+    return rows

@@ -34,6 +34,7 @@ class Profile:
     circuit_sources: int = 512  # source features per layer in the attribution matrix
     figure1_per_branch: int = 2  # features per layer and branch in figure 1's all-branch grid
     figure1_per_layer: int = 6  # features in figure 1's panel of each layer (the paper's branch)
+    spliced_images: int = 64  # images of chapter 03's spliced-in evaluation
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -55,7 +56,7 @@ PROFILES = {
                      HarvestConfig(images="sample-or-generated", weights="random", max_images=64, batch_size=16),
                      _train(24_576, batch_size=1024, expansion=4, k=16), FeatvizConfig(steps=4, size=64),
                      circuit_images=4, circuit_sources=48, figure1_per_branch=1,
-                     figure1_per_layer=4),
+                     figure1_per_layer=4, spliced_images=8),
     "colab": Profile("colab", "a first look on Colab, in minutes: real weights, the paper author's published SAEs, "
                               "the ImageNet sample (1,000 images, one per class, 398 of them animals)",
                      HarvestConfig(images="imagenet-sample", weights="lucent", batch_size=128),

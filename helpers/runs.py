@@ -20,8 +20,8 @@ rest of the process. What it can get (``ARTIFACTS``)::
     umap            the UMAP fit of the layer's decoder vectors (chapter 06)
     view            what the atlas and the explorer show of the layer (a dashboard.LayerView)
 
-Four functions take more than a layer: ``layer_activations`` (full activation maps of the
-first images), ``featviz`` (visualisations of chosen features, cached as PNG files),
+Five functions take more than a layer: ``model_inputs`` and ``layer_activations`` (the
+network's input and full activation maps of the first images), ``featviz`` (visualisations of chosen features, cached as PNG files),
 ``sae_with_seed`` (the layer's SAE trained from another seed, chapter 09) and
 ``untrained_control`` (the same profile on the untrained network, chapter 04).
 """
@@ -136,14 +136,20 @@ def _featviz_model(ctx: Context):
     return load_model(ctx.profile.weights, redirected_relu=True)[0]
 
 
-def layer_activations(ctx: Context, layers, n_images: int) -> dict[str, torch.Tensor]:
-    """Full [n, C, 14, 14] activations of ``layers`` on the first ``n_images`` harvested images."""
+def model_inputs(ctx: Context, n_images: int) -> torch.Tensor:
+    """The network's input [n, 3, 224, 224] for the first ``n_images`` harvested images, under the
+    harvest's input convention."""
     manifest = read_manifest(get(ctx, "harvest"))
     skipped = {s[0] for s in manifest.skipped}
     paths = [p for i, p in enumerate(manifest.images["paths"]) if i not in skipped][:n_images]
     pixels = torch.stack([torch.from_numpy(load_image(Path(p))).permute(2, 0, 1) for p in paths])
+    return model_input_from_uint8(pixels, manifest.input_scale)
+
+
+def layer_activations(ctx: Context, layers, n_images: int) -> dict[str, torch.Tensor]:
+    """Full [n, C, 14, 14] activations of ``layers`` on the first ``n_images`` harvested images."""
     with torch.no_grad():
-        return LayerCapture(get(ctx, "model"), layers)(model_input_from_uint8(pixels, manifest.input_scale))
+        return LayerCapture(get(ctx, "model"), layers)(model_inputs(ctx, n_images))
 
 
 # --- one SAE per layer ------------------------------------------------------------------------

@@ -121,6 +121,19 @@ def main() -> None:
         s = timed(attribution, model, sb, sc, "mixed4b", acts["mixed4b"], sources=list(range(16)))
         add("circuit attribution", s / (16 * 2), profile.circuit_sources * profile.circuit_images * 4, "source-image",
             f"{profile.circuit_sources} sources x {profile.circuit_images} images x 4 layer pairs")
+        with torch.no_grad():
+            xs = torch.randn(8, 3, 224, 224)
+            model(xs)
+            s = timed(model, xs)
+        add("spliced-in evaluation (chapter 03)", s / 8, profile.spliced_images * 5 * 7, "image-forward",
+            f"{profile.spliced_images} images x 5 layers x 7 cases")
+        by_stage = {r["stage"]: r["projected min"] for r in rows}
+        harvest_min = by_stage["harvest, mixed4a-4e"]
+        train_min = sum(v for k, v in by_stage.items() if k.startswith(("training", "feature statistics")))
+        add("untrained control (chapter 04): its harvest, SAEs, statistics", (harvest_min + train_min) * 60, 1, "run",
+            "the sum of those stages above")
+        add("second seed of mixed4c (chapter 09)", [v for k, v in by_stage.items() if k.startswith("training mixed4c")][0]
+            * 60, 1, "training")
         add("book build (jupyter-book)", a.book_seconds, 1, "build", "measured on the smoke book")
 
     print(f"\nprofile {a.profile}: {profile.description}\nthis machine: {os.cpu_count()} CPU cores, no GPU; "
@@ -128,7 +141,8 @@ def main() -> None:
     print(f"  {'stage':<44} {'measured':>26} {'work':>24} {'projected min':>14}")
     for r in rows:
         print(f"  {r['stage']:<44} {r['measured']:>26} {r['work']:>24} {r['projected min']:>14}")
-    print(f"\n  projected total: {total / 3600:.1f} hours")
+    print(f"\n  projected total: {total / 3600:.1f} hours (with SAE_SAES=author, chapter 09 adds a harvest under the "
+          f"author's input convention: {harvest_min:.0f} min more)")
     write_results("profile", a.profile, {"rows": rows, "total_hours": total / 3600, "cpus": os.cpu_count()})
 
 

@@ -66,17 +66,24 @@ def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> to
 
 
 @torch.no_grad()
-def spliced_probs(model, layer: str, x: torch.Tensor, replace) -> torch.Tensor:
-    """The network's class probabilities [B, classes] on input ``x`` with ``layer``'s output [B, C, H, W]
-    replaced by ``replace(output)``.
+def spliced_log_probs(model, layer: str, x: torch.Tensor, replace=None) -> torch.Tensor:
+    """The network's log class probabilities [B, classes] on input ``x``, with ``layer``'s output [B, C, H, W]
+    replaced by ``replace(output)`` (None: the clean network). Taken from the logits in float64, so that the
+    KL of two nearly equal distributions is not lost to rounding.
 
     Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
     """
-    handle = getattr(model, layer).register_forward_hook(lambda module, inputs, out: replace(out))
+    logits = {}
+    hooks = [model.softmax2_pre_activation_matmul.register_forward_hook(
+        lambda module, inputs, out: logits.__setitem__("z", out))]
+    if replace is not None:
+        hooks.append(getattr(model, layer).register_forward_hook(lambda module, inputs, out: replace(out)))
     try:
-        return model(x)
+        model(x)
     finally:
-        handle.remove()
+        for h in hooks:
+            h.remove()
+    return torch.log_softmax(logits["z"].double(), dim=-1)
 
 
 @torch.no_grad()
@@ -103,7 +110,7 @@ def spliced_evaluation(model, layer: str, sae, x: torch.Tensor, slices: dict) ->
 
     Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
     """
-    clean = model(x)
+    clean = spliced_log_probs(model, layer, x)
     from helpers.inception import LayerCapture
 
     mean = LayerCapture(model, [layer])(x)[layer].mean(dim=(0, 2, 3))
@@ -113,8 +120,8 @@ def spliced_evaluation(model, layer: str, sae, x: torch.Tensor, slices: dict) ->
              "mean vector (floor)": lambda a: mean[None, :, None, None].expand_as(a).clone()}
     rows = []
     for name, replace in cases.items():
-        q = spliced_probs(model, layer, x, replace)
-        kl = (clean * (clean.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(dim=1).mean()
+        q = spliced_log_probs(model, layer, x, replace)
+        kl = (clean.exp() * (clean - q)).sum(dim=1).mean()
         rows.append({"layer": layer, "spliced in": name, "top-1 agreement": float((q.argmax(1) == clean.argmax(1)).float().mean()),
                      "KL": float(kl)})
     floor = next(r["KL"] for r in rows if r["spliced in"] == "mean vector (floor)")

@@ -81,6 +81,11 @@ def _cached(layer: str, cache_dir) -> Path | None:
         return None
 
 
+def available(layer: str = "mixed4c") -> bool:
+    """Whether the author's SAEs can be had here: in the hub's cache, or the hub answers."""
+    return _cached(layer, None) is not None or _reachable() is None
+
+
 def fetch_author_sae(layer: str, cache_dir: str | Path | None = None) -> TopKSAE:
     """The author's SAE for ``layer``, converted: from the hub's cache when downloaded before (offline
     then works), else downloaded once."""

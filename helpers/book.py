@@ -72,6 +72,22 @@ def choose_profile(requested: str | None) -> tuple[str, str | None]:
     return "smoke", reason
 
 
+def choose_saes(profile: str) -> str:
+    """Whose SAEs the book shows: ``$SAE_SAES`` if set; else, with real weights, the paper author's when they
+    can be fetched (the paper's own results first; ``SAE_SAES=train`` trains ours), else ours."""
+    if os.environ.get("SAE_SAES"):
+        return os.environ["SAE_SAES"]
+    if PROFILES[profile].weights == "random":
+        return "train"
+    from .author import available
+
+    if available():
+        return "author"
+    print("The paper author's SAEs cannot be fetched here (Hugging Face hub unreachable): training SAEs instead.",
+          file=sys.stderr)
+    return "train"
+
+
 def notebooks() -> list[Path]:
     return sorted(NOTEBOOK_DIR.glob("[0-9]*.ipynb"))
 
@@ -170,7 +186,8 @@ def build(profile: str | None = None, run_dir: str | None = None, timeout: int |
     t = time.perf_counter()
     name, reason = choose_profile(profile)
     # progress bars would land in the pages as widgets; the build log records each notebook instead
-    env = {"SAE_PROFILE": name, "SAE_BOOK_BUILD": "1", "SAE_FALLBACK_REASON": reason or "", "TQDM_DISABLE": "1"}
+    env = {"SAE_PROFILE": name, "SAE_BOOK_BUILD": "1", "SAE_FALLBACK_REASON": reason or "", "TQDM_DISABLE": "1",
+           "SAE_SAES": choose_saes(name)}
     if run_dir:
         env["SAE_RUN_DIR"] = str(Path(run_dir).resolve())
     executed = execute_notebooks(ROOT / "_build" / "executed", env, timeout=timeout)

@@ -79,3 +79,17 @@ def test_on_colab_a_chapter_defaults_to_the_authors_saes_on_a_small_image_set(mo
     assert ctx.profile.name == "colab" and ctx.saes == "author" and ctx.input_scale == "unit"
     assert ctx.profile.harvest.images == "imagenet-sample" and ctx.profile.weights == "lucent"
     assert profiles.context("colab", str(tmp_path), "train").saes == "train"  # one switch away
+
+
+def test_the_book_shows_the_authors_saes_by_default_when_they_can_be_fetched(monkeypatch):
+    from helpers import author
+
+    monkeypatch.delenv("SAE_SAES", raising=False)
+    monkeypatch.setattr(author, "available", lambda layer="mixed4c": True)
+    assert book.choose_saes("cpu") == "author" and book.choose_saes("gpu") == "author"
+    assert book.choose_saes("smoke") == "train"  # random weights: the author's SAEs would mean nothing
+    monkeypatch.setattr(author, "available", lambda layer="mixed4c": False)
+    assert book.choose_saes("cpu") == "train"
+    monkeypatch.setenv("SAE_SAES", "train")  # one switch away
+    monkeypatch.setattr(author, "available", lambda layer="mixed4c": True)
+    assert book.choose_saes("cpu") == "train"

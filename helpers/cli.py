@@ -28,6 +28,7 @@ DELEGATED = {
     "book": ("book", "execute the notebooks in a profile and build the Jupyter Book"),
     "export": ("export", "write helpers/ modules from the chapters' #| export cells (--check: only compare)"),
     "verify": ("store", "check a harvest's store: every shard against its record, the manifest and its checksums"),
+    "publish": ("publish", "upload an SAE directory to the Hugging Face hub with a model card (--dry-run: only write it)"),
 }
 
 

@@ -11,6 +11,7 @@ rest of the process. What it can get (``ARTIFACTS``)::
     cell_colours    [images, 14, 14, 3] mean colour around every grid cell
     atlas           the static feature atlas of every layer (its folder)
     sae_dir, sae    the layer's SAE directory / loaded TopKSAE (trained, or the author's)
+    spliced         the spliced-in evaluation of the layer's SAE (chapter 03), kept beside it
     slices          the layer's branch slices, as the SAE's cfg.json records them
     feature_stats   each feature's firing frequency and strength on the harvested vectors
     branches        the layer's BranchAnalysis (chapter 04)
@@ -29,6 +30,7 @@ network's input and full activation maps of the first images), ``featviz`` (visu
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -41,7 +43,7 @@ from . import branches, circuits, dashboard, embed, labels
 from .author import REPO_ID, fetch_author_sae
 from .examples import Examples, cell_colours, example_pass
 from .featviz import cache_path, render_features, sae_id
-from .files import CFG_FILE, CHECKPOINT, EXAMPLES, FEATURE_STATS, MANIFEST, atomic_write, write_npy
+from .files import CFG_FILE, CHECKPOINT, EXAMPLES, FEATURE_STATS, MANIFEST, atomic_write, write_json, write_npy
 from .harvest import harvest
 from .images import ImageList, generate_images, load_image
 from .inception import LayerCapture, architecture_slices, load_model, model_input_from_uint8
@@ -207,6 +209,21 @@ def sae_with_seed(ctx: Context, layer: str, seed: int) -> TopKSAE:
         train(dataclasses.replace(ctx.profile.train, run=str(get(ctx, "harvest")), layer=layer, out=str(directory),
                                   seed=seed, resume=(directory / CHECKPOINT).exists()))
     return TopKSAE.load(directory)
+
+
+@_artifact("spliced")
+def _spliced(ctx: Context, layer: str) -> list[dict]:
+    """Chapter 03's spliced-in evaluation of the layer's SAE, kept as ``spliced.json`` beside it (the model card
+    of ``python -m helpers publish`` reports it)."""
+    from .loss import spliced_evaluation
+    from .publish import SPLICED
+
+    path = get(ctx, "sae_dir", layer) / SPLICED
+    if not path.exists():
+        rows = spliced_evaluation(get(ctx, "model"), layer, get(ctx, "sae", layer),
+                                  model_inputs(ctx, ctx.profile.spliced_images), get(ctx, "slices", layer))
+        write_json(path, {"images": ctx.profile.spliced_images, "rows": rows})
+    return json.loads(path.read_text())["rows"]
 
 
 @_artifact("slices")

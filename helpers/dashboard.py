@@ -45,6 +45,7 @@ class LayerView:
     neighbours: dict[str, dict[int, list[tuple[int, float]]]]  # adjacent layer -> feature -> [(j, weight)]
     images: ImageList  # the images the examples index
     featviz: dict[int, Path]  # rendered visualisations that exist
+    spliced: list[dict] = dataclasses.field(default_factory=list)  # chapter 03's spliced-in rows of the layer's SAE
 
 
 def _save_jpeg(img: Image.Image, path: Path) -> None:
@@ -106,13 +107,24 @@ def write_layer_atlas(folder: Path, view: LayerView, note: str = "") -> Path:
     for i, r in enumerate(records):
         r["thumb"] = [(i % per_row) * (THUMB + GAP), (i // per_row) * (THUMB + GAP)]
         r["crops"] = [(i % strips_per_row) * (CROP * CROPS + GAP), (i // strips_per_row) * (CROP + GAP)]
-    page = (TEMPLATE.read_text().replace("__LAYER__", html.escape(view.layer)).replace("__NOTE__", note)
+    page = (TEMPLATE.read_text().replace("__LAYER__", html.escape(view.layer))
+            .replace("__NOTE__", html.escape(note) + spliced_summary(view.spliced))
             .replace("__DATA__", json.dumps(records).replace("</", "<\\/"))
             .replace("__COLOURS__", json.dumps(BRANCH_COLOURS)).replace("__BRANCHES__", json.dumps(list(BRANCHES)))
             .replace("__THUMB__", str(THUMB)).replace("__CROP__", str(CROP)).replace("__NCROPS__", str(CROPS))
             .replace("__DETAIL__", str(CROP * CROPS + 40)))
     atomic_write(out / "index.html", lambda f: f.write(page), mode="w")
     return out / "index.html"
+
+
+def spliced_summary(rows: list[dict]) -> str:
+    """One line of the layer header: how much of the network the SAE keeps (chapter 03's spliced-in rows)."""
+    whole = next((r for r in rows if r["spliced in"] == "SAE reconstruction"), None)
+    if whole is None:
+        return ""
+    return (f"<div class='spliced'>Spliced in (this layer's output replaced by the SAE's reconstruction): top-1 "
+            f"agreement with the network {whole['top-1 agreement']:.2f}, KL {whole['KL']:.3g}, KL recovered "
+            f"{whole['KL recovered']:.2f} against the mean-vector floor (chapter 03).</div>")
 
 
 def write_atlas(folder: Path, views: list[LayerView], note: str = "") -> Path:

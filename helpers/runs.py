@@ -292,7 +292,7 @@ def _view(ctx: Context, layer: str) -> dashboard.LayerView:
                 for f in np.flatnonzero(analysis.alive)}
     return dashboard.LayerView(layer, analysis, get(ctx, "examples", layer), get(ctx, "labels", layer),
                                get(ctx, "umap", layer).coords, get(ctx, "neighbours", layer), get(ctx, "images"),
-                               {f: p for f, p in rendered.items() if p.exists()})
+                               {f: p for f, p in rendered.items() if p.exists()}, get(ctx, "spliced", layer))
 
 
 @_artifact("atlas", per_layer=False)

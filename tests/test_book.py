@@ -1,5 +1,6 @@
 """The built book, opened in a real headless Chromium."""
 
+import json
 import time
 
 import pytest
@@ -82,6 +83,11 @@ def test_the_atlas_shows_every_feature_and_opens_a_detail_view(smoke_book, brows
         text = page.read_text()
         assert "RANDOM WEIGHTS: NOT A RESULT" in text and "http" not in text.split("<script>")[0]  # no CDN
     browser.get((html / "atlas" / "mixed4c" / "index.html").as_uri())
+    # the layer header says how much of the network the SAE keeps: chapter 03's spliced-in row, as recorded
+    spliced = json.loads(smoke_book["run"].joinpath("saes", "mixed4c", "spliced.json").read_text())["rows"][0]
+    header = browser.execute_script("return document.querySelector('.note').innerText")
+    assert f"top-1 agreement with the network {spliced['top-1 agreement']:.2f}" in header
+    assert f"KL recovered {spliced['KL recovered']:.2f}" in header
     cells = browser.find_elements("css selector", "#groups .f")
     alive = int(smoke_book["run"].joinpath("saes", "mixed4c", "cfg.json").exists())
     assert len(cells) > 100 and alive

@@ -66,9 +66,42 @@ def layer_records(view: LayerView) -> list[dict]:
         "top_class_share": view.labels[f].get("top_class_share"),
         "umap": [round(float(v), 4) for v in norm[f]],
         "max": float(ex.top_value[f, 0]),
+        "hist": activation_histogram(ex, int(f)),
         "neighbours": {other: [[int(j), round(float(w), 3)] for j, w in pairs.get(int(f), [])]
                        for other, pairs in view.neighbours.items()},
     } for f in np.flatnonzero(a.alive)]
+
+
+HIST_BINS = 10
+
+
+def activation_histogram(ex: Examples, feature: int) -> list[int]:
+    """Counts, in ``HIST_BINS`` equal bins from 0 to the feature's maximum, of its activation over the uniform
+    sample of images where it fires (each image's strongest position; the example pass's reservoir)."""
+    values = ex.sample_value[feature][ex.sample_image[feature] >= 0]
+    top = float(ex.top_value[feature, 0])
+    if top <= 0 or len(values) == 0:
+        return [0] * HIST_BINS
+    return [int(c) for c in np.histogram(np.clip(values, 0, top), bins=HIST_BINS, range=(0, top))[0]]
+
+
+def density_svg(frequency: np.ndarray, width: int = 360, height: int = 90) -> str:
+    """The layer's feature density: a histogram of log10 firing frequency over its live features, as inline
+    SVG, with the dead features (which never fire) counted beside it."""
+    live = frequency[frequency > 0]
+    dead = int((frequency <= 0).sum())
+    if len(live) == 0:
+        return f"<div id='density'>no feature fires ({dead} dead)</div>"
+    lo = np.floor(np.log10(live.min()))
+    counts, edges = np.histogram(np.log10(live), bins=20, range=(lo, 0))
+    w = width / len(counts)
+    bars = "".join(f"<rect x='{i * w:.1f}' y='{height - 16 - (height - 20) * c / counts.max():.1f}' width='{w - 1:.1f}' "
+                   f"height='{(height - 20) * c / counts.max():.1f}' fill='#4C78A8'><title>{c} features, frequency "
+                   f"10^{edges[i]:.1f} to 10^{edges[i + 1]:.1f}</title></rect>" for i, c in enumerate(counts))
+    return (f"<div id='density'><b>feature density</b>: how often each live feature fires (log10 of the share of "
+            f"vectors), {len(live)} live, {dead} dead<br><svg width='{width}' height='{height}'>{bars}"
+            f"<text x='0' y='{height - 2}' font-size='10'>10^{lo:.0f}</text>"
+            f"<text x='{width - 16}' y='{height - 2}' font-size='10'>1</text></svg></div>")
 
 
 def thumbnails(view: LayerView, features) -> tuple[dict, dict]:
@@ -109,6 +142,7 @@ def write_layer_atlas(folder: Path, view: LayerView, note: str = "") -> Path:
         r["crops"] = [(i % strips_per_row) * (CROP * CROPS + GAP), (i // strips_per_row) * (CROP + GAP)]
     page = (TEMPLATE.read_text().replace("__LAYER__", html.escape(view.layer))
             .replace("__NOTE__", html.escape(note) + spliced_summary(view.spliced))
+            .replace("__DENSITY__", density_svg(view.analysis.frequency))
             .replace("__DATA__", json.dumps(records).replace("</", "<\\/"))
             .replace("__COLOURS__", json.dumps(BRANCH_COLOURS)).replace("__BRANCHES__", json.dumps(list(BRANCHES)))
             .replace("__THUMB__", str(THUMB)).replace("__CROP__", str(CROP)).replace("__NCROPS__", str(CROPS))

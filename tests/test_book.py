@@ -3,6 +3,7 @@
 import json
 import time
 
+import numpy as np
 import pytest
 import yaml
 
@@ -121,3 +122,42 @@ def test_the_atlas_shows_every_feature_and_opens_a_detail_view(smoke_book, brows
     browser.get((html / "book" / "atlas.html").as_uri())
     browser.find_element("link text", "mixed4c").click()
     assert browser.current_url.endswith("/atlas/mixed4c/index.html") and js_errors(browser) == []
+
+
+def test_the_atlas_searches_filters_shares_a_url_and_shows_histograms(smoke_book, browser):
+    from selenium.webdriver.support.ui import Select
+
+    from helpers import profiles, runs
+
+    ctx = profiles.context("smoke", run_dir=str(smoke_book["run"]))
+    a, ex = runs.get(ctx, "branches", "mixed4c"), runs.get(ctx, "examples", "mixed4c")
+    labels = runs.get(ctx, "labels", "mixed4c")
+    five = a.alive & (a.dominant() == 2)
+    page = smoke_book["html"] / "atlas" / "mixed4c" / "index.html"
+    browser.get(page.as_uri())
+    density = browser.execute_script("return document.getElementById('density').innerText")
+    assert f"{int(a.alive.sum())} live, {int((~a.alive).sum())} dead" in density
+    visible = lambda: browser.execute_script(
+        "return [...document.querySelectorAll('#groups .f')].filter(e => e.style.display !== 'none').map(e => +e.id.slice(1))")
+    assert len(visible()) == int(a.alive.sum())
+    Select(browser.find_element("id", "q-branch")).select_by_value("5x5")
+    assert sorted(visible()) == sorted(int(f) for f in np.flatnonzero(five))  # the filter changes what is shown
+    browser.find_element("id", "q-label").send_keys("animal")
+    animal = [int(f) for f in np.flatnonzero(five) if "animal" in labels[f].get("labels", {})]
+    assert sorted(visible()) == animal
+    url = browser.current_url
+    assert "branch=5x5" in url and "label=animal" in url
+    browser.get("about:blank")
+    browser.get(url)  # the URL carries the filter
+    assert sorted(visible()) == animal
+    f = int(np.flatnonzero(a.alive & (ex.sample_image >= 0).any(1))[0])
+    box = browser.find_element("id", "q-id")
+    box.send_keys(str(f))
+    box.send_keys("\n")
+    browser.execute_script("document.getElementById('q-id').dispatchEvent(new Event('change'))")
+    assert browser.execute_script("return document.getElementById('detail-title').textContent") == f"mixed4c feature {f}"
+    assert browser.current_url.endswith(f"#f{f}")
+    counts = browser.execute_script("return [...document.querySelectorAll('#hist .hbar')].map(b => +b.title.split(' ')[0])")
+    assert len(counts) == 10 and sum(counts) == int((ex.sample_image[f] >= 0).sum())
+    assert js_errors(browser) == []
+    screenshot(browser, "atlas-filtered.png")

@@ -25,3 +25,20 @@ def test_explorer_sorts_filters_and_shows_a_feature(smoke_book):
     assert strip is not None and strip.shape[0] == 100 and strip.shape[1] >= 200  # visualisation + crops
     ex.label.value = "no-such-label"
     assert ex.pick.options == ()
+
+
+def test_activation_histogram_and_feature_density_against_counts_by_hand():
+    from helpers.dashboard import activation_histogram, density_svg
+    from helpers.examples import Examples
+
+    sample = np.array([[0.05, 0.15, 0.15, 0.95, 1.0, 0.0], [0, 0, 0, 0, 0, 0]], np.float32)
+    image = np.array([[3, 4, 5, 6, 7, -1], [-1] * 6])
+    ex = Examples(top_value=np.array([[1.0], [0.0]], np.float32), top_image=np.array([[7], [-1]]),
+                  top_y=np.zeros((2, 1), int), top_x=np.zeros((2, 1), int), sample_value=sample, sample_image=image,
+                  sample_y=np.zeros((2, 6), int), sample_x=np.zeros((2, 6), int), images_seen=10)
+    assert activation_histogram(ex, 0) == [1, 2, 0, 0, 0, 0, 0, 0, 0, 2]  # the empty slot is not counted
+    assert activation_histogram(ex, 1) == [0] * 10  # never fires
+    svg = density_svg(np.array([0.0, 0.0, 0.001, 0.01, 0.01, 0.5]))
+    assert "4 live, 2 dead" in svg and svg.count("<rect") == 20
+    heights = [float(h) for h in __import__("re").findall(r"height='([0-9.]+)' fill", svg)]
+    assert sum(h > 0 for h in heights) == 3  # three occupied bins: 1e-3, 1e-2 (twice) and 0.5

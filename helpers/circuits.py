@@ -365,3 +365,34 @@ def cross_layer_share(model, saes: dict, acts: dict, analyses: dict, n_sources: 
                                   analyses[dst].specialised_branch())
         rows.append({"from": src, "to": dst, **{k: round(v, 3) if isinstance(v, float) else v for k, v in share.items()}})
     return rows
+
+
+def switch_features(model, layer: str, sae, x: torch.Tensor, features, scale: float = 0.0):
+    """(clean, edited) log class probabilities [B, classes] on input ``x``: in ``edited``, each feature of
+    ``features`` has its contribution z_f(p) d_f scaled by ``scale`` at every position of ``layer`` (0: off).
+
+    Defined in chapter 05, *Circuits between layers* (nbs/05_circuits.ipynb).
+    """
+    from helpers.loss import spliced_log_probs
+
+    ids = torch.as_tensor(list(features), dtype=torch.long)
+
+    def edit(acts):
+        b, c, h, w = acts.shape
+        flat = acts.permute(0, 2, 3, 1).reshape(-1, c)
+        z = sae.encode(flat)[:, ids]  # [positions, len(features)]
+        change = (scale - 1.0) * (z @ sae.decoder_directions[ids].to(z))
+        return (flat + change.to(flat)).reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+    return spliced_log_probs(model, layer, x), spliced_log_probs(model, layer, x, edit if len(ids) else None)
+
+
+def class_shifts(clean: torch.Tensor, edited: torch.Tensor, top: int = 5) -> list[dict]:
+    """The ``top`` classes whose mean probability over the images drops most, with both means.
+
+    Defined in chapter 05, *Circuits between layers* (nbs/05_circuits.ipynb).
+    """
+    p, q = clean.exp().mean(dim=0), edited.exp().mean(dim=0)
+    drop = (p - q).numpy()
+    order = np.argsort(-drop)[:top]
+    return [{"class": int(c), "before": float(p[c]), "after": float(q[c]), "change": float(-drop[c])} for c in order]

@@ -80,7 +80,27 @@ def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
     if weights == "random":
         weights_id = f"random(seed={seed})"
         log.warning(RANDOM_WARNING)
-    elif weights == "lucent":
+    else:
+        state, path = _read_state(weights)
+        stand_in = state.pop(STAND_IN_KEY, None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise WeightsUnavailable(
+                f"{path} is not an InceptionV1 (inception5h) state dict: "
+                f"missing {list(missing)[:3]}..., unexpected {list(unexpected)[:3]}..."
+            )
+        kind = "lucent" if weights == "lucent" else "file"
+        weights_id = f"{kind}:{path.name}:sha256={sha256_file(path)[:16]}"
+        if stand_in is not None:  # random weights where real ones would be: named and warned about as random
+            weights_id = f"random(stand-in {path.name}, seed={int(stand_in)})"
+            log.warning(RANDOM_WARNING)
+    model.weights_id = weights_id
+    return model.eval().requires_grad_(False).to(device), weights_id
+
+
+def _read_state(weights: str) -> tuple[dict, Path]:
+    """(state dict, the file it came from) for ``weights`` "lucent" (downloaded once) or a path."""
+    if weights == "lucent":
         try:
             state = torch.hub.load_state_dict_from_url(LUCENT_URL, progress=True, map_location="cpu",
                                                        weights_only=True)
@@ -91,39 +111,20 @@ def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
                 "or pass weights=PATH.pth (--weights PATH.pth); weights='random' runs the pipeline "
                 "without meaning"
             ) from e
-        weights_id = f"lucent:inception5h.pth:sha256={sha256_file(lucent_cache_path())[:16]}"
-        if STAND_IN_KEY in state:
-            weights_id = f"random(stand-in at {lucent_cache_path().name}, seed={int(state.pop(STAND_IN_KEY))})"
-            log.warning(RANDOM_WARNING)
-        model.load_state_dict(state)
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise WeightsUnavailable(
-                f"weights {weights!r} is neither 'lucent', 'random' nor an existing .pth file"
-            )
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # not a torch file, or a pickle that weights_only refuses (it never runs it)
-            raise WeightsUnavailable(
-                f"cannot read {path} as a PyTorch state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                "give Lucent's inception5h.pth or a file saved with torch.save(model.state_dict())") from e
-        if not isinstance(state, dict):
-            raise WeightsUnavailable(f"{path} holds a {type(state).__name__}, not a state dict; save one with "
-                                     "torch.save(model.state_dict())")
-        stand_in = state.pop(STAND_IN_KEY, None)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise WeightsUnavailable(
-                f"{path} is not an InceptionV1 (inception5h) state dict: "
-                f"missing {list(missing)[:3]}..., unexpected {list(unexpected)[:3]}..."
-            )
-        weights_id = f"file:{path.name}:sha256={sha256_file(path)[:16]}"
-        if stand_in is not None:
-            weights_id = f"random(stand-in {path.name}, seed={int(stand_in)})"
-            log.warning(RANDOM_WARNING)
-    model.weights_id = weights_id
-    return model.eval().requires_grad_(False).to(device), weights_id
+        return state, lucent_cache_path()
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsUnavailable(f"weights {weights!r} is neither 'lucent', 'random' nor an existing .pth file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or a pickle that weights_only refuses (it never runs it)
+        raise WeightsUnavailable(
+            f"cannot read {path} as a PyTorch state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "give Lucent's inception5h.pth or a file saved with torch.save(model.state_dict())") from e
+    if not isinstance(state, dict):
+        raise WeightsUnavailable(f"{path} holds a {type(state).__name__}, not a state dict; save one with "
+                                 "torch.save(model.state_dict())")
+    return state, path
 
 
 def is_stand_in(weights: str) -> bool:

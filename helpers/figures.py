@@ -142,7 +142,7 @@ def training_curves_figure(metrics: dict[str, list[dict]]) -> go.Figure:
 HUE_COLOURS = {"red": "#d92121", "orange": "#d97d21", "yellow": "#ccbe1f", "green": "#21b021", "cyan": "#21c4d9",
                "blue": "#213fd9", "purple": "#9b21d9", "magenta": "#d9219b"}  # each at the middle of its hue
 # other sets: colours no hue name claims, told apart by their symbols too
-_NEUTRAL = [("black", "diamond"), ("#8c564b", "star"), ("#555555", "square"), ("#000000", "cross"),
+_NEUTRAL = [("black", "diamond"), ("#8c564b", "star"), ("#555555", "square"), ("#2f4f4f", "cross"),
             ("#7f7f7f", "triangle-up")]
 
 

@@ -43,8 +43,9 @@ from .store import (PROVENANCE, Manifest, StoreError, check_shard, read_manifest
 
 log = logging.getLogger(__name__)
 LOCK = ".harvest.lock"
-INPUT = "Resize(256) CenterCrop(224), RGB in [0,1] -> x*255-117"  # input_scale "lucent"
-INPUT_UNIT = "Resize(256) CenterCrop(224), RGB in [0,1] as is (the author's convention)"  # input_scale "unit"
+# the manifest's description of the input, by input_scale (inception.INPUT_SCALES)
+INPUT = {"lucent": "Resize(256) CenterCrop(224), RGB in [0,1] -> x*255-117",
+         "unit": "Resize(256) CenterCrop(224), RGB in [0,1] as is (the author's convention)"}
 
 
 def _uniforms(seed: int, shard: int, layer: str, n_images: int, per_image: int) -> torch.Tensor:
@@ -182,9 +183,10 @@ def _manifest(cfg: HarvestConfig, images, weights_id: str, slices, capture, devi
     return Manifest(
         weights_id=weights_id,
         # decoders differ by up to one grey level, so the decoder is part of what the store is
-        input=(INPUT if cfg.input_scale == "lucent" else INPUT_UNIT) + ("" if cfg.decode == "workers" else f"; JPEGs decoded on {device.type} (torchvision "
-                       "decode_jpeg), tensor resize with antialiasing"),
-        input_scale=cfg.input_scale, layers=layers, widths={name: layer_width(slices[name]) for name in layers}, branch_slices=slices,
+        input=INPUT[cfg.input_scale] + ("" if cfg.decode == "workers" else f"; JPEGs decoded on {device.type} "
+                                        "(torchvision decode_jpeg), tensor resize with antialiasing"),
+        input_scale=cfg.input_scale, layers=layers, widths={name: layer_width(slices[name]) for name in layers},
+        branch_slices=slices,
         grid={name: list(t.shape[2:]) for name, t in probe.items()},
         per_image=cfg.per_image, sampling=cfg.sampling, seed=cfg.seed, shard_images=cfg.shard_images,
         n_shards=math.ceil(len(images) / cfg.shard_images), images=images.to_record(),

@@ -164,15 +164,21 @@ def _sae_dir(ctx: Context, layer: str) -> Path:
             fetch_author_sae(layer).save(directory, layer=layer, source=f"hf:{REPO_ID}", input_scale="unit",
                                          weights_id="lucent (the author's)", random_weights=False)
         else:
-            train(dataclasses.replace(ctx.profile.train, run=str(get(ctx, "harvest")), layer=layer,
-                                      out=str(directory), resume=(directory / CHECKPOINT).exists()))
+            _train_into(ctx, layer, directory, ctx.profile.train.seed)
     return directory
+
+
+def _train_into(ctx: Context, layer: str, directory: Path, seed: int) -> None:
+    """The profile's training of ``layer`` on the harvest, into ``directory`` (resuming its checkpoint)."""
+    train(dataclasses.replace(ctx.profile.train, run=str(get(ctx, "harvest")), layer=layer, out=str(directory),
+                              seed=seed, resume=(directory / CHECKPOINT).exists()))
 
 
 @_artifact("sae")
 def _sae(ctx: Context, layer: str) -> TopKSAE:
-    sae = TopKSAE.load(get(ctx, "sae_dir", layer))
-    check_input_scale(sae, read_manifest(get(ctx, "harvest")), get(ctx, "sae_dir", layer))
+    directory = get(ctx, "sae_dir", layer)
+    sae = TopKSAE.load(directory)
+    check_input_scale(sae, read_manifest(get(ctx, "harvest")), directory)
     return sae
 
 
@@ -206,8 +212,7 @@ def sae_with_seed(ctx: Context, layer: str, seed: int) -> TopKSAE:
         return get(ctx, "sae", layer)
     directory = ctx.run_dir / f"saes-seed{seed}" / layer
     if not (directory / CFG_FILE).exists():
-        train(dataclasses.replace(ctx.profile.train, run=str(get(ctx, "harvest")), layer=layer, out=str(directory),
-                                  seed=seed, resume=(directory / CHECKPOINT).exists()))
+        _train_into(ctx, layer, directory, seed)
     return TopKSAE.load(directory)
 
 

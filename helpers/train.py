@@ -82,7 +82,8 @@ def open_source(cfg: TrainConfig) -> tuple[list[np.ndarray], dict]:
     if array.ndim != 2 or array.dtype.kind != "f" or 0 in array.shape:
         raise StoreError(f"{path} holds a {array.dtype} array of shape {array.shape}; --vectors needs float "
                          "vectors of shape [N, d], N and d at least 1")
-    info = {"layer": cfg.layer, "branch_slices": None, "weights_id": None, "source": str(path.resolve())}
+    info = {"layer": cfg.layer, "branch_slices": None, "weights_id": None, "source": str(path.resolve()),
+            "input_scale": None}  # a bare .npy says nothing of how its vectors were made
     if cfg.layer is not None:
         from .inception import architecture_slices, layer_width
 
@@ -425,7 +426,7 @@ def _finish(out, state, cfg, info, held, lr, last_record, device, clock: _Clock)
         "source": info["source"], "vectors_seen": seen, "final_fvu": held_fvu, "final_nmse": held_nmse,
         "final_fvu_on": f"{len(held)} held-out vectors", "dead_fraction": dead_fraction,
         "dead_after": cfg.dead_after, "lr": lr, "expansion": cfg.expansion, "helpers_version": __version__,
-        "input_scale": info.get("input_scale"),  # the images' convention (None for --vectors: unknown)
+        "input_scale": info["input_scale"],  # the images' convention (None for --vectors: unknown)
     }
     with clock("saving"):
         sae.save(out, **extra)

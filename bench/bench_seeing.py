@@ -4,6 +4,9 @@
    against one feature at a time, same steps and size.
 2. The dataset-example pass: seconds per 1000 images for one layer (all its features, every
    grid position), with the forward pass alone as the floor.
+3. The spliced-in evaluation (chapter 03): images per second for one layer's whole table (the
+   SAE spliced in for all channels and for each branch alone, and the zero and mean floors),
+   with one clean forward pass of the network as the floor.
 
 Random weights (speed only); images from ../shared/imagenet-sample.
 
@@ -30,7 +33,8 @@ import torch  # noqa: E402
 from helpers.examples import example_pass  # noqa: E402
 from helpers.featviz import FeatvizConfig, render_directions  # noqa: E402
 from helpers.images import ImageDataset, collate, list_images  # noqa: E402
-from helpers.inception import LayerCapture, load_model, model_input_from_uint8  # noqa: E402
+from helpers.inception import LayerCapture, architecture_slices, load_model, model_input_from_uint8  # noqa: E402
+from helpers.loss import spliced_evaluation, spliced_log_probs  # noqa: E402
 from helpers.sae import TopKSAE  # noqa: E402
 
 
@@ -78,7 +82,26 @@ def main() -> None:
     results["examples"] = {"images": len(images), "latents": sae.d_sae, "s_per_1000_images": seconds * 1000 / len(images),
                            "forward_only_s_per_1000_images": floor * 1000 / len(images)}
 
-    f, e = results["featviz"], results["examples"]
+    batches = [model_input_from_uint8(pixels.to(dev)) for _, pixels, _ in loader]
+    slices = architecture_slices(a.layer)
+
+    def timed(fn) -> float:
+        spliced_evaluation(plain, a.layer, sae, batches[0][:2], slices)  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for x in batches:
+            fn(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    table = timed(lambda x: spliced_evaluation(plain, a.layer, sae, x, slices))
+    clean = timed(lambda x: spliced_log_probs(plain, a.layer, x))
+    results["spliced"] = {"images": len(images), "batch": 32, "cases": 3 + len(slices),
+                          "images_per_s": len(images) / table, "clean_forward_images_per_s": len(images) / clean}
+
+    f, e, s = results["featviz"], results["examples"], results["spliced"]
     print(f"device {a.device}; layer {a.layer}; random weights (speed only)\n")
     print(f"feature visualisation, {a.steps} steps at {a.size} px, {a.features} features")
     print(f"  batched (one optimisation)   {f['s_per_feature_batched']:8.2f} s per feature")
@@ -88,6 +111,11 @@ def main() -> None:
     print(f"dataset-example pass, {e['latents']} latents, {e['images']} images")
     print(f"  example pass                 {e['s_per_1000_images']:8.1f} s per 1000 images")
     print(f"  forward pass alone (floor)   {e['forward_only_s_per_1000_images']:8.1f} s per 1000 images")
+    print(f"\nspliced-in evaluation of {a.layer}, {s['images']} images in batches of {s['batch']} "
+          f"({s['cases']} cases spliced in, each a forward pass)")
+    print(f"  the whole table              {s['images_per_s']:8.1f} images/s")
+    print(f"  one clean forward (floor)    {s['clean_forward_images_per_s']:8.1f} images/s"
+          f"   ({s['clean_forward_images_per_s'] / s['images_per_s']:.1f}x the table's rate)")
     write_results("seeing", a.device, results)
 
 

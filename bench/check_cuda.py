@@ -88,6 +88,11 @@ def check_triton(dev) -> None:
     out2 = kernels._TritonDecode.apply(i2.to(dev), v2.to(dev), w2.to(dev))
     report("triton decode, repeated indices, k=24, d=300", rel(out2, F.embedding_bag(
         i2, w2.double(), per_sample_weights=v2.double(), mode="sum")), 1e-5)
+    # the trainer first uses the decoder inside bf16 autocast: the first-use check must still pass there
+    kernels._CHECKS.clear()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        kernels.sparse_decode(i.to(dev), v.to(dev), w.to(dev))
+    report("triton off after first use in bf16 autocast (0: on)", float(not all(kernels._CHECKS.values())), 0)
 
 
 def check_sae(dev) -> None:

@@ -5,7 +5,9 @@
 # bench/results JSON files go to $OUT.
 #
 #     OUT=/tmp/gpu bash bench/gpu.sh [IMAGES]
+#     STEPS="peers profile" bash bench/gpu.sh    # only the named steps
 set -u
+STEPS=${STEPS:-all}
 OUT=${OUT:-/tmp/gpu-bench}
 IMAGES=${1:-.imgs/sample}
 mkdir -p "$OUT"
@@ -25,6 +27,7 @@ N=$(ls /tmp/imgs | wc -l)
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
+  [ "$STEPS" = all ] || [[ " $STEPS " == *" ${name%%-*} "* ]] || [[ " $STEPS " == *" $name "* ]] || return 0
   echo; echo "=== $name (limit ${limit}s)"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"

@@ -147,6 +147,8 @@ _CHECKS: dict[str, bool] = {}
 def _checked(device: torch.device) -> bool:
     """On first use on a device, run the kernels (forward and backward) on a small problem
     against the torch path; if they fail to compile or disagree, warn and use torch."""
+    device = torch.device(device.type, torch.cuda.current_device() if device.type == "cuda" and device.index is None
+                          else device.index)
     key = str(device)
     if key not in _CHECKS:
         g = torch.Generator().manual_seed(0)
@@ -154,8 +156,8 @@ def _checked(device: torch.device) -> bool:
         v = torch.rand(4, 5, generator=g).to(device).requires_grad_(True)
         i = torch.randint(0, 50, (4, 5), generator=g).to(device)
         grad = torch.randn(4, 70, generator=g).to(device)
-        try:
-            with torch.enable_grad():
+        try:  # in full precision even when first used inside the trainer's bf16 autocast
+            with torch.enable_grad(), torch.autocast(device.type, enabled=False):
                 got, want = _TritonDecode.apply(i, v, w), torch_decode(i, v, w)
                 got = (got.detach(), *torch.autograd.grad(got, (v, w), grad))
                 want = (want.detach(), *torch.autograd.grad(want, (v, w), grad))

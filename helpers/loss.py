@@ -87,40 +87,41 @@ def spliced_log_probs(model, layer: str, x: torch.Tensor, replace=None) -> torch
 
 
 @torch.no_grad()
-def reconstruct_positions(sae, acts: torch.Tensor, channels: tuple[int, int] | None = None) -> torch.Tensor:
-    """``acts`` [B, C, H, W] with every position's vector replaced by the SAE's reconstruction, or only the
-    ``channels`` (start, stop) of one branch, the others kept.
+def reconstruct_positions(sae, acts: torch.Tensor) -> torch.Tensor:
+    """``acts`` [B, C, H, W] with every position's vector replaced by the SAE's reconstruction.
 
     Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
     """
     b, c, h, w = acts.shape
-    rec = sae(acts.permute(0, 2, 3, 1).reshape(-1, c)).reshape(b, h, w, c).permute(0, 3, 1, 2)
-    if channels is None:
-        return rec
-    out = acts.clone()
-    out[:, channels[0]:channels[1]] = rec[:, channels[0]:channels[1]]
-    return out
+    return sae(acts.permute(0, 2, 3, 1).reshape(-1, c)).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()
 def spliced_evaluation(model, layer: str, sae, x: torch.Tensor, slices: dict) -> list[dict]:
     """Top-1 agreement with the clean network and KL(clean || spliced) on ``x``, for the SAE's reconstruction
-    spliced in at ``layer`` (all channels, then each branch of ``slices`` alone) and for two floors: the layer
-    zeroed and replaced by its mean vector (over ``x``'s images and positions).
+    spliced in at ``layer`` (all channels, then each branch of ``slices`` alone, the other channels kept) and
+    for two floors: the layer zeroed and replaced by its mean vector (over ``x``'s images and positions).
 
     Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
     """
-    clean = spliced_log_probs(model, layer, x)
-    from helpers.inception import LayerCapture
+    seen = {}
+    clean = spliced_log_probs(model, layer, x, lambda a: seen.__setitem__("acts", a))  # the hook only looks
+    acts = seen["acts"]
+    rec = reconstruct_positions(sae, acts)  # once: every SAE case below splices from it
 
-    mean = LayerCapture(model, [layer])(x)[layer].mean(dim=(0, 2, 3))
-    cases = {"SAE reconstruction": lambda a: reconstruct_positions(sae, a),
-             **{f"SAE, {b} branch only": (lambda a, s=s: reconstruct_positions(sae, a, s)) for b, s in slices.items()},
-             "zeros (floor)": torch.zeros_like,
-             "mean vector (floor)": lambda a: mean[None, :, None, None].expand_as(a).clone()}
+    def branch_only(channels):
+        out = acts.clone()
+        out[:, channels[0]:channels[1]] = rec[:, channels[0]:channels[1]]
+        return out
+
+    cases = {"SAE reconstruction": lambda: rec,
+             **{f"SAE, {b} branch only": (lambda s=s: branch_only(s)) for b, s in slices.items()},
+             "zeros (floor)": lambda: torch.zeros_like(acts),
+             "mean vector (floor)": lambda: acts.mean(dim=(0, 2, 3), keepdim=True).expand_as(acts).clone()}
     rows = []
-    for name, replace in cases.items():
-        q = spliced_log_probs(model, layer, x, replace)
+    for name, make in cases.items():
+        replaced = make()
+        q = spliced_log_probs(model, layer, x, lambda _: replaced)
         kl = (clean.exp() * (clean - q)).sum(dim=1).mean()
         rows.append({"layer": layer, "spliced in": name, "top-1 agreement": float((q.argmax(1) == clean.argmax(1)).float().mean()),
                      "KL": float(kl)})

@@ -59,7 +59,7 @@ def case_train(mode: str, device: str, steps: int, d: int = 512, n: int = 8192, 
     import torch
 
     from helpers.sae import TopKSAE
-    from helpers.train import make_optimizer
+    from helpers.train import Adam
 
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -76,7 +76,7 @@ def case_train(mode: str, device: str, steps: int, d: int = 512, n: int = 8192, 
     else:
         tied = "init" if mode.endswith("tied-init") else "full"
         sae = TopKSAE(d, n, k, tied, seed=0).to(dev)
-        opt = make_optimizer(sae.parameters(), 4e-4)
+        opt = Adam(sae.parameters(), 4e-4)
 
         def step():
             train_step(sae, opt, data, dense=mode.startswith("dense"))
@@ -142,14 +142,14 @@ def case_memory_train(tied: str, device: str, batch: int, n: int, d: int = 512, 
     import torch
 
     from helpers.sae import ENCODE_CHUNK, TopKSAE
-    from helpers.train import make_optimizer, memory_estimate
+    from helpers.train import Adam, memory_estimate
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     data = torch.relu(torch.randn(batch, d, device=dev))
 
     def steps(sae, x, times):
-        opt = make_optimizer(sae.parameters(), 4e-4)
+        opt = Adam(sae.parameters(), 4e-4)
         for _ in range(times):
             train_step(sae, opt, x)
 

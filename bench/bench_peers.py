@@ -5,8 +5,8 @@ the same number of vectors for each, and b_dec starting at the geometric median 
 first batch (what both our trainer and sparsify's do at step 0). Reported: vectors/s,
 peak resident memory, and the held-out FVU after training. The data are sparse
 combinations of a planted dictionary (so the FVU means something); the encoder matmul
-alone is the floor. Ours uses our trainer's optimizer (``train.make_optimizer``: fused
-Adam); the peers use ``torch.optim.Adam``'s default.
+alone is the floor. Ours uses our trainer's optimizer (``train.Adam``: torch's fused
+Adam kernel); the peers use ``torch.optim.Adam``'s default.
 
 Two runs. Alone: each case in its own process (so peak memory is its own) trains for
 ``--steps`` steps and gives the held-out FVU, peak memory and its own speed. Side by side:
@@ -69,11 +69,11 @@ def make(case: str, dev, first_batch):
     if case.startswith("ours"):
         from helpers.loss import normalized_mse
         from helpers.sae import TopKSAE
-        from helpers.train import make_optimizer
+        from helpers.train import Adam
 
         sae = TopKSAE(D, N, K, "init" if case.endswith("init") else "full", seed=0).to(dev)
         sae.b_dec.data.copy_(median)
-        return (make_optimizer(sae.parameters(), LR), lambda x: normalized_mse(sae.forward_train(x).x_hat, x),
+        return (Adam(sae.parameters(), LR), lambda x: normalized_mse(sae.forward_train(x).x_hat, x),
                 sae.remove_radial_grad, sae.normalize_decoder, sae)
     if case == "sparsify":
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "0" if torch.device(dev).type == "cuda" else "1")

@@ -62,7 +62,7 @@ def main() -> None:
     from helpers.inception import LayerCapture, load_model
     from helpers.circuits import attribution
     from helpers.sae import TopKSAE, firing_stats
-    from helpers.train import TrainConfig, make_optimizer, _step, _State
+    from helpers.train import Adam, TrainConfig, _step, _State
 
     rows, total = [], 0.0
 
@@ -89,7 +89,7 @@ def main() -> None:
         cfg = profile.train
         for layer, d in widths.items():
             sae = TopKSAE(d, cfg.expansion * d, cfg.k, cfg.tied, seed=0)
-            state = _State(sae, make_optimizer(sae.parameters(), 1e-4), torch.zeros(sae.d_sae, dtype=torch.long))
+            state = _State(sae, Adam(sae.parameters(), 1e-4), torch.zeros(sae.d_sae, dtype=torch.long))
             x = torch.relu(torch.randn(cfg.batch_size, d))
             step_cfg = dataclasses.replace(cfg, vectors=None)
             _step(step_cfg, state, x)  # warm-up

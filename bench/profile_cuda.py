@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from bench_core import train_step  # noqa: E402
 from helpers.sae import TopKSAE  # noqa: E402
-from helpers.train import make_optimizer  # noqa: E402
+from helpers.train import Adam  # noqa: E402
 
 VARIANTS = {  # name: (environment, tf32, dense decoder)
     "sparse (default: dense TF32 weight grad)": ({}, False, False),
@@ -45,7 +45,7 @@ def main() -> None:
     models = {}
     for name in VARIANTS:
         sae = TopKSAE(512, a.n, 32, "full", seed=0).to(dev)
-        models[name] = (sae, make_optimizer(sae.parameters(), 4e-4))
+        models[name] = (sae, Adam(sae.parameters(), 4e-4))
 
     def run(name, x):
         env, tf32, dense = VARIANTS[name]

@@ -6,8 +6,11 @@ grouped by dominant branch, each with a thumbnail (its visualisation where one w
 else its top dataset crop, from one sprite image per layer); a click opens the feature's
 detail: its example crops, branch fractions, firing frequency, labels, place on the layer's
 UMAP, and its strongest neighbours in the adjacent layers (weight view, the 1x1 path), linked.
+Below the features, the atlas looks into the run's first images (chapter 08): each grid cell's
+features, the top classes, and their move when features are switched off (computed in advance).
 
-``Explorer`` is the same in a live notebook, with sorting and filtering. Both read a
+``Explorer`` is the same in a live notebook, with sorting and filtering, and a second tab
+(``ImageExplorer``) for any image, uploaded ones included, with switching computed live. Both read a
 ``LayerView`` per layer, which ``runs`` assembles; this module knows no run directory.
 """
 
@@ -27,6 +30,8 @@ from .branches import BRANCHES, BranchAnalysis
 from .examples import Examples, crop
 from .files import atomic_write
 from .figures import BRANCH_COLOURS
+from .image_features import ImageProbe
+from .inception import class_label
 from .images import ImageList, grid, load_image
 
 THUMB, CROP, CROPS, GAP = 48, 96, 3, 2  # px; GAP keeps JPEG bleed of a neighbouring tile out of view
@@ -46,6 +51,8 @@ class LayerView:
     images: ImageList  # the images the examples index
     featviz: dict[int, Path]  # rendered visualisations that exist
     spliced: list[dict] = dataclasses.field(default_factory=list)  # chapter 03's spliced-in rows of the layer's SAE
+    image_pixels: list = dataclasses.field(default_factory=list)  # the images the atlas looks into (uint8 [224, 224, 3])
+    image_records: list[dict] = dataclasses.field(default_factory=list)  # ``image_records`` of them
 
 
 def _save_jpeg(img: Image.Image, path: Path) -> None:
@@ -104,6 +111,39 @@ def density_svg(frequency: np.ndarray, width: int = 360, height: int = 90) -> st
             f"<text x='{width - 16}' y='{height - 2}' font-size='10'>1</text></svg></div>")
 
 
+ATLAS_IMAGES, ATLAS_SWITCHED = 6, 2  # images the atlas looks into; their strongest features switched off one by one
+
+
+def _sig(v: float) -> float:
+    return float(f"{v:.3g}")
+
+
+def image_records(probe: ImageProbe, images: list[np.ndarray], top: int = 5, switched: int = ATLAS_SWITCHED) -> list[dict]:
+    """What the atlas shows of each image at the probe's layer (chapter 08): each grid cell's strongest features
+    and their activations, the image's top classes, and the classes' move when each of its ``switched``
+    strongest features is switched off, and when every feature specialised to a branch is."""
+    if not images:
+        return []
+    x = probe.input(images)
+    found = probe.features(x, top)
+    by_branch = {b: probe.specialised_to(b) for b in BRANCHES}
+    branch_moves = {b: probe.switch(x, ids) for b, ids in by_branch.items() if ids}
+    records = []
+    for i, f in enumerate(found):
+        switches = [{"what": f"feature {j} off", "rows": probe.switch(x[i:i + 1], [j])[0]} for j, _ in f.strongest[:switched]]
+        switches += [{"what": f"all {len(by_branch[b])} {b}-specialised features off", "rows": moves[i]}
+                     for b, moves in branch_moves.items()]
+        for sw in switches:
+            sw["rows"] = [{**r, "before": _sig(r["before"]), "after": _sig(r["after"]), "change": _sig(r["change"])}
+                          for r in sw["rows"]]
+        probs = np.exp(f.log_probs)
+        records.append({"ids": f.ids.tolist(), "values": np.vectorize(_sig)(f.values).tolist(),
+                        "branch": {int(j): BRANCHES[probe.dominant[j]] for j in np.unique(f.ids[f.ids >= 0])},
+                        "classes": [[class_label(int(c), probe.names), _sig(probs[c])] for c in np.argsort(-probs)[:5]],
+                        "strongest": [[j, _sig(v)] for j, v in f.strongest], "switches": switches})
+    return records
+
+
 def thumbnails(view: LayerView, features) -> tuple[dict, dict]:
     """Per feature: a thumbnail (visualisation if rendered, else top crop) and its top crops."""
     ex, cache = view.examples, {}
@@ -137,6 +177,8 @@ def write_layer_atlas(folder: Path, view: LayerView, note: str = "") -> Path:
     strips = [np.asarray(grid((crops[f][:CROPS] + [None] * CROPS)[:CROPS], CROP, CROPS)) for f in order]
     sheet = grid(strips, CROP, strips_per_row, gap=GAP, width=CROP * CROPS)
     _save_jpeg(sheet, out / "crops.jpg")
+    if view.image_pixels:  # the images the atlas looks into, side by side
+        _save_jpeg(grid(view.image_pixels, 224, len(view.image_pixels), gap=GAP), out / "images.jpg")
     for i, r in enumerate(records):
         r["thumb"] = [(i % per_row) * (THUMB + GAP), (i // per_row) * (THUMB + GAP)]
         r["crops"] = [(i % strips_per_row) * (CROP * CROPS + GAP), (i // strips_per_row) * (CROP + GAP)]
@@ -144,6 +186,7 @@ def write_layer_atlas(folder: Path, view: LayerView, note: str = "") -> Path:
             .replace("__NOTE__", html.escape(note) + spliced_summary(view.spliced))
             .replace("__DENSITY__", density_svg(view.analysis.frequency))
             .replace("__DATA__", json.dumps(records).replace("</", "<\\/"))
+            .replace("__IMAGES__", json.dumps(view.image_records).replace("</", "<\\/")).replace("__GAP__", str(GAP))
             .replace("__COLOURS__", json.dumps(BRANCH_COLOURS)).replace("__BRANCHES__", json.dumps(list(BRANCHES)))
             .replace("__THUMB__", str(THUMB)).replace("__CROP__", str(CROP)).replace("__NCROPS__", str(CROPS))
             .replace("__DETAIL__", str(CROP * CROPS + 40)))
@@ -181,7 +224,8 @@ class Explorer:
     """
 
     def __init__(self, layers, view: Callable[[str], LayerView],
-                 render: Callable[[str, list[int]], dict[int, Path]] | None = None):
+                 render: Callable[[str, list[int]], dict[int, Path]] | None = None,
+                 probe: Callable[[str], ImageProbe] | None = None):
         import ipywidgets as W
 
         self.layers, self.view, self.render = list(layers), view, render
@@ -195,6 +239,12 @@ class Explorer:
             w.observe(lambda _: self.refresh(), names="value")
         self.pick.observe(lambda ch: self.detail(ch["new"]), names="value")
         self.widget = W.HBox([W.VBox([self.layer, self.sort, self.only, self.label, self.pick]), self.out])
+        self.image = None
+        if probe is not None:  # a second tab: one image, its features, switching them off
+            self.image = ImageExplorer(self.layer, view, probe)
+            self.widget = W.Tab(children=[self.widget, self.image.widget])
+            for i, title in enumerate(["features", "an image"]):
+                self.widget.set_title(i, title)
         self.refresh()
 
     def refresh(self) -> None:
@@ -245,7 +295,116 @@ class Explorer:
                 markdown(line)
 
 
-def show_explorer(layers, view, render=None, book_build: bool = False):
+class ImageExplorer:
+    """One image at a time (chapter 08): one of the run's images or an uploaded one; its maps per branch, the
+    features at a chosen grid position with their thumbnails, and the top classes' move when chosen features
+    (or every feature specialised to a branch) are switched off or scaled. ``layer`` is the explorer's layer
+    dropdown; ``probe(layer)`` gives the layer's ``ImageProbe``."""
+
+    def __init__(self, layer, view: Callable[[str], LayerView], probe: Callable[[str], ImageProbe]):
+        import ipywidgets as W
+
+        self.layer, self.view, self.probe = layer, view, probe
+        paths = view(layer.value).images.paths[:500]
+        self.choice = W.Dropdown(options=[(Path(p).name, i) for i, p in enumerate(paths)], description="image")
+        self.upload = W.FileUpload(accept="image/*", multiple=False, description="or upload")
+        self.position = W.Dropdown(description="position")
+        self.features = W.SelectMultiple(rows=6, description="switch")
+        self.branch = W.Dropdown(options=["only those"] + [f"all {b}-specialised" for b in BRANCHES], description="or")
+        self.scale = W.FloatSlider(value=0.0, min=0.0, max=3.0, step=0.25, description="scale by")
+        self.go = W.Button(description="switch and compare")
+        self.maps, self.at, self.moves = W.Output(), W.Output(), W.Output()
+        self.pixels = self.found = None
+        self.choice.observe(lambda ch: self.select(ch["new"]), names="value")
+        self.upload.observe(lambda ch: self.use_upload(ch["new"]), names="value")
+        layer.observe(lambda _: self.show_image(), names="value")
+        self.position.observe(lambda ch: self.show_position(ch["new"]), names="value")
+        self.go.on_click(lambda _: self.show_moves())
+        controls = W.VBox([self.choice, self.upload, self.position, self.features, self.branch, self.scale, self.go])
+        self.widget = W.VBox([W.HBox([controls, self.at]), self.maps, self.moves])
+        if paths:
+            self.select(0)
+
+    def select(self, index: int) -> None:
+        self.use(load_image(self.view(self.layer.value).images.paths[index]))
+
+    def use_upload(self, value) -> None:
+        import io
+
+        items = list(value.values()) if isinstance(value, dict) else list(value)  # ipywidgets 7 / 8
+        if items:
+            self.use(load_image(io.BytesIO(bytes(items[0]["content"]))))
+
+    def use(self, pixels: np.ndarray) -> None:
+        self.pixels = pixels
+        self.show_image()
+
+    def show_image(self) -> None:
+        """Encode the image at the current layer; fill the position and feature lists; draw the maps."""
+        from IPython.display import HTML, display
+
+        from .figures import figure_html, image_features_figure
+
+        probe = self.probe(self.layer.value)
+        self.found = probe.features(probe.input([self.pixels]))[0]
+        f = self.found
+        cells = sorted(((float(f.values[y, x, 0]), y, x) for y in range(f.ids.shape[0]) for x in range(f.ids.shape[1])
+                        if f.ids[y, x, 0] >= 0), reverse=True)
+        self.position.options = [(f"row {y}, col {x}: feature {f.ids[y, x, 0]} ({v:.3g})", (y, x)) for v, y, x in cells]
+        self.features.options = [(f"{i} ({BRANCHES[probe.dominant[i]]}-dominant, sum {s:.3g})", i) for i, s in f.strongest]
+        self.features.value = tuple(self.features.options[0][1:]) if self.features.options else ()
+        self.maps.clear_output()
+        with self.maps:
+            display(HTML(figure_html(image_features_figure(self.pixels, f, f"{self.layer.value}: where each branch's "
+                                                                           "features fire (hover a cell)"))))
+
+    def at_position(self, y: int, x: int) -> tuple[list[str], np.ndarray | None]:
+        """Lines naming the features at grid position (y, x), strongest first, and a strip of their thumbnails."""
+        probe, view = self.probe(self.layer.value), self.view(self.layer.value)
+        here = self.found.features_at(y, x)
+        thumbs, _ = thumbnails(view, [f for f, _ in here])
+        lines = [f"**row {y}, col {x}**: " + (", ".join(f"feature {f} ({BRANCHES[probe.dominant[f]]}-dominant) {v:.3g}"
+                                                          for f, v in here) or "no feature fires")]
+        tiles = [thumbs.get(f) for f, _ in here]
+        return lines, (np.asarray(grid(tiles, 72, len(tiles), gap=GAP)) if any(t is not None for t in tiles) else None)
+
+    def show_position(self, where) -> None:
+        from IPython.display import display
+
+        from .figures import markdown
+
+        if where is None:
+            return
+        lines, strip = self.at_position(*where)
+        self.at.clear_output()
+        with self.at:
+            markdown(lines[0])
+            if strip is not None:  # each feature's thumbnail, in the order named
+                display(Image.fromarray(strip))
+
+    def chosen(self) -> list[int]:
+        """The features to switch: those selected, or every feature specialised to the chosen branch."""
+        if self.branch.value.startswith("all "):
+            return self.probe(self.layer.value).specialised_to(self.branch.value.split()[1].split("-")[0])
+        return [int(f) for f in self.features.value]
+
+    def compare(self) -> list[dict]:
+        """``class_moves`` of the image when the chosen features are scaled by the slider's value."""
+        probe = self.probe(self.layer.value)
+        return probe.switch(probe.input([self.pixels]), self.chosen(), self.scale.value)[0]
+
+    def show_moves(self) -> None:
+        from .figures import markdown, table
+
+        rows, features = self.compare(), self.chosen()
+        self.moves.clear_output()
+        with self.moves:
+            markdown(f"{len(features)} features of {self.layer.value} scaled by {self.scale.value:g}:")
+            markdown(table([{"class": r["name"], "probability before": float(f"{r['before']:.3g}"),
+                             "after": float(f"{r['after']:.3g}"), "change": float(f"{r['change']:.3g}")} for r in rows]))
+
+
+def show_explorer(layers, view, render=None, book_build: bool = False, probe=None):
     """The live explorer in a notebook with a kernel; in the static book, a pointer to the atlas."""
     from .figures import markdown
 
@@ -255,7 +414,7 @@ def show_explorer(layers, view, render=None, book_build: bool = False):
         return None
     from IPython.display import display
 
-    explorer = Explorer(layers, view, render)
+    explorer = Explorer(layers, view, render, probe)
     display(explorer.widget)
     return explorer
 

@@ -335,6 +335,29 @@ def spliced_figure(rows: list[dict]) -> go.Figure:
     return fig
 
 
+def image_features_figure(image: np.ndarray, found, title: str = "") -> go.Figure:
+    """Chapter 08: an image (uint8 [224, 224, 3]) and, per branch, the map of summed activation of the features
+    dominant in that branch (``found``: an ``image_features.ImageFeatures``); hovering a cell of any map lists the
+    features firing there, strongest first."""
+    h, w = found.branch_maps.shape[1:]
+    hover = [["<br>".join(f"feature {f}: {v:.3g}" for f, v in found.features_at(y, x)) or "no feature fires"
+              for x in range(w)] for y in range(h)]
+    fig = make_subplots(1, 1 + len(BRANCHES), subplot_titles=["the image", *[f"{b}-dominant features" for b in BRANCHES]],
+                        horizontal_spacing=0.02)
+    fig.add_trace(go.Image(z=image, hoverinfo="skip"), 1, 1)
+    top = max(float(found.branch_maps.max()), 1e-12)
+    for i, b in enumerate(BRANCHES):
+        fig.add_trace(go.Heatmap(z=found.branch_maps[i], zmin=0, zmax=top, showscale=False, text=hover,
+                                 colorscale=[[0, "#ffffff"], [1, BRANCH_COLOURS[b]]], xgap=1, ygap=1,
+                                 hovertemplate=f"cell (%{{y}}, %{{x}}), {b}-dominant sum %{{z:.3g}}<br>%{{text}}<extra></extra>"),
+                      1, 2 + i)
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{2 + i}", row=1, col=2 + i)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(title=title, height=300, width=1100, margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
+
 def matched_cosines_figure(pairs: dict[str, np.ndarray]) -> go.Figure:
     """Chapter 09: each pair's matched cosines (one-to-one matching), sorted, with the 0.7 and 0.9 lines."""
     fig = go.Figure()

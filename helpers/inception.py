@@ -148,6 +148,34 @@ def is_random(weights_id: str) -> bool:
     return weights_id.startswith("random")
 
 
+# Lucid's class names for this network (its modelzoo's labels_path, gs://modelzoo/labels/...), one per line in
+# the order of the network's outputs; inception5h has 1008 outputs, the file names the meaningful ones.
+CLASS_NAMES_URL = "https://storage.googleapis.com/modelzoo/labels/ImageNet_alternate.txt"
+
+
+def class_names(weights_id: str) -> list[str] | None:
+    """The names of the network's outputs, downloaded once beside the weights; None for random weights (whose
+    outputs mean no class) or where the file cannot be had (offline: outputs are then named by index, with a
+    warning naming the file to fetch)."""
+    if is_random(weights_id):
+        return None
+    path = lucent_cache_path().with_name(Path(CLASS_NAMES_URL).name)
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(CLASS_NAMES_URL, str(path), progress=False)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+            log.warning("the network's class names could not be downloaded from %s (%s); outputs are shown by "
+                        "index. Put that file at %s to see names", CLASS_NAMES_URL, e, path)
+            return None
+    return path.read_text().splitlines()
+
+
+def class_label(index: int, names: list[str] | None) -> str:
+    """An output's name (``names`` from ``class_names``), or ``output <index>`` where none is known."""
+    return names[index] if names is not None and index < len(names) else f"output {index}"
+
+
 INPUT_SCALES = {"lucent": (255.0, -117.0), "unit": (1.0, 0.0)}  # name -> (scale, shift) of [0, 1] pixels
 
 

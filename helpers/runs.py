@@ -19,10 +19,12 @@ rest of the process. What it can get (``ARTIFACTS``)::
     labels          every feature's automatic labels (chapter 07)
     neighbours      each feature's strongest neighbours in the adjacent layers (weights, chapter 05)
     umap            the UMAP fit of the layer's decoder vectors (chapter 06)
+    class_names     the names of the network's outputs (None: random weights, or not downloadable)
+    probe           what looking into images at the layer needs (an image_features.ImageProbe, chapter 08)
     view            what the atlas and the explorer show of the layer (a dashboard.LayerView)
 
-Five functions take more than a layer: ``model_inputs`` and ``layer_activations`` (the
-network's input and full activation maps of the first images), ``featviz`` (visualisations of chosen features, cached as PNG files),
+Six functions take more than a layer: ``first_images``, ``model_inputs`` and ``layer_activations``
+(the first images, the network's input for them and their full activation maps), ``featviz`` (visualisations of chosen features, cached as PNG files),
 ``sae_with_seed`` (the layer's SAE trained from another seed, chapter 09) and
 ``untrained_control`` (the same profile on the untrained network, chapter 04).
 """
@@ -46,7 +48,8 @@ from .featviz import cache_path, render_features, sae_id
 from .files import CFG_FILE, CHECKPOINT, EXAMPLES, FEATURE_STATS, MANIFEST, atomic_write, write_json, write_npy
 from .harvest import harvest
 from .images import ImageList, generate_images, load_image
-from .inception import LayerCapture, architecture_slices, load_model, model_input_from_uint8
+from .image_features import ImageProbe
+from .inception import LayerCapture, architecture_slices, class_names, load_model, model_input_from_uint8
 from .profiles import SAMPLE, Context
 from .sae import TopKSAE, firing_stats
 from .store import ActivationStore, read_manifest
@@ -132,20 +135,30 @@ def _model(ctx: Context):
     return load_model(ctx.profile.weights)[0]
 
 
+@_artifact("class_names", per_layer=False)
+def _class_names(ctx: Context) -> list[str] | None:
+    return class_names(get(ctx, "model").weights_id)
+
+
 @_artifact("featviz_model", per_layer=False)
 def _featviz_model(ctx: Context):
     """Lucent's redirected ReLU helps feature visualisation start from noise (it changes gradients only)."""
     return load_model(ctx.profile.weights, redirected_relu=True)[0]
 
 
-def model_inputs(ctx: Context, n_images: int) -> torch.Tensor:
-    """The network's input [n, 3, 224, 224] for the first ``n_images`` harvested images, under the
-    harvest's input convention."""
+def first_images(ctx: Context, n_images: int) -> list[np.ndarray]:
+    """The first ``n_images`` harvested images (uint8 [224, 224, 3]), those the harvest skipped left out."""
     manifest = read_manifest(get(ctx, "harvest"))
     skipped = {s[0] for s in manifest.skipped}
     paths = [p for i, p in enumerate(manifest.images["paths"]) if i not in skipped][:n_images]
-    pixels = torch.stack([torch.from_numpy(load_image(Path(p))).permute(2, 0, 1) for p in paths])
-    return model_input_from_uint8(pixels, manifest.input_scale)
+    return [load_image(Path(p)) for p in paths]
+
+
+def model_inputs(ctx: Context, n_images: int) -> torch.Tensor:
+    """The network's input [n, 3, 224, 224] for the first ``n_images`` harvested images, under the
+    harvest's input convention."""
+    pixels = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image in first_images(ctx, n_images)])
+    return model_input_from_uint8(pixels, read_manifest(get(ctx, "harvest")).input_scale)
 
 
 def layer_activations(ctx: Context, layers, n_images: int) -> dict[str, torch.Tensor]:
@@ -289,15 +302,24 @@ def _umap(ctx: Context, layer: str) -> embed.Embedding:
     return embed.umap_embedding(get(ctx, "sae", layer).decoder_directions)
 
 
+@_artifact("probe")
+def _probe(ctx: Context, layer: str) -> ImageProbe:
+    analysis = get(ctx, "branches", layer)
+    return ImageProbe(get(ctx, "model"), layer, get(ctx, "sae", layer), analysis.dominant(),
+                      analysis.specialised_branch(), get(ctx, "class_names"), read_manifest(get(ctx, "harvest")).input_scale)
+
+
 @_artifact("view")
 def _view(ctx: Context, layer: str) -> dashboard.LayerView:
     analysis = get(ctx, "branches", layer)
     sid = sae_id(get(ctx, "sae_dir", layer))
     rendered = {int(f): cache_path(ctx.run_dir / "featviz", sid, layer, int(f), ctx.profile.featviz)
                 for f in np.flatnonzero(analysis.alive)}
+    pixels = first_images(ctx, dashboard.ATLAS_IMAGES)
     return dashboard.LayerView(layer, analysis, get(ctx, "examples", layer), get(ctx, "labels", layer),
                                get(ctx, "umap", layer).coords, get(ctx, "neighbours", layer), get(ctx, "images"),
-                               {f: p for f, p in rendered.items() if p.exists()}, get(ctx, "spliced", layer))
+                               {f: p for f, p in rendered.items() if p.exists()}, get(ctx, "spliced", layer),
+                               pixels, dashboard.image_records(get(ctx, "probe", layer), pixels))
 
 
 @_artifact("atlas", per_layer=False)
@@ -311,4 +333,5 @@ def _atlas(ctx: Context) -> Path:
 def explorer(ctx: Context, layers=None):
     """The live explorer over the profile's layers (a pointer to the atlas in the static book)."""
     return dashboard.show_explorer(list(layers or ctx.profile.layers), lambda layer: get(ctx, "view", layer),
-                                   lambda layer, features: featviz(ctx, layer, features), ctx.book_build)
+                                   lambda layer, features: featviz(ctx, layer, features), ctx.book_build,
+                                   lambda layer: get(ctx, "probe", layer))

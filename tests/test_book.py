@@ -12,7 +12,8 @@ from helpers.profiles import ROOT
 
 MATH = {"nbs/03_training": 3, "nbs/04_branch_specialization": 3}  # at least this many typeset formulas
 FIGURES = {"nbs/01_inceptionv1_branches": 1, "nbs/02_harvesting": 2, "nbs/03_training": 2,
-           "nbs/04_branch_specialization": 6, "nbs/05_circuits": 2, "nbs/06_umap": 4, "nbs/09_comparing_saes": 2}
+           "nbs/04_branch_specialization": 6, "nbs/05_circuits": 2, "nbs/06_umap": 4, "nbs/08_feature_explorer": 1,
+           "nbs/09_comparing_saes": 2}
 
 
 def toc_pages() -> list[str]:
@@ -161,3 +162,53 @@ def test_the_atlas_searches_filters_shares_a_url_and_shows_histograms(smoke_book
     assert len(counts) == 10 and sum(counts) == int((ex.sample_image[f] >= 0).sum())
     assert js_errors(browser) == []
     screenshot(browser, "atlas-filtered.png")
+
+
+def test_the_atlas_looks_into_an_image_and_switches_features_off(smoke_book, browser):
+    """The atlas's image view against the run's own probe: every cell is coloured by the dominant branch of the
+    features the SAE finds there, hovering a cell lists exactly them (a click opens one), and each precomputed
+    switch shows its class moves."""
+    import torch
+
+    from helpers import profiles, runs
+    from helpers.dashboard import ATLAS_IMAGES
+    from helpers.figures import BRANCH_COLOURS
+    from helpers.inception import BRANCHES
+
+    ctx = profiles.context("smoke", run_dir=str(smoke_book["run"]))
+    probe = runs.get(ctx, "probe", "mixed4c")
+    images = runs.first_images(ctx, ATLAS_IMAGES)
+    found = probe.features(probe.input(images))[1]  # the second image, recomputed here
+    records = runs.get(ctx, "view", "mixed4c").image_records
+    browser.get((smoke_book["html"] / "atlas" / "mixed4c" / "index.html").as_uri())
+    assert len(browser.find_elements("css selector", "#image-strip .pick")) == len(images) == len(records)
+    browser.find_element("id", "img1").click()
+    colour = lambda b: "rgba({}, {}, {}, 1)".format(*(int(BRANCH_COLOURS[b][i:i + 2], 16) for i in (1, 3, 5)))
+    fired = [(y, x) for y in range(14) for x in range(14) if found.ids[y, x, 0] >= 0]
+    assert fired
+    for y, x in fired[:: max(1, len(fired) // 6)]:
+        cell = browser.find_element("id", f"cell-{y}-{x}")
+        assert cell.value_of_css_property("background-color") == colour(BRANCHES[probe.dominant[found.ids[y, x, 0]]])
+        browser.execute_script("arguments[0].dispatchEvent(new MouseEvent('mouseover'))", cell)
+        listed = browser.execute_script("return [...document.querySelectorAll('#at a')].map(a => +a.dataset.id)")
+        assert listed == [f for f, _ in found.features_at(y, x)]
+    y, x = fired[-1]
+    browser.find_element("id", f"cell-{y}-{x}").click()  # keeps the cell's list while the pointer moves to it
+    browser.find_element("css selector", "#at a").click()  # a listed feature opens its detail
+    assert browser.execute_script("return document.getElementById('detail-title').textContent") == \
+        f"mixed4c feature {found.features_at(y, x)[0][0]}"
+    switches = records[1]["switches"]
+    assert switches and switches[0]["what"] == f"feature {found.strongest[0][0]} off"
+    from selenium.webdriver.support.ui import Select
+
+    for j, sw in enumerate(switches):
+        Select(browser.find_element("id", "switch")).select_by_value(str(j))
+        shown = browser.execute_script("return [...document.querySelectorAll('#moves tr')].slice(1).map(r => r.cells[0].textContent)")
+        assert shown == [r["name"] for r in sw["rows"]]
+    x1 = probe.input(images[1:2])
+    with torch.no_grad():
+        rows = probe.switch(x1, [found.strongest[0][0]])[0]
+    assert [r["name"] for r in rows] == [r["name"] for r in switches[0]["rows"]]
+    assert np.allclose([r["change"] for r in rows], [r["change"] for r in switches[0]["rows"]], rtol=2e-2, atol=1e-12)
+    assert js_errors(browser) == []
+    screenshot(browser, "atlas-image.png")

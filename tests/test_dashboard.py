@@ -42,3 +42,42 @@ def test_activation_histogram_and_feature_density_against_counts_by_hand():
     assert "4 live, 2 dead" in svg and svg.count("<rect") == 20
     heights = [float(h) for h in __import__("re").findall(r"height='([0-9.]+)' fill", svg)]
     assert sum(h > 0 for h in heights) == 3  # three occupied bins: 1e-3, 1e-2 (twice) and 0.5
+
+
+def test_the_explorer_image_tab_lists_each_positions_features_and_switches_them(smoke_book):
+    """The image tab, driven as a user would: the features it lists at a position are the SAE's equation on the
+    network's own activations there; an uploaded file is the same image as picking it; switching at scale 1
+    moves nothing, and the branch option switches exactly the features specialised to that branch."""
+    import torch
+
+    from helpers.inception import LayerCapture
+    from helpers.loss import topk_sae
+
+    ctx = profiles.context("smoke", run_dir=str(smoke_book["run"]))
+    ex = Explorer(["mixed4c"], lambda layer: runs.get(ctx, "view", layer), None,
+                  lambda layer: runs.get(ctx, "probe", layer))
+    tab, probe = ex.image, runs.get(ctx, "probe", "mixed4c")
+    assert tab.found is not None and tab.position.options and tab.features.options
+    sae = probe.sae
+    with torch.no_grad():
+        acts = LayerCapture(probe.model, ["mixed4c"])(probe.input([tab.pixels]))["mixed4c"][0]
+    for _, (y, x) in tab.position.options[:5]:
+        with torch.no_grad():
+            _, z = topk_sae(acts[:, y, x][None], sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.k)
+        values, ids = z[0].topk(5)
+        want = [int(f) for f, v in zip(ids, values) if v > 0]
+        lines, strip = tab.at_position(y, x)
+        assert [int(t.split()[1]) for t in lines[0].split(": ", 1)[1].split(", ")] == want
+        assert strip is None or strip.shape[1] >= 72 * len(want)
+    first = tab.found
+    path = runs.get(ctx, "view", "mixed4c").images.paths[0]
+    tab.use_upload(({"name": path.name, "content": memoryview(path.read_bytes())},))  # ipywidgets 8's value
+    assert (tab.found.ids == first.ids).all() and np.allclose(tab.found.branch_maps, first.branch_maps)
+    tab.scale.value = 1.0
+    assert all(abs(r["change"]) < 1e-9 for r in tab.compare())
+    tab.scale.value = 0.0
+    rows = tab.compare()
+    assert len(rows) >= 5 and all(np.isclose(r["after"] - r["before"], r["change"]) for r in rows)
+    tab.branch.value = "all 5x5-specialised"
+    assert tab.chosen() == [int(f) for f in np.flatnonzero(runs.get(ctx, "branches", "mixed4c").specialised_branch() == 2)]
+    tab.show_moves()  # the table renders

@@ -127,3 +127,39 @@ def test_weights_that_are_not_a_state_dict_are_named(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(WeightsUnavailable, match="holds a list, not a state dict"):
         load_model(str(tmp_path / "list.pth"))
+
+
+def test_class_names_are_fetched_once_and_fall_back_to_indices(tmp_path, monkeypatch, caplog):
+    """The names of the outputs come from Lucid's label file (served here from this machine), are kept beside
+    the weights and not fetched again; offline, and for random weights, outputs are named by index."""
+    import functools
+    import http.server
+    import threading
+
+    from helpers import inception
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "ImageNet_alternate.txt").write_text("dummy\nkit fox\nEnglish setter\n")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(inception, "CLASS_NAMES_URL",
+                            f"http://127.0.0.1:{server.server_address[1]}/ImageNet_alternate.txt")
+        names = inception.class_names("lucent:inception5h.pth:sha256=0123")
+    finally:
+        server.shutdown()
+    assert names == ["dummy", "kit fox", "English setter"]
+    assert (tmp_path / "hub" / "checkpoints" / "ImageNet_alternate.txt").exists()  # beside the weights
+    assert inception.class_names("lucent:inception5h.pth:sha256=0123") == names  # the server is gone: the copy
+    assert inception.class_label(1, names) == "kit fox" and inception.class_label(1007, names) == "output 1007"
+    assert inception.class_names("random(seed=0)") is None  # a random network's outputs mean no class
+    assert inception.class_label(1, None) == "output 1"
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "other-hub"))
+    monkeypatch.setattr(inception, "CLASS_NAMES_URL", "http://nowhere.invalid/ImageNet_alternate.txt")
+    with caplog.at_level("WARNING"):
+        assert inception.class_names("lucent:inception5h.pth:sha256=0123") is None
+    assert "nowhere.invalid" in caplog.text and str(tmp_path / "other-hub" / "checkpoints") in caplog.text

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -70,14 +71,18 @@ def sparse_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Ten
 
 # --- the SAE's sparse backward pass -----------------------------------------------------
 class KeptPreacts(torch.autograd.Function):
-    """``pre[b, j] = x_c[b] . W[idx[b, j]] + b_enc[idx[b, j]]`` for the kept latents.
+    """``pre[b, j] = (x[b] - b_dec) . W[idx[b, j]] + b_enc[idx[b, j]]`` for the kept latents.
 
     The values come from the dense matmul already done for the TopK; the backward pass is
-    sparse: O(batch * k * d_in) instead of O(batch * d_sae * d_in).
+    sparse: O(batch * k * d_in) instead of O(batch * d_sae * d_in). With ``g`` the gradient of
+    the kept values and ``s[r]`` the sum of ``g`` over the kept entries of latent r (b_enc's
+    gradient), b_dec's gradient is ``-s @ W``: no [batch, d_in] gradient of x is made unless x
+    itself needs one.
     """
 
     @staticmethod
-    def forward(ctx, x_c, weight, b_enc, idx, values):
+    def forward(ctx, x, b_dec, weight, b_enc, idx, values):
+        x_c = (x - b_dec).detach()
         ctx.save_for_backward(x_c, weight, idx)
         ctx.d_sae = b_enc.shape[0]
         return values
@@ -86,15 +91,17 @@ class KeptPreacts(torch.autograd.Function):
     def backward(ctx, grad):
         x_c, weight, idx = ctx.saved_tensors
         grad = grad.to(weight.dtype)
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_b_dec = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = sparse_decode(idx, grad, weight)  # the same gather-sum as the decoder
-        if ctx.needs_input_grad[1]:
-            grad_w = scatter_rows(idx, grad, x_c.to(weight.dtype), weight)
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(ctx.d_sae, dtype=grad.dtype, device=grad.device)
-            grad_b.index_add_(0, idx.flatten(), grad.flatten())
-        return grad_x, grad_w, grad_b, None, None
+            grad_w = scatter_rows(idx, grad, x_c.to(weight.dtype), weight)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            per_latent = torch.zeros(ctx.d_sae, dtype=grad.dtype, device=grad.device)
+            per_latent.index_add_(0, idx.flatten(), grad.flatten())
+            grad_b = per_latent if ctx.needs_input_grad[3] else None
+            grad_b_dec = -(per_latent @ weight) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_b_dec, grad_w, grad_b, None, None
 
 
 def scatter_rows(idx, coef, rows_in, like):
@@ -107,15 +114,11 @@ def scatter_rows(idx, coef, rows_in, like):
     (``_dense_scatter_rows``; ``SAE_SCATTER=bag``: ``embedding_bag``'s backward instead).
     """
     if like.device.type == "cpu":
-        n_rows, (batch, k) = like.shape[0], idx.shape
-        flat = idx.flatten()
-        order = torch.argsort(flat, stable=True)
-        crow = torch.zeros(n_rows + 1, dtype=torch.long)
-        torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
+        order, crow, col = _csr_layout(idx, like.shape[0])
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore")
-            coefficients = torch.sparse_csr_tensor(crow, order // k, coef.flatten()[order].to(like.dtype),
-                                                   (n_rows, batch))
+            coefficients = torch.sparse_csr_tensor(crow, col, coef.flatten()[order].to(like.dtype),
+                                                   (like.shape[0], idx.shape[0]))
             return coefficients @ rows_in.to(like.dtype)
     if like.is_cuda and os.environ.get("SAE_SCATTER", "dense") == "dense":
         return _dense_scatter_rows(idx, coef, rows_in, like)
@@ -123,6 +126,25 @@ def scatter_rows(idx, coef, rows_in, like):
     with torch.enable_grad():
         out = F.embedding_bag(idx, w, per_sample_weights=coef, mode="sum")
     return torch.autograd.grad(out, w, rows_in)[0]
+
+
+_LAYOUT: list = [None]  # (weak reference to the last idx, its version, n_rows, its layout)
+
+
+def _csr_layout(idx: torch.Tensor, n_rows: int):
+    """``idx`` [batch, k] as the pattern of a [n_rows, batch] CSR matrix: (the order that sorts its entries by
+    row, row pointers, columns). Kept for the last ``idx``: a training step's two weight gradients (encoder and
+    decoder) scatter over the same kept latents and share it."""
+    last = _LAYOUT[0]
+    if last is not None and last[0]() is idx and last[1] == idx._version and last[2] == n_rows:
+        return last[3]
+    flat = idx.flatten()
+    order = torch.argsort(flat, stable=True)
+    crow = torch.zeros(n_rows + 1, dtype=torch.long)
+    torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
+    layout = (order, crow, order // idx.shape[1])
+    _LAYOUT[0] = (weakref.ref(idx), idx._version, n_rows, layout)
+    return layout
 
 
 def _dense_scatter_rows(idx, coef, rows_in, like):

@@ -87,16 +87,18 @@ class TopKSAE(nn.Module):
 
     def encode_topk(self, x: torch.Tensor) -> SparseCode:
         """The k kept latents per vector: values [batch, k] (after ReLU) and their indices."""
-        return self._topk(x - self.b_dec, self.k)[0]
+        return self._topk(x, self.k)[0]
 
-    def _topk(self, x_c, k, dead: torch.Tensor | None = None, aux_k: int = 0):
-        kept, idx, aux_kept, aux_idx = self._select(x_c, k, dead, aux_k)
-        code = SparseCode(F.relu(KeptPreacts.apply(x_c, self.encoder_weight, self.b_enc, idx, kept.float())), idx)
-        aux = None
-        if aux_k:
-            aux = SparseCode(F.relu(KeptPreacts.apply(x_c, self.encoder_weight, self.b_enc, aux_idx,
-                                                       aux_kept.float())), aux_idx)
+    def _topk(self, x, k, dead: torch.Tensor | None = None, aux_k: int = 0):
+        with torch.no_grad():
+            kept, idx, aux_kept, aux_idx = self._select(x - self.b_dec, k, dead, aux_k)
+        code = SparseCode(F.relu(self._kept(x, idx, kept)), idx)
+        aux = SparseCode(F.relu(self._kept(x, aux_idx, aux_kept)), aux_idx) if aux_k else None
         return code, aux
+
+    def _kept(self, x, idx, values):
+        """The kept pre-activations, differentiable in x, b_dec, the encoder and b_enc (``KeptPreacts``)."""
+        return KeptPreacts.apply(x, self.b_dec, self.encoder_weight, self.b_enc, idx, values.float())
 
     @torch.no_grad()
     def _select(self, x_c, k, dead, aux_k):
@@ -151,7 +153,7 @@ class TopKSAE(nn.Module):
     def forward_train(self, x: torch.Tensor, dead: torch.Tensor | None = None, aux_k: int = 0) -> TrainOutput:
         """Reconstruction plus, when ``dead`` [d_sae] marks dead latents, the AuxK code."""
         aux_k = min(aux_k, int(dead.sum())) if (aux_k and dead is not None) else 0
-        code, aux = self._topk(x - self.b_dec, self.k, dead, aux_k)
+        code, aux = self._topk(x, self.k, dead, aux_k)
         aux_recon = self.decode_topk(aux, bias=False) if aux is not None else None
         return TrainOutput(self.decode_topk(code), code, aux_recon)
 
@@ -161,7 +163,7 @@ class TopKSAE(nn.Module):
         """Project out the gradient component parallel to each decoder row."""
         w = self.decoder_weight
         if w is not None and w.grad is not None:
-            w.grad -= (w.grad * w).sum(dim=1, keepdim=True) * w
+            w.grad.addcmul_(torch.linalg.vecdot(w.grad, w)[:, None], w, value=-1)  # g -= (g . w) w, row by row
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

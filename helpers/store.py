@@ -395,30 +395,51 @@ class ShuffledBatches:
             at += stop - s
         return rows
 
-    def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
-        """float32 tensors [batch_size, d], starting at stream row ``start``."""
+    def _loaded(self, start: int) -> Iterator[np.ndarray]:
+        """Each chunk's shuffled rows in stream order, from stream row ``start`` (skipped chunks are not read)."""
         epoch, skip = divmod(start, self.rows)
-        carry = np.zeros((0, self.d), dtype=self.arrays[0].dtype)  # the last chunk's rows short of a batch
         while True:
             for c, chunk in enumerate(self._chunks(epoch)):
                 size = sum(stop - s for _, s, stop in chunk)
                 if skip >= size:
                     skip -= size
                     continue
-                rows = self._load(chunk, epoch, c)[skip:]
+                yield self._load(chunk, epoch, c)[skip:]
                 skip = 0
-                if len(carry):
-                    need = self.batch_size - len(carry)
-                    if len(rows) < need:
-                        carry = np.concatenate([carry, rows])
-                        continue
-                    yield torch.from_numpy(np.concatenate([carry, rows[:need]])).float()
-                    rows = rows[need:]
-                full = len(rows) - len(rows) % self.batch_size
-                for b in range(0, full, self.batch_size):
-                    yield torch.from_numpy(rows[b:b + self.batch_size]).float()
-                carry = rows[full:].copy()
             epoch += 1
+
+    def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
+        """float32 tensors [batch_size, d], starting at stream row ``start``. The next chunk is read and
+        shuffled on a background thread while this one's batches train (two chunks in memory at most)."""
+        carry = np.zeros((0, self.d), dtype=self.arrays[0].dtype)  # the last chunk's rows short of a batch
+        for rows in _one_ahead(self._loaded(start)):
+            if len(carry):
+                need = self.batch_size - len(carry)
+                if len(rows) < need:
+                    carry = np.concatenate([carry, rows])
+                    continue
+                yield torch.from_numpy(np.concatenate([carry, rows[:need]])).float()
+                rows = rows[need:]
+            full = len(rows) - len(rows) % self.batch_size
+            for b in range(0, full, self.batch_size):
+                yield torch.from_numpy(rows[b:b + self.batch_size]).float()
+            carry = rows[full:].copy()
+
+
+def _one_ahead(items: Iterator):
+    """The items of an endless ``items`` in order, each made on a background thread while the one before is
+    used (numpy's copies release the GIL); an error in the making is raised here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    maker = ThreadPoolExecutor(1, thread_name_prefix="chunks")
+    try:
+        ahead = maker.submit(next, items)
+        while True:
+            item = ahead.result()
+            ahead = maker.submit(next, items)
+            yield item
+    finally:
+        maker.shutdown(wait=False, cancel_futures=True)
 
 
 class DeviceBatches:

@@ -20,11 +20,12 @@ def test_the_chapters_define_the_papers_computations():
     where = {c.module: c.path.stem for c in export.chapters()}
     assert where == {"sampling": "02_harvesting", "loss": "03_training", "branches": "04_branch_specialization",
                      "circuits": "05_circuits", "embed": "06_umap", "selection": "07_feature_visualization",
-                     "compare": "09_comparing_saes"}
+                     "image_features": "08_feature_explorer", "compare": "09_comparing_saes"}
     defined = {"sampling": ["select_positions"], "loss": ["topk_sae", "normalized_mse", "training_loss"],
                "branches": ["fraction_in_branch", "baseline", "analyse_branches"],
                "circuits": ["ablation_edges", "attribution", "circuit_graph"], "embed": ["umap_embedding"],
                "selection": ["strongest_examples", "activation_bands", "figure1_features"],
+               "image_features": ["image_features", "class_moves", "ImageProbe"],
                "compare": ["match_features", "matched_share", "reconstruction"]}
     for module, names in defined.items():
         for name in names:
@@ -36,7 +37,7 @@ def test_a_chapter_edit_is_caught_until_the_module_is_regenerated(tmp_path):
     nbs, package = tmp_path / "nbs", tmp_path / "helpers"
     shutil.copytree(export.NOTEBOOKS, nbs)
     package.mkdir()
-    assert len(export.export(nbs, package)) == 7  # all written into the empty package
+    assert len(export.export(nbs, package)) == 8  # all written into the empty package
     assert export.export(nbs, package, check=True) == []
     path = nbs / "04_branch_specialization.ipynb"
     nb = json.loads(path.read_text())

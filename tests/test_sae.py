@@ -56,6 +56,25 @@ def test_sparse_path_equals_dense_computation_values_and_gradients(tied, chunk):
     assert sparse_grads["encoder_weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("tied", ["full", "init"])
+def test_the_gradient_reaches_the_input_and_b_dec_as_the_dense_equation_gives(tied):
+    """b_dec's gradient is taken from the kept latents' sums (no [batch, d_in] gradient of x is made when x needs
+    none); when x does need one (an attribution through the SAE), it is made, and both match autograd through the
+    dense equation."""
+    sae = _randomised(tied, seed=3)
+    x = (torch.randn(40, 12, generator=torch.Generator().manual_seed(6)) * 2).requires_grad_()
+    out = sae.forward_train(x)
+    (out.x_hat.pow(2).sum() + out.code.values.sum()).backward()
+    params = {n: p.detach().clone().requires_grad_() for n, p in sae.named_parameters()}
+    x2 = x.detach().clone().requires_grad_()
+    W_dec = params["encoder_weight"] if tied == "full" else params["decoder_weight"]
+    x_hat, z = topk_sae(x2, params["encoder_weight"].T, params["b_enc"], W_dec, params["b_dec"], 5)
+    (x_hat.pow(2).sum() + z.sum()).backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sae.b_dec.grad, params["b_dec"].grad, rtol=1e-4, atol=1e-5)
+    assert x.grad.abs().sum() > 0 and sae.b_dec.grad.abs().sum() > 0
+
+
 def test_public_encode_decode_match_saelens_math():
     sae = _randomised("init")
     x = torch.randn(10, 12)

@@ -234,11 +234,13 @@ class Explorer:
         self.only = W.Dropdown(options=["all"] + [f"{b} dominant" for b in BRANCHES], description="show")
         self.label = W.Text(description="label has", placeholder="animal, dog, red ...")
         self.pick = W.Select(rows=12, description="feature")
+        self.header = W.HTML()  # the layer's spliced-in line (chapter 03), as the atlas's header shows it
         self.out = W.Output()
         for w in (self.layer, self.sort, self.only, self.label):
             w.observe(lambda _: self.refresh(), names="value")
         self.pick.observe(lambda ch: self.detail(ch["new"]), names="value")
-        self.widget = W.HBox([W.VBox([self.layer, self.sort, self.only, self.label, self.pick]), self.out])
+        self.widget = W.VBox([self.header, W.HBox([W.VBox([self.layer, self.sort, self.only, self.label, self.pick]),
+                                                   self.out])])
         self.image = None
         if probe is not None:  # a second tab: one image, its features, switching them off
             self.image = ImageExplorer(self.layer, view, probe)
@@ -249,6 +251,7 @@ class Explorer:
 
     def refresh(self) -> None:
         v = self.view(self.layer.value)
+        self.header.value = spliced_summary(v.spliced)
         a = v.analysis
         ids = np.flatnonzero(a.alive)
         if self.only.value != "all":

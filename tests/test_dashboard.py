@@ -12,6 +12,9 @@ def test_explorer_sorts_filters_and_shows_a_feature(smoke_book):
     ex = Explorer(["mixed4c"], lambda layer: runs.get(ctx, "view", layer),
                   lambda layer, features: runs.featviz(ctx, layer, features))
     a = runs.get(ctx, "branches", "mixed4c")
+    whole = next(r for r in runs.get(ctx, "spliced", "mixed4c") if r["spliced in"] == "SAE reconstruction")
+    assert f"top-1 agreement with the network {whole['top-1 agreement']:.2f}" in ex.header.value  # chapter 03's
+    assert f"KL recovered {whole['KL recovered']:.2f}" in ex.header.value
     ex.sort.value = "frequency"
     ids = [v for _, v in ex.pick.options]
     assert ids and all(a.alive[ids]) and list(np.argsort(-a.frequency[ids], kind="stable")) == list(range(len(ids)))

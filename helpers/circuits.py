@@ -367,9 +367,10 @@ def cross_layer_share(model, saes: dict, acts: dict, analyses: dict, n_sources: 
     return rows
 
 
-def switch_features(model, layer: str, sae, x: torch.Tensor, features, scale: float = 0.0):
+def switch_features(model, layer: str, sae, x: torch.Tensor, features, scale: float = 0.0, clean=None):
     """(clean, edited) log class probabilities [B, classes] on input ``x``: in ``edited``, each feature of
     ``features`` has its contribution z_f(p) d_f scaled by ``scale`` at every position of ``layer`` (0: off).
+    ``clean``: the clean ones, where a caller already has them (one forward pass fewer).
 
     Defined in chapter 05, *Circuits between layers* (nbs/05_circuits.ipynb).
     """
@@ -384,7 +385,8 @@ def switch_features(model, layer: str, sae, x: torch.Tensor, features, scale: fl
         change = (scale - 1.0) * (z @ sae.decoder_directions[ids].to(z))
         return (flat + change.to(flat)).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
-    return spliced_log_probs(model, layer, x), spliced_log_probs(model, layer, x, edit if len(ids) else None)
+    clean = spliced_log_probs(model, layer, x) if clean is None else clean
+    return clean, (spliced_log_probs(model, layer, x, edit) if len(ids) else clean)
 
 
 def class_shifts(clean: torch.Tensor, edited: torch.Tensor, top: int = 5) -> list[dict]:

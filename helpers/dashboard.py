@@ -127,10 +127,11 @@ def image_records(probe: ImageProbe, images: list[np.ndarray], top: int = 5, swi
     x = probe.input(images)
     found = probe.features(x, top)
     by_branch = {b: probe.specialised_to(b) for b in BRANCHES}
-    branch_moves = {b: probe.switch(x, ids) for b, ids in by_branch.items() if ids}
+    branch_moves = {b: probe.switch(x, ids, found=found) for b, ids in by_branch.items() if ids}
     records = []
     for i, f in enumerate(found):
-        switches = [{"what": f"feature {j} off", "rows": probe.switch(x[i:i + 1], [j])[0]} for j, _ in f.strongest[:switched]]
+        switches = [{"what": f"feature {j} off", "rows": probe.switch(x[i:i + 1], [j], found=[f])[0]}
+                    for j, _ in f.strongest[:switched]]
         switches += [{"what": f"all {len(by_branch[b])} {b}-specialised features off", "rows": moves[i]}
                      for b, moves in branch_moves.items()]
         for sw in switches:
@@ -313,7 +314,8 @@ class ImageExplorer:
         self.upload = W.FileUpload(accept="image/*", multiple=False, description="or upload")
         self.position = W.Dropdown(description="position")
         self.features = W.SelectMultiple(rows=6, description="switch")
-        self.branch = W.Dropdown(options=["only those"] + [f"all {b}-specialised" for b in BRANCHES], description="or")
+        self.branch = W.Dropdown(options=[("only those", None)] + [(f"all {b}-specialised", b) for b in BRANCHES],
+                                 description="or")
         self.scale = W.FloatSlider(value=0.0, min=0.0, max=3.0, step=0.25, description="scale by")
         self.go = W.Button(description="switch and compare")
         self.maps, self.at, self.moves = W.Output(), W.Output(), W.Output()
@@ -387,24 +389,23 @@ class ImageExplorer:
 
     def chosen(self) -> list[int]:
         """The features to switch: those selected, or every feature specialised to the chosen branch."""
-        if self.branch.value.startswith("all "):
-            return self.probe(self.layer.value).specialised_to(self.branch.value.split()[1].split("-")[0])
+        if self.branch.value is not None:
+            return self.probe(self.layer.value).specialised_to(self.branch.value)
         return [int(f) for f in self.features.value]
 
     def compare(self) -> list[dict]:
         """``class_moves`` of the image when the chosen features are scaled by the slider's value."""
         probe = self.probe(self.layer.value)
-        return probe.switch(probe.input([self.pixels]), self.chosen(), self.scale.value)[0]
+        return probe.switch(probe.input([self.pixels]), self.chosen(), self.scale.value, found=[self.found])[0]
 
     def show_moves(self) -> None:
-        from .figures import markdown, table
+        from .figures import markdown, moves_table
 
         rows, features = self.compare(), self.chosen()
         self.moves.clear_output()
         with self.moves:
             markdown(f"{len(features)} features of {self.layer.value} scaled by {self.scale.value:g}:")
-            markdown(table([{"class": r["name"], "probability before": float(f"{r['before']:.3g}"),
-                             "after": float(f"{r['after']:.3g}"), "change": float(f"{r['change']:.3g}")} for r in rows]))
+            markdown(moves_table(rows))
 
 
 def show_explorer(layers, view, render=None, book_build: bool = False, probe=None):

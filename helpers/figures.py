@@ -85,6 +85,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def moves_table(rows: list[dict]) -> str:
+    """Chapter 08's ``class_moves`` rows as a Markdown table: each class's probability before and after, the change."""
+    return table([{"class": r["name"], "probability before": float(f"{r['before']:.3g}"),
+                   "after": float(f"{r['after']:.3g}"), "change": float(f"{r['change']:.3g}")} for r in rows])
+
+
 def branch_layout_figure(slices: dict[str, dict[str, tuple[int, int]]]) -> go.Figure:
     """Each mixed layer's channels as stacked bars, one colour per branch."""
     layers = list(slices)[::-1]

@@ -11,7 +11,7 @@ import torch
 from helpers.branches import BRANCHES
 from helpers.circuits import switch_features
 from helpers.inception import class_label, model_input_from_uint8
-from helpers.loss import spliced_log_probs
+from helpers.loss import clean_pass
 
 
 @dataclass
@@ -42,9 +42,7 @@ def image_features(model, layer: str, sae, x: torch.Tensor, dominant: np.ndarray
 
     Defined in chapter 08, *Feature explorer* (nbs/08_feature_explorer.ipynb).
     """
-    seen = {}
-    log_probs = spliced_log_probs(model, layer, x, lambda a: seen.__setitem__("acts", a))  # the hook only looks
-    acts = seen["acts"]
+    log_probs, acts = clean_pass(model, layer, x)
     b, c, h, w = acts.shape
     z = sae.encode(acts.permute(0, 2, 3, 1).reshape(-1, c)).float()  # [B*H*W, d_sae], k nonzero per row
     values, ids = z.topk(top, dim=1)
@@ -103,8 +101,10 @@ class ImageProbe:
         return [int(f) for f in np.flatnonzero(self.specialised == BRANCHES.index(branch))]
 
     @torch.no_grad()
-    def switch(self, x: torch.Tensor, features, scale: float = 0.0, k: int = 5) -> list[list[dict]]:
+    def switch(self, x: torch.Tensor, features, scale: float = 0.0, k: int = 5, found=None) -> list[list[dict]]:
         """Per image of ``x``: ``class_moves`` when ``features`` are scaled by ``scale`` (0: off) at every position
-        where they fire (chapter 05's ``switch_features``: the SAE's error stays in place)."""
-        clean, edited = switch_features(self.model, self.layer, self.sae, x, features, scale)
+        where they fire (chapter 05's ``switch_features``: the SAE's error stays in place). ``found``: the images'
+        ``ImageFeatures``, whose clean class probabilities save a forward pass."""
+        clean = None if found is None else torch.from_numpy(np.stack([f.log_probs for f in found]))
+        clean, edited = switch_features(self.model, self.layer, self.sae, x, features, scale, clean)
         return [class_moves(c, e, k, self.names) for c, e in zip(clean.numpy(), edited.numpy())]

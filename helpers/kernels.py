@@ -81,8 +81,8 @@ class KeptPreacts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, b_dec, weight, b_enc, idx, values):
-        x_c = (x - b_dec).detach()
+    def forward(ctx, x, b_dec, weight, b_enc, idx, values, x_c):
+        """``x_c``: ``x - b_dec``, already made (detached) for the TopK's matmul."""
         ctx.save_for_backward(x_c, weight, idx)
         ctx.d_sae = b_enc.shape[0]
         return values
@@ -101,7 +101,7 @@ class KeptPreacts(torch.autograd.Function):
             per_latent.index_add_(0, idx.flatten(), grad.flatten())
             grad_b = per_latent if ctx.needs_input_grad[3] else None
             grad_b_dec = -(per_latent @ weight) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_b_dec, grad_w, grad_b, None, None
+        return grad_x, grad_b_dec, grad_w, grad_b, None, None, None
 
 
 def scatter_rows(idx, coef, rows_in, like):

@@ -86,6 +86,16 @@ def spliced_log_probs(model, layer: str, x: torch.Tensor, replace=None) -> torch
     return torch.log_softmax(logits["z"].double(), dim=-1)
 
 
+def clean_pass(model, layer: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean network's log class probabilities on ``x`` and ``layer``'s output [B, C, H, W], from one pass.
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+    seen = {}
+    log_probs = spliced_log_probs(model, layer, x, lambda a: seen.__setitem__("acts", a))  # the hook only looks
+    return log_probs, seen["acts"]
+
+
 @torch.no_grad()
 def reconstruct_positions(sae, acts: torch.Tensor) -> torch.Tensor:
     """``acts`` [B, C, H, W] with every position's vector replaced by the SAE's reconstruction.
@@ -104,9 +114,7 @@ def spliced_evaluation(model, layer: str, sae, x: torch.Tensor, slices: dict) ->
 
     Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
     """
-    seen = {}
-    clean = spliced_log_probs(model, layer, x, lambda a: seen.__setitem__("acts", a))  # the hook only looks
-    acts = seen["acts"]
+    clean, acts = clean_pass(model, layer, x)
     rec = reconstruct_positions(sae, acts)  # once: every SAE case below splices from it
 
     def branch_only(channels):

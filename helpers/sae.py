@@ -90,15 +90,15 @@ class TopKSAE(nn.Module):
         return self._topk(x, self.k)[0]
 
     def _topk(self, x, k, dead: torch.Tensor | None = None, aux_k: int = 0):
-        with torch.no_grad():
-            kept, idx, aux_kept, aux_idx = self._select(x - self.b_dec, k, dead, aux_k)
-        code = SparseCode(F.relu(self._kept(x, idx, kept)), idx)
-        aux = SparseCode(F.relu(self._kept(x, aux_idx, aux_kept)), aux_idx) if aux_k else None
+        x_c = (x - self.b_dec).detach()  # made once: the TopK's matmul and the backward pass's weight gradient
+        kept, idx, aux_kept, aux_idx = self._select(x_c, k, dead, aux_k)
+        code = SparseCode(F.relu(self._kept(x, x_c, idx, kept)), idx)
+        aux = SparseCode(F.relu(self._kept(x, x_c, aux_idx, aux_kept)), aux_idx) if aux_k else None
         return code, aux
 
-    def _kept(self, x, idx, values):
+    def _kept(self, x, x_c, idx, values):
         """The kept pre-activations, differentiable in x, b_dec, the encoder and b_enc (``KeptPreacts``)."""
-        return KeptPreacts.apply(x, self.b_dec, self.encoder_weight, self.b_enc, idx, values.float())
+        return KeptPreacts.apply(x, self.b_dec, self.encoder_weight, self.b_enc, idx, values.float(), x_c)
 
     @torch.no_grad()
     def _select(self, x_c, k, dead, aux_k):

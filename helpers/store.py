@@ -303,39 +303,25 @@ def _rng(*keys) -> np.random.Generator:
     return np.random.default_rng([zlib.crc32(repr(keys).encode())])
 
 
-def prefetch(batches: Iterator[torch.Tensor], depth: int = 2) -> Iterator[torch.Tensor]:
-    """The same batches in the same order, made ``depth`` ahead by a background thread, so that
-    reading (and shuffling) the next batch overlaps the current training step: numpy's copies
-    and torch's kernels both release the GIL. An error in the reader is raised here."""
-    import queue
-    import threading
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """The same items in the same order, each made on a background thread up to ``depth`` ahead of the one in
+    use, so that reading (and shuffling) overlaps training: numpy's copies and torch's kernels both release
+    the GIL. At most ``depth + 1`` items are in memory. An error in the making is raised here."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
 
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def read() -> None:
-        try:
-            for batch in batches:
-                while not stop.is_set():
-                    try:
-                        ready.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as e:  # handed to the consumer, which raises it
-            ready.put(e)
-
-    threading.Thread(target=read, name="prefetch", daemon=True).start()
+    maker = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
     try:
+        ahead = deque(maker.submit(next, items) for _ in range(depth))
         while True:
-            item = ready.get()
-            if isinstance(item, BaseException):
-                raise item
+            try:
+                item = ahead.popleft().result()
+            except StopIteration:
+                return
+            ahead.append(maker.submit(next, items))
             yield item
     finally:
-        stop.set()
+        maker.shutdown(wait=False, cancel_futures=True)
 
 
 def random_rows(arrays: Sequence[np.ndarray], n: int, seed: int = 0) -> torch.Tensor:
@@ -412,7 +398,7 @@ class ShuffledBatches:
         """float32 tensors [batch_size, d], starting at stream row ``start``. The next chunk is read and
         shuffled on a background thread while this one's batches train (two chunks in memory at most)."""
         carry = np.zeros((0, self.d), dtype=self.arrays[0].dtype)  # the last chunk's rows short of a batch
-        for rows in _one_ahead(self._loaded(start)):
+        for rows in prefetch(self._loaded(start), depth=1):
             if len(carry):
                 need = self.batch_size - len(carry)
                 if len(rows) < need:
@@ -424,22 +410,6 @@ class ShuffledBatches:
             for b in range(0, full, self.batch_size):
                 yield torch.from_numpy(rows[b:b + self.batch_size]).float()
             carry = rows[full:].copy()
-
-
-def _one_ahead(items: Iterator):
-    """The items of an endless ``items`` in order, each made on a background thread while the one before is
-    used (numpy's copies release the GIL); an error in the making is raised here."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    maker = ThreadPoolExecutor(1, thread_name_prefix="chunks")
-    try:
-        ahead = maker.submit(next, items)
-        while True:
-            item = ahead.result()
-            ahead = maker.submit(next, items)
-            yield item
-    finally:
-        maker.shutdown(wait=False, cancel_futures=True)
 
 
 class DeviceBatches:

@@ -178,7 +178,18 @@ def test_the_atlas_looks_into_an_image_and_switches_features_off(smoke_book, bro
     ctx = profiles.context("smoke", run_dir=str(smoke_book["run"]))
     probe = runs.get(ctx, "probe", "mixed4c")
     images = runs.first_images(ctx, ATLAS_IMAGES)
-    found = probe.features(probe.input(images))[1]  # the second image, recomputed here
+    # the second image's features, from the SAE's equation on the network's own activations (not the probe's code)
+    from helpers.image_features import ImageFeatures
+    from helpers.inception import LayerCapture
+    from helpers.loss import topk_sae
+
+    sae = probe.sae
+    with torch.no_grad():
+        acts = LayerCapture(probe.model, ["mixed4c"])(probe.input(images[1:2]))["mixed4c"][0]
+        _, z = topk_sae(acts.permute(1, 2, 0).reshape(196, -1), sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.k)
+    values, ids = z.reshape(14, 14, -1).topk(5, dim=-1)
+    found = ImageFeatures("mixed4c", torch.where(values > 0, ids, -1).numpy(), values.numpy(), None,
+                          [(int(z.sum(dim=0).argmax()), None)], None)  # what the page should show
     records = runs.get(ctx, "view", "mixed4c").image_records
     browser.get((smoke_book["html"] / "atlas" / "mixed4c" / "index.html").as_uri())
     assert len(browser.find_elements("css selector", "#image-strip .pick")) == len(images) == len(records)

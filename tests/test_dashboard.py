@@ -81,6 +81,6 @@ def test_the_explorer_image_tab_lists_each_positions_features_and_switches_them(
     tab.scale.value = 0.0
     rows = tab.compare()
     assert len(rows) >= 5 and all(np.isclose(r["after"] - r["before"], r["change"]) for r in rows)
-    tab.branch.value = "all 5x5-specialised"
+    tab.branch.value = "5x5"  # the option "all 5x5-specialised"
     assert tab.chosen() == [int(f) for f in np.flatnonzero(runs.get(ctx, "branches", "mixed4c").specialised_branch() == 2)]
     tab.show_moves()  # the table renders

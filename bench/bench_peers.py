@@ -5,7 +5,8 @@ the same number of vectors for each, and b_dec starting at the geometric median 
 first batch (what both our trainer and sparsify's do at step 0). Reported: vectors/s,
 peak resident memory, and the held-out FVU after training. The data are sparse
 combinations of a planted dictionary (so the FVU means something); the encoder matmul
-alone is the floor. Ours uses our trainer's optimizer (``train.Adam``: torch's fused
+alone (float32) is the floor; the bf16 product of the same shapes, which our CPU TopK screens with,
+is shown beside it. Ours uses our trainer's optimizer (``train.Adam``: torch's fused
 Adam kernel); the peers use ``torch.optim.Adam``'s default.
 
 Two runs. Alone: each case in its own process (so peak memory is its own) trains for
@@ -39,7 +40,25 @@ from common import peak_mib, write_results  # noqa: E402
 
 
 D, N, K, BATCH, LR = 512, 8192, 32, 4096, 4e-4
-CASES = ("encoder-matmul", "ours-tied-full", "ours-tied-init", "sparsify", "saelens")
+CASES = ("encoder-matmul", "encoder-matmul-bf16", "ours-tied-full", "ours-tied-init", "sparsify", "saelens")
+FLOORS = ("encoder-matmul", "encoder-matmul-bf16")
+
+
+def floor_step(case: str, dev):
+    """The floors: the float32 encoder matmul of a batch (the issue's floor), and the bf16 product that our
+    CPU TopK screens with (``helpers/screened_topk.py``: 1024 rows at a time into one buffer, as it does)."""
+    import torch
+
+    w, b = torch.randn(N, D, device=dev), torch.zeros(N, device=dev)
+    if case == "encoder-matmul":
+        return lambda x: torch.addmm(b, x, w.T)
+    buf = torch.empty(1024, N, dtype=torch.bfloat16, device=dev)
+
+    def screen(x):
+        x_b, w_b = x.to(torch.bfloat16), w.to(torch.bfloat16)
+        for s in range(0, len(x), 1024):
+            torch.mm(x_b[s:s + 1024], w_b.T, out=buf[: len(x_b[s:s + 1024])])
+    return screen
 
 
 def data(steps: int, seed: int = 0):
@@ -125,11 +144,10 @@ def run_case(case: str, steps: int, device: str) -> dict:
         sync()
         return time.perf_counter() - t
 
-    if case == "encoder-matmul":
-        w, b = torch.randn(N, D, device=dev), torch.zeros(N, device=dev)
-        x = train[:BATCH].to(dev)
-        torch.addmm(b, x, w.T)
-        seconds = [timed(torch.addmm, b, x, w.T) for _ in range(steps)]
+    if case in FLOORS:
+        step, x = floor_step(case, dev), train[:BATCH].to(dev)
+        step(x)
+        seconds = [timed(step, x) for _ in range(steps)]
         return {"vectors_per_s": BATCH / statistics.median(seconds), "peak_mib": peak_mib()}
     *parts, model = make(case, dev, train[:BATCH].to(dev))
     step = stepper(*parts)
@@ -154,9 +172,8 @@ def interleaved(cases, steps: int, device: str) -> dict:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     steppers = {}
     for case in cases:
-        if case == "encoder-matmul":
-            w, b = torch.randn(N, D, device=dev), torch.zeros(N, device=dev)
-            steppers[case] = lambda x, w=w, b=b: torch.addmm(b, x, w.T)
+        if case in FLOORS:
+            steppers[case] = floor_step(case, dev)
             continue
         *parts, _ = make(case, dev, train[:BATCH].to(dev))
         steppers[case] = stepper(*parts)

@@ -30,6 +30,7 @@ from torch import nn
 
 from .config import Tied
 from .files import CFG_FILE, WEIGHTS_FILE, atomic_write, write_json
+from . import screened_topk
 from .kernels import KeptPreacts, sparse_decode
 
 TIED = typing.get_args(Tied)
@@ -104,12 +105,26 @@ class TopKSAE(nn.Module):
     def _select(self, x_c, k, dead, aux_k):
         """The top k pre-activations per row (and the top aux_k among dead latents).
 
-        On a CPU the dense pre-activations are made ``encode_chunk`` rows at a time into one
-        reused buffer, each chunk reduced to its TopK before the next: the dense buffer is
-        [encode_chunk, d_sae] instead of [batch, d_sae], at the same speed or slightly
-        better (1024 rows, measured against one matmul). On CUDA one matmul is best.
+        On a CPU with AMX the float32 product is not made at all: ``screened_topk`` finds the
+        same TopK from a bf16 product and a proven bound on its error, and rescores only the
+        latents the bound leaves in doubt (AuxK's top among the dead latents, if asked for,
+        from the dead latents' own float32 product). Elsewhere on a CPU the dense
+        pre-activations are made ``encode_chunk`` rows at a time into one reused buffer, each
+        chunk reduced to its TopK before the next: the dense buffer is [encode_chunk, d_sae]
+        instead of [batch, d_sae], at the same speed or slightly better (1024 rows, measured
+        against one matmul). On CUDA one matmul is best.
         """
         n = x_c.shape[0]
+        if not x_c.is_cuda and screened_topk.enabled(x_c, self.encoder_weight, k) and (
+                not aux_k or 2 * int(dead.sum()) <= self.d_sae):
+            found = screened_topk.screened_topk(x_c, self.encoder_weight, self.b_enc, k, self.encode_chunk or n)
+            if found is not None:
+                if not aux_k:
+                    return (*found, None, None)
+                dead_ids = dead.nonzero().flatten()
+                pre = torch.addmm(self.b_enc[dead_ids], x_c, self.encoder_weight[dead_ids].T)
+                aux_kept, at = pre.topk(aux_k, dim=-1, sorted=False)
+                return (*found, aux_kept, dead_ids[at])
         chunk = n if (self.encode_chunk is None or x_c.is_cuda) else min(self.encode_chunk, n)
         w = self.encoder_weight.T
         if chunk >= n:

@@ -51,8 +51,8 @@ def test_only_the_top_knows_run_directories():
     graph = import_graph()
     users = {m for m, deps in graph.items() if "runs" in deps}
     assert users == set(), f"{users} reach up to runs, the layer that drives them"
-    assert "runs" not in graph["dashboard"] and "sae" not in graph["kernels"]
-    below_sae = {"config", "files", "kernels"}
+    assert "runs" not in graph["dashboard"] and "sae" not in graph["kernels"] | graph["screened_topk"]
+    below_sae = {"config", "files", "kernels", "screened_topk"}
     assert graph["sae"] <= below_sae, graph["sae"]  # a general TopK SAE: no InceptionV1, no store
 
 

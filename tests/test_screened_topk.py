@@ -1,0 +1,167 @@
+"""The screened TopK (helpers/screened_topk.py) against float64 truth: its error bound holds, also where
+rounding errors add up coherently, and the latents it keeps are the exact TopK of the pre-activations."""
+
+import pytest
+import torch
+
+from helpers import screened_topk as st
+from helpers.sae import TopKSAE
+
+pytestmark = pytest.mark.skipif(st.numba is None, reason="numba is not installed (it comes with umap-learn)")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _cases():
+    """(name, x_c [rows, d], W [n, d], b_enc [n]): data a TopK sees, and data built to be hard for the screen."""
+    g = _gen(0)
+    d, n = 64, 640
+    unit = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    x = torch.randn(96, d, generator=g)
+    yield "gaussian", x, unit, torch.randn(n, generator=g) * 0.05
+    yield "offset inputs", torch.relu(x) + 5.0, unit, torch.zeros(n)
+    yield "bias dominates", x * 1e-3, unit, torch.randn(n, generator=g) * 10
+    norms = 10.0 ** torch.empty(n).uniform_(-3, 3, generator=g)
+    yield "uneven norms", x * 1e2, unit * norms[:, None], torch.randn(n, generator=g)
+    ties = torch.zeros(96, d)
+    ties[::2] = x[::2]
+    yield "zero rows and tied biases", ties, unit, torch.randint(0, 4, (n,), generator=g).float()
+    # the rounding errors of the inputs all add up while the rounded product cancels to 0: entries 1 + e and
+    # -1 + e (e just under half a bf16 unit) round to 1 and -1, so x~.w~ = 0 and x.w - x~.w~ = d e, which is
+    # E itself (one Cauchy-Schwarz term attained); once with x rounding, once with W; rows scaled over 40
+    # orders of magnitude
+    e = 2.0 ** -9 - 2.0 ** -20
+    rounds = torch.cat([torch.full((d // 2,), 1 + e), torch.full((d // 2,), -1 + e)])
+    scale = 2.0 ** torch.arange(-60, 72, 4.0)[:, None]
+    yield "x's rounding adds up", scale * rounds, torch.ones(n, d), torch.zeros(n)
+    yield "W's rounding adds up", scale * torch.ones(d), rounds.expand(n, d).contiguous(), torch.zeros(n)
+    c = 1 + 2.0 ** -8 - 2.0 ** -20
+    yield "every entry rounds down", c * scale * torch.ones(d), torch.full((n, d), c), torch.zeros(n)
+    tiny = torch.randn(32, d, generator=g) * 1e-39  # below float32's normal range
+    yield "subnormal inputs", tiny, unit, torch.zeros(n)
+
+
+CASES = list(_cases())
+
+
+def _exact(x, w, b):
+    return x.double() @ w.double().T + b.double()
+
+
+@pytest.mark.parametrize("name,x,w,b", CASES, ids=[c[0] for c in CASES])
+def test_the_bound_holds_against_float64_truth(name, x, w, b):
+    x_b, w_b = x.to(torch.bfloat16), w.to(torch.bfloat16)
+    screen = (x_b @ w_b.T).float() + b  # what the kernel sees: the bf16 product's bits, plus the bias in float32
+    err = torch.from_numpy(st.screen_error(x, x_b, w, w_b, b))
+    miss = (screen.double() - _exact(x, w, b)).abs() - (err[:, None] + st.RHO * screen.double().abs())
+    assert miss.max() <= 0, f"{name}: the screen is off by {miss.max():.3g} more than the bound allows"
+    if "adds up" in name:  # the bound is attained: no term of E can be dropped
+        assert ((screen.double() - _exact(x, w, b)).abs() >= 0.99 * err[:, None]).all()
+
+
+@pytest.mark.parametrize("name,x,w,b", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("k", [1, 17, 128])
+def test_the_kept_latents_are_the_exact_topk(name, x, w, b, k):
+    found = st.screened_topk(x, w, b, k, chunk=40)  # 40 rows a chunk: several chunks, the last one short
+    assert found is not None
+    values, indices = found
+    exact = _exact(x, w, b)
+    # float32 rounding of the dot products: two values closer than this may come out in either order
+    slack = 2 * x.shape[1] * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T + b.double().abs()).max(1).values
+    kth = exact.topk(k, dim=1).values[:, -1]
+    kept = exact.gather(1, indices)
+    assert (kept >= (kth - slack)[:, None]).all(), name
+    assert all(len(set(row.tolist())) == k for row in indices), f"{name}: a latent kept twice"
+    torch.testing.assert_close(values.double(), kept, rtol=1e-5, atol=float(slack.max()) + 1e-30)
+
+
+def test_a_width_that_is_not_a_multiple_of_the_blocks():
+    g = _gen(1)
+    for n in (128, 129, 300, 1000):
+        w, x, b = torch.randn(n, 24, generator=g), torch.randn(50, 24, generator=g), torch.randn(n, generator=g)
+        values, indices = st.screened_topk(x, w, b, 9)
+        want = _exact(x, w, b).topk(9, dim=1)
+        assert torch.equal(indices.sort(1).values, want.indices.sort(1).values), n
+        torch.testing.assert_close(values.sort(1).values.double(), want.values.sort(1).values, rtol=1e-5, atol=1e-5)
+
+
+def test_the_screen_prunes_to_a_few_candidates_per_row():
+    """At the paper's shape the bound leaves few latents in doubt: what makes the screen worth it."""
+    g = _gen(2)
+    w = torch.nn.functional.normalize(torch.randn(8192, 512, generator=g), dim=1)
+    x = torch.relu(torch.randn(64, 512, generator=g))
+    count = st.candidates_per_row(x - x.mean(0), w, torch.randn(8192, generator=g) * 0.01, 32)
+    assert (count >= 32).all() and count.float().mean() < 150, count.float().mean()
+
+
+def test_inputs_that_are_not_finite_take_the_float32_path(monkeypatch):
+    monkeypatch.setenv("SAE_SCREEN", "1")
+    sae = TopKSAE(16, 256, 8, "full", seed=0)
+    x = torch.randn(20, 16, generator=_gen(3))
+    x[3, 5] = float("nan")
+    assert st.screened_topk(x - sae.b_dec, sae.encoder_weight, sae.b_enc, 8) is None
+    code = sae.encode_topk(x)
+    want = sae.preacts(x).topk(8, dim=-1)
+    assert torch.equal(code.indices.sort(1).values[4:], want.indices.sort(1).values[4:])
+    with torch.no_grad():
+        sae.b_enc[7] = float("inf")
+    assert st.screened_topk(torch.randn(4, 16), sae.encoder_weight, sae.b_enc, 8) is None
+
+
+def test_when_the_screen_applies(monkeypatch):
+    w, x = torch.randn(256, 16), torch.randn(4, 16)
+    monkeypatch.setenv("SAE_SCREEN", "1")
+    assert st.enabled(x, w, 32)
+    assert not st.enabled(x, w, 129)  # k above the 128 blocks
+    assert not st.enabled(x, w[:100], 8)  # fewer latents than blocks
+    assert not st.enabled(x.double(), w.double(), 8)
+    monkeypatch.setenv("SAE_SCREEN", "0")
+    assert not st.enabled(x, w, 32)
+    monkeypatch.setenv("SAE_SCREEN", "auto")
+    assert st.enabled(x, w, 32) == st._has_amx()
+
+
+def test_training_through_the_screen_equals_the_dense_equation(monkeypatch):
+    """The training step's values and gradients with the screen on (and AuxK among dead latents) equal autograd
+    through the dense SAE equation."""
+    from helpers.loss import normalized_mse
+    from test_sae import dense_reference
+
+    monkeypatch.setenv("SAE_SCREEN", "1")
+    sae = TopKSAE(32, 384, 8, "init", seed=0)
+    g = _gen(4)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(384, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(32, generator=g))
+    sae.encode_chunk = 50
+    x = torch.randn(130, 32, generator=g) * 2
+    dead = torch.arange(384) % 5 == 0
+    calls = []
+    real = st.screened_topk
+    monkeypatch.setattr(st, "screened_topk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = sae.forward_train(x, dead=dead, aux_k=12)
+    assert calls, "the screen was not used"
+    (normalized_mse(out.x_hat, x) + 0.3 * out.aux_recon.pow(2).mean()).backward()
+    params = {n: p.detach().clone().requires_grad_() for n, p in sae.named_parameters()}
+    x_hat, aux = dense_reference(params["encoder_weight"].T, params["decoder_weight"], params["b_enc"],
+                                 params["b_dec"], x, 8, dead, 12)
+    (normalized_mse(x_hat, x) + 0.3 * aux.pow(2).mean()).backward()
+    torch.testing.assert_close(out.x_hat, x_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.aux_recon, aux, rtol=1e-5, atol=1e-5)
+    for name, p in params.items():
+        torch.testing.assert_close(getattr(sae, name).grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_two_threads_at_once_get_their_own_answers():
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = _gen(5)
+    w, b = torch.randn(512, 32, generator=g), torch.randn(512, generator=g)
+    xs = [torch.randn(200, 32, generator=g) for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: st.screened_topk(x, w, b, 16)[1], xs))
+    for x, idx in zip(xs, got):
+        assert torch.equal(idx.sort(1).values, _exact(x, w, b).topk(16, dim=1).indices.sort(1).values)
+

@@ -234,13 +234,13 @@ def main() -> None:
     print(f"vectors/s: side by side in one process, median of {a.interleaved_steps} steps each; 'vs sparsify': median "
           "per-step ratio (quartiles)")
     print(f"FVU and memory: each case alone in its own process after {a.steps * BATCH} vectors")
-    print("  case              vectors/s   of floor   vs sparsify         alone vec/s   held-out FVU   peak RSS MiB")
+    print("  case                  vectors/s   of floor   vs sparsify         alone vec/s   held-out FVU   peak RSS MiB")
     for case, r in results.items():
         vs = f"{r['vs_sparsify']:6.2f}x ({r['vs_sparsify_quartiles'][0]:.2f}-{r['vs_sparsify_quartiles'][1]:.2f})" \
             if "vs_sparsify" in r else " " * 19
         alone = r["alone"]
         fvu = f"{alone['heldout_fvu']:10.4f}" if "heldout_fvu" in alone else "         -"
-        print(f"  {case:<16} {r['vectors_per_s']:10.0f}   {r['vectors_per_s'] / floor:7.2f}   {vs}   "
+        print(f"  {case:<20} {r['vectors_per_s']:10.0f}   {r['vectors_per_s'] / floor:7.2f}   {vs}   "
               f"{alone['vectors_per_s']:10.0f}   {fvu}   {alone['peak_mib']:10.0f}")
     write_results("peers", a.device, results)
 

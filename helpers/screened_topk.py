@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ import torch
 LANES = 128  # strided blocks of a row: block l holds latents l, l + LANES, l + 2 LANES, ...
 U = 2.0 ** -8  # bf16's unit roundoff
 _ONE_AT_A_TIME = threading.Lock()
+MIN_ROWS = 256
 _FAST = {"nsz", "arcp", "contract", "reassoc", "afn"}  # no 'nnan'/'ninf': inputs are checked finite anyway
 
 try:
@@ -60,9 +62,12 @@ except ImportError:  # pragma: no cover - numba comes with umap-learn
 
 
 def enabled(x_c: torch.Tensor, weight: torch.Tensor, k: int) -> bool:
-    """Whether ``screened_topk`` applies: a CPU, float32, k <= 128 <= d_sae, Numba, and AMX (or ``SAE_SCREEN=1``)."""
+    """Whether ``screened_topk`` applies: a CPU, float32, k <= 128 <= d_sae, Numba, AMX (or ``SAE_SCREEN=1``),
+    and at least ``MIN_ROWS`` rows (or ``SAE_SCREEN=1``): rounding W costs about a float32 product of 100 rows."""
     mode = os.environ.get("SAE_SCREEN", "auto")
     if numba is None or mode == "0" or x_c.device.type != "cpu" or weight.device.type != "cpu":
+        return False
+    if mode != "1" and x_c.shape[0] < MIN_ROWS:
         return False
     if x_c.dtype != torch.float32 or weight.dtype != torch.float32 or not 0 < k <= LANES <= weight.shape[0]:
         return False
@@ -83,17 +88,31 @@ def rounding_norms(a: torch.Tensor, a_b: torch.Tensor) -> tuple[np.ndarray, np.n
     return hi, lo
 
 
-def screen_error(x_c: torch.Tensor, x_b: torch.Tensor, w: torch.Tensor, w_b: torch.Tensor,
-                 b_enc: torch.Tensor) -> np.ndarray:
+class RoundedWeight(NamedTuple):
+    bits: torch.Tensor  # W~, [d_sae, d_in] bf16
+    norm: float  # max_j ||w~_j||
+    lost: float  # max_j ||w_j - w~_j||
+
+
+def rounded_weight(weight: torch.Tensor) -> RoundedWeight:
+    """W rounded to bf16, with the two norms E needs. Made again on every call: Adam changes W in place every
+    training step, and not every in-place change shows in a tensor's version counter (torch's fused Adam kernel
+    leaves it alone), so a kept copy could go stale unseen."""
+    w = weight.detach().contiguous()
+    w_b = w.to(torch.bfloat16)
+    norm, lost = (float(v.max()) for v in rounding_norms(w, w_b))
+    return RoundedWeight(w_b, norm, lost)
+
+
+def screen_error(x_c: torch.Tensor, x_b: torch.Tensor, w: RoundedWeight, b_enc: torch.Tensor) -> np.ndarray:
     """``E`` of step 2 per row of x_c (float64, widened by 0.1% against the rounding of the bound's own
-    arithmetic); x_b, w_b: x_c and w rounded to bf16. Not finite where an input is not."""
+    arithmetic); x_b: x_c rounded to bf16. Not finite where an input is not."""
     xt, xlo = rounding_norms(x_c, x_b)
-    wt, wlo = (float(v.max()) for v in rounding_norms(w, w_b))
     d = x_c.shape[1]
     gamma = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
-    b_max = float(b_enc.abs().max())
-    tiny = 2.0 ** -100 * (1 + xt + wt) * d  # underflow: products flushed to zero, sums below float32's normal range
-    return (xt * wlo + xlo * wt + xlo * wlo + gamma * xt * wt + U / (1 - U) * b_max + tiny) * 1.001
+    b_max = float(b_enc.detach().abs().max())
+    tiny = 2.0 ** -100 * (1 + xt + w.norm) * d  # underflow: products flushed to zero, sums below float32's normal range
+    return (xt * w.lost + xlo * w.norm + xlo * w.lost + gamma * xt * w.norm + U / (1 - U) * b_max + tiny) * 1.001
 
 
 RHO = U / (1 - U) + 2.0 ** -22
@@ -102,21 +121,22 @@ RHO = U / (1 - U) + 2.0 ** -22
 def screened_topk(x_c: torch.Tensor, weight: torch.Tensor, b_enc: torch.Tensor, k: int, chunk: int = 1024):
     """``topk(x_c @ weight.T + b_enc, k)`` (unsorted) as (values, indices), or None where an input is not
     finite (the caller then takes the float32 path). x_c: [batch, d_in]; weight: [d_sae, d_in]."""
-    x_c, weight, b_enc = (t.detach().contiguous() for t in (x_c, weight, b_enc))
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    x_b, w_b = x_c.to(torch.bfloat16), weight.to(torch.bfloat16)
-    err = screen_error(x_c, x_b, weight, w_b, b_enc)
-    if not np.isfinite(err).all():
-        return None
-    n = x_c.shape[0]
-    values, indices = torch.empty(n, k), torch.empty(n, k, dtype=torch.long)
-    buf = torch.empty(min(chunk, n), weight.shape[0], dtype=torch.bfloat16)
-    x_np, w_np, b_np, e_np = x_c.numpy(), weight.numpy(), b_enc.numpy(), err.astype(np.float32)
-    v_np, i_np = values.numpy(), indices.numpy()
     with _ONE_AT_A_TIME:  # Numba's fallback thread pool (workqueue) must not be entered from two threads
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        rounded = rounded_weight(weight)
+        x_c, weight, b_enc = (t.detach().contiguous() for t in (x_c, weight, b_enc))
+        x_b = x_c.to(torch.bfloat16)
+        err = screen_error(x_c, x_b, rounded, b_enc)
+        if not np.isfinite(err).all():
+            return None
+        n = x_c.shape[0]
+        values, indices = torch.empty(n, k), torch.empty(n, k, dtype=torch.long)
+        buf = torch.empty(min(chunk, n), weight.shape[0], dtype=torch.bfloat16)
+        x_np, w_np, b_np, e_np = x_c.numpy(), weight.numpy(), b_enc.numpy(), err.astype(np.float32)
+        v_np, i_np = values.numpy(), indices.numpy()
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            screen = torch.mm(x_b[s:e], w_b.T, out=buf[: e - s])
+            screen = torch.mm(x_b[s:e], rounded.bits.T, out=buf[: e - s])
             _select(screen.view(torch.int16).numpy(), b_np, x_np[s:e], w_np, e_np[s:e], np.float32(RHO), k,
                     v_np[s:e], i_np[s:e])
     return values, indices
@@ -124,9 +144,9 @@ def screened_topk(x_c: torch.Tensor, weight: torch.Tensor, b_enc: torch.Tensor, 
 
 def candidates_per_row(x_c: torch.Tensor, weight: torch.Tensor, b_enc: torch.Tensor, k: int) -> torch.Tensor:
     """How many latents step 4 rescores per row (for the benchmark and the tests: the screen's tightness)."""
-    x_b, w_b = x_c.to(torch.bfloat16), weight.to(torch.bfloat16)
-    err = torch.from_numpy(screen_error(x_c, x_b, weight, w_b, b_enc)).float()
-    s = (x_b @ w_b.T).float() + b_enc
+    x_b, w = x_c.to(torch.bfloat16), rounded_weight(weight)
+    err = torch.from_numpy(screen_error(x_c, x_b, w, b_enc)).float()
+    s = (x_b @ w.bits.T).float() + b_enc
     n = s.shape[1]
     depth = n // LANES
     blocks = s[:, : depth * LANES].view(-1, depth, LANES).amax(1)

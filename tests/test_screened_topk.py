@@ -52,9 +52,9 @@ def _exact(x, w, b):
 
 @pytest.mark.parametrize("name,x,w,b", CASES, ids=[c[0] for c in CASES])
 def test_the_bound_holds_against_float64_truth(name, x, w, b):
-    x_b, w_b = x.to(torch.bfloat16), w.to(torch.bfloat16)
-    screen = (x_b @ w_b.T).float() + b  # what the kernel sees: the bf16 product's bits, plus the bias in float32
-    err = torch.from_numpy(st.screen_error(x, x_b, w, w_b, b))
+    x_b, w_r = x.to(torch.bfloat16), st.rounded_weight(w)
+    screen = (x_b @ w.to(torch.bfloat16).T).float() + b  # what the kernel sees: the bf16 product, plus the bias
+    err = torch.from_numpy(st.screen_error(x, x_b, w_r, b))
     miss = (screen.double() - _exact(x, w, b)).abs() - (err[:, None] + st.RHO * screen.double().abs())
     assert miss.max() <= 0, f"{name}: the screen is off by {miss.max():.3g} more than the bound allows"
     if "adds up" in name:  # the bound is attained: no term of E can be dropped
@@ -120,7 +120,9 @@ def test_when_the_screen_applies(monkeypatch):
     monkeypatch.setenv("SAE_SCREEN", "0")
     assert not st.enabled(x, w, 32)
     monkeypatch.setenv("SAE_SCREEN", "auto")
-    assert st.enabled(x, w, 32) == st._has_amx()
+    many = torch.randn(st.MIN_ROWS, 16)
+    assert st.enabled(many, w, 32) == st._has_amx()
+    assert not st.enabled(many[:-1], w, 32)  # too few rows to pay for rounding W
 
 
 def test_training_through_the_screen_equals_the_dense_equation(monkeypatch):
@@ -165,3 +167,16 @@ def test_two_threads_at_once_get_their_own_answers():
     for x, idx in zip(xs, got):
         assert torch.equal(idx.sort(1).values, _exact(x, w, b).topk(16, dim=1).indices.sort(1).values)
 
+
+
+def test_a_weight_changed_in_place_is_rounded_again():
+    """Adam changes W in place every step (without always bumping its version): no stale bf16 copy is used."""
+    g = _gen(6)
+    w, b, x = torch.randn(400, 24, generator=g), torch.zeros(400), torch.randn(30, 24, generator=g)
+    first = st.screened_topk(x, w, b, 8)[1]
+    with torch.no_grad():
+        w.mul_(-1)  # the same tensor, new values: the top latents become others
+    after = st.screened_topk(x, w, b, 8)[1]
+    want = _exact(x, w, b).topk(8, dim=1).indices
+    assert torch.equal(after.sort(1).values, want.sort(1).values)
+    assert not torch.equal(first.sort(1).values, after.sort(1).values)

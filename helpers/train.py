@@ -78,6 +78,7 @@ class Adam:
         try:
             torch._fused_adam_(params, grads, *moments, [], steps, lr=self.lr, beta1=b1, beta2=b2, weight_decay=0.0,
                                eps=self.eps, amsgrad=False, maximize=False)
+            torch.autograd.graph.increment_version(params)  # the kernel does not: autograd must see the change
         except (RuntimeError, NotImplementedError):  # a device without the fused kernel: the same equations
             for p, g, m, v, step in zip(params, grads, *moments, steps):
                 m.lerp_(g, 1 - b1)

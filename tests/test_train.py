@@ -184,6 +184,23 @@ def test_our_adam_takes_torchs_adam_steps(monkeypatch, fused):
             torch.testing.assert_close(torch.as_tensor(opt.state[p][key]).float(), torch.as_tensor(ref.state[q][key]).float())
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_autograd_sees_a_parameter_our_adam_changed(monkeypatch, fused):
+    """A step changes parameters in place; a graph that saved one before the step must refuse to backpropagate
+    through its old value, as after any in-place change (torch's fused kernel alone would not tell autograd)."""
+    from helpers.train import Adam
+
+    if not fused:
+        monkeypatch.setattr(torch, "_fused_adam_", lambda *a, **k: (_ for _ in ()).throw(NotImplementedError()))
+    w = torch.randn(5, requires_grad=True)
+    saved = (w * w).sum()  # saves w for its backward pass
+    opt = Adam([w], 0.1)
+    w.grad = torch.ones(5)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
 def test_the_optimizer_does_not_import_torch_dynamo():
     """Constructing and stepping train.Adam leaves torch._dynamo unimported (1.4 s here, 3 s on a GPU
     machine, that every training process would otherwise pay before its first step)."""

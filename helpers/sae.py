@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import screened_topk
 from .config import Tied
 from .files import CFG_FILE, WEIGHTS_FILE, atomic_write, write_json
-from . import screened_topk
 from .kernels import KeptPreacts, sparse_decode
 
 TIED = typing.get_args(Tied)

@@ -161,11 +161,11 @@ def test_two_harvests_at_once_one_runs_one_stops(tmp_path, image_dir):
     args = [sys.executable, "-m", "helpers", "harvest", "--images", str(image_dir), "--out", str(tmp_path / "r"),
             "--layers", "mixed4a", "--weights", "random", "--workers", "0", "--device", "cpu", "--batch-size", "1"]
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(p.wait(), p.stderr.read()) for p in procs]
+    results = [(p.returncode, err) for p in procs for _, err in [p.communicate()]]  # reads both pipes while waiting
     codes = sorted(code for code, _ in results)
     if codes == [0, 0]:  # the first finished before the second started: no overlap to test
         pytest.skip("the two harvests did not overlap")
-    assert codes == [0, 2]
+    assert codes == [0, 2], "\n\n".join(f"exit {code}:\n{err[-2000:]}" for code, err in results)
     assert "in use by pid" in next(err for code, err in results if code == 2)
     assert verify(tmp_path / "r") == []
 

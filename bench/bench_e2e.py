@@ -14,6 +14,7 @@ training code runs: imports), then the phases each process records (ours: ``trai
 ``seconds``), data (waiting for batches), steps, evaluation, saving.
 
     python bench/bench_e2e.py [--vectors 163840] [--rounds 3] [--data-rows 200000] [--device cuda]
+                              [--cases ours,sparsify,ours-in-memory]
 """
 
 from __future__ import annotations
@@ -104,9 +105,10 @@ def run_sparsify(vectors: str, out: str, budget: int, device: str = "cpu") -> di
     return {"started_at": started, "fvu": fvu, **seconds}
 
 
-def run_ours(vectors: str, out: str, budget: int, device: str = "cpu") -> list[str]:
-    """Our train command; on CUDA with the vectors held on the device (``--store device``)."""
-    store = ["--store", "device"] if device.startswith("cuda") else []
+def run_ours(vectors: str, out: str, budget: int, device: str = "cpu", store: str = "auto") -> list[str]:
+    """Our train command; on CUDA with the vectors held on the device (``--store device``), and so with
+    ``store="device"`` on a CPU (the vectors in memory: the disk store's reference)."""
+    store = ["--store", "device"] if device.startswith("cuda") or store == "device" else []
     return [sys.executable, "-m", "helpers", "train", "--vectors", vectors, "--out", out, "--expansion", str(N // D),
             "--k", str(K), "--tied", "init", "--batch-size", str(BATCH), "--lr", str(LR), "--vectors-seen",
             str(budget), "--holdout", str(HOLDOUT), "--device", device, *store]
@@ -114,15 +116,15 @@ def run_ours(vectors: str, out: str, budget: int, device: str = "cpu") -> list[s
 
 def one(case: str, vectors: str, budget: int, tmp: str, device: str) -> dict:
     out = tempfile.mkdtemp(dir=tmp)
-    cmd = run_ours(vectors, out, budget, device) if case == "ours" else \
-        [sys.executable, __file__, "--run-sparsify", vectors, "--out", out, "--vectors", str(budget), "--device", device]
+    cmd = run_ours(vectors, out, budget, device, "device" if case == "ours-in-memory" else "auto") \
+        if case.startswith("ours") else [sys.executable, __file__, "--run-sparsify", vectors, "--out", out, "--vectors", str(budget), "--device", device]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     wall = time.time() - t0
     if proc.returncode:
         raise RuntimeError(f"{case} failed:\n{proc.stderr[-2000:]}")
-    if case == "ours":
+    if case.startswith("ours"):
         record = json.loads((Path(out) / "train.json").read_text())
         phases, fvu = record["seconds"], record["final_fvu"]
     else:
@@ -138,6 +140,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--data-rows", type=int, default=200_000)
     p.add_argument("--device", default="cpu", help="cpu, or cuda (ours then with --store device)")
+    p.add_argument("--cases", default="ours,sparsify",
+                   help="of ours, sparsify, ours-in-memory (ours with --store device on a CPU: the disk store's "
+                        "reference)")
     p.add_argument("--run-sparsify", metavar="NPY", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -147,26 +152,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         vectors = str(Path(tmp) / "vectors.npy")
         make_data(Path(vectors), max(a.data_rows, HOLDOUT * 10))
-        runs = {"ours": [], "sparsify": []}
+        runs = {case: [] for case in a.cases.split(",")}
         for r in range(a.rounds):
             for case in runs:
                 runs[case].append(one(case, vectors, a.vectors, tmp, a.device))
                 print(f"round {r + 1} {case}: {runs[case][-1]['wall']:.1f} s, FVU {runs[case][-1]['fvu']:.4f}",
                       flush=True)
-    ratios = [s["wall"] / o["wall"] for o, s in zip(runs["ours"], runs["sparsify"])]
     phases = ["start-up", "open", "init", "data", "steps", "log", "checkpoint", "evaluation", "saving"]
     where = torch_device_name(a.device)
     print(f"\nend to end, {where} ({os.cpu_count()} CPU cores); {a.vectors} vectors of d={D}, n={N}, k={K}, batch {BATCH}, "
           f"{a.rounds} rounds in turn")
-    print(f"  sparsify / ours, median per-round ratio: {statistics.median(ratios):.2f}x "
-          f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
-    print("  case        wall s   FVU     " + "  ".join(f"{ph:>10}" for ph in phases))
+    ratios = {}
+    for slow, fast in (("sparsify", "ours"), ("ours", "ours-in-memory")):
+        if slow in runs and fast in runs:
+            r = ratios[f"{slow} / {fast}"] = [s["wall"] / o["wall"] for o, s in zip(runs[fast], runs[slow])]
+            print(f"  {slow} / {fast}, median per-round ratio: {statistics.median(r):.2f}x "
+                  f"(rounds: {', '.join(f'{x:.2f}' for x in r)})")
+    print("  case            wall s   FVU     " + "  ".join(f"{ph:>10}" for ph in phases))
     results = {}
     for case, rs in runs.items():
         med = {k: statistics.median(r.get(k, 0.0) for r in rs) for k in ["wall", "fvu", *phases]}
         results[case] = {**med, "rounds": rs}
-        print(f"  {case:<10} {med['wall']:7.1f}  {med['fvu']:.4f} " + "  ".join(f"{med[ph]:10.2f}" for ph in phases))
-    results["ratio"] = {"median": statistics.median(ratios), "rounds": ratios}
+        print(f"  {case:<14} {med['wall']:7.1f}  {med['fvu']:.4f} " + "  ".join(f"{med[ph]:10.2f}" for ph in phases))
+    results["ratio"] = {name: {"median": statistics.median(r), "rounds": r} for name, r in ratios.items()}
     results["device"] = where
     write_results("e2e", a.device.split(":")[0], results)
 

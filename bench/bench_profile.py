@@ -55,7 +55,7 @@ def main() -> None:
     n_images = IMAGES.get(profile.harvest.images, profile.harvest.max_images or 0)
     from helpers.branches import analyse_branches  # noqa: F401  (imports counted out of the timings)
     from helpers.embed import umap_embedding
-    from helpers.examples import example_pass
+    from helpers.examples import example_passes
     from helpers.featviz import render_directions
     from helpers.harvest import harvest
     from helpers.images import generate_images, list_images
@@ -87,8 +87,9 @@ def main() -> None:
         model = load_model("random")[0]
         widths = {"mixed4a": 508, "mixed4b": 512, "mixed4c": 512, "mixed4d": 528, "mixed4e": 832}
         cfg = profile.train
+        saes = {}
         for layer, d in widths.items():
-            sae = TopKSAE(d, cfg.expansion * d, cfg.k, cfg.tied, seed=0)
+            sae = saes[layer] = TopKSAE(d, cfg.expansion * d, cfg.k, cfg.tied, seed=0)
             state = _State(sae, Adam(sae.parameters(), 1e-4), torch.zeros(sae.d_sae, dtype=torch.long))
             x = torch.relu(torch.randn(cfg.batch_size, d))
             step_cfg = dataclasses.replace(cfg, vectors=None)
@@ -99,9 +100,9 @@ def main() -> None:
             with torch.no_grad():
                 s = timed(firing_stats, sae, [x, x])
             add(f"feature statistics {layer}", s / (2 * len(x)), min(500_000, n_images * h.per_image), "vector")
-            n_ex = min(a.images, 64)
-            s = timed(example_pass, model, sae, layer, images.head(n_ex))
-            add(f"dataset examples {layer}", s / n_ex, n_images, "image", "one forward pass per layer")
+        n_ex = min(a.images, 64)
+        s = timed(example_passes, model, saes, images.head(n_ex))
+        add("dataset examples, mixed4a-4e", s / n_ex, n_images, "image", "one forward pass for all layers")
         fv = profile.featviz
         directions = torch.randn(fv.batch, 512)
         steps = 8

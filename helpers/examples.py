@@ -73,49 +73,73 @@ def example_pass(model, sae, layer: str, images, top: int = 16, reservoir: int =
                  input_scale: str = "lucent") -> Examples:
     """Stream ``images`` (an ImageList) once; keep each feature's top and sampled examples.
     ``input_scale``: the convention the SAE's vectors were harvested under (``inception.INPUT_SCALES``)."""
+    return example_passes(model, {layer: sae}, images, top, reservoir, batch_size, device, seed, workers,
+                          input_scale)[layer]
+
+
+@torch.no_grad()
+def example_passes(model, saes: dict, images, top: int = 16, reservoir: int = 64, batch_size: int = 32,
+                   device: str | torch.device = "cpu", seed: int = 0, workers: int = 0,
+                   input_scale: str = "lucent") -> dict[str, Examples]:
+    """``example_pass`` for several layers ({layer: sae}) from one forward pass per batch of images: the
+    network runs once, not once per layer (on a CPU the forward pass is most of the work). Each layer's
+    result is the one its own ``example_pass`` gives (its reservoir draws from its own generator)."""
     from torch.utils.data import DataLoader
 
-    n = sae.d_sae
     dev = torch.device(device)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    best_v = torch.zeros(top, n, device=dev)
-    best_loc = torch.full((top, n), -1, dtype=torch.long, device=dev)
-    res_key = torch.full((reservoir, n), -1.0, device=dev)
-    res_v = torch.zeros(reservoir, n, device=dev)
-    res_loc = torch.full((reservoir, n), -1, dtype=torch.long, device=dev)
-    capture = LayerCapture(model, [layer])
+    running = {layer: _Running(sae.d_sae, top, reservoir, dev, seed) for layer, sae in saes.items()}
+    capture = LayerCapture(model, list(saes))
     loader = DataLoader(ImageDataset(images), batch_size=batch_size, collate_fn=collate, num_workers=workers)
-    hw = None
-    for idx, pixels, _bad in progress(loader, desc=f"examples {layer}", unit="batch"):
+    for idx, pixels, _bad in progress(loader, desc=f"examples {', '.join(saes)}", unit="batch"):
         if pixels is None:
             continue
-        acts = capture(model_input_from_uint8(pixels.to(dev), input_scale))[layer]  # [B, C, H, W]
-        b, c, h, w = acts.shape
-        hw = h * w
-        # per image and feature: the strongest position, from dense codes a few images at a time
-        value, position = _image_maxima(sae, acts.flatten(2).transpose(1, 2))
-        loc = idx.to(dev)[:, None] * hw + position  # global (image, position) id
+        acts = capture(model_input_from_uint8(pixels.to(dev), input_scale))  # {layer: [B, C, H, W]}
+        for layer, sae in saes.items():
+            # per image and feature: the strongest position, from dense codes a few images at a time
+            value, position = _image_maxima(sae, acts[layer].flatten(2).transpose(1, 2))
+            running[layer].add(idx.to(dev), value, position, acts[layer].shape[2] * acts[layer].shape[3])
+    return {layer: r.examples(len(images)) for layer, r in running.items()}
+
+
+class _Running:
+    """One layer's examples so far: the top ``top`` and a reservoir of ``reservoir`` images per feature."""
+
+    def __init__(self, n: int, top: int, reservoir: int, dev: torch.device, seed: int):
+        self.top, self.reservoir, self.hw = top, reservoir, None
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.best_v = torch.zeros(top, n, device=dev)
+        self.best_loc = torch.full((top, n), -1, dtype=torch.long, device=dev)
+        self.res_key = torch.full((reservoir, n), -1.0, device=dev)
+        self.res_v = torch.zeros(reservoir, n, device=dev)
+        self.res_loc = torch.full((reservoir, n), -1, dtype=torch.long, device=dev)
+
+    def add(self, idx: torch.Tensor, value: torch.Tensor, position: torch.Tensor, hw: int) -> None:
+        """A batch: its images' indices [B], each feature's maximum per image [B, n] and its position."""
+        self.hw = hw
+        loc = idx[:, None] * hw + position  # global (image, position) id
         # merge into the running top: [top + B, n] -> top
-        cand_v, cand_i = torch.cat([best_v, value]).topk(top, dim=0)
-        best_loc = torch.cat([best_loc, loc]).gather(0, cand_i)
-        best_v = cand_v
+        cand_v, cand_i = torch.cat([self.best_v, value]).topk(self.top, dim=0)
+        self.best_loc = torch.cat([self.best_loc, loc]).gather(0, cand_i)
+        self.best_v = cand_v
         # reservoir: keep the images with the largest random keys among those where it fires
-        key = torch.rand(b, n, generator=gen).to(dev).masked_fill(value <= 0, -1.0)
-        res_key, keep = torch.cat([res_key, key]).topk(reservoir, dim=0)
-        res_v = torch.cat([res_v, value]).gather(0, keep)
-        res_loc = torch.cat([res_loc, loc]).gather(0, keep)
-    hw = hw or 196
-    side = int(round(hw ** 0.5))
+        key = torch.rand(value.shape, generator=self.gen).to(value.device).masked_fill(value <= 0, -1.0)
+        self.res_key, keep = torch.cat([self.res_key, key]).topk(self.reservoir, dim=0)
+        self.res_v = torch.cat([self.res_v, value]).gather(0, keep)
+        self.res_loc = torch.cat([self.res_loc, loc]).gather(0, keep)
 
-    def split(v, loc):
-        v, loc = v.T.cpu().numpy(), loc.T.cpu().numpy()
-        image = np.where(loc >= 0, loc // hw, -1)
-        pos = np.where(loc >= 0, loc % hw, 0)
-        return v, image, pos // side, pos % side
+    def examples(self, images_seen: int) -> Examples:
+        hw = self.hw or 196
+        side = int(round(hw ** 0.5))
 
-    tv, ti, ty, tx = split(best_v, torch.where(best_v > 0, best_loc, -1))
-    sv, si, sy, sx = split(res_v, torch.where(res_key >= 0, res_loc, -1))
-    return Examples(tv, ti, ty, tx, sv, si, sy, sx, images_seen=len(images))
+        def split(v, loc):
+            v, loc = v.T.cpu().numpy(), loc.T.cpu().numpy()
+            image = np.where(loc >= 0, loc // hw, -1)
+            pos = np.where(loc >= 0, loc % hw, 0)
+            return v, image, pos // side, pos % side
+
+        tv, ti, ty, tx = split(self.best_v, torch.where(self.best_v > 0, self.best_loc, -1))
+        sv, si, sy, sx = split(self.res_v, torch.where(self.res_key >= 0, self.res_loc, -1))
+        return Examples(tv, ti, ty, tx, sv, si, sy, sx, images_seen=images_seen)
 
 
 def _image_maxima(sae, positions: torch.Tensor, budget: int = 1 << 26):

@@ -61,7 +61,7 @@ PROFILES = {
                               "the ImageNet sample (1,000 images, one per class, 398 of them animals)",
                      HarvestConfig(images="imagenet-sample", weights="lucent", batch_size=128),
                      _train(5_000_000, aux_k=256), FeatvizConfig(steps=256)),
-    "cpu": Profile("cpu", "about 5.5 hours on 2 CPU cores (bench/bench_profile.py): real weights, Imagenette and "
+    "cpu": Profile("cpu", "about 4 hours on 2 CPU cores (bench/bench_profile.py): real weights, Imagenette and "
                           "Imagewoof (26,394 images of 20 classes, 12 of them animals), 2M vectors per SAE",
                    HarvestConfig(images="imagenette+imagewoof", weights="lucent"), _train(2_000_000, aux_k=256)),
     "gpu": Profile("gpu", "a Colab T4: real weights, Imagenette and Imagewoof (26,394 images, 12 of 20 classes "

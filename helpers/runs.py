@@ -15,7 +15,7 @@ rest of the process. What it can get (``ARTIFACTS``)::
     slices          the layer's branch slices, as the SAE's cfg.json records them
     feature_stats   each feature's firing frequency and strength on the harvested vectors
     branches        the layer's BranchAnalysis (chapter 04)
-    examples        every feature's dataset examples (one streaming pass)
+    examples        every feature's dataset examples (one streaming pass, for every layer still without them)
     labels          every feature's automatic labels (chapter 07)
     neighbours      each feature's strongest neighbours in the adjacent layers (weights, chapter 05)
     umap            the UMAP fit of the layer's decoder vectors (chapter 06)
@@ -43,7 +43,7 @@ from safetensors.numpy import load_file, save
 
 from . import branches, circuits, dashboard, embed, labels
 from .author import REPO_ID, fetch_author_sae
-from .examples import Examples, cell_colours, example_pass
+from .examples import Examples, cell_colours, example_passes
 from .featviz import cache_path, render_features, sae_id
 from .files import CFG_FILE, CHECKPOINT, EXAMPLES, FEATURE_STATS, MANIFEST, atomic_write, write_json, write_npy
 from .harvest import harvest
@@ -271,9 +271,12 @@ def _branches(ctx: Context, layer: str) -> branches.BranchAnalysis:
 @_artifact("examples")
 def _examples(ctx: Context, layer: str):
     path = get(ctx, "sae_dir", layer) / EXAMPLES
-    if not path.exists():
-        example_pass(get(ctx, "model"), get(ctx, "sae", layer), layer, get(ctx, "images"),
-                     input_scale=read_manifest(get(ctx, "harvest")).input_scale).save(path)
+    if not path.exists():  # every profile layer still without its examples, from one pass of the network
+        missing = [other for other in ctx.profile.layers if not (get(ctx, "sae_dir", other) / EXAMPLES).exists()]
+        found = example_passes(get(ctx, "model"), {other: get(ctx, "sae", other) for other in missing},
+                               get(ctx, "images"), input_scale=read_manifest(get(ctx, "harvest")).input_scale)
+        for other, examples in found.items():
+            examples.save(get(ctx, "sae_dir", other) / EXAMPLES)
     return Examples.load(path)
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.examples import CELL, activation_map, cell_colours, crop, example_pass, overlay
+from helpers.examples import CELL, activation_map, cell_colours, crop, example_pass, example_passes, overlay
 from helpers.images import ImageDataset, list_images
 from helpers.inception import LayerCapture, model_input_from_uint8
 from helpers.sae import TopKSAE
@@ -41,6 +41,38 @@ def test_the_pass_finds_every_features_strongest_images_and_positions(random_mod
         sampled = ex.sample_image[f][ex.sample_image[f] >= 0]
         assert len(sampled) == min(5, firing) and set(sampled) <= set(np.flatnonzero(best[:, f].numpy() > 0))
     assert ex.images_seen == len(images)
+
+
+def test_one_forward_pass_serves_several_layers(random_model, image_dir):
+    """Two layers from one pass of the network per batch: each layer's top examples are the brute-force ones
+    from its own activations, and its reservoir is the one its own pass draws."""
+    images = list_images(image_dir)
+    pixels = torch.stack([ImageDataset(images)[i][1] for i in range(len(images))])
+    layers = ["mixed4b", "mixed4d"]
+    with torch.no_grad():
+        acts = LayerCapture(random_model, layers)(model_input_from_uint8(pixels))
+    saes = {}
+    for i, layer in enumerate(layers):
+        saes[layer] = TopKSAE(acts[layer].shape[1], 96, 6, "full", seed=i)
+        with torch.no_grad():
+            saes[layer].b_dec.copy_(acts[layer].mean(dim=(0, 2, 3)))
+    passes = []
+    hook = random_model.register_forward_pre_hook(lambda *_: passes.append(1))
+    try:
+        got = example_passes(random_model, saes, images, top=3, reservoir=4, batch_size=3)
+    finally:
+        hook.remove()
+    assert len(passes) == 3  # 7 images in batches of 3: one forward pass each, not one per layer
+    for layer, sae in saes.items():
+        c = acts[layer].shape[1]
+        with torch.no_grad():
+            z = sae.encode(acts[layer].flatten(2).transpose(1, 2).reshape(-1, c)).reshape(len(images), 196, -1)
+        value, image, y, x = strongest_examples(z, 3)
+        assert np.array_equal(got[layer].top_image, image) and np.array_equal(got[layer].top_y, y)
+        assert np.array_equal(got[layer].top_x, x)
+        np.testing.assert_allclose(got[layer].top_value, value, rtol=1e-5)
+        alone = example_pass(random_model, sae, layer, images, top=3, reservoir=4, batch_size=3)
+        assert np.array_equal(alone.sample_image, got[layer].sample_image)
 
 
 def test_bands_cover_the_range_below_the_maximum(random_model, setup, tmp_path):

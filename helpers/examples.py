@@ -8,12 +8,18 @@ position (not only the harvested ones) and keeps, per feature,
   ``bands`` examples are drawn at a range of activation levels, as the paper shows.
 
 All of it on the device with batched top-k merges ([images, features] at a time), no
-per-feature Python loop. Crops are cut around the activating grid cell (16 px at 224 input;
-a window of about 100 px, as the author used), with the feature's map as an overlay.
+per-feature Python loop, and for several layers from one forward pass of the network
+(``example_passes``), which saves its state as it goes so that an interrupted pass goes on where
+it stopped. Crops are cut around the activating grid cell (16 px at 224 input; a window of
+about 100 px, as the author used), with the feature's map as an overlay.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,25 +86,80 @@ def example_pass(model, sae, layer: str, images, top: int = 16, reservoir: int =
 @torch.no_grad()
 def example_passes(model, saes: dict, images, top: int = 16, reservoir: int = 64, batch_size: int = 32,
                    device: str | torch.device = "cpu", seed: int = 0, workers: int = 0,
-                   input_scale: str = "lucent") -> dict[str, Examples]:
+                   input_scale: str = "lucent", checkpoint: str | Path | None = None,
+                   checkpoint_seconds: float = 300.0) -> dict[str, Examples]:
     """``example_pass`` for several layers ({layer: sae}) from one forward pass per batch of images: the
     network runs once, not once per layer (on a CPU the forward pass is most of the work). Each layer's
-    result is the one its own ``example_pass`` gives (its reservoir draws from its own generator)."""
-    from torch.utils.data import DataLoader
+    result is the one its own ``example_pass`` gives (its reservoir draws from its own generator).
+
+    With ``checkpoint`` (a file path) the state is saved there every ``checkpoint_seconds``; a pass started
+    again after an interruption goes on from the last save, to the result an uninterrupted pass gives, and
+    removes the file when done. A checkpoint of other SAEs, images or settings is ignored, with a warning."""
+    from torch.utils.data import DataLoader, Subset
 
     dev = torch.device(device)
     running = {layer: _Running(sae.d_sae, top, reservoir, dev, seed) for layer, sae in saes.items()}
+    what = _fingerprint(saes, images, top, reservoir, batch_size, seed, input_scale)
+    done = _resume(Path(checkpoint), what, running) if checkpoint is not None else 0
     capture = LayerCapture(model, list(saes))
-    loader = DataLoader(ImageDataset(images), batch_size=batch_size, collate_fn=collate, num_workers=workers)
-    for idx, pixels, _bad in progress(loader, desc=f"examples {', '.join(saes)}", unit="batch"):
-        if pixels is None:
-            continue
-        acts = capture(model_input_from_uint8(pixels.to(dev), input_scale))  # {layer: [B, C, H, W]}
-        for layer, sae in saes.items():
-            # per image and feature: the strongest position, from dense codes a few images at a time
-            value, position = _image_maxima(sae, acts[layer].flatten(2).transpose(1, 2))
-            running[layer].add(idx.to(dev), value, position, acts[layer].shape[2] * acts[layer].shape[3])
-    return {layer: r.examples(len(images)) for layer, r in running.items()}
+    dataset = ImageDataset(images)
+    loader = DataLoader(Subset(dataset, range(done, len(dataset))) if done else dataset, batch_size=batch_size,
+                        collate_fn=collate, num_workers=workers)
+    saved = time.monotonic()
+    for idx, pixels, _bad in progress(loader, desc=f"examples {', '.join(saes)}", unit="batch",
+                                      initial=done // batch_size, total=-(-len(dataset) // batch_size)):
+        done = min(done + batch_size, len(dataset))
+        if pixels is not None:
+            acts = capture(model_input_from_uint8(pixels.to(dev), input_scale))  # {layer: [B, C, H, W]}
+            for layer, sae in saes.items():
+                # per image and feature: the strongest position, from dense codes a few images at a time
+                value, position = _image_maxima(sae, acts[layer].flatten(2).transpose(1, 2))
+                running[layer].add(idx.to(dev), value, position, acts[layer].shape[2] * acts[layer].shape[3])
+        if checkpoint is not None and done < len(dataset) and time.monotonic() - saved >= checkpoint_seconds:
+            _save(Path(checkpoint), what, running, done)
+            saved = time.monotonic()
+    found = {layer: r.examples(len(images)) for layer, r in running.items()}
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
+    return found
+
+
+def _fingerprint(saes: dict, images, *settings) -> str:
+    """What a checkpoint of the pass must match: the layers, each SAE's weights, the images and the settings."""
+    h = hashlib.sha256(json.dumps([list(saes), [str(p) for p in images.paths], settings]).encode())
+    for sae in saes.values():
+        for p in (sae.encoder_weight, sae.b_enc, sae.b_dec):
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save(path: Path, what: str, running: dict, done: int) -> None:
+    from safetensors.torch import save
+
+    tensors = {f"{layer}/{k}": v for layer, r in running.items() for k, v in r.state().items()}
+    data = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata={"what": what, "done": str(done)})
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _resume(path: Path, what: str, running: dict) -> int:
+    """Load a checkpoint into ``running``; the number of images it had done (0: none, or not this pass's)."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return 0
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("what") != what:
+                warnings.warn(f"{path} is the checkpoint of another example pass (other SAEs, images or "
+                              f"settings); starting over")
+                return 0
+            for layer, r in running.items():
+                r.load({k: f.get_tensor(f"{layer}/{k}") for k in r.state()})
+            return int(meta["done"])
+    except Exception as e:  # a truncated or foreign file
+        warnings.warn(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); starting over")
+        return 0
 
 
 class _Running:
@@ -112,6 +173,16 @@ class _Running:
         self.res_key = torch.full((reservoir, n), -1.0, device=dev)
         self.res_v = torch.zeros(reservoir, n, device=dev)
         self.res_loc = torch.full((reservoir, n), -1, dtype=torch.long, device=dev)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"best_v": self.best_v, "best_loc": self.best_loc, "res_key": self.res_key, "res_v": self.res_v,
+                "res_loc": self.res_loc, "gen": self.gen.get_state(), "hw": torch.tensor(self.hw or 0)}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        for k in ("best_v", "best_loc", "res_key", "res_v", "res_loc"):
+            setattr(self, k, state[k].to(getattr(self, k).device))
+        self.gen.set_state(state["gen"])
+        self.hw = int(state["hw"]) or None
 
     def add(self, idx: torch.Tensor, value: torch.Tensor, position: torch.Tensor, hw: int) -> None:
         """A batch: its images' indices [B], each feature's maximum per image [B, n] and its position."""

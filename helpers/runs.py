@@ -45,7 +45,8 @@ from . import branches, circuits, dashboard, embed, labels
 from .author import REPO_ID, fetch_author_sae
 from .examples import Examples, cell_colours, example_passes
 from .featviz import cache_path, render_features, sae_id
-from .files import CFG_FILE, CHECKPOINT, EXAMPLES, FEATURE_STATS, MANIFEST, atomic_write, write_json, write_npy
+from .files import (CFG_FILE, CHECKPOINT, EXAMPLES, EXAMPLES_CHECKPOINT, FEATURE_STATS, MANIFEST, atomic_write,
+                    write_json, write_npy)
 from .harvest import harvest
 from .images import ImageList, generate_images, load_image
 from .image_features import ImageProbe
@@ -274,7 +275,8 @@ def _examples(ctx: Context, layer: str):
     if not path.exists():  # every profile layer still without its examples, from one pass of the network
         missing = [other for other in ctx.profile.layers if not (get(ctx, "sae_dir", other) / EXAMPLES).exists()]
         found = example_passes(get(ctx, "model"), {other: get(ctx, "sae", other) for other in missing},
-                               get(ctx, "images"), input_scale=read_manifest(get(ctx, "harvest")).input_scale)
+                               get(ctx, "images"), input_scale=read_manifest(get(ctx, "harvest")).input_scale,
+                               checkpoint=ctx.run_dir / EXAMPLES_CHECKPOINT)
         for other, examples in found.items():
             examples.save(get(ctx, "sae_dir", other) / EXAMPLES)
     return Examples.load(path)

@@ -128,3 +128,44 @@ def test_the_overlay_shows_where_the_feature_fires():
     assert frame[0] > 200 and frame[1] > 200 and frame[2] < 50
     nothing = overlay(grey, np.zeros((14, 14)))  # no activation: dimmed, no frame
     assert nothing.max() < 128 and (nothing[..., 0] == nothing[..., 2]).all()
+
+
+def test_an_interrupted_pass_goes_on_where_it_stopped(random_model, setup, tmp_path):
+    """Stopped after three of four batches, then started again: one forward pass more, and the result of a pass
+    that was never stopped; the checkpoint is gone at the end, and one of another pass is not used."""
+    images, sae, _, _ = setup
+    whole = example_pass(random_model, sae, "mixed4c", images, top=3, reservoir=5, batch_size=2)
+    ckpt, passes = tmp_path / "examples.partial.safetensors", []
+
+    def count_and_stop(*_):
+        passes.append(1)
+        if len(passes) == 4:
+            raise KeyboardInterrupt
+
+    hook = random_model.register_forward_pre_hook(count_and_stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            example_passes(random_model, {"mixed4c": sae}, images, top=3, reservoir=5, batch_size=2,
+                           checkpoint=ckpt, checkpoint_seconds=0)
+        assert ckpt.exists()
+        passes.clear()
+        again = example_passes(random_model, {"mixed4c": sae}, images, top=3, reservoir=5, batch_size=2,
+                               checkpoint=ckpt, checkpoint_seconds=0)["mixed4c"]
+    finally:
+        hook.remove()
+    assert len(passes) == 1 and not ckpt.exists()
+    for name in ("top_value", "top_image", "top_y", "top_x", "sample_value", "sample_image", "sample_y", "sample_x"):
+        assert np.array_equal(getattr(again, name), getattr(whole, name)), name
+    # a checkpoint of other settings is not resumed from
+    hook = random_model.register_forward_pre_hook(count_and_stop)
+    passes.clear()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            example_passes(random_model, {"mixed4c": sae}, images, top=3, reservoir=5, batch_size=2,
+                           checkpoint=ckpt, checkpoint_seconds=0)
+    finally:
+        hook.remove()
+    with pytest.warns(UserWarning, match="another example pass"):
+        other = example_passes(random_model, {"mixed4c": sae}, images, top=4, reservoir=5, batch_size=2,
+                               checkpoint=ckpt, checkpoint_seconds=0)["mixed4c"]
+    assert other.top_image.shape[1] == 4 and other.images_seen == len(images) and not ckpt.exists()

@@ -57,7 +57,7 @@ def floor_step(case: str, dev):
     def screen(x):
         x_b, w_b = x.to(torch.bfloat16), w.to(torch.bfloat16)
         for s in range(0, len(x), 1024):
-            torch.mm(x_b[s:s + 1024], w_b.T, out=buf[: len(x_b[s:s + 1024])])
+            torch.mm(x_b[s:s + 1024], w_b.T, out=buf[: min(1024, len(x) - s)])
     return screen
 
 

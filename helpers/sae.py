@@ -115,8 +115,7 @@ class TopKSAE(nn.Module):
         against one matmul). On CUDA one matmul is best.
         """
         n = x_c.shape[0]
-        if not x_c.is_cuda and screened_topk.enabled(x_c, self.encoder_weight, k) and (
-                not aux_k or 2 * int(dead.sum()) <= self.d_sae):
+        if screened_topk.enabled(x_c, self.encoder_weight, k) and (not aux_k or 2 * int(dead.sum()) <= self.d_sae):
             found = screened_topk.screened_topk(x_c, self.encoder_weight, self.b_enc, k, self.encode_chunk or n)
             if found is not None:
                 if not aux_k:

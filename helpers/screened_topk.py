@@ -120,9 +120,11 @@ def screen_error(x_c: torch.Tensor, x_b: torch.Tensor, w: RoundedWeight, b_enc: 
 RHO = U / (1 - U) + 2.0 ** -22
 
 
-def screened_topk(x_c: torch.Tensor, weight: torch.Tensor, b_enc: torch.Tensor, k: int, chunk: int = 1024):
+def screened_topk(x_c: torch.Tensor, weight: torch.Tensor, b_enc: torch.Tensor, k: int, chunk: int = 1024,
+                  counts: torch.Tensor | None = None):
     """``topk(x_c @ weight.T + b_enc, k)`` (unsorted) as (values, indices), or None where an input is not
-    finite (the caller then takes the float32 path). x_c: [batch, d_in]; weight: [d_sae, d_in]."""
+    finite (the caller then takes the float32 path). x_c: [batch, d_in]; weight: [d_sae, d_in]. ``counts``
+    ([batch] int64), if given, receives how many latents step 4 left for rescoring in each row."""
     with _ONE_AT_A_TIME:  # Numba's fallback thread pool (workqueue) must not be entered from two threads
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         rounded = rounded_weight(weight)
@@ -136,31 +138,13 @@ def screened_topk(x_c: torch.Tensor, weight: torch.Tensor, b_enc: torch.Tensor, 
         buf = torch.empty(min(chunk, n), weight.shape[0], dtype=torch.bfloat16)
         x_np, w_np, b_np, e_np = x_c.numpy(), weight.numpy(), b_enc.numpy(), err.astype(np.float32)
         v_np, i_np = values.numpy(), indices.numpy()
+        c_np = (counts if counts is not None else torch.empty(n, dtype=torch.long)).numpy()
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             screen = torch.mm(x_b[s:e], rounded.bits.T, out=buf[: e - s])
             _select(screen.view(torch.int16).numpy(), b_np, x_np[s:e], w_np, e_np[s:e], np.float32(RHO), k,
-                    v_np[s:e], i_np[s:e])
+                    v_np[s:e], i_np[s:e], c_np[s:e])
     return values, indices
-
-
-def candidates_per_row(x_c: torch.Tensor, weight: torch.Tensor, b_enc: torch.Tensor, k: int) -> torch.Tensor:
-    """How many latents step 4 rescores per row (for the benchmark and the tests: the screen's tightness)."""
-    x_b, w = x_c.to(torch.bfloat16), rounded_weight(weight)
-    err = torch.from_numpy(screen_error(x_c, x_b, w, b_enc)).float()
-    s = (x_b @ w.bits.T).float() + b_enc
-    n = s.shape[1]
-    depth = n // LANES
-    blocks = s[:, : depth * LANES].view(-1, depth, LANES).amax(1)
-    if n > depth * LANES:
-        tail = s[:, depth * LANES:]
-        blocks[:, : tail.shape[1]] = torch.maximum(blocks[:, : tail.shape[1]], tail)
-    t = blocks.topk(k, dim=1).values[:, -1]
-    low = t - err - RHO * t.abs()
-    need = low - err
-    thr = torch.where(need >= 0, need / (1 + RHO), need / (1 - RHO))
-    thr -= 2.0 ** -20 * (thr.abs() + err)
-    return (s >= thr[:, None]).sum(1)
 
 
 if numba is not None:
@@ -202,9 +186,9 @@ if numba is not None:
         return acc
 
     @numba.njit(parallel=True, cache=True, fastmath=_FAST, boundscheck=False)
-    def _select(screen_bits, b_enc, x, w, err, rho, k, out_val, out_idx):
+    def _select(screen_bits, b_enc, x, w, err, rho, k, out_val, out_idx, out_count):
         """Steps 3-5 for each row: screen_bits [rows, d_sae] (the bf16 screen's bits), x [rows, d_in] (x_c),
-        w [d_sae, d_in], err [rows] (E) -> out_val, out_idx [rows, k]."""
+        w [d_sae, d_in], err [rows] (E) -> out_val, out_idx [rows, k] and out_count [rows] (candidates)."""
         rows, n = screen_bits.shape
         depth = n // LANES
         tail = n - depth * LANES
@@ -241,6 +225,7 @@ if numba is not None:
                             if s[j] >= thr:
                                 cand[c] = j
                                 c += 1
+                out_count[r] = c
                 if c < k:  # only where the screen overflowed to infinity: rescore the whole row
                     c = n
                     for j in range(n):

@@ -92,7 +92,8 @@ def test_the_screen_prunes_to_a_few_candidates_per_row():
     g = _gen(2)
     w = torch.nn.functional.normalize(torch.randn(8192, 512, generator=g), dim=1)
     x = torch.relu(torch.randn(64, 512, generator=g))
-    count = st.candidates_per_row(x - x.mean(0), w, torch.randn(8192, generator=g) * 0.01, 32)
+    count = torch.empty(64, dtype=torch.long)
+    st.screened_topk(x - x.mean(0), w, torch.randn(8192, generator=g) * 0.01, 32, counts=count)
     assert (count >= 32).all() and count.float().mean() < 150, count.float().mean()
 
 

@@ -38,8 +38,8 @@ from common import median_run, peak_mib, write_results  # noqa: E402
 
 # ----------------------------------------------------------------------------- cases ---
 def case_harvest(mode: str, images: str, n_images: int, device: str, batch: int) -> dict:
-    from helpers.harvest import HarvestConfig, harvest
-    from helpers.inception import PAPER_LAYERS
+    from helpers.data.harvest import HarvestConfig, harvest
+    from helpers.data.inception import PAPER_LAYERS
 
     groups = [PAPER_LAYERS] if mode.startswith("one-pass") else [(layer,) for layer in PAPER_LAYERS]
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,8 +58,8 @@ def case_train(mode: str, device: str, steps: int, d: int = 512, n: int = 8192, 
     """``mode``: encoder-matmul, sparse-tied-full, ...; ``n`` latents (the sweep varies it)."""
     import torch
 
-    from helpers.sae import TopKSAE
-    from helpers.train import Adam
+    from helpers.sae.model import TopKSAE
+    from helpers.sae.train import Adam
 
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def train_step(sae, opt, x, dense: bool = False) -> None:
     decoder as a dense [batch, d_sae] product instead of our sparse one."""
     import torch
 
-    from helpers.loss import normalized_mse
+    from helpers.sae.loss import normalized_mse
 
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
         if dense:
@@ -141,8 +141,9 @@ def case_memory_train(tied: str, device: str, batch: int, n: int, d: int = 512, 
     """Memory two training steps take beyond the data, against ``train.memory_estimate``."""
     import torch
 
-    from helpers.sae import ENCODE_CHUNK, TopKSAE
-    from helpers.train import Adam, memory_estimate
+    from helpers.sae.model import ENCODE_CHUNK, TopKSAE
+    from helpers.sae.adam import Adam
+    from helpers.sae.train import memory_estimate
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -166,8 +167,8 @@ def case_memory_harvest(images: str, device: str, batch: int) -> dict:
     """Memory of a one-pass harvest (main process, no workers) against ``harvest.memory_estimate``."""
     import torch
 
-    from helpers.harvest import HarvestConfig, harvest, memory_estimate
-    from helpers.inception import PAPER_LAYERS, load_model
+    from helpers.data.harvest import HarvestConfig, harvest, memory_estimate
+    from helpers.data.inception import PAPER_LAYERS, load_model
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"

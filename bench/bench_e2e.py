@@ -54,7 +54,7 @@ def run_sparsify(vectors: str, out: str, budget: int, device: str = "cpu") -> di
     import torch
     from sparsify import SparseCoder, SparseCoderConfig
 
-    from helpers.loss import geometric_median
+    from helpers.sae.loss import geometric_median
 
     started = time.time()  # as ours: once the imports are done
 

@@ -6,7 +6,7 @@ first batch (what both our trainer and sparsify's do at step 0). Reported: vecto
 peak resident memory, and the held-out FVU after training. The data are sparse
 combinations of a planted dictionary (so the FVU means something); the encoder matmul
 alone (float32) is the floor; the bf16 product of the same shapes, which our CPU TopK screens with,
-is shown beside it. Ours uses our trainer's optimizer (``train.Adam``: torch's fused
+is shown beside it. Ours uses our trainer's optimizer (``adam.Adam``: torch's fused
 Adam kernel); the peers use ``torch.optim.Adam``'s default.
 
 Two runs. Alone: each case in its own process (so peak memory is its own) trains for
@@ -82,13 +82,13 @@ def make(case: str, dev, first_batch):
     """(optimizer, step(x) -> loss tensor, after_backward(), after_step(), reconstruct(x))."""
     import torch
 
-    from helpers.loss import geometric_median
+    from helpers.sae.loss import geometric_median
 
     median = geometric_median(first_batch)
     if case.startswith("ours"):
-        from helpers.loss import normalized_mse
-        from helpers.sae import TopKSAE
-        from helpers.train import Adam
+        from helpers.sae.loss import normalized_mse
+        from helpers.sae.model import TopKSAE
+        from helpers.sae.adam import Adam
 
         sae = TopKSAE(D, N, K, "init" if case.endswith("init") else "full", seed=0).to(dev)
         sae.b_dec.data.copy_(median)

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from common import write_results  # noqa: E402
 from helpers.config import HarvestConfig  # noqa: E402
-from helpers.profiles import PROFILES  # noqa: E402
+from helpers.run.profiles import PROFILES  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "imagenet-sample"
 IMAGES = {"imagenette+imagewoof": 26_394, "imagenette": 3_925}  # images each download holds
@@ -53,16 +53,17 @@ def main() -> None:
     a = p.parse_args()
     profile = PROFILES[a.profile]
     n_images = IMAGES.get(profile.harvest.images, profile.harvest.max_images or 0)
-    from helpers.branches import analyse_branches  # noqa: F401  (imports counted out of the timings)
-    from helpers.embed import umap_embedding
-    from helpers.examples import example_passes
-    from helpers.featviz import render_directions
-    from helpers.harvest import harvest
-    from helpers.images import generate_images, list_images
-    from helpers.inception import LayerCapture, load_model
-    from helpers.circuits import attribution
-    from helpers.sae import TopKSAE, firing_stats
-    from helpers.train import Adam, TrainConfig, _step, _State
+    from helpers.analysis.branches import analyse_branches  # noqa: F401  (imports counted out of the timings)
+    from helpers.analysis.embed import umap_embedding
+    from helpers.analysis.examples import example_passes
+    from helpers.analysis.featviz import render_directions
+    from helpers.data.harvest import harvest
+    from helpers.data.images import generate_images, list_images
+    from helpers.data.inception import LayerCapture, load_model
+    from helpers.analysis.circuits import attribution
+    from helpers.sae.model import TopKSAE, firing_stats
+    from helpers.sae.adam import Adam
+    from helpers.sae.train import TrainConfig, _step, _State
 
     rows, total = [], 0.0
 

@@ -30,12 +30,13 @@ from common import write_results  # noqa: E402
 
 import torch  # noqa: E402
 
-from helpers.examples import example_pass  # noqa: E402
-from helpers.featviz import FeatvizConfig, render_directions  # noqa: E402
-from helpers.images import ImageDataset, collate, list_images  # noqa: E402
-from helpers.inception import LayerCapture, architecture_slices, load_model, model_input_from_uint8  # noqa: E402
-from helpers.loss import spliced_evaluation, spliced_log_probs  # noqa: E402
-from helpers.sae import TopKSAE  # noqa: E402
+from helpers.analysis.examples import example_pass  # noqa: E402
+from helpers.analysis.featviz import FeatvizConfig, render_directions  # noqa: E402
+from helpers.data.images import ImageDataset, collate, list_images  # noqa: E402
+from helpers.data.inception import LayerCapture, architecture_slices, load_model, model_input_from_uint8  # noqa: E402
+from helpers.analysis.spliced import spliced_evaluation  # noqa: E402
+from helpers.data.inception import spliced_log_probs  # noqa: E402
+from helpers.sae.model import TopKSAE  # noqa: E402
 
 
 def main() -> None:

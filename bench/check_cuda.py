@@ -58,7 +58,7 @@ def report(name: str, value: float, bound: float, **extra) -> None:
 
 
 def check_triton(dev) -> None:
-    from helpers import kernels
+    from helpers.sae import kernels
 
     if not dev.startswith("cuda"):
         print("(Triton check skipped: no CUDA device)")
@@ -96,8 +96,8 @@ def check_triton(dev) -> None:
 
 
 def check_sae(dev) -> None:
-    from helpers.loss import normalized_mse, topk_sae
-    from helpers.sae import TopKSAE
+    from helpers.sae.loss import normalized_mse, topk_sae
+    from helpers.sae.model import TopKSAE
 
     g = torch.Generator().manual_seed(2)
     x = torch.relu(torch.randn(2048, 512, generator=g)) * 2
@@ -141,7 +141,7 @@ def check_sae(dev) -> None:
 
 def check_training(dev, tmp: Path) -> None:
     from helpers.config import TrainConfig
-    from helpers.train import train
+    from helpers.sae.train import train
 
     g = torch.Generator().manual_seed(4)
     atoms = F.normalize(torch.randn(1024, 128, generator=g), dim=1)
@@ -160,7 +160,7 @@ def check_training(dev, tmp: Path) -> None:
 
 
 def check_nvjpeg(dev, images: Path) -> None:
-    from helpers.images import decode_on_device, list_images, load_image
+    from helpers.data.images import decode_on_device, list_images, load_image
 
     files = [p for p in list_images(images).paths if str(p).lower().endswith((".jpeg", ".jpg"))][:128]
     items = [torch.frombuffer(bytearray(Path(f).read_bytes()), dtype=torch.uint8) for f in files]
@@ -173,8 +173,8 @@ def check_nvjpeg(dev, images: Path) -> None:
 
 def check_harvest(dev, images: Path, tmp: Path) -> None:
     from helpers.config import HarvestConfig
-    from helpers.harvest import harvest
-    from helpers.store import ActivationStore
+    from helpers.data.harvest import harvest
+    from helpers.data.store import ActivationStore
 
     runs = {}
     for device, decode in (("cpu", "workers"), (dev, "device")):

@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 from bench_core import train_step  # noqa: E402
-from helpers.sae import TopKSAE  # noqa: E402
-from helpers.train import Adam  # noqa: E402
+from helpers.sae.model import TopKSAE  # noqa: E402
+from helpers.sae.adam import Adam  # noqa: E402
 
 VARIANTS = {  # name: (environment, tf32, dense decoder)
     "sparse (default: dense TF32 weight grad)": ({}, False, False),

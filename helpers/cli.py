@@ -16,19 +16,19 @@ import os
 import sys
 import typing
 
-from .config import HarvestConfig, TrainConfig, choices, option
+from helpers.config import HarvestConfig, TrainConfig, choices, option
 
 # name: (config class, "module:function" that runs it, help)
 COMMANDS = {
-    "harvest": (HarvestConfig, "harvest:harvest", "harvest activation vectors from InceptionV1 into a sharded store"),
-    "train": (TrainConfig, "train:train", "train a TopK SAE on a harvested layer or an .npy of vectors"),
+    "harvest": (HarvestConfig, "data.harvest:harvest", "harvest activation vectors from InceptionV1 into a sharded store"),
+    "train": (TrainConfig, "sae.train:train", "train a TopK SAE on a harvested layer or an .npy of vectors"),
 }
 # commands with their own parser: name -> ("module", help)
 DELEGATED = {
-    "book": ("book", "execute the notebooks in a profile and build the Jupyter Book"),
-    "export": ("export", "write helpers/ modules from the chapters' #| export cells (--check: only compare)"),
-    "verify": ("store", "check a harvest's store: every shard against its record, the manifest and its checksums"),
-    "publish": ("publish", "upload an SAE directory to the Hugging Face hub with a model card (--dry-run: only write it)"),
+    "book": ("run.book", "execute the notebooks in a profile and build the Jupyter Book"),
+    "export": ("run.export", "write helpers/ modules from the chapters' #| export cells (--check: only compare)"),
+    "verify": ("data.store", "check a harvest's store: every shard against its record, the manifest and its checksums"),
+    "publish": ("run.publish", "upload an SAE directory to the Hugging Face hub with a model card (--dry-run: only write it)"),
 }
 
 
@@ -54,13 +54,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 def _run(target: str, cfg):
     module, function = target.split(":")
-    return getattr(importlib.import_module(f".{module}", __package__), function)(cfg)
+    return getattr(importlib.import_module(f"helpers.{module}"), function)(cfg)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in DELEGATED:
-        return importlib.import_module(f".{DELEGATED[argv[0]][0]}", __package__).main(argv[1:])
+        return importlib.import_module(f"helpers.{DELEGATED[argv[0]][0]}").main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_) in DELEGATED.items():
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     try:
         cfg = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
         if ns.command == "train" and cfg.layer and "," in cfg.layer:  # several layers at once
-            from .train import train_layers
+            from helpers.sae.per_layer import train_layers
 
             devices = [d for d in cfg.device.split(",") if d]
             out = train_layers(cfg, [layer for layer in cfg.layer.split(",") if layer], devices)

@@ -23,6 +23,7 @@ CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"  # SAELens' layou
 CHECKPOINT, METRICS, TRAIN_RECORD = "checkpoint.safetensors", "metrics.jsonl", "train.json"
 MANIFEST, HARVEST_LOG = "manifest.json", "harvest.jsonl"
 FEATURE_STATS, EXAMPLES = "feature_stats.safetensors", "examples.safetensors"
+SPLICED = "spliced.json"  # beside an SAE: chapter 03's spliced-in evaluation of it
 EXAMPLES_CHECKPOINT = "examples.partial.safetensors"  # in the run directory: an interrupted example pass
 
 _UMASK = os.umask(0)

@@ -10,7 +10,7 @@ needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"the ImageNet sam
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    from helpers.images import generate_images
+    from helpers.data.images import generate_images
 
     return generate_images(folder, n, seed).paths
 
@@ -24,7 +24,7 @@ def image_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def random_model():
-    from helpers.inception import load_model
+    from helpers.data.inception import load_model
 
     return load_model("random", seed=0)[0]
 
@@ -32,14 +32,14 @@ def random_model():
 @pytest.fixture(scope="session")
 def harvest_run(tmp_path_factory, image_dir) -> Path:
     """A small finished harvest over two layers, made once per session."""
-    from helpers.harvest import HarvestConfig, harvest
+    from helpers.data.harvest import HarvestConfig, harvest
 
     out = tmp_path_factory.mktemp("runs") / "harvest"
     return harvest(HarvestConfig(images=str(image_dir), out=str(out), layers="mixed4a,mixed4c", weights="random",
                                  batch_size=3, shard_images=4, workers=0, device="cpu"))
 
 
-# what `make book` says offline (helpers.inception's message): the built book shows it in its banner
+# what `make book` says offline (helpers.data.inception's message): the built book shows it in its banner
 FALLBACK = ("- could not download the pretrained InceptionV1 weights (offline). Download that file on a machine with "
             "internet and put it at ~/.cache/torch/hub/checkpoints/inception5h.pth, or pass --weights PATH.pth")
 
@@ -47,14 +47,14 @@ FALLBACK = ("- could not download the pretrained InceptionV1 weights (offline). 
 @pytest.fixture(scope="session")
 def smoke_book(tmp_path_factory):
     """Every notebook executed in the smoke profile, and the book built from them (once)."""
-    from helpers import book
-    from helpers.profiles import context
+    from helpers.run import book
+    from helpers.run.artifacts import open_run
 
     root = tmp_path_factory.mktemp("book")
     env = {"SAE_PROFILE": "smoke", "SAE_BOOK_BUILD": "1", "SAE_FALLBACK_REASON": FALLBACK, "TQDM_DISABLE": "1",
            "SAE_RUN_DIR": str(root / "run")}
     executed = book.execute_notebooks(root / "executed", env, timeout=900)
     os.environ.update({k: v for k, v in env.items() if k != "SAE_BOOK_BUILD"})
-    banner = context("smoke").banner()
+    banner = open_run("smoke").banner()
     html = book.build_html(book.stage(executed, banner, root / "src", root / "run" / "atlas"), root / "out")
     return {"executed": {p.stem: p for p in executed}, "html": html, "run": root / "run"}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers.author import AuthorSAEUnavailable, author_file_for, fetch_author_sae, from_author_state_dict
+from helpers.run.author import AuthorSAEUnavailable, author_file_for, fetch_author_sae, from_author_state_dict
 
 
 def author_forward(state, x, k=32):

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from browser import chromium, js_errors, screenshot
-from helpers.profiles import ROOT
+from helpers.run.profiles import ROOT
 
 MATH = {"nbs/03_training": 3, "nbs/04_branch_specialization": 3}  # at least this many typeset formulas
 FIGURES = {"nbs/01_inceptionv1_branches": 1, "nbs/02_harvesting": 2, "nbs/03_training": 2,
@@ -128,11 +128,11 @@ def test_the_atlas_shows_every_feature_and_opens_a_detail_view(smoke_book, brows
 def test_the_atlas_searches_filters_shares_a_url_and_shows_histograms(smoke_book, browser):
     from selenium.webdriver.support.ui import Select
 
-    from helpers import profiles, runs
+    from helpers.run.artifacts import open_run
 
-    ctx = profiles.context("smoke", run_dir=str(smoke_book["run"]))
-    a, ex = runs.get(ctx, "branches", "mixed4c"), runs.get(ctx, "examples", "mixed4c")
-    labels = runs.get(ctx, "labels", "mixed4c")
+    run = open_run("smoke", run_dir=str(smoke_book["run"]))
+    a, ex = run.branches("mixed4c"), run.examples("mixed4c")
+    labels = run.labels("mixed4c")
     five = a.alive & (a.dominant() == 2)
     page = smoke_book["html"] / "atlas" / "mixed4c" / "index.html"
     browser.get(page.as_uri())
@@ -170,18 +170,18 @@ def test_the_atlas_looks_into_an_image_and_switches_features_off(smoke_book, bro
     switch shows its class moves."""
     import torch
 
-    from helpers import profiles, runs
-    from helpers.dashboard import ATLAS_IMAGES
-    from helpers.figures import BRANCH_COLOURS
-    from helpers.inception import BRANCHES
+    from helpers.run.artifacts import open_run
+    from helpers.show.atlas import ATLAS_IMAGES
+    from helpers.show.style import BRANCH_COLOURS
+    from helpers.data.inception import BRANCHES
 
-    ctx = profiles.context("smoke", run_dir=str(smoke_book["run"]))
-    probe = runs.get(ctx, "probe", "mixed4c")
-    images = runs.first_images(ctx, ATLAS_IMAGES)
+    run = open_run("smoke", run_dir=str(smoke_book["run"]))
+    probe = run.probe("mixed4c")
+    images = run.first_images(ATLAS_IMAGES)
     # the second image's features, from the SAE's equation on the network's own activations (not the probe's code)
-    from helpers.image_features import ImageFeatures
-    from helpers.inception import LayerCapture
-    from helpers.loss import topk_sae
+    from helpers.analysis.image_features import ImageFeatures
+    from helpers.data.inception import LayerCapture
+    from helpers.sae.loss import topk_sae
 
     sae = probe.sae
     with torch.no_grad():
@@ -190,7 +190,7 @@ def test_the_atlas_looks_into_an_image_and_switches_features_off(smoke_book, bro
     values, ids = z.reshape(14, 14, -1).topk(5, dim=-1)
     found = ImageFeatures("mixed4c", torch.where(values > 0, ids, -1).numpy(), values.numpy(), None,
                           [(int(z.sum(dim=0).argmax()), None)], None)  # what the page should show
-    records = runs.get(ctx, "view", "mixed4c").image_records
+    records = run.view("mixed4c").image_records
     browser.get((smoke_book["html"] / "atlas" / "mixed4c" / "index.html").as_uri())
     assert len(browser.find_elements("css selector", "#image-strip .pick")) == len(images) == len(records)
     browser.find_element("id", "img1").click()

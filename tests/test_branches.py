@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from helpers.branches import (baseline, dominant_branch, fraction_in_branch, specialisation_table,
+from helpers.analysis.branches import (baseline, dominant_branch, fraction_in_branch, specialisation_table,
                               specialised)
 
 # mixed4c: 1x1 0-127, 3x3 128-383, 5x5 384-447, pool 448-511

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.circuits import (ablation_control, ablation_edges, active_features, ablation_effects, attribution,
+from helpers.analysis.circuits import (ablation_control, ablation_edges, active_features, ablation_effects, attribution,
                               circuit_graph, mixed_block, same_branch_share, spearman, weight_edges)
-from helpers.inception import LayerCapture, branch_slices, model_input
-from helpers.sae import TopKSAE
+from helpers.data.inception import LayerCapture, branch_slices, model_input
+from helpers.sae.model import TopKSAE
 
 
 @pytest.fixture(scope="module")

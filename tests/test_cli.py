@@ -77,7 +77,7 @@ def test_every_harvest_number_gives_a_store_or_one_line_naming_it(tmp_path_facto
     code, errors = _run(["harvest", "--images", str(image_dir), "--out", str(out), "--layers", "mixed4a",
                          "--weights", "random", "--workers", "0", "--device", "cpu", f"--{option}", str(value)])
     if code == 0:
-        from helpers.store import ActivationStore, read_manifest
+        from helpers.data.store import ActivationStore, read_manifest
 
         m = read_manifest(out)
         assert m.complete and len(ActivationStore(out, "mixed4a")) == m.n_images * m.per_image > 0

@@ -4,10 +4,10 @@ dictionary recovered twice by training from two seeds."""
 import numpy as np
 import torch
 
-from helpers.compare import match_features, matched_share, reconstruction
-from helpers.loss import fvu, topk_sae
-from helpers.sae import TopKSAE
-from helpers.train import TrainConfig, train
+from helpers.analysis.compare import match_features, matched_share, reconstruction
+from helpers.sae.loss import fvu, topk_sae
+from helpers.sae.model import TopKSAE
+from helpers.sae.train import TrainConfig, train
 
 
 def test_a_shuffled_noisy_copy_is_matched_back_to_its_rows():

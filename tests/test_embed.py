@@ -1,6 +1,6 @@
 import numpy as np
 
-from helpers.embed import umap_embedding
+from helpers.analysis.embed import umap_embedding
 
 
 def test_clusters_of_directions_stay_together_and_new_vectors_land_with_their_cluster():

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.examples import CELL, activation_map, cell_colours, crop, example_pass, example_passes, overlay
-from helpers.images import ImageDataset, list_images
-from helpers.inception import LayerCapture, model_input_from_uint8
-from helpers.sae import TopKSAE
-from helpers.selection import strongest_examples
+from helpers.analysis.examples import CELL, activation_map, cell_colours, crop, example_pass, example_passes, overlay
+from helpers.data.images import ImageDataset, list_images
+from helpers.data.inception import LayerCapture, model_input_from_uint8
+from helpers.sae.model import TopKSAE
+from helpers.analysis.selection import strongest_examples
 
 
 @pytest.fixture(scope="module")

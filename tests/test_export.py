@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from helpers import export
+from helpers.run import export
 
 
 def test_every_generated_module_matches_its_chapter():
@@ -16,28 +16,55 @@ def test_every_generated_module_matches_its_chapter():
 
 
 def test_the_chapters_define_the_papers_computations():
-    """Each definition a reader looks for lives in the chapter that presents it."""
+    """Each definition a reader looks for lives in the chapter that presents it, exported to its layer."""
     where = {c.module: c.path.stem for c in export.chapters()}
-    assert where == {"sampling": "02_harvesting", "loss": "03_training", "branches": "04_branch_specialization",
-                     "circuits": "05_circuits", "embed": "06_umap", "selection": "07_feature_visualization",
-                     "image_features": "08_feature_explorer", "compare": "09_comparing_saes"}
-    defined = {"sampling": ["select_positions"], "loss": ["topk_sae", "normalized_mse", "training_loss"],
-               "branches": ["fraction_in_branch", "baseline", "analyse_branches"],
-               "circuits": ["ablation_edges", "attribution", "circuit_graph"], "embed": ["umap_embedding"],
-               "selection": ["strongest_examples", "activation_bands", "figure1_features"],
-               "image_features": ["image_features", "class_moves", "ImageProbe"],
-               "compare": ["match_features", "matched_share", "reconstruction"]}
+    assert where == {"data.sampling": "02_harvesting", "sae.loss": "03_training", "analysis.spliced": "03_training",
+                     "analysis.branches": "04_branch_specialization", "analysis.circuits": "05_circuits",
+                     "analysis.embed": "06_umap", "analysis.selection": "07_feature_visualization",
+                     "analysis.image_features": "08_feature_explorer", "analysis.compare": "09_comparing_saes"}
+    defined = {"data.sampling": ["select_positions"], "sae.loss": ["topk_sae", "normalized_mse", "training_loss"],
+               "analysis.spliced": ["reconstruct_positions", "spliced_evaluation"],
+               "analysis.branches": ["fraction_in_branch", "baseline", "analyse_branches"],
+               "analysis.circuits": ["ablation_edges", "attribution", "circuit_graph"],
+               "analysis.embed": ["umap_embedding"],
+               "analysis.selection": ["strongest_examples", "activation_bands", "figure1_features"],
+               "analysis.image_features": ["image_features", "class_moves", "ImageProbe"],
+               "analysis.compare": ["match_features", "matched_share", "reconstruction"]}
     for module, names in defined.items():
         for name in names:
             obj = getattr(importlib.import_module(f"helpers.{module}"), name)
             assert f"Defined in chapter {where[module][:2]}" in inspect.getdoc(obj), (module, name)
 
 
+def test_a_cell_can_name_its_own_module(tmp_path):
+    """``#| export MODULE`` sends one cell elsewhere than the chapter's default; a module is one chapter's."""
+    def chapter(name, cells):
+        nb = {"cells": [{"cell_type": "markdown", "metadata": {}, "source": f"# {name}"}] +
+              [{"cell_type": "code", "metadata": {}, "source": c, "outputs": []} for c in cells],
+              "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+        (tmp_path / "nbs" / name).write_text(json.dumps(nb))
+
+    (tmp_path / "nbs").mkdir()
+    chapter("03_x.ipynb", ["#| default_exp sae.eq", '#| export\ndef f():\n    """F."""',
+                           '#| export analysis.use\n"""Uses f."""\ndef g():\n    """G."""', '#| export\ndef h():\n    """H."""'])
+    written = export.export(tmp_path / "nbs", tmp_path / "helpers")
+    assert sorted(written) == ["helpers/analysis/use.py (from nbs/03_x.ipynb)", "helpers/sae/eq.py (from nbs/03_x.ipynb)"]
+    eq, use = (tmp_path / "helpers/sae/eq.py").read_text(), (tmp_path / "helpers/analysis/use.py").read_text()
+    assert "def f" in eq and "def h" in eq and "def g" not in eq
+    assert '"""Uses f."""' in use and "def g" in use and "def f" not in use
+    chapter("04_y.ipynb", ['#| export analysis.use\ndef k():\n    """K."""'])
+    with pytest.raises(export.ExportError, match="04_y.ipynb and 03_x.ipynb both export helpers.analysis.use"):
+        export.export(tmp_path / "nbs", tmp_path / "helpers")
+    chapter("04_y.ipynb", ['#| export ../outside\ndef k():\n    """K."""'])
+    with pytest.raises(export.ExportError, match="is not a module name"):
+        export.export(tmp_path / "nbs", tmp_path / "helpers")
+
+
 def test_a_chapter_edit_is_caught_until_the_module_is_regenerated(tmp_path):
     nbs, package = tmp_path / "nbs", tmp_path / "helpers"
     shutil.copytree(export.NOTEBOOKS, nbs)
     package.mkdir()
-    assert len(export.export(nbs, package)) == 8  # all written into the empty package
+    assert len(export.export(nbs, package)) == 9  # all written into the empty package
     assert export.export(nbs, package, check=True) == []
     path = nbs / "04_branch_specialization.ipynb"
     nb = json.loads(path.read_text())
@@ -45,10 +72,11 @@ def test_a_chapter_edit_is_caught_until_the_module_is_regenerated(tmp_path):
                 "def fraction_in_branch" in "".join(c["source"]))
     cell["source"] = "".join(cell["source"]).replace("d = d.clamp_min(0)", "d = d.abs()")
     path.write_text(json.dumps(nb))
-    assert export.export(nbs, package, check=True) == ["helpers/branches.py (from nbs/04_branch_specialization.ipynb)"]
+    assert export.export(nbs, package, check=True) == ["helpers/analysis/branches.py (from nbs/04_branch_specialization.ipynb)"]
     export.export(nbs, package)
-    assert "d = d.abs()" in (package / "branches.py").read_text()
-    (package / "branches.py").write_text((package / "branches.py").read_text() + "\n# edited by hand\n")
+    generated = package / "analysis" / "branches.py"
+    assert "d = d.abs()" in generated.read_text()
+    generated.write_text(generated.read_text() + "\n# edited by hand\n")
     assert export.export(nbs, package, check=True) != []  # a hand edit of a generated module is caught too
 
 

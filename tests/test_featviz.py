@@ -3,10 +3,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import featviz
-from helpers.featviz import FeatvizConfig, render_directions, render_features
-from helpers.inception import branch_slices, load_model
-from helpers.sae import TopKSAE
+from helpers.analysis import featviz
+from helpers.analysis.featviz import FeatvizConfig, render_directions, render_features
+from helpers.data.inception import branch_slices, load_model
+from helpers.sae.model import TopKSAE
 
 
 def redness(images: np.ndarray) -> np.ndarray:

@@ -12,10 +12,10 @@ import plotly.offline
 import pytest
 
 from browser import chromium, js_errors, screenshot
-from helpers import figures
-from helpers.branches import analyse_branches
-from helpers.inception import architecture_slices
-from helpers.labels import HUES, hue_name
+from helpers.show import composites, page, plots, style
+from helpers.analysis.branches import analyse_branches
+from helpers.data.inception import architecture_slices
+from helpers.analysis.labels import HUES, hue_name
 
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 
@@ -65,12 +65,12 @@ def overlap(a: dict, b: dict) -> bool:
 def test_colour_sets_are_drawn_in_the_colour_they_name(browser, analysis, tmp_path):
     sets = {"animal": [1, 2, 3], "colour: blue": [4, 5], "colour: orange": [6, 7], "colour: green": [8],
             "colour: red": [9], "dog": [10]}
-    render(browser, figures.branch_fraction_figure(analysis, "5x5", sets), tmp_path, "fractions")
+    render(browser, plots.branch_fraction_figure(analysis, "5x5", sets), tmp_path, "fractions")
     drawn = legend(browser)
     for name in ("blue", "orange", "green", "red"):  # the labeller names the drawn colour as the set
         assert hue_name(drawn[f"colour: {name}"])[0] == name, (name, drawn[f"colour: {name}"])
     for name in {n for n, _ in HUES}:
-        assert hue_name(tuple(int(figures.HUE_COLOURS[name][i:i + 2], 16) for i in (1, 3, 5)))[0] == name
+        assert hue_name(tuple(int(style.HUE_COLOURS[name][i:i + 2], 16) for i in (1, 3, 5)))[0] == name
     for name in ("animal", "dog"):  # sets that name no colour are drawn in no saturated hue
         assert colorsys.rgb_to_hsv(*(np.asarray(drawn[name]) / 255))[1] < 0.6, (name, drawn[name])
 
@@ -78,7 +78,7 @@ def test_colour_sets_are_drawn_in_the_colour_they_name(browser, analysis, tmp_pa
 def test_the_two_baseline_labels_never_print_over_each_other(browser, analysis, tmp_path):
     b = 2  # the 5x5 branch; the worst case: both baselines at the same height
     analysis.gaussian.threshold[b] = analysis.shuffled.threshold[b]
-    render(browser, figures.branch_fraction_figure(analysis, "5x5"), tmp_path, "baselines")
+    render(browser, plots.branch_fraction_figure(analysis, "5x5"), tmp_path, "baselines")
     labels = boxes(browser, ".annotation")
     assert len(labels) == 2
     assert not overlap(*labels), labels
@@ -86,7 +86,7 @@ def test_the_two_baseline_labels_never_print_over_each_other(browser, analysis, 
 
 def test_the_umap_colour_bar_does_not_cover_the_legend(browser, analysis, tmp_path):
     coords = np.random.default_rng(1).normal(size=(400, 2))
-    fig = figures.umap_figure(coords, analysis, "5x5", {"animal-labelled": [1, 2, 3], "most 5x5-specialised": [4, 5]})
+    fig = plots.umap_figure(coords, analysis, "5x5", {"animal-labelled": [1, 2, 3], "most 5x5-specialised": [4, 5]})
     render(browser, fig, tmp_path, "umap")
     legend_box, bar = boxes(browser, ".legend")[0], boxes(browser, ".colorbar")[0]
     assert not overlap(legend_box, bar), (legend_box, bar)
@@ -99,7 +99,7 @@ def test_the_watermark_is_translucent_and_hides_nothing():
 
     base = (np.indices((300, 600)).sum(0)[..., None] % 7 * 30 + np.array([10, 60, 110])).astype(np.uint8)
     img = Image.fromarray(base.copy())
-    figures._stamp(img, figures.NOT_A_RESULT)
+    composites.stamp(img, style.NOT_A_RESULT)
     after = np.asarray(img).astype(int)
     changed = (after != base).any(-1)
     assert 0.01 < changed.mean() < 0.2  # text across the figure, not a box over it
@@ -114,7 +114,7 @@ def test_the_watermark_is_translucent_and_hides_nothing():
 def test_figure_1_panels_stay_legible_at_page_width():
     crops = [np.zeros((100, 100, 3), np.uint8)] * 3
     entries = [(f"feature {i}: 5x5 fraction 0.50", np.zeros((224, 224, 3), np.uint8), crops) for i in range(6)]
-    img = figures.figure1_layer_image("Figure 1, mixed4c", entries, random_weights=True)
+    img = composites.figure1_layer_image("Figure 1, mixed4c", entries, random_weights=True)
     assert img.width <= 1100  # shown at about 780 px: its 15 px labels at 10.6 px or more
 
 
@@ -123,7 +123,7 @@ def test_figure_2_draws_every_layer_and_says_where_no_edge_arrives(browser, anal
     graph = {"nodes": [("mixed4b", 1), ("mixed4b", 2), ("mixed4c", 3)],
              "edges": [(("mixed4b", 1), ("mixed4c", 3), 0.5), (("mixed4b", 2), ("mixed4c", 3), 0.2)]}
     thumbs = {node: np.full((100, 100, 3), 40 * k, np.uint8) for k, node in enumerate(graph["nodes"])}
-    render(browser, figures.circuit_figure(graph, analyses, "two seeds", ["mixed4b", "mixed4c", "mixed4d"], thumbs),
+    render(browser, plots.circuit_figure(graph, analyses, "two seeds", ["mixed4b", "mixed4c", "mixed4d"], thumbs),
            tmp_path, "circuit")
     ticks = browser.execute_script("return [...document.querySelectorAll('.xtick text')].map(t => t.textContent)")
     assert ticks == ["mixed4b", "mixed4c", "mixed4d"]
@@ -137,7 +137,7 @@ def test_figures_5_to_10_draw_the_untrained_control_beside_the_features(browser,
     rng = np.random.default_rng(3)
     control = analyse_branches("mixed4c", rng.normal(size=(300, 512)).astype(np.float32),
                                architecture_slices("mixed4c"), np.ones(300))
-    render(browser, figures.branch_fraction_figure(analysis, "5x5", {"animal": [1, 2]}, control=control),
+    render(browser, plots.branch_fraction_figure(analysis, "5x5", {"animal": [1, 2]}, control=control),
            tmp_path, "control")
     assert "same pipeline, untrained network" in legend(browser)
     xs = browser.execute_script("return Array.from(document.querySelector('.plotly-graph-div')._fullData[1].x)")
@@ -148,7 +148,7 @@ def test_a_figure_output_draws_itself_in_the_book_and_outside_it(browser, analys
     """In the book, plotly.js is the book's own (loaded deferred, so after the output's script): the
     figure waits for it and fetches nothing. Opened elsewhere with no plotly.js (the downloadable .ipynb
     on Colab), the output loads plotly.js from its CDN itself (offline here: only the request is checked)."""
-    html = figures.figure_html(figures.branch_fraction_figure(analysis, "5x5"))
+    html = page.figure_html(plots.branch_fraction_figure(analysis, "5x5"))
     (tmp_path / "plotly.min.js").write_bytes(PLOTLY_JS.read_bytes())
     book = tmp_path / "book.html"
     book.write_text(f'<html><head><script defer src="plotly.min.js"></script></head><body>{html}</body></html>')
@@ -165,4 +165,4 @@ def test_a_figure_output_draws_itself_in_the_book_and_outside_it(browser, analys
     browser.get(bare.as_uri())
     time.sleep(0.3)
     cdn = browser.execute_script("return [...document.scripts].map(s => s.src).filter(s => s.startsWith('http'))")
-    assert cdn == [figures.PLOTLY_CDN.format(version=plotly.offline.get_plotlyjs_version())]
+    assert cdn == [page.PLOTLY_CDN.format(version=plotly.offline.get_plotlyjs_version())]

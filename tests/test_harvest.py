@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import SAMPLE, make_images, needs_sample
-from helpers import store as store_module
+from helpers.data import store as store_module
 from helpers.files import DiskFullError, read_json
-from helpers.harvest import HarvestConfig, harvest, select_positions
-from helpers.images import list_images, load_image
-from helpers.inception import LayerCapture, model_input_from_uint8
-from helpers.store import ActivationStore, StoreError, finished_shards
+from helpers.data.harvest import HarvestConfig, harvest, select_positions
+from helpers.data.images import list_images, load_image
+from helpers.data.inception import LayerCapture, model_input_from_uint8
+from helpers.data.store import ActivationStore, StoreError, finished_shards
 
 
 def recompute(model, path, layers):

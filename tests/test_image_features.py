@@ -5,9 +5,9 @@ loop over features gives, and switching it off drops the one class it drives."""
 import numpy as np
 import torch
 
-from helpers.image_features import ImageProbe, class_moves, image_features
-from helpers.loss import topk_sae
-from helpers.sae import TopKSAE
+from helpers.analysis.image_features import ImageProbe, class_moves, image_features
+from helpers.sae.loss import topk_sae
+from helpers.sae.model import TopKSAE
 from test_switch import Planted
 
 

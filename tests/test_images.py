@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from helpers.images import ImageDataset, collate, decode_on_device, imagenet_classes, list_images, load_image, wnid_of
+from helpers.data.images import ImageDataset, collate, decode_on_device, imagenet_classes, list_images, load_image, wnid_of
 
 
 def test_imagenet_classes_table():
@@ -100,7 +100,7 @@ def test_a_downloaded_image_set_is_fetched_once_and_labelled(tmp_path, monkeypat
     import tarfile
     import threading
 
-    from helpers import images as images_module
+    from helpers.data import images as images_module
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
         http.server.SimpleHTTPRequestHandler, directory=str(tmp_path)))
@@ -130,7 +130,7 @@ def test_a_downloaded_image_set_is_fetched_once_and_labelled(tmp_path, monkeypat
 
 
 def test_a_download_offline_says_what_to_do(tmp_path, monkeypatch):
-    from helpers import images as images_module
+    from helpers.data import images as images_module
 
     monkeypatch.setitem(images_module.DOWNLOADS, "test-set", [("http://nowhere.invalid/x.tgz", "x", ("",))])
     with pytest.raises(FileNotFoundError, match="could not download http://nowhere.invalid/x.tgz .*pass --images"):
@@ -203,8 +203,8 @@ def test_a_file_name_that_is_not_utf8_is_harvested(tmp_path, image_dir):
     import shutil
 
     from helpers.config import HarvestConfig
-    from helpers.harvest import harvest
-    from helpers.store import ActivationStore
+    from helpers.data.harvest import harvest
+    from helpers.data.store import ActivationStore
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -3,7 +3,7 @@ import urllib.error
 import pytest
 import torch
 
-from helpers.inception import (PAPER_LAYERS, LayerCapture, WeightsUnavailable, architecture_slices, branch_slices,
+from helpers.data.inception import (PAPER_LAYERS, LayerCapture, WeightsUnavailable, architecture_slices, branch_slices,
                                check_layers, layer_width, load_model, lucent_cache_path, model_input,
                                model_input_from_uint8)
 
@@ -136,7 +136,7 @@ def test_class_names_are_fetched_once_and_fall_back_to_indices(tmp_path, monkeyp
     import http.server
     import threading
 
-    from helpers import inception
+    from helpers.data import inception
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     served = tmp_path / "served"

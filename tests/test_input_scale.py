@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import runs
-from helpers.harvest import HarvestConfig, harvest
-from helpers.images import load_image
-from helpers.inception import LayerCapture, model_input_from_uint8
-from helpers.loss import fvu
-from helpers.profiles import context
-from helpers.sae import TopKSAE
-from helpers.store import ActivationStore, StoreError, read_manifest
-from helpers.train import TrainConfig, train
+from helpers.run import artifacts
+from helpers.data.harvest import HarvestConfig, harvest
+from helpers.data.images import load_image
+from helpers.data.inception import LayerCapture, model_input_from_uint8
+from helpers.sae.loss import fvu
+from helpers.run.artifacts import open_run
+from helpers.sae.model import TopKSAE
+from helpers.data.store import ActivationStore, StoreError, read_manifest
+from helpers.sae.train import TrainConfig, train
 
 
 def test_model_input_under_each_convention():
@@ -90,13 +90,13 @@ def test_an_sae_refuses_a_harvest_of_the_other_convention(two_harvests, tmp_path
     for made_on, harvest_of in (("unit", "lucent"), ("lucent", "unit")):
         sae.save(tmp_path / made_on, layer="mixed4a", input_scale=made_on)
         loaded = TopKSAE.load(tmp_path / made_on)
-        with pytest.raises(runs.InputScaleMismatch, match=f"trained on activations of '{made_on}' inputs"):
-            runs.check_input_scale(loaded, read_manifest(two_harvests[harvest_of]), tmp_path / made_on)
-        runs.check_input_scale(loaded, read_manifest(two_harvests[made_on]), tmp_path / made_on)  # no error
+        with pytest.raises(artifacts.InputScaleMismatch, match=f"trained on activations of '{made_on}' inputs"):
+            artifacts.check_input_scale(loaded, read_manifest(two_harvests[harvest_of]), tmp_path / made_on)
+        artifacts.check_input_scale(loaded, read_manifest(two_harvests[made_on]), tmp_path / made_on)  # no error
 
 
 def test_the_authors_saes_get_a_harvest_of_their_convention(tmp_path):
-    author, ours = context("smoke", str(tmp_path), "author"), context("smoke", str(tmp_path), "train")
-    assert author.input_scale == "unit" and ours.input_scale == "lucent"
+    author, ours = open_run("smoke", str(tmp_path), "author"), open_run("smoke", str(tmp_path), "train")
+    assert author.harvest_config().input_scale == "unit" and ours.harvest_config().input_scale == "lucent"
     assert author.harvest_dir != ours.harvest_dir
     assert "[0, 1] as they are" in author.banner() and "x*255-117" in ours.banner()

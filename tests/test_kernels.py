@@ -8,11 +8,11 @@ import textwrap
 import pytest
 import torch
 
-from helpers.kernels import sparse_decode, torch_decode, triton_enabled
+from helpers.sae.kernels import sparse_decode, torch_decode, triton_enabled
 
 CHECK = textwrap.dedent("""
     import torch
-    from helpers.kernels import sparse_decode, triton_enabled
+    from helpers.sae.kernels import sparse_decode, triton_enabled
 
     torch.manual_seed(0)
     batch, k, n, d = 6, 5, 40, 70          # d not a multiple of the block, k not a power of 2
@@ -30,7 +30,7 @@ CHECK = textwrap.dedent("""
     assert torch.allclose(out, dense, atol=1e-5), (out - dense).abs().max()
     assert torch.allclose(W.grad, W2.grad, atol=1e-5), (W.grad - W2.grad).abs().max()
     assert torch.allclose(vals.grad, z2.grad.gather(1, idx), atol=1e-5)
-    from helpers import kernels
+    from helpers.sae import kernels
     assert kernels._CHECKS == {"cpu": True}  # the first-use check passed and the kernels ran
     print("ok")
 """)
@@ -64,7 +64,7 @@ def _is_wrong(indices, values, weight):
 
 @pytest.mark.parametrize("broken,why", [(_fails_to_build, "PTX compile failed"), (_is_wrong, "differ")])
 def test_kernels_that_fail_their_first_use_check_fall_back_with_a_warning(monkeypatch, broken, why):
-    from helpers import kernels
+    from helpers.sae import kernels
 
     monkeypatch.setattr(kernels, "triton_enabled", lambda weight: True)
     monkeypatch.setattr(kernels._TritonDecode, "apply", broken)

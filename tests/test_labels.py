@@ -1,8 +1,8 @@
 import numpy as np
 
 from conftest import SAMPLE, needs_sample
-from helpers.images import list_images
-from helpers.labels import class_labels, colour_label, highlight_sets, hue_name
+from helpers.data.images import list_images
+from helpers.analysis.labels import class_labels, colour_label, highlight_sets, hue_name
 
 
 def test_class_labels_from_known_classes():
@@ -43,7 +43,7 @@ def test_labels_of_real_sample_images():
 
 def test_colour_labels_of_generated_coloured_patches():
     """Images with a saturated square on grey: the label read around the patch's cells is its colour."""
-    from helpers.examples import cell_colours
+    from helpers.analysis.examples import cell_colours
 
     for rgb, name in [((220, 30, 30), "red"), ((40, 60, 230), "blue"), ((40, 200, 60), "green")]:
         image = np.full((224, 224, 3), 128, np.uint8)

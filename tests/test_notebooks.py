@@ -6,7 +6,7 @@ import re
 import nbformat
 import pytest
 
-from helpers.book import notebooks
+from helpers.run.book import notebooks
 
 CHAPTERS = ["01_inceptionv1_branches", "02_harvesting", "03_training", "04_branch_specialization", "05_circuits",
             "06_umap", "07_feature_visualization", "08_feature_explorer", "09_comparing_saes"]
@@ -27,13 +27,20 @@ def test_committed_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.stem)
-def test_parameters_cell_and_colab_badge(path):
+def test_one_boilerplate_cell_and_the_colab_badge(path):
+    """Parameters, the Colab install, the run and its banner: one cell, right after the title, its code folded
+    away in the book; every later cell reaches artifacts through the typed run, never a string key."""
     nb = nbformat.read(path, as_version=4)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(tagged) == 1 and "profile = None" in tagged[0].source
+    assert len(tagged) == 1 and tagged[0] is nb.cells[1]
+    cell = tagged[0]
+    for line in ("profile = None", "google.colab", "run = open_run(profile)", "page.banner(run)"):
+        assert line in cell.source, line
+    assert "hide-input" in cell.metadata.tags
     assert "colab.research.google.com/github/" in nb.cells[0].source and f"/nbs/{path.name}" in nb.cells[0].source
-    colab = [c for c in nb.cells if "google.colab" in c.source]
-    assert colab and "remove-cell" in colab[0].metadata.get("tags", [])
+    code = [c.source for c in nb.cells[2:] if c.cell_type == "code"]
+    assert not [c for c in code if "google.colab" in c or "open_run(" in c or "banner(" in c]
+    assert not [c for c in code if re.search(r"\b(runs\.get|get\(run, \")", c)]
 
 
 def _outputs(path):
@@ -67,6 +74,17 @@ def test_seeing_features_chapters_show_figure_1_and_link_the_atlas(smoke_book):
     assert any('href="../atlas/mixed4c/index.html"' in h for h in html)
     for name in ("mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e", "all"):
         assert (smoke_book["run"] / "figures" / f"figure-01-{name}.png").exists(), name
+
+
+def test_chapter_02_says_what_the_images_are(smoke_book):
+    tables = [o["data"]["text/markdown"] for o in _outputs(smoke_book["executed"]["02_harvesting"])
+              if "text/markdown" in o.get("data", {}) and "image source" in o["data"]["text/markdown"]]
+    assert len(tables) == 1
+    header, _, row = tables[0].splitlines()[:3]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[:3] == ["image source", "images", "ImageNet classes"], columns
+    values = dict(zip(columns, (c.strip() for c in row.strip("|").split("|"))))
+    assert int(values["images"]) == 64 and 0 <= int(values["ImageNet classes"]) <= 64
 
 
 def test_later_chapters_reuse_the_run(smoke_book):

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.branches import BRANCHES, baseline, dominant_branch, fraction_in_branch, most_specialised
-from helpers.circuits import ablation_edges
-from helpers.embed import umap_embedding
-from helpers.harvest import HarvestConfig, harvest
-from helpers.images import load_image
-from helpers.inception import LayerCapture, load_model, model_input_from_uint8
-from helpers.sae import TopKSAE
-from helpers.store import ActivationStore
-from helpers.train import TrainConfig, train
+from helpers.analysis.branches import BRANCHES, baseline, dominant_branch, fraction_in_branch, most_specialised
+from helpers.analysis.circuits import ablation_edges
+from helpers.analysis.embed import umap_embedding
+from helpers.data.harvest import HarvestConfig, harvest
+from helpers.data.images import load_image
+from helpers.data.inception import LayerCapture, load_model, model_input_from_uint8
+from helpers.sae.model import TopKSAE
+from helpers.data.store import ActivationStore
+from helpers.sae.train import TrainConfig, train
 from planted import clear_of_disc, in_disc, plant_red_disc_signal, red_disc_images
 
 

@@ -1,6 +1,7 @@
 import pytest
 
-from helpers import book, profiles
+from helpers.run import artifacts, book, profiles
+from helpers.run.artifacts import Run, open_run
 
 
 def test_profiles_scale_up():
@@ -15,20 +16,20 @@ def test_profiles_scale_up():
         profiles.get_profile("huge")
 
 
-def test_context_from_environment(monkeypatch, tmp_path):
+def test_a_run_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SAE_PROFILE", "smoke")
     monkeypatch.setenv("SAE_RUN_DIR", str(tmp_path))
-    ctx = profiles.context()
-    assert ctx.profile.name == "smoke" and ctx.run_dir == tmp_path and ctx.random_weights
-    assert ctx.sae_dir("mixed4c") == tmp_path / "saes" / "mixed4c"
-    assert ctx.banner().startswith(":::{warning}") and "Not a result" in ctx.banner()
+    run = open_run()
+    assert run.profile.name == "smoke" and run.run_dir == tmp_path and run.random_weights
+    assert run.sae_path("mixed4c") == tmp_path / "saes" / "mixed4c"
+    assert run.banner().startswith(":::{warning}") and "Not a result" in run.banner()
     monkeypatch.setenv("SAE_SAES", "author")
-    assert profiles.context().sae_dir("mixed4c") == tmp_path / "author-saes" / "mixed4c"
+    assert open_run().sae_path("mixed4c") == tmp_path / "author-saes" / "mixed4c"
 
 
 def test_real_profile_banner_is_a_note():
-    ctx = profiles.Context(profiles.PROFILES["cpu"], profiles.ROOT / "runs" / "cpu")
-    assert ctx.banner().startswith(":::{note}") and "Not a result" not in ctx.banner()
+    run = Run(profiles.PROFILES["cpu"], profiles.ROOT / "runs" / "cpu")
+    assert run.banner().startswith(":::{note}") and "Not a result" not in run.banner()
 
 
 def test_default_build_falls_back_to_smoke_with_the_reason(monkeypatch, capsys):
@@ -59,12 +60,10 @@ def test_preflight_offline_names_what_failed(monkeypatch):
 
 
 def test_smoke_images_come_from_the_sample_or_are_generated(tmp_path, monkeypatch):
-    from helpers import runs
-
-    ctx = profiles.Context(profiles.PROFILES["smoke"], tmp_path)
-    monkeypatch.setattr(runs, "SAMPLE", tmp_path / "absent")
-    folder = runs.image_source(ctx)
-    from helpers.images import list_images
+    run = Run(profiles.PROFILES["smoke"], tmp_path)
+    monkeypatch.setattr(artifacts, "SAMPLE", tmp_path / "absent")
+    folder = run.image_source()
+    from helpers.data.images import list_images
     assert len(list_images(folder)) == 64
 
 
@@ -75,14 +74,28 @@ def test_on_colab_a_chapter_defaults_to_the_authors_saes_on_a_small_image_set(mo
     monkeypatch.delenv("SAE_PROFILE", raising=False)
     monkeypatch.delenv("SAE_SAES", raising=False)
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
-    ctx = profiles.context(None, str(tmp_path))
-    assert ctx.profile.name == "colab" and ctx.saes == "author" and ctx.input_scale == "unit"
-    assert ctx.profile.harvest.images == "imagenet-sample" and ctx.profile.weights == "lucent"
-    assert profiles.context("colab", str(tmp_path), "train").saes == "train"  # one switch away
+    run = open_run(None, str(tmp_path))
+    assert run.profile.name == "colab" and run.saes == "author" and run.harvest_config().input_scale == "unit"
+    assert run.profile.harvest.images == "imagenet-sample" and run.profile.weights == "lucent"
+    assert open_run("colab", str(tmp_path), "train").saes == "train"  # one switch away
+
+
+def test_the_environment_is_read_in_one_place(monkeypatch, tmp_path):
+    """Settings.from_environment is the one reader of SAE_*; a run opened with explicit settings ignores the
+    environment, and a bad SAE_SAES is named."""
+    monkeypatch.setenv("SAE_PROFILE", "cpu")
+    run = open_run(settings=profiles.Settings(profile="smoke", run_dir=str(tmp_path), saes="train"))
+    assert (run.profile.name, run.run_dir, run.saes) == ("smoke", tmp_path, "train")
+    monkeypatch.setenv("SAE_SAES", "theirs")
+    with pytest.raises(ValueError, match="SAE_SAES='theirs'; choose 'train' or 'author'"):
+        profiles.Settings.from_environment()
+    paper = profiles.get_profile("paper", profiles.Settings(imagenet_train="/imagenet/train"))
+    assert paper.harvest.images == "/imagenet/train"
+    assert profiles.get_profile("paper").harvest.images == profiles.IMAGENET_TRAIN
 
 
 def test_the_book_shows_the_authors_saes_by_default_when_they_can_be_fetched(monkeypatch):
-    from helpers import author
+    from helpers.run import author
 
     monkeypatch.delenv("SAE_SAES", raising=False)
     monkeypatch.setattr(author, "available", lambda layer="mixed4c": True)

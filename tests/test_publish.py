@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from helpers import publish
+from helpers.run import publish
 from helpers.cli import main as cli
 from helpers.files import write_json
-from helpers.publish import PublishError, model_card, stage
-from helpers.sae import TopKSAE
+from helpers.run.publish import PublishError, model_card, stage
+from helpers.sae.model import TopKSAE
 
 
 @pytest.fixture()

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from conftest import make_images
-from helpers import profiles, runs
-from helpers.author import AUTHOR_K, REPO_ID
-from helpers.inception import (RANDOM_WARNING, STAND_IN_KEY, is_stand_in, load_model, lucent_cache_path,
+from helpers.run import profiles
+from helpers.run.artifacts import Run
+from helpers.run.author import AUTHOR_K, REPO_ID
+from helpers.data.inception import (RANDOM_WARNING, STAND_IN_KEY, is_stand_in, load_model, lucent_cache_path,
                                stand_in_state_dict)
-from helpers.store import read_manifest
+from helpers.data.store import read_manifest
 
 
 @pytest.fixture()
@@ -59,30 +60,30 @@ def test_the_cpu_profiles_path_with_the_authors_saes_runs_on_stand_ins(stand_ins
                                                                    batch_size=6, layers=("mixed4b", "mixed4c")),
                                   circuit_images=2, circuit_sources=8)
     assert profile.weights == "lucent"  # the real loading path, not "random"
-    ctx = profiles.Context(profile, stand_ins / "run", saes="author")
-    assert ctx.random_weights and "Not a result" in ctx.banner()  # the stand-in is found out and labelled
+    run = Run(profile, stand_ins / "run", saes="author")
+    assert run.random_weights and "Not a result" in run.banner()  # the stand-in is found out and labelled
 
-    sae = runs.get(ctx, "sae", "mixed4c")  # from the hub cache, converted, saved with its convention
+    sae = run.sae("mixed4c")  # from the hub cache, converted, saved with its convention
     assert (sae.k, sae.d_sae, sae.tied) == (AUTHOR_K, 2048, "full")
-    cfg = json.loads((ctx.sae_dir("mixed4c") / "cfg.json").read_text())
+    cfg = json.loads((run.sae_path("mixed4c") / "cfg.json").read_text())
     assert cfg["metadata"]["input_scale"] == "unit" and cfg["metadata"]["source"] == f"hf:{REPO_ID}"
-    manifest = read_manifest(runs.get(ctx, "harvest"))
+    manifest = read_manifest(run.harvest())
     assert manifest.input_scale == "unit" and manifest.random_weights and "stand-in" in manifest.weights_id
-    assert ctx.harvest_dir.name == "harvest-unit"
-    analysis = runs.get(ctx, "branches", "mixed4c")
+    assert run.harvest_dir.name == "harvest-unit"
+    analysis = run.branches("mixed4c")
     assert analysis.fractions.shape == (2048, 4) and np.isfinite(analysis.fractions).all()
-    examples = runs.get(ctx, "examples", "mixed4c")
+    examples = run.examples("mixed4c")
     assert (examples.top_image[:, 0] >= 0).any()
-    acts = runs.layer_activations(ctx, ["mixed4b", "mixed4c"], 2)
-    from helpers.circuits import ablation_control
-    control = ablation_control(runs.get(ctx, "model"), runs.get(ctx, "sae", "mixed4b"), sae, "mixed4b",
+    acts = run.layer_activations(["mixed4b", "mixed4c"], 2)
+    from helpers.analysis.circuits import ablation_control
+    control = ablation_control(run.model(), run.sae("mixed4b"), sae, "mixed4b",
                                acts["mixed4b"], [0, 1])
     assert control["cases"] == 4
 
 
 def test_the_untrained_control_is_the_same_profile_on_random_weights(tmp_path):
-    ctx = profiles.Context(profiles.PROFILES["cpu"], tmp_path / "run")
-    control = runs.untrained_control(ctx)
+    run = Run(profiles.PROFILES["cpu"], tmp_path / "run")
+    control = run.untrained_control()
     assert control.profile.weights == "random" and control.random_weights
-    assert control.profile.harvest.images == ctx.profile.harvest.images and control.profile.train == ctx.profile.train
+    assert control.profile.harvest.images == run.profile.harvest.images and control.profile.train == run.profile.train
     assert control.harvest_dir == tmp_path / "run" / "untrained" / "harvest" and control.saes == "train"

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.loss import fvu, geometric_median, normalized_mse, topk_sae, training_loss
-from helpers.sae import TopKSAE
+from helpers.sae.loss import fvu, geometric_median, normalized_mse, topk_sae, training_loss
+from helpers.sae.model import TopKSAE
 
 
 def _randomised(tied, d_in=12, d_sae=48, k=5, seed=0):
@@ -156,7 +156,7 @@ def test_geometric_median_resists_outliers():
 
 def test_tied_init_sae_recovers_a_planted_dictionary(tmp_path):
     """Synthetic sparse data from a known dictionary: the SAE's decoder finds its atoms."""
-    from helpers.train import TrainConfig, train
+    from helpers.sae.train import TrainConfig, train
 
     rng = np.random.default_rng(0)
     d, atoms, n = 32, 96, 60_000
@@ -177,7 +177,7 @@ def test_tied_init_sae_recovers_a_planted_dictionary(tmp_path):
 
 
 def test_firing_stats_count_what_encode_gives():
-    from helpers.sae import firing_stats
+    from helpers.sae.model import firing_stats
 
     sae = _randomised("full")
     x = torch.randn(300, 12, generator=torch.Generator().manual_seed(9))

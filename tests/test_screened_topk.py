@@ -4,8 +4,8 @@ rounding errors add up coherently, and the latents it keeps are the exact TopK o
 import pytest
 import torch
 
-from helpers import screened_topk as st
-from helpers.sae import TopKSAE
+from helpers.sae import screened_topk as st
+from helpers.sae.model import TopKSAE
 
 pytestmark = pytest.mark.skipif(st.numba is None, reason="numba is not installed (it comes with umap-learn)")
 
@@ -129,7 +129,7 @@ def test_when_the_screen_applies(monkeypatch):
 def test_training_through_the_screen_equals_the_dense_equation(monkeypatch):
     """The training step's values and gradients with the screen on (and AuxK among dead latents) equal autograd
     through the dense SAE equation."""
-    from helpers.loss import normalized_mse
+    from helpers.sae.loss import normalized_mse
     from test_sae import dense_reference
 
     monkeypatch.setenv("SAE_SCREEN", "1")

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from helpers.inception import LayerCapture, branch_slices, model_input
-from helpers.loss import spliced_evaluation
-from helpers.sae import TopKSAE
+from helpers.data.inception import LayerCapture, branch_slices, model_input
+from helpers.analysis.spliced import spliced_evaluation
+from helpers.sae.model import TopKSAE
 
 
 @pytest.fixture(scope="module")

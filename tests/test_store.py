@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.store import ActivationStore, DeviceBatches, ShuffledBatches, StoreError
+from helpers.data.batches import DeviceBatches, ShuffledBatches
+from helpers.data.store import ActivationStore, StoreError
 
 
 def _rows(n, d=3, offset=0):
@@ -82,8 +83,8 @@ import json
 import shutil
 
 from helpers.config import HarvestConfig
-from helpers.harvest import harvest
-from helpers.store import read_manifest, shard_record_path, verify
+from helpers.data.harvest import harvest
+from helpers.data.store import read_manifest, shard_record_path, verify
 
 
 @pytest.fixture
@@ -171,7 +172,7 @@ def test_two_harvests_at_once_one_runs_one_stops(tmp_path, image_dir):
 
 
 def test_prefetch_keeps_the_order_and_raises_the_readers_error():
-    from helpers.store import prefetch
+    from helpers.data.batches import prefetch
 
     arrays = [_rows(50), _rows(30, offset=50)]
     plain = ShuffledBatches(arrays, batch_size=8, seed=1, buffer_rows=32, block_rows=16).batches(start=13)
@@ -192,7 +193,7 @@ def test_prefetch_keeps_the_order_and_raises_the_readers_error():
 def test_one_copy_loading_gives_the_order_of_concatenate_then_permute():
     """The chunk is assembled by scattering each block to its rows' places; the order is the one of
     concatenating the blocks and permuting the rows (the stream's definition), checked directly."""
-    from helpers.store import _rng
+    from helpers.data.batches import _rng
 
     arrays = [_rows(50), _rows(30, offset=50), _rows(20, offset=80)]
     sb = ShuffledBatches(arrays, batch_size=10, seed=4, buffer_rows=40, block_rows=16)

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from helpers.circuits import class_shifts, switch_features
-from helpers.sae import TopKSAE
+from helpers.analysis.circuits import class_shifts, switch_features
+from helpers.sae.model import TopKSAE
 
 
 class Planted(nn.Module):

@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.files import read_jsonl
-from helpers.sae import TopKSAE
-from helpers.store import StoreError
-from helpers.train import CHECKPOINT, NonFiniteLoss, TrainConfig, train
+from helpers.sae.model import TopKSAE
+from helpers.data.store import StoreError
+from helpers.sae.train import CHECKPOINT, NonFiniteLoss, TrainConfig, train
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_bad_inputs(tmp_path, vectors):
 def test_a_damaged_checkpoint_is_named_with_the_fix(tmp_path, vectors):
     from safetensors.torch import save_file
 
-    from helpers.train import CheckpointError
+    from helpers.sae.checkpoint import CheckpointError
 
     out = train(small(vectors, tmp_path / "s", vectors_seen=128 * 3))
     ckpt = out / CHECKPOINT
@@ -118,7 +118,7 @@ def test_resume_cuts_the_metrics_back_to_the_checkpoint(tmp_path, vectors):
     cfg = dict(vectors_seen=128 * 8, log_every=1, checkpoint_every=128 * 3)
     straight = read_jsonl(train(small(vectors, tmp_path / "straight", **cfg)) / "metrics.jsonl")
     with pytest.raises(NonFiniteLoss):  # a crash after step 4, past the checkpoint at step 3
-        import helpers.train as T
+        import helpers.sae.train as T
 
         real = T._log
         def crash(out_, state, *a, **k):
@@ -156,9 +156,9 @@ def test_numbers_that_make_no_sense_are_refused(tmp_path, vectors):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_our_adam_takes_torchs_adam_steps(monkeypatch, fused):
-    """train.Adam against torch.optim.Adam (the reference): the same parameters after several steps with
+    """adam.Adam against torch.optim.Adam (the reference): the same parameters after several steps with
     gradients missing on some, on the fused kernel and on the fallback a device without it takes."""
-    from helpers.train import Adam
+    from helpers.sae.adam import Adam
 
     if not fused:
         def unsupported(*args, **kwargs):
@@ -188,7 +188,7 @@ def test_our_adam_takes_torchs_adam_steps(monkeypatch, fused):
 def test_autograd_sees_a_parameter_our_adam_changed(monkeypatch, fused):
     """A step changes parameters in place; a graph that saved one before the step must refuse to backpropagate
     through its old value, as after any in-place change (torch's fused kernel alone would not tell autograd)."""
-    from helpers.train import Adam
+    from helpers.sae.adam import Adam
 
     if not fused:
         monkeypatch.setattr(torch, "_fused_adam_", lambda *a, **k: (_ for _ in ()).throw(NotImplementedError()))
@@ -202,12 +202,12 @@ def test_autograd_sees_a_parameter_our_adam_changed(monkeypatch, fused):
 
 
 def test_the_optimizer_does_not_import_torch_dynamo():
-    """Constructing and stepping train.Adam leaves torch._dynamo unimported (1.4 s here, 3 s on a GPU
+    """Constructing and stepping adam.Adam leaves torch._dynamo unimported (1.4 s here, 3 s on a GPU
     machine, that every training process would otherwise pay before its first step)."""
     import subprocess
     import sys
 
-    code = ("import sys, torch\nfrom helpers.train import Adam\np = torch.zeros(3, requires_grad=True)\n"
+    code = ("import sys, torch\nfrom helpers.sae.adam import Adam\np = torch.zeros(3, requires_grad=True)\n"
             "o = Adam([p], 0.1)\np.grad = torch.ones(3)\no.step()\nprint('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

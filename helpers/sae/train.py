@@ -1,7 +1,7 @@
 """Train a TopK SAE on harvested activation vectors (or any [N, d] array).
 
 The budget is counted in vectors seen (the paper: about 1e9 per SAE). Batches stream
-shuffled from the memory-mapped store (``store.ShuffledBatches``), so a store larger than
+shuffled from the memory-mapped store (``batches.ShuffledBatches``), so a store larger than
 RAM trains fine. A held-out slice of the vectors gives the final FVU.
 
 Records, all in ``--out``: ``metrics.jsonl`` (one line per logging step), ``checkpoint.safetensors``
@@ -24,20 +24,18 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import __version__
-from .config import TrainConfig
-from .files import CFG_FILE, CHECKPOINT, METRICS, TRAIN_RECORD, append_jsonl, atomic_write, read_jsonl, write_json
-from .loss import fvu, geometric_median, normalized_mse, training_loss
-from .progress import progress
-from .sae import TopKSAE
-from .store import ActivationStore, ShuffledBatches, StoreError, prefetch, random_rows
+from helpers import __version__
+from helpers.config import TrainConfig
+from helpers.data.batches import ShuffledBatches, prefetch, random_rows
+from helpers.files import CFG_FILE, CHECKPOINT, METRICS, TRAIN_RECORD, append_jsonl, atomic_write, read_jsonl, write_json
+from helpers.progress import progress
+from helpers.sae.adam import Adam
+from helpers.sae.checkpoint import load_checkpoint, save_checkpoint
+from helpers.sae.loss import fvu, geometric_median, normalized_mse, training_loss
+from helpers.sae.model import TopKSAE
+from helpers.sae.source import open_source, split_holdout
 
 log = logging.getLogger(__name__)
-
-
-# settings a resumed run must share with the checkpoint (the budget may grow)
-_RESUME_KEYS = ("run", "layer", "vectors", "expansion", "k", "tied", "aux_k", "aux_coef", "lr", "batch_size",
-                "seed", "holdout", "dead_after", "store")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -47,161 +45,6 @@ class NonFiniteLoss(RuntimeError):
 def default_lr(d_sae: int) -> float:
     """Gao et al.'s scaling of the learning rate with the number of latents."""
     return 2e-4 / math.sqrt(d_sae / 2**14)
-
-
-class Adam:
-    """Adam (Kingma and Ba) exactly as ``torch.optim.Adam(fused=True)`` computes it: torch's fused kernel (one
-    pass over parameters, gradients and both moments; CPU and CUDA) and the same per-parameter state (``step``,
-    ``exp_avg``, ``exp_avg_sq``), so checkpoints of either resume in the other. Without ``torch.optim``:
-    making a torch optimizer first imports ``torch._dynamo``, 1.4 s on this project's 2-core CPU and 3 s on a
-    GPU machine, which every training process would pay before its first step."""
-
-    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.params, self.lr, self.betas, self.eps = list(params), lr, betas, eps
-        self.state = {p: {"step": torch.zeros((), device=p.device), "exp_avg": torch.zeros_like(p),
-                          "exp_avg_sq": torch.zeros_like(p)} for p in self.params}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        params = [p for p in self.params if p.grad is not None]
-        if not params:
-            return
-        states = [self.state[p] for p in params]
-        steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1)
-        (b1, b2), grads = self.betas, [p.grad for p in params]
-        moments = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        try:
-            torch._fused_adam_(params, grads, *moments, [], steps, lr=self.lr, beta1=b1, beta2=b2, weight_decay=0.0,
-                               eps=self.eps, amsgrad=False, maximize=False)
-            torch.autograd.graph.increment_version(params)  # the kernel does not: autograd must see the change
-        except (RuntimeError, NotImplementedError):  # a device without the fused kernel: the same equations
-            for p, g, m, v, step in zip(params, grads, *moments, steps):
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                n = float(step)
-                p.addcdiv_(m, (v / (1 - b2**n)).sqrt_().add_(self.eps), value=-self.lr / (1 - b1**n))
-
-
-def open_source(cfg: TrainConfig) -> tuple[list[np.ndarray], dict]:
-    """The arrays to train on and what is known about them (layer, branch slices, weights)."""
-    if (cfg.run is None) == (cfg.vectors is None):
-        raise ValueError("give either --run DIR --layer NAME (a harvest) or --vectors FILE.npy, not both or neither")
-    if cfg.run is not None:
-        if cfg.layer is None:
-            raise ValueError("--run needs --layer (e.g. --layer mixed4c)")
-        store = ActivationStore(cfg.run, cfg.layer)
-        return store.vector_arrays(), {"layer": cfg.layer, "branch_slices": store.branch_slices,
-                                       "weights_id": store.weights_id, "source": str(Path(cfg.run).resolve()),
-                                       "input_scale": store.manifest.input_scale}
-    path = Path(cfg.vectors)
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise StoreError(f"cannot read {path} as an .npy array ({e}); --vectors takes one array saved with "
-                         "numpy.save, of shape [N, d]") from e
-    if not isinstance(array, np.ndarray):  # an .npz archive, whatever its name
-        array.close()
-        raise StoreError(f"{path} is an .npz archive of several arrays, not one .npy array; save the vectors "
-                         "with numpy.save(path, vectors) (shape [N, d])")
-    if array.ndim != 2 or array.dtype.kind != "f" or 0 in array.shape:
-        raise StoreError(f"{path} holds a {array.dtype} array of shape {array.shape}; --vectors needs float "
-                         "vectors of shape [N, d], N and d at least 1")
-    info = {"layer": cfg.layer, "branch_slices": None, "weights_id": None, "source": str(path.resolve()),
-            "input_scale": None}  # a bare .npy says nothing of how its vectors were made
-    if cfg.layer is not None:
-        from .inception import architecture_slices, layer_width
-
-        slices = architecture_slices(cfg.layer)
-        if layer_width(slices) != array.shape[1]:
-            raise StoreError(f"{path} has vectors of width {array.shape[1]} but {cfg.layer} is "
-                             f"{layer_width(slices)} wide; pass the matching --layer or none")
-        info["branch_slices"] = slices
-    return [array], info
-
-
-MIN_HOLDOUT = 32  # fewer held-out vectors give an FVU that means nothing (one vector has no variance)
-
-
-def split_holdout(arrays: list[np.ndarray], holdout: int):
-    """(training arrays, held-out vectors): the last ``holdout`` vectors, at most a tenth of them all."""
-    total = sum(len(a) for a in arrays)
-    last = arrays[-1]
-    n = min(holdout, total // 10, max(len(last) - 1, 0))
-    if holdout and n < MIN_HOLDOUT:
-        raise ValueError(f"only {n} of the {total} vectors can be held out for the final FVU (at most a tenth, "
-                         f"from the last shard), fewer than {MIN_HOLDOUT}: harvest more vectors, or pass "
-                         "--holdout 0 to skip the held-out evaluation")
-    return arrays[:-1] + [last[: len(last) - n]], last[len(last) - n:]
-
-
-def _save_checkpoint(path: Path, state, cfg) -> None:
-    from safetensors.torch import save as save_bytes
-
-    sae, opt = state.sae, state.opt
-    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
-    names = {id(p): n for n, p in sae.named_parameters()}
-    for p, st in opt.state.items():
-        for key, value in st.items():
-            tensors[f"adam/{names[id(p)]}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    tensors["since_fired"] = state.since_fired.cpu()
-    meta = {"vectors_seen": str(state.seen), "step": str(state.step), "config": json.dumps(asdict(cfg))}
-    data = save_bytes(tensors, metadata=meta)
-    atomic_write(path, lambda f: f.write(data))
-
-
-class CheckpointError(ValueError):
-    """A training checkpoint that cannot be resumed from."""
-
-
-def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """(metadata, tensors, the config it was made with), or a CheckpointError naming the file and the fix."""
-    from safetensors import safe_open
-
-    fix = f"delete {path} to train from the start, or restore it from a copy, and run again"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # truncated, not a safetensors file, ...
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); {fix}") from e
-    try:
-        old = json.loads(meta["config"])
-        int(meta["vectors_seen"]), int(meta["step"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path} lacks this trainer's metadata (config, vectors_seen, step); {fix}") from e
-    return meta, tensors, old
-
-
-def _load_checkpoint(path: Path, state, cfg, device) -> None:
-    sae, opt = state.sae, state.opt
-    meta, tensors, old = _read_checkpoint(path)
-    differ = [k for k in _RESUME_KEYS if old.get(k) != asdict(cfg).get(k)]
-    if differ:
-        raise ValueError(f"cannot resume: the checkpoint in {path.parent} was made with other settings "
-                         f"({', '.join(f'{k}={old.get(k)!r}' for k in differ)}); use those or a new --out")
-    missing = [n for n in [f"param/{n}" for n, _ in sae.named_parameters()] + ["since_fired"] if n not in tensors]
-    wrong = [n for n, p in sae.named_parameters() if f"param/{n}" in tensors and tensors[f"param/{n}"].shape != p.shape]
-    if missing or wrong:
-        raise CheckpointError(f"{path} does not hold this SAE (missing {missing[:3]}, other shapes {wrong[:3]}); "
-                              f"delete it to train from the start, or use the --out it belongs to")
-    with torch.no_grad():
-        for n, p in sae.named_parameters():
-            p.copy_(tensors[f"param/{n}"])
-    names = dict(sae.named_parameters())
-    adam = {}
-    for key, value in tensors.items():
-        if key.startswith("adam/"):
-            _, n, field_name = key.split("/")
-            adam.setdefault(n, {})[field_name] = value.to(device)
-    for n, st in adam.items():
-        opt.state[names[n]] = st
-    state.since_fired = tensors["since_fired"].to(device)
-    state.seen, state.step = int(meta["vectors_seen"]), int(meta["step"])
 
 
 @dataclass
@@ -227,7 +70,7 @@ class _Step(NamedTuple):
 def train(cfg: TrainConfig) -> Path:
     """Train (or resume) one SAE; returns the output directory. The steps: open the vectors, start
     (or resume) the SAE, then step, log and checkpoint until the budget is spent, then save."""
-    from . import distributed
+    from helpers import distributed
 
     clock = _Clock()
     with clock("open"):
@@ -268,10 +111,10 @@ def train(cfg: TrainConfig) -> Path:
             with clock("checkpoint"):
                 if rank == 0 and last:  # nothing changes the state any more: written while the evaluation runs
                     writer = ThreadPoolExecutor(1)
-                    final_checkpoint = writer.submit(_save_checkpoint, out / CHECKPOINT, state, cfg)
+                    final_checkpoint = writer.submit(save_checkpoint, out / CHECKPOINT, state, cfg)
                     writer.shutdown(wait=False)
                 elif rank == 0:
-                    _save_checkpoint(out / CHECKPOINT, state, cfg)
+                    save_checkpoint(out / CHECKPOINT, state, cfg)
                 distributed.barrier()
             next_ckpt += cfg.checkpoint_every
     bar.close()
@@ -309,7 +152,7 @@ def _start(cfg: TrainConfig, out: Path, arrays, d_sae: int, device: torch.device
     state = _State(sae, Adam(sae.parameters(), cfg.lr or default_lr(d_sae)),
                    torch.zeros(d_sae, dtype=torch.long, device=device))
     if cfg.resume and ckpt.exists():
-        _load_checkpoint(ckpt, state, cfg, device)
+        load_checkpoint(ckpt, state, cfg, device)
         log.info("resuming %s at %d vectors", out, state.seen)
     else:
         with torch.no_grad():
@@ -324,7 +167,7 @@ def _start(cfg: TrainConfig, out: Path, arrays, d_sae: int, device: torch.device
 def _step(cfg: TrainConfig, state: _State, x: torch.Tensor) -> _Step:
     """One optimisation step on the batch x: forward, loss, backward (gradients averaged over
     ranks), Adam, the decoder constraint, and the dead-latent counters."""
-    from . import distributed
+    from helpers import distributed
 
     sae = state.sae
     dead = state.since_fired >= min(cfg.dead_after, max(state.seen, 1))
@@ -396,7 +239,7 @@ def _batches(cfg: TrainConfig, arrays, device: torch.device, d_sae: int, start: 
     vectors on the device. On CUDA the disk stream is read ahead by a background thread while each
     step runs on the GPU; on a CPU that thread would take cores from the step itself (measured: 7%
     slower on 2 cores), so the next batch is read when it is needed (one copy per block)."""
-    from .store import DeviceBatches
+    from helpers.data.batches import DeviceBatches
 
     rows, d = sum(len(a) for a in arrays), arrays[0].shape[1]
     mode = cfg.store
@@ -424,7 +267,7 @@ def _batches(cfg: TrainConfig, arrays, device: torch.device, d_sae: int, start: 
 @torch.no_grad()
 def _global_stats(loss, x_hat, x, code) -> dict:
     """Loss, FVU and L0 of the whole (global) batch, summed over ranks under torchrun."""
-    from . import distributed
+    from helpers import distributed
 
     x_hat = x_hat.float()
     sums = torch.stack([loss.detach().float() * len(x), (x_hat - x).pow(2).sum(), x.pow(2).sum(),
@@ -441,7 +284,7 @@ def _global_stats(loss, x_hat, x, code) -> dict:
 def _finish(out, state, cfg, info, held, lr, last_record, device, clock: _Clock, final_checkpoint=None) -> Path:
     """The held-out evaluation (while ``final_checkpoint``, the last checkpoint's write, finishes), then the SAE
     (``cfg.json`` with its provenance, weights) and ``train.json`` (with the seconds spent in each phase)."""
-    from .inception import RANDOM_WARNING, is_random
+    from helpers.data.inception import RANDOM_WARNING, is_random
 
     sae, seen = state.sae, state.seen
     held_fvu = held_nmse = None
@@ -488,26 +331,3 @@ def summary(sae_dirs: dict[str, Path]) -> list[dict]:
                      "held-out FVU": meta.get("final_fvu"), "held-out NMSE": meta.get("final_nmse"),
                      "dead fraction": meta.get("dead_fraction")})
     return rows
-
-
-def train_layers(cfg: TrainConfig, layers, devices) -> dict[str, Path]:
-    """One SAE per layer, all at once: a process per layer, on ``devices`` in turn
-    (e.g. five layers on cuda:0..cuda:4). Each writes ``cfg.out/<layer>``."""
-    import subprocess
-    import sys
-
-    procs = {}
-    for i, layer in enumerate(layers):
-        one = {**asdict(cfg), "layer": layer, "out": str(Path(cfg.out) / layer), "device": devices[i % len(devices)]}
-        args = [sys.executable, "-m", "helpers", "train"]
-        for key, value in one.items():
-            flag = "--" + key.replace("_", "-")
-            if isinstance(value, bool):
-                args.append(flag if value else "--no-" + key.replace("_", "-"))
-            elif value is not None:
-                args += [flag, str(value)]
-        procs[layer] = subprocess.Popen(args)
-    failed = [layer for layer, p in procs.items() if p.wait() != 0]
-    if failed:
-        raise RuntimeError(f"training failed for {', '.join(failed)}; see the output above, fix, and rerun with --resume")
-    return {layer: Path(cfg.out) / layer for layer in layers}

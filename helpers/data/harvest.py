@@ -30,15 +30,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import __version__
-from .config import HarvestConfig
-from .files import HARVEST_LOG, MANIFEST, append_jsonl, exclusive_lock
-from .images import ImageDataset, collate, decode_on_device, list_images
-from .inception import (RANDOM_WARNING, LayerCapture, branch_slices, check_layers, is_random, layer_width, load_model,
+from helpers import __version__
+from helpers.config import HarvestConfig
+from helpers.files import HARVEST_LOG, MANIFEST, append_jsonl, exclusive_lock
+from helpers.data.images import ImageDataset, collate, decode_on_device, list_images
+from helpers.data.inception import (RANDOM_WARNING, LayerCapture, branch_slices, check_layers, is_random, layer_width, load_model,
                         model_input_from_uint8)
-from .progress import progress
-from .sampling import select_positions
-from .store import (PROVENANCE, Manifest, StoreError, check_shard, read_manifest, read_shard_record,
+from helpers.progress import progress
+from helpers.data.sampling import select_positions
+from helpers.data.store import (PROVENANCE, Manifest, StoreError, check_shard, read_manifest, read_shard_record,
                     shard_record_path, write_shard)
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
     ``model``: an already built InceptionV1 to use instead of ``cfg.weights`` (a modified or
     instrumented one); its ``weights_id`` attribute names it in the manifest.
     """
-    from . import distributed
+    from helpers import distributed
 
     layers = cfg.layers  # checked and put in network order when the config was made
     rank, ranks, device = distributed.setup(cfg.device)

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from helpers.branches import BRANCHES
-from helpers.circuits import switch_features
-from helpers.inception import class_label, model_input_from_uint8
-from helpers.loss import clean_pass
+from helpers.analysis.branches import BRANCHES
+from helpers.analysis.circuits import switch_features
+from helpers.data.inception import class_label, model_input_from_uint8
+from helpers.data.inception import clean_pass
 
 
 @dataclass

@@ -1,10 +1,6 @@
-"""Figure builders for the book, and the one way notebooks show a figure.
-
-Builders return plotly figures from numbers computed elsewhere (the chapters' analyses,
-``store``, ``train``), so a test can check the numbers without drawing. ``show`` labels every
-figure made with random weights, and in a book build (``ctx.book_build``) emits plain HTML
-(plotly.js is served once by the book itself), since myst-nb drops plotly's own output type.
-"""
+"""Figure builders: plotly figures from numbers computed below them (the chapters' analyses, the
+harvest's records, training metrics), so a test can check the numbers without drawing. A builder
+opens no file and shows nothing; ``page.show`` puts its figure on the page."""
 
 from __future__ import annotations
 
@@ -12,83 +8,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .inception import BRANCHES
-
-BRANCH_COLOURS = {"1x1": "#4C78A8", "3x3": "#F58518", "5x5": "#54A24B", "pool": "#B279A2"}
-NOT_A_RESULT = "RANDOM WEIGHTS: NOT A RESULT"
-LAYER_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]  # lines of mixed4a, 4b, ...
-
-
-def show(fig: go.Figure, ctx=None, save_as: str | None = None) -> None:
-    """Display ``fig``, watermarked when ``ctx`` says the weights are random; with ``save_as``,
-    also write it as PNG and SVG into the run's ``figures/`` folder (watermark included)."""
-    from IPython.display import display
-
-    if ctx is not None and ctx.random_weights and not any(a.text == NOT_A_RESULT for a in fig.layout.annotations):
-        fig.add_annotation(text=NOT_A_RESULT, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False,
-                           font=dict(size=28, color="rgba(200,0,0,0.25)"), textangle=-15)
-    if save_as and ctx is not None:
-        save(fig, ctx.run_dir / "figures", save_as)
-    if ctx is not None and ctx.book_build:
-        import json
-
-        display({"text/html": figure_html(fig), "application/vnd.plotly.v1+json": json.loads(fig.to_json())}, raw=True)
-    else:
-        fig.show()
-
-
-PLOTLY_CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
-
-
-def figure_html(fig: go.Figure) -> str:
-    """The figure as an HTML output that draws itself wherever it is opened: in the book with the book's
-    own plotly.js (offline: it waits for the page's scripts, which load it); in a notebook opened
-    elsewhere (the book's downloadable .ipynb on Colab, say), where no plotly.js is loaded, with
-    plotly.js from its CDN. (JupyterLab renders the plotly mimetype beside it instead.)"""
-    import json
-    import uuid
-
-    from plotly.offline import get_plotlyjs_version
-
-    div = f"fig-{uuid.uuid4().hex[:12]}"
-    spec = json.loads(fig.to_json())  # plotly's own encoding (typed arrays included), read back to add the config
-    spec["config"] = {"displaylogo": False, "responsive": True}
-    spec = json.dumps(spec).replace("</", "<\\/")  # no "</script>" can end the script early
-    cdn = PLOTLY_CDN.format(version=get_plotlyjs_version())
-    return (f'<div id="{div}" class="plotly-graph-div" style="height:{fig.layout.height or 450}px; width:100%;"></div>\n'
-            f"<script>(function () {{\n"
-            f"  var spec = {spec};\n"
-            f'  function draw() {{ Plotly.newPlot("{div}", spec.data, spec.layout, spec.config); }}\n'
-            f"  function go() {{\n"
-            f"    if (window.Plotly) {{ draw(); return; }}\n"
-            f'    var s = document.createElement("script"); s.src = "{cdn}"; s.onload = draw; document.head.appendChild(s);\n'
-            f"  }}\n"
-            f'  if (document.readyState === "complete") go(); else window.addEventListener("load", go);\n'
-            f"}})();</script>")
-
-
-
-def markdown(text: str) -> None:
-    from IPython.display import Markdown, display
-
-    display(Markdown(text))
-
-
-def table(rows: list[dict]) -> str:
-    """A Markdown table from a list of dicts with the same keys."""
-    if not rows:
-        return "*(nothing)*"
-    keys = list(rows[0])
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def moves_table(rows: list[dict]) -> str:
-    """Chapter 08's ``class_moves`` rows as a Markdown table: each class's probability before and after, the change."""
-    return table([{"class": r["name"], "probability before": float(f"{r['before']:.3g}"),
-                   "after": float(f"{r['after']:.3g}"), "change": float(f"{r['change']:.3g}")} for r in rows])
+from helpers.config import BRANCHES
+from helpers.show.style import BRANCH_COLOURS, LAYER_COLOURS, highlight_style
 
 
 def branch_layout_figure(slices: dict[str, dict[str, tuple[int, int]]]) -> go.Figure:
@@ -142,57 +63,6 @@ def training_curves_figure(metrics: dict[str, list[dict]]) -> go.Figure:
     fig.update_xaxes(title_text="vectors seen")
     fig.update_layout(title="Training the TopK SAEs", height=380)
     return fig
-
-
-# the hue names of labels.HUES as marker colours: a set named "colour: blue" is drawn blue
-HUE_COLOURS = {"red": "#d92121", "orange": "#d97d21", "yellow": "#ccbe1f", "green": "#21b021", "cyan": "#21c4d9",
-               "blue": "#213fd9", "purple": "#9b21d9", "magenta": "#d9219b"}  # each at the middle of its hue
-# other sets: colours no hue name claims, told apart by their symbols too
-_NEUTRAL = [("black", "diamond"), ("#8c564b", "star"), ("#555555", "square"), ("#2f4f4f", "cross"),
-            ("#7f7f7f", "triangle-up")]
-
-
-def highlight_style(name: str, k: int) -> dict:
-    """Marker of the ``k``-th highlighted set: the named hue for "colour: NAME" sets (a circle),
-    else a neutral colour and a symbol of its own."""
-    hue = name.split(":", 1)[1].strip() if name.startswith("colour:") else None
-    if hue in HUE_COLOURS:
-        return dict(color=HUE_COLOURS[hue], symbol="circle")
-    colour, symbol = _NEUTRAL[k % len(_NEUTRAL)]
-    return dict(color=colour, symbol=symbol)
-
-
-def banner(ctx) -> None:
-    """The profile banner: a MyST admonition in the book, a coloured box in a live notebook."""
-    from IPython.display import HTML, Markdown, display
-
-    text = ctx.banner()
-    if ctx.book_build:
-        display(Markdown(text))
-        return
-    import html
-    import re
-
-    kind = "warning" if text.startswith(":::{warning}") else "note"
-    body = "<br>".join(html.escape(p) for p in text.split("\n", 1)[1].rsplit(":::", 1)[0].strip().split("\n\n"))
-    body = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", body)
-    colour = "#fdecea" if kind == "warning" else "#e8f0fe"
-    display(HTML(f'<div style="background:{colour};padding:8px 12px;border-radius:4px">{body}</div>'))
-
-
-def kept_positions_figure(run, layer: str, image: int) -> go.Figure:
-    """One harvested image with the grid positions the harvest kept for ``layer``."""
-    from .images import load_image
-    from .store import ActivationStore
-
-    store = ActivationStore(run, layer)
-    prov = store.load_provenance()
-    kept = prov[prov["image"] == image]
-    path = store.manifest.images["paths"][image]
-    label = store.manifest.images["labels"][image] or "unlabelled"
-    grid = store.manifest.grid[layer][0]
-    return positions_figure(load_image(path), kept["y"], kept["x"], grid,
-                            f"{layer}: {len(kept)} kept positions ({store.manifest.sampling}) in image {image}, {label}")
 
 
 def branch_rows(slices: dict[str, dict[str, tuple[int, int]]]) -> list[dict]:
@@ -405,34 +275,11 @@ def agreement_figure(attributed: np.ndarray, ablated: np.ndarray, rho: float) ->
     return fig
 
 
-def save(fig: go.Figure, folder, stem: str) -> list:
-    """Write ``stem``.png and .svg (needs kaleido and a Chrome/Chromium); returns the files written."""
-    import logging
-    from pathlib import Path
-
-    import plotly.io as pio
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{stem}.png", folder / f"{stem}.svg"]
-    quiet = logging.getLogger("choreographer")  # kaleido's browser channel logs harmless decoding errors
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
-    try:  # one browser session for both files
-        pio.write_images([fig, fig], paths, width=900, height=fig.layout.height or 450)
-    except Exception as e:  # no kaleido or no browser: the interactive figure still stands
-        logging.getLogger(__name__).warning("could not write %s.png/.svg: %s", stem, e)
-        return []
-    finally:
-        quiet.setLevel(level)
-    return paths
-
-
 def paper_figure(number: int, analyses: dict, highlights=None, controls: dict | None = None) -> go.Figure:
     """Figures 5-10 of the paper from a BranchAnalysis per layer. ``highlights``: {name: feature ids}, or a
     function of the layer giving them; by default the layer's most specialised features. ``controls``: the
     untrained network's BranchAnalysis per layer, drawn as a line."""
-    from .branches import PAPER_FIGURES
+    from helpers.analysis.branches import PAPER_FIGURES
 
     layer, branch = PAPER_FIGURES[number]
     a = analyses[layer]
@@ -442,134 +289,3 @@ def paper_figure(number: int, analyses: dict, highlights=None, controls: dict | 
         highlights = highlights(layer)
     return branch_fraction_figure(a, branch, highlights, title=f"Figure {number}: {layer}, {branch} branch",
                                   control=(controls or {}).get(layer))
-
-
-def figure1_image(panels: dict, layers, random_weights: bool, thumb: int = 96):
-    """The paper's figure 1 as one PNG-ready PIL image: rows are layers, columns branches; each
-    cell shows a feature's visualisation followed by its top dataset-example crops.
-
-    panels: {(layer, branch): [(feature, featviz image or None, [crop arrays])]}.
-    """
-    from PIL import Image, ImageDraw
-
-    from .images import grid
-
-    per_cell = max((len(v) for v in panels.values()), default=1)
-    crops_n = max((len(c) for v in panels.values() for _, _, c in v), default=0)
-    cell_w, cell_h = (1 + crops_n) * (thumb + 4) + 8, per_cell * (thumb + 18) + 8
-    label_w, head_h = 90, 30
-    canvas = Image.new("RGB", (label_w + len(BRANCHES) * cell_w, head_h + len(layers) * cell_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, b in enumerate(BRANCHES):
-        draw.text((label_w + c * cell_w + 8, 8), f"{b} branch", fill=BRANCH_COLOURS[b])
-    for r, layer in enumerate(layers):
-        y0 = head_h + r * cell_h
-        draw.text((8, y0 + cell_h // 2), layer, fill="black")
-        for c, b in enumerate(BRANCHES):
-            for k, (feature, viz, crops) in enumerate(panels.get((layer, b), [])):
-                x, y = label_w + c * cell_w + 4, y0 + 4 + k * (thumb + 18)
-                draw.text((x, y), f"feature {feature}", fill="black")
-                tiles = [viz, *crops]
-                canvas.paste(grid(tiles, thumb, len(tiles), gap=4, background=(230, 230, 230)), (x, y + 14))
-    if random_weights:
-        _stamp(canvas, NOT_A_RESULT)
-    return canvas
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one small bitmap font
-        return ImageFont.load_default()
-
-
-def figure1_layer_image(title: str, entries: list[tuple[str, np.ndarray | None, list[np.ndarray]]],
-                        random_weights: bool, thumb: int = 112, columns: int = 2):
-    """The paper's figure 1 panel for one layer, legible at page width: ``entries`` (label, feature
-    visualisation or None, top crops), ``columns`` to a row, each the visualisation then its crops,
-    under a title; the random-weights watermark across it when ``random_weights``."""
-    from PIL import Image, ImageDraw
-
-    from .images import grid
-
-    crops_n = max((len(c) for _, _, c in entries), default=0)
-    entry_w, entry_h = (1 + crops_n) * (thumb + 4) + 16, thumb + 30
-    head = 34
-    rows = -(-len(entries) // columns)
-    canvas = Image.new("RGB", (columns * entry_w + 8, head + rows * entry_h + 6), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((8, 6), title, fill="black", font=_font(19))
-    for k, (label, viz, crops) in enumerate(entries):
-        x, y = 8 + (k % columns) * entry_w, head + (k // columns) * entry_h
-        draw.text((x, y), label, fill="black", font=_font(15))
-        tiles = [viz if viz is not None else np.full((thumb, thumb, 3), 230, np.uint8), *crops]
-        canvas.paste(grid(tiles, thumb, len(tiles), gap=4, background=(230, 230, 230)), (x, y + 22))
-    if random_weights:
-        _stamp(canvas, NOT_A_RESULT)
-    return canvas
-
-
-def _stamp(canvas, text: str, alpha: int = 80) -> None:
-    """Write ``text`` across ``canvas`` (a PIL RGB image) along its diagonal, red and translucent
-    (``alpha`` of 255), so that it marks the whole figure and hides none of it."""
-    import math
-
-    from PIL import Image, ImageDraw
-
-    angle = math.degrees(math.atan2(canvas.height, canvas.width))
-    diagonal = math.hypot(canvas.width, canvas.height)
-    size = 12  # the largest font whose text spans about 70% of the diagonal
-    while size < 400 and _font(size + 4).getbbox(text)[2] <= 0.7 * diagonal:
-        size += 4
-    font = _font(size)
-    box = font.getbbox(text)
-    label = Image.new("RGBA", (box[2] - box[0] + 20, box[3] - box[1] + 20), (0, 0, 0, 0))
-    ImageDraw.Draw(label).text((10 - box[0], 10 - box[1]), text, font=font, fill=(200, 0, 0, alpha))
-    label = label.rotate(angle, expand=True, resample=Image.BICUBIC)
-    x, y = (canvas.width - label.width) // 2, (canvas.height - label.height) // 2
-    canvas.paste(label, (x, y), label)
-
-
-def show_image(img, ctx=None, save_as: str | None = None) -> None:
-    """Display a PIL image (PNG); with ``save_as``, also write it into the run's ``figures/``."""
-    from IPython.display import Image as IPImage, display
-
-    from .files import atomic_write
-
-    if save_as and ctx is not None:
-        path = ctx.run_dir / "figures" / f"{save_as}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: img.save(f, format="PNG"))
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    display(IPImage(data=buf.getvalue(), format="png"))
-
-
-def example_bands_image(rows: list[tuple[str, list[np.ndarray]]], size: int = 96):
-    """Labelled rows of crops (e.g. one row per activation band) as one PIL image."""
-    from PIL import Image, ImageDraw
-
-    from .images import grid
-
-    width = 110 + max((len(c) for _, c in rows), default=1) * (size + 4)
-    canvas = Image.new("RGB", (width, len(rows) * (size + 6) + 4), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (label, crops) in enumerate(rows):
-        y = 4 + r * (size + 6)
-        draw.text((4, y + size // 2 - 6), label, fill="black")
-        if crops:
-            canvas.paste(grid(crops, size, len(crops), gap=4, background=(255, 255, 255)), (110, y))
-        else:
-            draw.text((114, y + size // 2 - 6), "(no sampled example in this band)", fill="#888")
-    return canvas
-
-
-def stamped(img, ctx):
-    """``img`` with the random-weights stamp when ``ctx`` says so."""
-    if ctx is not None and ctx.random_weights:
-        _stamp(img, NOT_A_RESULT)
-    return img

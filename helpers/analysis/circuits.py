@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers.inception import PAPER_LAYERS, branch_slices
+from helpers.data.inception import PAPER_LAYERS, branch_slices
 
 NEXT = dict(zip(PAPER_LAYERS[:-1], PAPER_LAYERS[1:]))
 PREVIOUS = {after: before for before, after in NEXT.items()}
@@ -374,7 +374,7 @@ def switch_features(model, layer: str, sae, x: torch.Tensor, features, scale: fl
 
     Defined in chapter 05, *Circuits between layers* (nbs/05_circuits.ipynb).
     """
-    from helpers.loss import spliced_log_probs
+    from helpers.data.inception import spliced_log_probs
 
     ids = torch.as_tensor(list(features), dtype=torch.long)
 

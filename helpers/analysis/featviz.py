@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import FeatvizConfig
-from .files import WEIGHTS_FILE, atomic_write, sha256_file
-from .inception import MIXED_LAYERS
-from .progress import progress
+from helpers.config import FeatvizConfig
+from helpers.files import WEIGHTS_FILE, atomic_write, sha256_file
+from helpers.data.inception import MIXED_LAYERS
+from helpers.progress import progress
 
 
 class _StopAfterLayer(RuntimeError):

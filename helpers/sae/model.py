@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import screened_topk
-from .config import Tied
-from .files import CFG_FILE, WEIGHTS_FILE, atomic_write, write_json
-from .kernels import KeptPreacts, sparse_decode
+from helpers.sae import screened_topk
+from helpers.config import Tied
+from helpers.files import CFG_FILE, WEIGHTS_FILE, atomic_write, write_json
+from helpers.sae.kernels import KeptPreacts, sparse_decode
 
 TIED = typing.get_args(Tied)
 ENCODE_CHUNK = 1024

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import atomic_write
-from .images import ImageDataset, collate
-from .inception import LayerCapture, model_input_from_uint8
-from .progress import progress
-from .selection import activation_bands
+from helpers.files import atomic_write
+from helpers.data.images import ImageDataset, collate
+from helpers.data.inception import LayerCapture, model_input_from_uint8
+from helpers.progress import progress
+from helpers.analysis.selection import activation_bands
 
 CELL = 16  # pixels per grid cell at 224 px input (224 / 14)
 

@@ -24,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from .files import append_jsonl
-from .profiles import PROFILES, ROOT, context, get_profile
+from helpers.files import append_jsonl
+from helpers.run.artifacts import open_run
+from helpers.run.profiles import PROFILES, ROOT, Settings, get_profile
 
 NOTEBOOK_DIR = ROOT / "nbs"
 
@@ -36,8 +37,8 @@ class ProfileUnavailable(RuntimeError):
 
 def preflight(name: str) -> str | None:
     """Why the profile's weights or images cannot be had here, or None if they can."""
-    from .images import list_images
-    from .inception import WeightsUnavailable, load_model
+    from helpers.data.images import list_images
+    from helpers.data.inception import WeightsUnavailable, load_model
 
     p = PROFILES[name]
     reasons = []
@@ -75,11 +76,12 @@ def choose_profile(requested: str | None) -> tuple[str, str | None]:
 def choose_saes(profile: str) -> str:
     """Whose SAEs the book shows: ``$SAE_SAES`` if set; else, with real weights, the paper author's when they
     can be fetched (the paper's own results first; ``SAE_SAES=train`` trains ours), else ours."""
-    if os.environ.get("SAE_SAES"):
-        return os.environ["SAE_SAES"]
+    asked = Settings.from_environment().saes
+    if asked:
+        return asked
     if PROFILES[profile].weights == "random":
         return "train"
-    from .author import available
+    from helpers.run.author import available
 
     if available():
         return "author"
@@ -97,7 +99,7 @@ def execute_notebooks(out_dir: Path, env: dict[str, str], paths: list[Path] | No
     """Run each notebook top to bottom in a fresh kernel with ``env`` set; save it executed."""
     import nbformat
     from nbclient import NotebookClient
-    from .progress import progress
+    from helpers.progress import progress
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,10 +193,8 @@ def build(profile: str | None = None, run_dir: str | None = None, timeout: int |
     if run_dir:
         env["SAE_RUN_DIR"] = str(Path(run_dir).resolve())
     executed = execute_notebooks(ROOT / "_build" / "executed", env, timeout=timeout)
-    os.environ.update(env)
-    banner = context(name).banner()
-    atlas = context(name).run_dir / "atlas"
-    html = build_html(stage(executed, banner, ROOT / "_build" / "src", atlas), ROOT)
+    run = open_run(settings=Settings.from_environment({**os.environ, **env}))  # the run the chapters used
+    html = build_html(stage(executed, run.banner(), ROOT / "_build" / "src", run.run_dir / "atlas"), ROOT)
     print(f"book ({name} profile) built in {time.perf_counter() - t:.0f} s: {html / 'index.html'}")
     return html
 

@@ -2,17 +2,17 @@
 
 import numpy as np
 
-from helpers import profiles, runs
-from helpers.branches import BRANCHES, dominant_branch
-from helpers.dashboard import Explorer
+from helpers.analysis.branches import BRANCHES, dominant_branch
+from helpers.run.artifacts import open_run
+from helpers.show.explorer import Explorer
 
 
 def test_explorer_sorts_filters_and_shows_a_feature(smoke_book):
-    ctx = profiles.context("smoke", run_dir=str(smoke_book["run"]))
-    ex = Explorer(["mixed4c"], lambda layer: runs.get(ctx, "view", layer),
-                  lambda layer, features: runs.featviz(ctx, layer, features))
-    a = runs.get(ctx, "branches", "mixed4c")
-    whole = next(r for r in runs.get(ctx, "spliced", "mixed4c") if r["spliced in"] == "SAE reconstruction")
+    run = open_run("smoke", run_dir=str(smoke_book["run"]))
+    ex = Explorer(["mixed4c"], lambda layer: run.view(layer),
+                  lambda layer, features: run.featviz(layer, features))
+    a = run.branches("mixed4c")
+    whole = next(r for r in run.spliced("mixed4c") if r["spliced in"] == "SAE reconstruction")
     assert f"top-1 agreement with the network {whole['top-1 agreement']:.2f}" in ex.header.value  # chapter 03's
     assert f"KL recovered {whole['KL recovered']:.2f}" in ex.header.value
     ex.sort.value = "frequency"
@@ -31,8 +31,8 @@ def test_explorer_sorts_filters_and_shows_a_feature(smoke_book):
 
 
 def test_activation_histogram_and_feature_density_against_counts_by_hand():
-    from helpers.dashboard import activation_histogram, density_svg
-    from helpers.examples import Examples
+    from helpers.show.atlas import activation_histogram, density_svg
+    from helpers.analysis.examples import Examples
 
     sample = np.array([[0.05, 0.15, 0.15, 0.95, 1.0, 0.0], [0, 0, 0, 0, 0, 0]], np.float32)
     image = np.array([[3, 4, 5, 6, 7, -1], [-1] * 6])
@@ -53,13 +53,13 @@ def test_the_explorer_image_tab_lists_each_positions_features_and_switches_them(
     moves nothing, and the branch option switches exactly the features specialised to that branch."""
     import torch
 
-    from helpers.inception import LayerCapture
-    from helpers.loss import topk_sae
+    from helpers.data.inception import LayerCapture
+    from helpers.sae.loss import topk_sae
 
-    ctx = profiles.context("smoke", run_dir=str(smoke_book["run"]))
-    ex = Explorer(["mixed4c"], lambda layer: runs.get(ctx, "view", layer), None,
-                  lambda layer: runs.get(ctx, "probe", layer))
-    tab, probe = ex.image, runs.get(ctx, "probe", "mixed4c")
+    run = open_run("smoke", run_dir=str(smoke_book["run"]))
+    ex = Explorer(["mixed4c"], lambda layer: run.view(layer), None,
+                  lambda layer: run.probe(layer))
+    tab, probe = ex.image, run.probe("mixed4c")
     assert tab.found is not None and tab.position.options and tab.features.options
     sae = probe.sae
     with torch.no_grad():
@@ -73,7 +73,7 @@ def test_the_explorer_image_tab_lists_each_positions_features_and_switches_them(
         assert [int(t.split()[1]) for t in lines[0].split(": ", 1)[1].split(", ")] == want
         assert strip is None or strip.shape[1] >= 72 * len(want)
     first = tab.found
-    path = runs.get(ctx, "view", "mixed4c").images.paths[0]
+    path = run.view("mixed4c").images.paths[0]
     tab.use_upload(({"name": path.name, "content": memoryview(path.read_bytes())},))  # ipywidgets 8's value
     assert (tab.found.ids == first.ids).all() and np.allclose(tab.found.branch_maps, first.branch_maps)
     tab.scale.value = 1.0
@@ -82,5 +82,5 @@ def test_the_explorer_image_tab_lists_each_positions_features_and_switches_them(
     rows = tab.compare()
     assert len(rows) >= 5 and all(np.isclose(r["after"] - r["before"], r["change"]) for r in rows)
     tab.branch.value = "5x5"  # the option "all 5x5-specialised"
-    assert tab.chosen() == [int(f) for f in np.flatnonzero(runs.get(ctx, "branches", "mixed4c").specialised_branch() == 2)]
+    assert tab.chosen() == [int(f) for f in np.flatnonzero(run.branches("mixed4c").specialised_branch() == 2)]
     tab.show_moves()  # the table renders

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from helpers.inception import BRANCHES
+from helpers.data.inception import BRANCHES
 
 Slices = dict[str, tuple[int, int]]  # branch -> (first channel, end) in the layer's concatenation
 

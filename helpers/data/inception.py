@@ -25,8 +25,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-from .config import BRANCHES, MIXED_LAYERS, PAPER_LAYERS, check_layers  # noqa: F401 (names of the model)
-from .files import sha256_file
+from helpers.config import BRANCHES, MIXED_LAYERS, PAPER_LAYERS, check_layers  # noqa: F401 (names of the model)
+from helpers.files import sha256_file
 
 # the module whose output is each branch's contribution to the concatenation
 _BRANCH_MODULE = {"1x1": "{}_1x1", "3x3": "{}_3x3", "5x5": "{}_5x5", "pool": "{}_pool_reduce"}
@@ -229,6 +229,31 @@ class LayerCapture:
             for h in handles:
                 h.remove()
         return out
+
+
+@torch.no_grad()
+def spliced_log_probs(model, layer: str, x: torch.Tensor, replace=None) -> torch.Tensor:
+    """The network's log class probabilities [B, classes] on input ``x``, with ``layer``'s output [B, C, H, W]
+    replaced by ``replace(output)`` (None: the clean network). Taken from the logits in float64, so that the
+    KL of two nearly equal distributions is not lost to rounding."""
+    logits = {}
+    hooks = [model.softmax2_pre_activation_matmul.register_forward_hook(
+        lambda module, inputs, out: logits.__setitem__("z", out))]
+    if replace is not None:
+        hooks.append(getattr(model, layer).register_forward_hook(lambda module, inputs, out: replace(out)))
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.log_softmax(logits["z"].double(), dim=-1)
+
+
+def clean_pass(model, layer: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean network's log class probabilities on ``x`` and ``layer``'s output [B, C, H, W], from one pass."""
+    seen = {}
+    log_probs = spliced_log_probs(model, layer, x, lambda a: seen.__setitem__("acts", a))  # the hook only looks
+    return log_probs, seen["acts"]
 
 
 def branch_slices(model: nn.Module, layers=MIXED_LAYERS) -> dict[str, dict[str, tuple[int, int]]]:

@@ -1,11 +1,13 @@
 """Chapters to modules: the code a chapter marks for export becomes a module of this package.
 
-A chapter (``nbs/NN_name.ipynb``) names its module in one code cell, ``#| default_exp
-branches``, and marks each cell to export with a first line ``#| export`` (nbdev's
-markers). ``python -m helpers export`` writes ``helpers/<module>.py``: a header saying it
-is generated, the chapter's module docstring (the first exported cell may open with one),
-then the exported cells in order. Every top-level function and class must have a
-docstring; the exporter adds to it the chapter that defines it, as d2l does.
+A chapter (``nbs/NN_name.ipynb``) names its default module in one code cell, ``#| default_exp
+analysis.branches``, and marks each cell to export with a first line ``#| export`` (nbdev's
+markers); ``#| export sae.loss`` sends that cell to another module, so one chapter can write
+the SAE's equation into the SAE layer and its evaluation into the analysis layer. ``python -m
+helpers export`` writes ``helpers/<layer>/<module>.py`` for each target: a header saying it is
+generated, the module docstring (the first cell exported to it may open with one), then its
+cells in order. Every top-level function and class must have a docstring; the exporter adds to
+it the chapter that defines it, as d2l does. A module is written by one chapter only.
 
 Generated modules are committed and never edited by hand: ``python -m helpers export
 --check`` (and ``tests/test_export.py``) fails when a module differs from its chapter.
@@ -25,12 +27,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "nbs"
 PACKAGE = ROOT / "helpers"
 EXPORT, DEFAULT_EXP = "#| export", "#| default_exp"
 HEADER = ("# GENERATED from {chapter} by `python -m helpers export`: edit the chapter, not this file\n"
           "# (tests/test_export.py fails when the two differ).\n")
+MODULE_NAME = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*")
 
 
 class ExportError(ValueError):
@@ -39,20 +42,32 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class Chapter:
+    """What one chapter exports to one module."""
+
     path: Path
-    module: str  # helpers/<module>.py
+    module: str  # dotted, under helpers: "analysis.branches" is helpers/analysis/branches.py
     title: str
-    cells: tuple[str, ...]  # the exported cells' source, markers removed
+    cells: tuple[str, ...]  # the cells' source, markers removed
 
     @property
     def number(self) -> str:
         return self.path.name.split("_", 1)[0]
 
+    def target(self, package: Path = PACKAGE) -> Path:
+        return Path(package, *self.module.split(".")).with_suffix(".py")
 
-def read_chapter(path: Path) -> Chapter | None:
-    """The chapter's export target and exported cells, or None if it exports nothing."""
+
+def _module_name(name: str, path: Path) -> str:
+    if not MODULE_NAME.fullmatch(name):
+        raise ExportError(f"{path.name}: {name!r} is not a module name; write a dotted path under helpers, "
+                          "e.g. 'analysis.branches'")
+    return name
+
+
+def read_chapter(path: Path) -> list[Chapter]:
+    """What the chapter exports, one ``Chapter`` per target module (empty if it exports nothing)."""
     nb = json.loads(Path(path).read_text())
-    module, cells, title = None, [], path.stem
+    default, cells, title = None, {}, path.stem
     for cell in nb["cells"]:
         source = "".join(cell["source"])
         if cell["cell_type"] == "markdown" and title == path.stem and source.startswith("# "):
@@ -61,15 +76,15 @@ def read_chapter(path: Path) -> Chapter | None:
             continue
         first, _, rest = source.partition("\n")
         if first.startswith(DEFAULT_EXP):
-            module = first[len(DEFAULT_EXP):].strip()
-        elif first.strip() == EXPORT:
-            cells.append(rest.strip("\n"))
-    if not cells:
-        return None
-    if not module:
-        raise ExportError(f"{path.name} marks cells with {EXPORT} but names no module; add a cell "
-                          f"'{DEFAULT_EXP} NAME' (the module becomes helpers/NAME.py)")
-    return Chapter(Path(path), module, title, tuple(cells))
+            default = _module_name(first[len(DEFAULT_EXP):].strip(), path)
+        elif first.strip() == EXPORT or first.startswith(EXPORT + " "):
+            named = first.strip()[len(EXPORT):].strip()
+            if not named and not default:
+                raise ExportError(f"{path.name} marks cells with {EXPORT} but names no module; add a cell "
+                                  f"'{DEFAULT_EXP} NAME' before them (helpers/NAME.py), or write '{EXPORT} NAME'")
+            module = _module_name(named, path) if named else default
+            cells.setdefault(module, []).append(rest.strip("\n"))
+    return [Chapter(Path(path), module, title, tuple(found)) for module, found in cells.items()]
 
 
 def _with_chapter_in_docstrings(source: str, chapter: Chapter) -> str:
@@ -98,7 +113,7 @@ def _with_chapter_in_docstrings(source: str, chapter: Chapter) -> str:
 
 
 def module_source(chapter: Chapter) -> str:
-    """The text of ``helpers/<chapter.module>.py``."""
+    """The text of the module ``chapter`` exports to."""
     cells = list(chapter.cells)
     docstring = ""
     first = ast.parse(cells[0]).body
@@ -114,12 +129,13 @@ def module_source(chapter: Chapter) -> str:
 
 
 def chapters(folder: Path = NOTEBOOKS) -> list[Chapter]:
-    found = [c for c in (read_chapter(p) for p in sorted(Path(folder).glob("[0-9]*.ipynb"))) if c]
+    """Every (chapter, module) export of the chapters in ``folder``, in chapter order."""
+    found = [c for p in sorted(Path(folder).glob("[0-9]*.ipynb")) for c in read_chapter(p)]
     seen: dict[str, Path] = {}
     for c in found:
-        if c.module in seen:
-            raise ExportError(f"{c.path.name} and {seen[c.module].name} both export helpers/{c.module}.py; "
-                              "one module per chapter")
+        if c.module in seen and seen[c.module] != c.path:
+            raise ExportError(f"{c.path.name} and {seen[c.module].name} both export helpers.{c.module}; "
+                              "a module is written by one chapter")
         seen[c.module] = c.path
     return found
 
@@ -172,11 +188,12 @@ def export(folder: Path = NOTEBOOKS, package: Path = PACKAGE, check: bool = Fals
     differ from their chapter (with ``check``) or were rewritten."""
     changed = []
     for chapter in chapters(folder):
-        target = Path(package) / f"{chapter.module}.py"
+        target = chapter.target(package)
         text = module_source(chapter)
         if not target.exists() or target.read_text() != text:
-            changed.append(f"helpers/{chapter.module}.py (from nbs/{chapter.path.name})")
+            changed.append(f"{target.relative_to(Path(package).parent)} (from nbs/{chapter.path.name})")
             if not check:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(text)
     return changed
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .sae import TopKSAE
+from helpers.sae.model import TopKSAE
 
 REPO_ID = "matboz/SAEs_for_inceptionV1"
 AUTHOR_K = 32

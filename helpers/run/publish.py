@@ -18,9 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .files import CFG_FILE, METRICS, TRAIN_RECORD, WEIGHTS_FILE
+from helpers.files import CFG_FILE, METRICS, SPLICED, TRAIN_RECORD, WEIGHTS_FILE
 
-SPLICED = "spliced.json"
 UPLOADED = (CFG_FILE, WEIGHTS_FILE, TRAIN_RECORD, METRICS, SPLICED)  # never the checkpoint
 
 
@@ -83,7 +82,7 @@ def model_card(sae_dir: Path, repo_id: str) -> str:
         lines += [f"| {r['spliced in']} | {_fmt(r['top-1 agreement'], 3)} | {_fmt(r['KL'], 3)} | "
                   f"{_fmt(r['KL recovered'], 3)} |" for r in rows]
     lines += ["", "## Loading it", "", "With this package:", "", "```python",
-              "from huggingface_hub import snapshot_download", "from helpers.sae import TopKSAE", "",
+              "from huggingface_hub import snapshot_download", "from helpers.sae.model import TopKSAE", "",
               f'sae = TopKSAE.load(snapshot_download("{repo_id}"))', "```", "",
               "With SAELens (the files are in its layout):", "", "```python",
               "from huggingface_hub import snapshot_download", "from sae_lens import SAE", "",
@@ -107,7 +106,7 @@ def publish(sae_dir: str | Path, repo_id: str, *, private: bool = False, allow_r
     """Check, then upload ``sae_dir`` to the hub as ``repo_id`` in one commit; returns the commit's URL."""
     sae_dir = Path(sae_dir)
     names = upload_set(sae_dir)
-    from .sae import TopKSAE
+    from helpers.sae.model import TopKSAE
 
     try:
         sae = TopKSAE.load(sae_dir)

@@ -29,7 +29,7 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 @lru_cache(maxsize=1)
 def imagenet_classes() -> tuple[tuple[str, str], ...]:
     """The 1000 ILSVRC-2012 classes as ``(wnid, label)``; position = class index."""
-    path = Path(__file__).parent / "data" / "imagenet_classes.tsv"
+    path = Path(__file__).with_name("imagenet_classes.tsv")
     rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines() if not line.startswith("#")]
     return tuple((w, l) for w, l in rows)
 

@@ -1,0 +1,390 @@
+"""A profile's run directory: the one module that knows where artifacts live and how each is made.
+
+``run = open_run(profile)`` in a chapter; then each artifact is a method of ``Run``, which returns
+it, made first if it is missing (a harvest or a training that was interrupted resumes) and kept
+for the rest of the process: ``run.harvest()``, ``run.sae("mixed4c")``, ``run.branches(layer)``,
+``run.examples(layer)`` ... Facts about the harvest (its input convention, its images) come from
+its manifest, the one record of what was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save
+
+from helpers.analysis import branches, circuits, embed, labels
+from helpers.analysis.examples import Examples, cell_colours, example_passes
+from helpers.analysis.featviz import cache_path, render_features, sae_id
+from helpers.analysis.image_features import ImageProbe
+from helpers.analysis.spliced import spliced_evaluation
+from helpers.config import HarvestConfig
+from helpers.data.harvest import harvest
+from helpers.data.images import ImageList, generate_images, load_image
+from helpers.data.inception import (RANDOM_WARNING, LayerCapture, architecture_slices, class_names, is_stand_in,
+                                    load_model, model_input_from_uint8)
+from helpers.data.store import ActivationStore, Manifest, read_manifest
+from helpers.files import (CFG_FILE, CHECKPOINT, EXAMPLES, EXAMPLES_CHECKPOINT, FEATURE_STATS, MANIFEST, SPLICED,
+                           atomic_write, write_json, write_npy)
+from helpers.run.author import REPO_ID, fetch_author_sae
+from helpers.run.profiles import ROOT, SAMPLE, Profile, Settings, get_profile
+from helpers.sae.model import TopKSAE, firing_stats
+from helpers.sae.train import train
+from helpers.show import atlas, explorer
+
+FEATURE_STATS_VECTORS = 500_000  # harvested vectors a feature's firing frequency is counted on
+LABEL_EXAMPLES = 8  # top examples a feature's automatic labels are read from
+
+
+def made_once(method):
+    """Make the artifact on the first call with these arguments; return the same object after."""
+
+    @functools.wraps(method)
+    def cached(self, *args):
+        key = (method.__name__, *args)
+        if key not in self._made:
+            self._made[key] = method(self, *args)
+        return self._made[key]
+
+    return cached
+
+
+class InputScaleMismatch(ValueError):
+    """An SAE trained on activations of one input convention, asked to encode another's."""
+
+
+def check_input_scale(sae: TopKSAE, manifest: Manifest, where: Path) -> None:
+    """Refuse to encode a harvest made under another input convention than the SAE's vectors were:
+    the activations of [0, 1] inputs and of ``x*255-117`` inputs are two different distributions."""
+    theirs = sae.metadata.get("input_scale")
+    if theirs is not None and theirs != manifest.input_scale:
+        raise InputScaleMismatch(
+            f"the SAE in {where} was trained on activations of {theirs!r} inputs, but the harvest it would encode "
+            f"used {manifest.input_scale!r} inputs (inception.INPUT_SCALES). Harvest again with "
+            f"--input-scale {theirs} (a new --out), or use an SAE trained on this harvest")
+
+
+@dataclass(eq=False)
+class Run:
+    """Where a profile's artifacts live, what produced them, and a method that makes each."""
+
+    profile: Profile
+    run_dir: Path
+    saes: str = "train"  # or "author": the paper author's published SAEs
+    fallback_reason: str | None = None  # why the book build fell back to this (smoke) profile
+    book_build: bool = False  # executed by the book build: figures as plain HTML, no live widgets
+    _made: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir)
+        if self.saes not in ("train", "author"):
+            raise ValueError(f"saes={self.saes!r}; choose 'train' or 'author'")
+
+    # --- what the run is ---------------------------------------------------------------------
+    @property
+    def random_weights(self) -> bool:
+        """Random weights: asked for, or a stand-in file where the pretrained one would be."""
+        return self.profile.weights == "random" or is_stand_in(self.profile.weights)
+
+    def harvest_config(self) -> HarvestConfig:
+        """What the run's harvest is asked to be (its manifest records what it was). The author's SAEs
+        were trained on activations of [0, 1] inputs, so a run showing them harvests in that convention."""
+        h = self.profile.harvest
+        scale = "unit" if self.saes == "author" else h.input_scale
+        folder = self.run_dir / ("harvest" if scale == "lucent" else f"harvest-{scale}")
+        return dataclasses.replace(h, out=str(folder), input_scale=scale, workers=min(4, os.cpu_count() or 1))
+
+    @property
+    def harvest_dir(self) -> Path:
+        return Path(self.harvest_config().out)
+
+    def sae_path(self, layer: str) -> Path:
+        """Where the layer's SAE lives (nothing is made: ``sae_dir`` makes it)."""
+        return self.run_dir / ("author-saes" if self.saes == "author" else "saes") / layer
+
+    def banner(self) -> str:
+        """A MyST admonition naming the profile, weights and SAEs (a warning for random weights)."""
+        p, author = self.profile, self.saes == "author"
+        lines = [f"Built with the **{p.name}** profile ({p.description}); weights: `{p.weights}`; "
+                 f"SAEs: {'the paper author' + chr(39) + 's published SAEs' if author else 'trained here'}; "
+                 f"run directory `{self.run_dir.name}`.",
+                 "Images enter the network " + ("in [0, 1] as they are: the author's convention, the one the author's "
+                                                "SAEs were trained on (Lucent's `forward` does no preprocessing)."
+                                                if self.harvest_config().input_scale == "unit" else
+                                                "as `x*255-117` of [0, 1] pixels, as Lucent's `render_vis` feeds them.")]
+        if self.fallback_reason:
+            lines.append(f"The `cpu` profile could not run here, so this is the smoke profile. What failed:\n\n"
+                         f"{self.fallback_reason}")
+        if self.random_weights:
+            lines.insert(0, f"**Not a result.** {RANDOM_WARNING}.")
+        kind = "warning" if self.random_weights or self.fallback_reason else "note"
+        return f":::{{{kind}}}\n" + "\n\n".join(lines) + "\n:::\n"
+
+    def _layer(self, layer: str) -> str:
+        if layer not in self.profile.layers:
+            raise ValueError(f"{layer!r} is not a layer of the {self.profile.name} profile; choose from "
+                             f"{', '.join(self.profile.layers)}")
+        return layer
+
+    # --- other runs ----------------------------------------------------------------------------
+    def with_saes(self, saes: str) -> "Run":
+        """This run showing other SAEs ("train": ours; "author": the paper's); itself if it already does."""
+        return self if saes == self.saes else dataclasses.replace(self, saes=saes, _made={})
+
+    @made_once
+    def untrained_control(self) -> "Run":
+        """The same profile on the untrained network: random weights, the same images and SAE settings,
+        in the run's ``untrained/`` folder (chapter 04's control: what the pipeline finds without training)."""
+        p = self.profile
+        return dataclasses.replace(self, profile=dataclasses.replace(p, harvest=dataclasses.replace(p.harvest, weights="random")),
+                                   run_dir=self.run_dir / "untrained", saes="train", _made={})
+
+    # --- the harvest (chapter 02) --------------------------------------------------------------
+    def image_source(self) -> str:
+        """The profile's images; for smoke, an even spread of the ImageNet sample, else generated ones."""
+        h = self.profile.harvest
+        if h.images != "sample-or-generated":
+            return h.images
+        if SAMPLE.is_dir():
+            files = sorted(SAMPLE.glob("*.JPEG"))
+            step = max(1, len(files) // h.max_images)
+            listing = self.run_dir / "images.txt"
+            listing.parent.mkdir(parents=True, exist_ok=True)
+            listing.write_text("\n".join(str(f) for f in files[::step][: h.max_images]) + "\n")
+            return str(listing)
+        folder = self.run_dir / "generated-images"
+        generate_images(folder, h.max_images)
+        return str(folder)
+
+    @made_once
+    def harvest(self) -> Path:
+        """The harvest's run directory: made (or resumed) unless complete."""
+        folder = self.harvest_dir
+        if (folder / MANIFEST).exists() and read_manifest(folder).complete:
+            return folder
+        return harvest(dataclasses.replace(self.harvest_config(), images=self.image_source()))
+
+    @made_once
+    def manifest(self) -> Manifest:
+        return read_manifest(self.harvest())
+
+    @property
+    def input_scale(self) -> str:
+        """The input convention the harvest used (its manifest's)."""
+        return self.manifest().input_scale
+
+    @made_once
+    def images(self) -> ImageList:
+        record = self.manifest().images
+        return ImageList([Path(p) for p in record["paths"]], record["classes"], record["source"])
+
+    @made_once
+    def cell_colours(self) -> np.ndarray:
+        """[images, 14, 14, 3] mean colour around every grid cell (kept beside the harvest)."""
+        path = self.harvest() / "cell_colours.npy"
+        if not path.exists():
+            colours = []
+            for p in self.images().paths:
+                try:
+                    colours.append(cell_colours(load_image(p)))
+                except Exception:  # skipped by the harvest too
+                    colours.append(np.zeros((14, 14, 3)))
+            write_npy(path, np.stack(colours).astype(np.float32))
+        return np.load(path)
+
+    def first_images(self, n_images: int) -> list[np.ndarray]:
+        """The first ``n_images`` harvested images (uint8 [224, 224, 3]), those the harvest skipped left out."""
+        manifest = self.manifest()
+        skipped = {s[0] for s in manifest.skipped}
+        paths = [p for i, p in enumerate(manifest.images["paths"]) if i not in skipped][:n_images]
+        return [load_image(Path(p)) for p in paths]
+
+    def model_inputs(self, n_images: int) -> torch.Tensor:
+        """The network's input [n, 3, 224, 224] for the first ``n_images`` harvested images, in the harvest's
+        input convention."""
+        pixels = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image in self.first_images(n_images)])
+        return model_input_from_uint8(pixels, self.input_scale)
+
+    def layer_activations(self, layers, n_images: int) -> dict[str, torch.Tensor]:
+        """Full [n, C, 14, 14] activations of ``layers`` on the first ``n_images`` harvested images."""
+        with torch.no_grad():
+            return LayerCapture(self.model(), layers)(self.model_inputs(n_images))
+
+    # --- the network -----------------------------------------------------------------------------
+    @made_once
+    def model(self):
+        """The profile's InceptionV1 (true ReLU gradients)."""
+        return load_model(self.profile.weights)[0]
+
+    @made_once
+    def featviz_model(self):
+        """The same with Lucent's redirected ReLU, which helps feature visualisation start from noise
+        (it changes gradients only)."""
+        return load_model(self.profile.weights, redirected_relu=True)[0]
+
+    @made_once
+    def class_names(self) -> list[str] | None:
+        """The names of the network's outputs (None: random weights, or not downloadable)."""
+        return class_names(self.model().weights_id)
+
+    # --- one SAE per layer (chapter 03) ------------------------------------------------------------
+    @made_once
+    def sae_dir(self, layer: str) -> Path:
+        """The layer's SAE folder: reused when saved; trained (resuming a checkpoint), or fetched for the
+        author's SAEs, otherwise."""
+        directory = self.sae_path(self._layer(layer))
+        if not (directory / CFG_FILE).exists():
+            if self.saes == "author":
+                fetch_author_sae(layer).save(directory, layer=layer, source=f"hf:{REPO_ID}", input_scale="unit",
+                                             weights_id="lucent (the author's)", random_weights=False)
+            else:
+                self._train_into(layer, directory, self.profile.train.seed)
+        return directory
+
+    def _train_into(self, layer: str, directory: Path, seed: int) -> None:
+        """The profile's training of ``layer`` on the harvest, into ``directory`` (resuming its checkpoint)."""
+        train(dataclasses.replace(self.profile.train, run=str(self.harvest()), layer=layer, out=str(directory),
+                                  seed=seed, resume=(directory / CHECKPOINT).exists()))
+
+    @made_once
+    def sae(self, layer: str) -> TopKSAE:
+        directory = self.sae_dir(layer)
+        sae = TopKSAE.load(directory)
+        check_input_scale(sae, self.manifest(), directory)
+        return sae
+
+    def sae_with_seed(self, layer: str, seed: int) -> TopKSAE:
+        """The layer's SAE trained again from another ``seed`` (same vectors and settings), for chapter 09's
+        yardstick; the profile's own seed gives the layer's SAE."""
+        if seed == self.profile.train.seed:
+            return self.sae(layer)
+        directory = self.run_dir / f"saes-seed{seed}" / self._layer(layer)
+        if not (directory / CFG_FILE).exists():
+            self._train_into(layer, directory, seed)
+        return TopKSAE.load(directory)
+
+    @made_once
+    def spliced(self, layer: str) -> list[dict]:
+        """Chapter 03's spliced-in evaluation of the layer's SAE, kept as ``spliced.json`` beside it (the model
+        card of ``python -m helpers publish`` reports it)."""
+        path = self.sae_dir(layer) / SPLICED
+        if not path.exists():
+            rows = spliced_evaluation(self.model(), layer, self.sae(layer), self.model_inputs(self.profile.spliced_images),
+                                      self.slices(layer))
+            write_json(path, {"images": self.profile.spliced_images, "rows": rows})
+        return json.loads(path.read_text())["rows"]
+
+    @made_once
+    def slices(self, layer: str) -> dict[str, tuple[int, int]]:
+        """The layer's branch slices, as the SAE's cfg.json records them."""
+        recorded = self.sae(layer).metadata.get("branch_slices")
+        return {b: tuple(s) for b, s in recorded.items()} if recorded else architecture_slices(layer)
+
+    @made_once
+    def feature_stats(self, layer: str) -> dict[str, np.ndarray]:
+        """Each feature's firing frequency and strength on the harvested vectors (kept beside the SAE)."""
+        path = self.sae_dir(layer) / FEATURE_STATS
+        if not path.exists():
+            vectors = ActivationStore(self.harvest(), layer).load(FEATURE_STATS_VECTORS)
+            batches = (torch.from_numpy(vectors[i:i + 8192].astype(np.float32)) for i in range(0, len(vectors), 8192))
+            data = save({k: v.numpy() for k, v in firing_stats(self.sae(layer), batches).items()})
+            atomic_write(path, lambda f: f.write(data))
+        return load_file(path)
+
+    # --- what the features are (chapters 04-08) ------------------------------------------------------
+    @made_once
+    def branches(self, layer: str) -> branches.BranchAnalysis:
+        """The layer's branch analysis (chapter 04)."""
+        return branches.analyse_branches(layer, self.sae(layer).decoder_directions, self.slices(layer),
+                                         self.feature_stats(layer)["frequency"])
+
+    @made_once
+    def examples(self, layer: str) -> Examples:
+        """Every feature's dataset examples: one streaming pass of the network serves every profile layer
+        still without them."""
+        path = self.sae_dir(layer) / EXAMPLES
+        if not path.exists():
+            missing = [other for other in self.profile.layers if not (self.sae_dir(other) / EXAMPLES).exists()]
+            found = example_passes(self.model(), {other: self.sae(other) for other in missing}, self.images(),
+                                   input_scale=self.input_scale, checkpoint=self.run_dir / EXAMPLES_CHECKPOINT)
+            for other, examples in found.items():
+                examples.save(self.sae_dir(other) / EXAMPLES)
+        return Examples.load(path)
+
+    @made_once
+    def labels(self, layer: str) -> list[dict]:
+        """Every feature's automatic labels (chapter 07)."""
+        ex, top = self.examples(layer), LABEL_EXAMPLES
+        return labels.feature_labels(ex.top_image[:, :top], ex.top_y[:, :top], ex.top_x[:, :top],
+                                     self.images().classes, self.cell_colours())
+
+    def featviz(self, layer: str, features) -> dict[int, Path]:
+        """Feature visualisations (PNG, cached under the run's ``featviz/``) of ``features``."""
+        return render_features(self.featviz_model(), layer, self.sae(layer), self.sae_dir(layer), features,
+                               self.run_dir / "featviz", self.profile.featviz)
+
+    @made_once
+    def neighbours(self, layer: str) -> dict[str, dict[int, list[tuple[int, float]]]]:
+        """Each feature's strongest neighbours in the adjacent layers (weights, chapter 05)."""
+        adjacent = [other for other in circuits.adjacent_layers(layer) if other in self.profile.layers]
+        return circuits.weight_neighbours(self.model(), layer, {l: self.sae(l) for l in [layer, *adjacent]},
+                                          {l: self.branches(l).alive for l in adjacent})
+
+    @made_once
+    def umap(self, layer: str) -> embed.Embedding:
+        """The UMAP fit of the layer's decoder vectors (chapter 06)."""
+        return embed.umap_embedding(self.sae(layer).decoder_directions)
+
+    @made_once
+    def probe(self, layer: str) -> ImageProbe:
+        """What looking into images at the layer needs (chapter 08)."""
+        analysis = self.branches(layer)
+        return ImageProbe(self.model(), layer, self.sae(layer), analysis.dominant(), analysis.specialised_branch(),
+                          self.class_names(), self.input_scale)
+
+    # --- seeing all features at once -----------------------------------------------------------------
+    @made_once
+    def view(self, layer: str) -> atlas.LayerView:
+        """What the atlas and the explorer show of the layer."""
+        analysis = self.branches(layer)
+        sid = sae_id(self.sae_dir(layer))
+        rendered = {int(f): cache_path(self.run_dir / "featviz", sid, layer, int(f), self.profile.featviz)
+                    for f in np.flatnonzero(analysis.alive)}
+        pixels = self.first_images(atlas.ATLAS_IMAGES)
+        return atlas.LayerView(layer, analysis, self.examples(layer), self.labels(layer), self.umap(layer).coords,
+                               self.neighbours(layer), self.images(), {f: p for f, p in rendered.items() if p.exists()},
+                               self.spliced(layer), pixels, atlas.image_records(self.probe(layer), pixels))
+
+    @made_once
+    def atlas(self) -> Path:
+        """The static feature atlas of every layer (its folder)."""
+        note = ("RANDOM WEIGHTS: NOT A RESULT. These features come from InceptionV1 with random weights."
+                if self.random_weights else f"{self.profile.name} profile")
+        return atlas.write_atlas(self.run_dir / "atlas", [self.view(layer) for layer in self.profile.layers], note)
+
+    def explorer(self, layers=None):
+        """The live explorer over the profile's layers (a pointer to the atlas in the static book)."""
+        return explorer.show_explorer(list(layers or self.profile.layers), self.view, self.featviz, self.book_build,
+                                      self.probe)
+
+
+def open_run(profile: str | None = None, run_dir: str | None = None, saes: str | None = None,
+             settings: Settings | None = None) -> Run:
+    """The run a chapter works in: the arguments, else the environment's ``Settings``; the colab profile shows
+    the paper's own SAEs unless told otherwise (no training before the first figure)."""
+    settings = settings or Settings.from_environment()
+    p = get_profile(profile, settings)
+    run = Path(run_dir or settings.run_dir or ROOT / "runs" / p.name)
+    saes = saes or settings.saes or ("author" if p.name == "colab" else "train")
+    opened = Run(p, run, saes, settings.fallback_reason, settings.book_build)
+    if opened.book_build:  # the pages carry the banner and the watermarks; log lines would only clutter them
+        logging.getLogger("helpers").setLevel(logging.ERROR)
+    return opened

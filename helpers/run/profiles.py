@@ -1,0 +1,125 @@
+"""Profiles: one switch that sets the scale of every chapter, from CI smoke to the paper; and the
+settings the environment gives a run, read in one place.
+
+A chapter's ``profile`` parameter or ``SAE_PROFILE`` picks one of ``smoke``, ``colab``, ``cpu``,
+``gpu``, ``paper``. All chapters of a profile share one run directory (``SAE_RUN_DIR``, default
+``runs/<profile>``): the harvest and the SAEs are made once, by whichever chapter needs them
+first, and reused after; a run made with the CLI elsewhere can be pointed at instead.
+``SAE_SAES=author`` shows the paper's published SAEs instead of training new ones.
+``Settings.from_environment`` is the one reader of these variables (the command line reads
+``SAE_DEBUG`` itself).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from helpers.config import FeatvizConfig, HarvestConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT.parent / "shared" / "imagenet-sample"
+IMAGENET_TRAIN = "/data/imagenet/train"  # the paper profile's images unless $IMAGENET_TRAIN names another folder
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One scale of the whole book: a harvest, a training and a feature-visualisation config, and the
+    sizes of the analyses that run on every notebook build."""
+
+    name: str
+    description: str
+    harvest: HarvestConfig  # images "sample-or-generated": the smoke profile's images (see runs.image_source)
+    train: TrainConfig
+    featviz: FeatvizConfig = FeatvizConfig()
+    circuit_images: int = 32  # images whose full activation maps the circuit analyses use
+    circuit_sources: int = 512  # source features per layer in the attribution matrix
+    figure1_per_branch: int = 2  # features per layer and branch in figure 1's all-branch grid
+    figure1_per_layer: int = 6  # features in figure 1's panel of each layer (the paper's branch)
+    spliced_images: int = 64  # images of chapter 03's spliced-in evaluation
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.harvest.layers
+
+    @property
+    def weights(self) -> str:
+        return self.harvest.weights
+
+
+def _train(vectors_seen: int, batch_size: int = 4096, points: int = 40, **kw) -> TrainConfig:
+    """A training config that logs about ``points`` records, so its curves can be drawn."""
+    steps = -(-vectors_seen // batch_size)
+    return TrainConfig(vectors_seen=vectors_seen, batch_size=batch_size, log_every=max(1, steps // points), **kw)
+
+
+PROFILES = {
+    "smoke": Profile("smoke", "CI and a first look: random weights, 64 images, tiny SAEs; minutes on 2 CPU cores",
+                     HarvestConfig(images="sample-or-generated", weights="random", max_images=64, batch_size=16),
+                     _train(24_576, batch_size=1024, expansion=4, k=16), FeatvizConfig(steps=4, size=64),
+                     circuit_images=4, circuit_sources=48, figure1_per_branch=1,
+                     figure1_per_layer=4, spliced_images=8),
+    "colab": Profile("colab", "a first look on Colab, in minutes: real weights, the paper author's published SAEs, "
+                              "the ImageNet sample (1,000 images, one per class, 398 of them animals)",
+                     HarvestConfig(images="imagenet-sample", weights="lucent", batch_size=128),
+                     _train(5_000_000, aux_k=256), FeatvizConfig(steps=256)),
+    "cpu": Profile("cpu", "about 4 hours on 2 CPU cores (bench/bench_profile.py): real weights, Imagenette and "
+                          "Imagewoof (26,394 images of 20 classes, 12 of them animals), 2M vectors per SAE",
+                   HarvestConfig(images="imagenette+imagewoof", weights="lucent"), _train(2_000_000, aux_k=256)),
+    "gpu": Profile("gpu", "a Colab T4: real weights, Imagenette and Imagewoof (26,394 images, 12 of 20 classes "
+                          "animals), 50M vectors per SAE",
+                   HarvestConfig(images="imagenette+imagewoof", weights="lucent", batch_size=256),
+                   _train(50_000_000, aux_k=256)),
+    "paper": Profile("paper", "as the paper: ImageNet train ($IMAGENET_TRAIN), ~1e9 vectors per SAE",
+                     HarvestConfig(images=IMAGENET_TRAIN, weights="lucent",
+                                   batch_size=512),
+                     _train(1_000_000_000, aux_k=256), FeatvizConfig(steps=2048)),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the environment asks of a run: read once, where a run is opened (``from_environment``)."""
+
+    profile: str | None = None  # SAE_PROFILE
+    run_dir: str | None = None  # SAE_RUN_DIR
+    saes: str | None = None  # SAE_SAES: "train" or "author"
+    fallback_reason: str | None = None  # SAE_FALLBACK_REASON: why the book build fell back to smoke
+    book_build: bool = False  # SAE_BOOK_BUILD: executed by the book build
+    imagenet_train: str | None = None  # IMAGENET_TRAIN: the paper profile's images
+
+    @classmethod
+    def from_environment(cls, environ=None) -> "Settings":
+        env = os.environ if environ is None else environ
+        saes = env.get("SAE_SAES") or None
+        if saes not in (None, "train", "author"):
+            raise ValueError(f"SAE_SAES={saes!r}; choose 'train' or 'author'")
+        return cls(env.get("SAE_PROFILE") or None, env.get("SAE_RUN_DIR") or None, saes,
+                   env.get("SAE_FALLBACK_REASON") or None, bool(env.get("SAE_BOOK_BUILD")),
+                   env.get("IMAGENET_TRAIN") or None)
+
+
+def default_profile_name() -> str:
+    """colab on Colab (a chapter opened alone reaches its first figure in minutes), gpu with CUDA, else cpu."""
+    import sys
+
+    if "google.colab" in sys.modules:
+        return "colab"
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def get_profile(name: str | None = None, settings: Settings | None = None) -> Profile:
+    """The profile ``name`` (None: the settings', else ``default_profile_name``), its images as the settings say."""
+    settings = settings or Settings()
+    name = name or settings.profile or default_profile_name()
+    if name not in PROFILES:
+        raise ValueError(f"profile {name!r} is unknown; choose from {', '.join(PROFILES)}")
+    profile = PROFILES[name]
+    if name == "paper" and settings.imagenet_train:
+        profile = dataclasses.replace(profile, harvest=dataclasses.replace(profile.harvest,
+                                                                           images=settings.imagenet_train))
+    return profile

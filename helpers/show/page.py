@@ -1,0 +1,150 @@
+"""Putting things on the page: the one way a chapter shows a figure, a table or an image.
+
+``show`` labels every figure made with random weights, and in a book build (``run.book_build``)
+emits plain HTML (plotly.js is served once by the book itself), since myst-nb drops plotly's own
+output type; ``save`` writes PNG and SVG copies into the run's ``figures/`` folder. ``run`` is
+anything with ``random_weights``, ``book_build`` and ``run_dir`` (the run layer's ``Run``).
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from helpers.show.composites import stamp
+from helpers.show.style import NOT_A_RESULT
+
+
+def show(fig: go.Figure, ctx=None, save_as: str | None = None) -> None:
+    """Display ``fig``, watermarked when ``ctx`` says the weights are random; with ``save_as``,
+    also write it as PNG and SVG into the run's ``figures/`` folder (watermark included)."""
+    from IPython.display import display
+
+    if ctx is not None and ctx.random_weights and not any(a.text == NOT_A_RESULT for a in fig.layout.annotations):
+        fig.add_annotation(text=NOT_A_RESULT, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False,
+                           font=dict(size=28, color="rgba(200,0,0,0.25)"), textangle=-15)
+    if save_as and ctx is not None:
+        save(fig, ctx.run_dir / "figures", save_as)
+    if ctx is not None and ctx.book_build:
+        import json
+
+        display({"text/html": figure_html(fig), "application/vnd.plotly.v1+json": json.loads(fig.to_json())}, raw=True)
+    else:
+        fig.show()
+
+
+PLOTLY_CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
+
+
+def figure_html(fig: go.Figure) -> str:
+    """The figure as an HTML output that draws itself wherever it is opened: in the book with the book's
+    own plotly.js (offline: it waits for the page's scripts, which load it); in a notebook opened
+    elsewhere (the book's downloadable .ipynb on Colab, say), where no plotly.js is loaded, with
+    plotly.js from its CDN. (JupyterLab renders the plotly mimetype beside it instead.)"""
+    import json
+    import uuid
+
+    from plotly.offline import get_plotlyjs_version
+
+    div = f"fig-{uuid.uuid4().hex[:12]}"
+    spec = json.loads(fig.to_json())  # plotly's own encoding (typed arrays included), read back to add the config
+    spec["config"] = {"displaylogo": False, "responsive": True}
+    spec = json.dumps(spec).replace("</", "<\\/")  # no "</script>" can end the script early
+    cdn = PLOTLY_CDN.format(version=get_plotlyjs_version())
+    return (f'<div id="{div}" class="plotly-graph-div" style="height:{fig.layout.height or 450}px; width:100%;"></div>\n'
+            f"<script>(function () {{\n"
+            f"  var spec = {spec};\n"
+            f'  function draw() {{ Plotly.newPlot("{div}", spec.data, spec.layout, spec.config); }}\n'
+            f"  function go() {{\n"
+            f"    if (window.Plotly) {{ draw(); return; }}\n"
+            f'    var s = document.createElement("script"); s.src = "{cdn}"; s.onload = draw; document.head.appendChild(s);\n'
+            f"  }}\n"
+            f'  if (document.readyState === "complete") go(); else window.addEventListener("load", go);\n'
+            f"}})();</script>")
+
+
+def markdown(text: str) -> None:
+    from IPython.display import Markdown, display
+
+    display(Markdown(text))
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table from a list of dicts with the same keys."""
+    if not rows:
+        return "*(nothing)*"
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def moves_table(rows: list[dict]) -> str:
+    """Chapter 08's ``class_moves`` rows as a Markdown table: each class's probability before and after, the change."""
+    return table([{"class": r["name"], "probability before": float(f"{r['before']:.3g}"),
+                   "after": float(f"{r['after']:.3g}"), "change": float(f"{r['change']:.3g}")} for r in rows])
+
+
+def banner(ctx) -> None:
+    """The profile banner: a MyST admonition in the book, a coloured box in a live notebook."""
+    from IPython.display import HTML, Markdown, display
+
+    text = ctx.banner()
+    if ctx.book_build:
+        display(Markdown(text))
+        return
+    import html
+    import re
+
+    kind = "warning" if text.startswith(":::{warning}") else "note"
+    body = "<br>".join(html.escape(p) for p in text.split("\n", 1)[1].rsplit(":::", 1)[0].strip().split("\n\n"))
+    body = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", body)
+    colour = "#fdecea" if kind == "warning" else "#e8f0fe"
+    display(HTML(f'<div style="background:{colour};padding:8px 12px;border-radius:4px">{body}</div>'))
+
+
+def save(fig: go.Figure, folder, stem: str) -> list:
+    """Write ``stem``.png and .svg (needs kaleido and a Chrome/Chromium); returns the files written."""
+    import logging
+    from pathlib import Path
+
+    import plotly.io as pio
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{stem}.png", folder / f"{stem}.svg"]
+    quiet = logging.getLogger("choreographer")  # kaleido's browser channel logs harmless decoding errors
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:  # one browser session for both files
+        pio.write_images([fig, fig], paths, width=900, height=fig.layout.height or 450)
+    except Exception as e:  # no kaleido or no browser: the interactive figure still stands
+        logging.getLogger(__name__).warning("could not write %s.png/.svg: %s", stem, e)
+        return []
+    finally:
+        quiet.setLevel(level)
+    return paths
+
+
+def show_image(img, ctx=None, save_as: str | None = None) -> None:
+    """Display a PIL image (PNG); with ``save_as``, also write it into the run's ``figures/``."""
+    from IPython.display import Image as IPImage, display
+
+    from helpers.files import atomic_write
+
+    if save_as and ctx is not None:
+        path = ctx.run_dir / "figures" / f"{save_as}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: img.save(f, format="PNG"))
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    display(IPImage(data=buf.getvalue(), format="png"))
+
+
+def stamped(img, ctx):
+    """``img`` with the random-weights stamp when ``ctx`` says so."""
+    if ctx is not None and ctx.random_weights:
+        stamp(img, NOT_A_RESULT)
+    return img

@@ -36,10 +36,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import peak_mib, write_results  # noqa: E402
+from common import cpu_name, peak_mib, write_results  # noqa: E402
 
 
 D, N, K, BATCH, LR = 512, 8192, 32, 4096, 4e-4
+SCREEN = "auto"  # ours' --screen (the command line's)
 CASES = ("encoder-matmul", "encoder-matmul-bf16", "ours-tied-full", "ours-tied-init", "sparsify", "saelens")
 FLOORS = ("encoder-matmul", "encoder-matmul-bf16")
 
@@ -90,7 +91,10 @@ def make(case: str, dev, first_batch):
         from helpers.sae.model import TopKSAE
         from helpers.sae.adam import Adam
 
-        sae = TopKSAE(D, N, K, "init" if case.endswith("init") else "full", seed=0).to(dev)
+        from helpers.config import Kernels
+
+        sae = TopKSAE(D, N, K, "init" if case.endswith("init") else "full", seed=0,
+                      kernels=Kernels(screen=SCREEN)).to(dev)
         sae.b_dec.data.copy_(median)
         return (Adam(sae.parameters(), LR), lambda x: normalized_mse(sae.forward_train(x).x_hat, x),
                 sae.remove_radial_grad, sae.normalize_decoder, sae)
@@ -203,7 +207,11 @@ def main() -> None:
     p.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
     p.add_argument("--case")
     p.add_argument("--interleaved", nargs="*")
+    p.add_argument("--screen", default="auto", choices=["auto", "on", "off"],
+                   help="ours' bf16-screened TopK on a CPU (the training config's --screen)")
     a = p.parse_args()
+    global SCREEN
+    SCREEN = a.screen
     if a.device is None:
         import torch
 
@@ -217,20 +225,21 @@ def main() -> None:
     results = {}
     for case in CASES:  # alone, each in its own process: held-out FVU and peak memory
         proc = subprocess.run([sys.executable, __file__, "--case", case, "--steps", str(a.steps),
-                               "--device", a.device], capture_output=True, text=True)
+                               "--device", a.device, "--screen", a.screen], capture_output=True, text=True)
         if proc.returncode:
             print(f"({case} skipped: {(proc.stderr.strip().splitlines() or ['?'])[-1]})")
             continue
         results[case] = {"alone": json.loads(proc.stdout.strip().splitlines()[-1])}
         print(f"{case}: alone {results[case]['alone']['vectors_per_s']:.0f} vectors/s", flush=True)
     proc = subprocess.run([sys.executable, __file__, "--interleaved", *results, "--interleaved-steps",
-                           str(a.interleaved_steps), "--device", a.device], capture_output=True, text=True)
+                           str(a.interleaved_steps), "--device", a.device, "--screen", a.screen],
+                          capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"the side-by-side run failed:\n{proc.stderr[-3000:]}")
     for case, r in json.loads(proc.stdout.strip().splitlines()[-1]).items():
         results[case].update(r)
     floor = results["encoder-matmul"]["vectors_per_s"]
-    print(f"\ndevice {a.device}; d={D} n={N} k={K} batch {BATCH}, Adam lr {LR}")
+    print(f"\ndevice {a.device} ({cpu_name()}); d={D} n={N} k={K} batch {BATCH}, Adam lr {LR}, ours' --screen {a.screen}")
     print(f"vectors/s: side by side in one process, median of {a.interleaved_steps} steps each; 'vs sparsify': median "
           "per-step ratio (quartiles)")
     print(f"FVU and memory: each case alone in its own process after {a.steps * BATCH} vectors")

@@ -31,7 +31,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common import write_results  # noqa: E402
-from helpers.config import HarvestConfig  # noqa: E402
 from helpers.run.profiles import PROFILES  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "imagenet-sample"
@@ -63,7 +62,7 @@ def main() -> None:
     from helpers.analysis.circuits import attribution
     from helpers.sae.model import TopKSAE, firing_stats
     from helpers.sae.adam import Adam
-    from helpers.sae.train import TrainConfig, _step, _State
+    from helpers.sae.train import _State, _step
 
     rows, total = [], 0.0
 
@@ -90,13 +89,13 @@ def main() -> None:
         cfg = profile.train
         saes = {}
         for layer, d in widths.items():
-            sae = saes[layer] = TopKSAE(d, cfg.expansion * d, cfg.k, cfg.tied, seed=0)
+            sae = saes[layer] = TopKSAE(d, cfg.sae.expansion * d, cfg.sae.k, cfg.sae.tied, seed=0, kernels=cfg.kernels)
             state = _State(sae, Adam(sae.parameters(), 1e-4), torch.zeros(sae.d_sae, dtype=torch.long))
             x = torch.relu(torch.randn(cfg.batch_size, d))
             step_cfg = dataclasses.replace(cfg, vectors=None)
             _step(step_cfg, state, x)  # warm-up
             s = timed(lambda: [_step(step_cfg, state, x) for _ in range(a.train_steps)])
-            add(f"training {layer} (d_sae {sae.d_sae}, aux_k {cfg.aux_k})", s / a.train_steps / cfg.batch_size,
+            add(f"training {layer} (d_sae {sae.d_sae}, aux_k {cfg.sae.aux_k})", s / a.train_steps / cfg.batch_size,
                 cfg.vectors_seen, "vector")
             with torch.no_grad():
                 s = timed(firing_stats, sae, [x, x])

@@ -140,7 +140,7 @@ def check_sae(dev) -> None:
 
 
 def check_training(dev, tmp: Path) -> None:
-    from helpers.config import TrainConfig
+    from helpers.config import SaeConfig, TrainConfig
     from helpers.sae.train import train
 
     g = torch.Generator().manual_seed(4)
@@ -150,7 +150,8 @@ def check_training(dev, tmp: Path) -> None:
     np.save(tmp / "planted.npy", x.numpy().astype(np.float32))
     fvus = {}
     for device, store in (("cpu", "disk"), (dev, "device")):
-        out = train(TrainConfig(vectors=str(tmp / "planted.npy"), out=str(tmp / f"sae-{device}-{store}"), expansion=8, k=8,
+        out = train(TrainConfig(vectors=str(tmp / "planted.npy"), out=str(tmp / f"sae-{device}-{store}"),
+                                sae=SaeConfig(expansion=8, k=8),
                                 batch_size=1024, vectors_seen=400_000, holdout=4096, lr=1e-3, device=device,
                                 store=store, seed=0))
         fvus[device] = json.loads((Path(out) / "train.json").read_text())["final_fvu"]

@@ -1,4 +1,4 @@
-"""What every benchmark shares: peak memory of this process and the JSON record of a run."""
+"""What every benchmark shares: peak memory of this process, the machine it ran on, and the JSON record of a run."""
 
 import json
 import resource
@@ -12,11 +12,32 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_name() -> str:
+    """This CPU's model, its core count and whether torch can use AMX tiles (which make bf16 products cheap, the
+    screened TopK's premise): every speed figure names the machine it came from."""
+    import os
+    import platform
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        amx = "AMX" if torch.cpu._is_amx_tile_supported() else "no AMX"
+    except (ImportError, AttributeError):
+        amx = "AMX unknown"
+    return f"{model}, {os.cpu_count()} cores, {amx}"
+
+
 def write_results(name: str, device: str, results: dict) -> Path:
-    """bench/results/<name>-<device>.json, announced on stdout."""
+    """bench/results/<name>-<device>.json (with the CPU it ran on), announced on stdout."""
     out = RESULTS / f"{name}-{device.replace(':', '')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out.write_text(json.dumps({"cpu": cpu_name(), **results}, indent=2))
     print(f"\nwritten {out}")
     return out
 

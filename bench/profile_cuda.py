@@ -9,7 +9,6 @@ time exceeds its device time is bound by kernel launches, not by the GPU).
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -22,15 +21,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 from bench_core import train_step  # noqa: E402
+from helpers.config import Kernels  # noqa: E402
 from helpers.sae.model import TopKSAE  # noqa: E402
 from helpers.sae.adam import Adam  # noqa: E402
 
-VARIANTS = {  # name: (environment, tf32, dense decoder)
-    "sparse (default: dense TF32 weight grad)": ({}, False, False),
-    "sparse, embedding_bag weight grad": ({"SAE_SCATTER": "bag"}, False, False),
-    "sparse, torch decoder": ({"SAE_TRITON": "0"}, False, False),
-    "dense decoder": ({}, False, True),
-    "dense decoder, tf32": ({}, True, True),
+VARIANTS = {  # name: (the SAE's kernel switches, tf32, dense decoder)
+    "sparse (default: dense TF32 weight grad)": (Kernels(), False, False),
+    "sparse, embedding_bag weight grad": (Kernels(scatter="bag"), False, False),
+    "sparse, torch decoder": (Kernels(triton=False), False, False),
+    "dense decoder": (Kernels(), False, True),
+    "dense decoder, tf32": (Kernels(), True, True),
 }
 
 
@@ -43,20 +43,16 @@ def main() -> None:
     torch.manual_seed(0)
     xs = [torch.relu(torch.randn(4096, 512, device=dev)) for _ in range(4)]
     models = {}
-    for name in VARIANTS:
-        sae = TopKSAE(512, a.n, 32, "full", seed=0).to(dev)
+    for name, (kernels, _, _) in VARIANTS.items():
+        sae = TopKSAE(512, a.n, 32, "full", seed=0, kernels=kernels).to(dev)
         models[name] = (sae, Adam(sae.parameters(), 4e-4))
 
     def run(name, x):
-        env, tf32, dense = VARIANTS[name]
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
+        _, tf32, dense = VARIANTS[name]
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
             train_step(*models[name], x, dense=dense)
         finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
             torch.backends.cuda.matmul.allow_tf32 = False
 
     seconds = {name: [] for name in VARIANTS}

@@ -1,7 +1,8 @@
 """Command line: ``python -m helpers harvest|train|book|export ...``.
 
 Each command's flags are generated from its config dataclass (``HarvestConfig``,
-``TrainConfig``), so a run is fully described by the config written next to its output.
+``TrainConfig``; a nested config's fields are flags of their own: ``--k``, ``--screen``), so a
+run is fully described by the config written next to its output.
 Only ``config`` is imported to parse the command line: the command's own module (and torch)
 is imported when it runs, so ``--help`` answers at once.
 """
@@ -41,8 +42,18 @@ def _arg_type(cls, name: str):
     return optional[0] if optional else hint
 
 
+def _nested_class(cls, name: str):
+    """The config class of a nested field (``TrainConfig.sae`` -> ``SaeConfig``), else None."""
+    hint = typing.get_type_hints(cls)[name]
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
+        nested = _nested_class(cls, f.name)
+        if nested is not None:
+            add_dataclass_arguments(parser.add_argument_group(f.metadata.get("help", f.name)), nested)
+            continue
         kind = _arg_type(cls, f.name)
         default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
         help_ = f"{f.metadata.get('help', '')} (default: {default})"
@@ -50,6 +61,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(option(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:
             parser.add_argument(option(f.name), type=kind, default=default, help=help_, choices=choices(cls, f.name))
+
+
+def from_arguments(cls, ns: argparse.Namespace):
+    """The config ``cls`` from parsed flags (nested configs from their own flags)."""
+    return cls(**{f.name: from_arguments(nested, ns) if (nested := _nested_class(cls, f.name)) else getattr(ns, f.name)
+                  for f in dataclasses.fields(cls)})
 
 
 def _run(target: str, cfg):
@@ -71,7 +88,7 @@ def main(argv=None) -> int:
     cls, target, _ = COMMANDS[ns.command]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+        cfg = from_arguments(cls, ns)
         if ns.command == "train" and cfg.layer and "," in cfg.layer:  # several layers at once
             from helpers.sae.per_layer import train_layers
 

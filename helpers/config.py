@@ -1,10 +1,12 @@
 """What each long job is asked to do: one dataclass per job, checked when it is made.
 
 ``HarvestConfig``, ``TrainConfig`` and ``FeatvizConfig`` describe a harvest, an SAE's
-training and a batch of feature visualisations. The command line is generated from them
-(``cli``), they are written next to every artifact, and a profile (``profiles``) is one of
-each. Choices are ``Literal`` fields and numbers have ranges, both checked in
-``__post_init__``, so a bad value stops before anything runs or is written.
+training and a batch of feature visualisations; a training nests the SAE's shape
+(``SaeConfig``) and the switches of its fast kernels (``Kernels``), as sparsify nests its coder
+config. The command line is generated from them (``cli``; nested fields are flags of their
+own, ``--k``, ``--screen``), they are written next to every artifact, and a profile
+(``run.profiles``) is one of each. Choices are ``Literal`` fields and numbers have ranges,
+both checked in ``__post_init__``, so a bad value stops before anything runs or is written.
 
 This module imports no torch: ``python -m helpers --help`` reads it alone.
 """
@@ -28,6 +30,8 @@ Decode = Literal["workers", "device"]
 InputScale = Literal["lucent", "unit"]
 Tied = Literal["full", "init"]
 StoreMode = Literal["auto", "disk", "device"]
+Screen = Literal["auto", "on", "off"]
+Scatter = Literal["dense", "bag"]
 Objective = Literal["direction", "neuron"]
 
 
@@ -104,6 +108,39 @@ class HarvestConfig:
         _validate(self)
 
 
+@dataclass(frozen=True)
+class SaeConfig:
+    """The SAE's shape: how many latents, how many kept per vector, how the decoder is tied, and AuxK."""
+
+    expansion: int = field(default=16, metadata=_help("latents = expansion x layer width", min=1))
+    k: int = field(default=32, metadata=_help("latents kept per vector", min=1))
+    tied: Tied = field(default="full", metadata=_help("full (paper's code: W_dec = W_enc^T) or init (Gao et al.)"))
+    aux_k: int = field(default=0, metadata=_help("AuxK latents against dead latents (0: off; Gao: d_in/2)", min=0))
+    aux_coef: float = field(default=1 / 32, metadata=_help("weight of the AuxK loss", min=0))
+
+    def __post_init__(self):
+        _validate(self)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """How the SAE computes, never what: its fast paths, each exact, switched here for benchmarks and checks."""
+
+    screen: Screen = field(default="auto", metadata=_help(
+        "the CPU's exact TopK from a bf16 screen: auto (where AMX makes bf16 products cheap), on, off"))
+    triton: bool = field(default=True, metadata=_help("the Triton sparse decoder on CUDA"))
+    scatter: Scatter = field(default="dense", metadata=_help(
+        "the decoder's weight gradient on CUDA: dense (a coefficient matrix product) or bag (embedding_bag's backward)"))
+
+    def __post_init__(self):
+        _validate(self)
+
+
+def _nested(value, cls):
+    """A nested config given as a dict (read back from JSON) made into ``cls``."""
+    return cls(**value) if isinstance(value, dict) else value
+
+
 @dataclass
 class TrainConfig:
     run: str | None = field(default=None, metadata=_help("harvest run directory (with --layer)"))
@@ -111,11 +148,7 @@ class TrainConfig:
         "layer of the run to train on, e.g. mixed4c; several (mixed4a,mixed4b,...) train at once, one process each"))
     vectors: str | None = field(default=None, metadata=_help("instead of --run: an .npy file of shape [N, d]"))
     out: str = field(default="runs/sae", metadata=_help("directory for the SAE, metrics and checkpoints"))
-    expansion: int = field(default=16, metadata=_help("latents = expansion x layer width", min=1))
-    k: int = field(default=32, metadata=_help("latents kept per vector", min=1))
-    tied: Tied = field(default="full", metadata=_help("full (paper's code: W_dec = W_enc^T) or init (Gao et al.)"))
-    aux_k: int = field(default=0, metadata=_help("AuxK latents against dead latents (0: off; Gao: d_in/2)", min=0))
-    aux_coef: float = field(default=1 / 32, metadata=_help("weight of the AuxK loss", min=0))
+    sae: SaeConfig = field(default_factory=SaeConfig, metadata=_help("the SAE's shape"))
     lr: float | None = field(default=None, metadata=_help(
         "Adam learning rate (default 2e-4 / sqrt(latents / 2^14))", min=1e-12))
     batch_size: int = field(default=4096, metadata=_help("vectors per step", min=1))
@@ -131,8 +164,10 @@ class TrainConfig:
         "auto, cpu, cuda, ...; with several layers, a comma list (cuda:0,cuda:1,...) used in turn"))
     seed: int = field(default=0, metadata=_help("seeds initialisation and data order", min=0))
     resume: bool = field(default=False, metadata=_help("continue from --out's checkpoint"))
+    kernels: Kernels = field(default_factory=Kernels, metadata=_help("the fast paths' switches"))
 
     def __post_init__(self):
+        self.sae, self.kernels = _nested(self.sae, SaeConfig), _nested(self.kernels, Kernels)
         _validate(self)
 
 

@@ -7,7 +7,8 @@ import torch
 from helpers.analysis.compare import match_features, matched_share, reconstruction
 from helpers.sae.loss import fvu, topk_sae
 from helpers.sae.model import TopKSAE
-from helpers.sae.train import TrainConfig, train
+from helpers.config import SaeConfig, TrainConfig
+from helpers.sae.train import train
 
 
 def test_a_shuffled_noisy_copy_is_matched_back_to_its_rows():
@@ -60,8 +61,9 @@ def test_a_dictionary_recovered_twice_matches_itself(tmp_path):
     np.save(tmp_path / "x.npy", x)
     saes = []
     for seed in (0, 1):
-        out = train(TrainConfig(vectors=str(tmp_path / "x.npy"), out=str(tmp_path / f"s{seed}"), expansion=2, k=3,
-                                batch_size=256, vectors_seen=600_000, holdout=1024, lr=3e-3, aux_k=16,
+        out = train(TrainConfig(vectors=str(tmp_path / "x.npy"), out=str(tmp_path / f"s{seed}"),
+                                sae=SaeConfig(expansion=2, k=3, aux_k=16),
+                                batch_size=256, vectors_seen=600_000, holdout=1024, lr=3e-3,
                                 dead_after=20_000, seed=seed, device="cpu"))
         saes.append(TopKSAE.load(out).decoder_directions.detach().numpy())
     # each SAE recovers the atoms: every atom has a decoder direction close to it

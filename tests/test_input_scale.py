@@ -19,7 +19,8 @@ from helpers.sae.loss import fvu
 from helpers.run.artifacts import open_run
 from helpers.sae.model import TopKSAE
 from helpers.data.store import ActivationStore, StoreError, read_manifest
-from helpers.sae.train import TrainConfig, train
+from helpers.config import SaeConfig, TrainConfig
+from helpers.sae.train import train
 
 
 def test_model_input_under_each_convention():
@@ -65,7 +66,7 @@ def test_resuming_under_the_other_convention_is_refused(two_harvests, image_dir)
 def test_an_sae_reconstructs_its_own_convention_and_not_the_other(two_harvests, tmp_path):
     """Codes of the matching convention against the mismatched one, for the same images and positions."""
     out = train(TrainConfig(run=str(two_harvests["unit"]), layer="mixed4a", out=str(tmp_path / "sae"),
-                            expansion=2, k=16, batch_size=128, vectors_seen=40_000, holdout=64, lr=2e-3,
+                            sae=SaeConfig(expansion=2, k=16), batch_size=128, vectors_seen=40_000, holdout=64, lr=2e-3,
                             device="cpu"))
     sae = TopKSAE.load(out)
     assert sae.metadata["input_scale"] == "unit"

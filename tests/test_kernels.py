@@ -38,7 +38,7 @@ CHECK = textwrap.dedent("""
 
 def test_triton_decoder_equals_the_dense_product_in_the_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "SAE_TRITON": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
@@ -66,7 +66,7 @@ def _is_wrong(indices, values, weight):
 def test_kernels_that_fail_their_first_use_check_fall_back_with_a_warning(monkeypatch, broken, why):
     from helpers.sae import kernels
 
-    monkeypatch.setattr(kernels, "triton_enabled", lambda weight: True)
+    monkeypatch.setattr(kernels, "triton_enabled", lambda weight, allowed=True: True)
     monkeypatch.setattr(kernels._TritonDecode, "apply", broken)
     monkeypatch.setattr(kernels, "_CHECKS", {})
     W, idx, vals = torch.randn(9, 4), torch.tensor([[1, 2]]), torch.tensor([[1.0, -1.0]])

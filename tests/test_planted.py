@@ -14,7 +14,8 @@ from helpers.data.images import load_image
 from helpers.data.inception import LayerCapture, load_model, model_input_from_uint8
 from helpers.sae.model import TopKSAE
 from helpers.data.store import ActivationStore
-from helpers.sae.train import TrainConfig, train
+from helpers.config import SaeConfig, TrainConfig
+from helpers.sae.train import train
 from planted import clear_of_disc, in_disc, plant_red_disc_signal, red_disc_images
 
 
@@ -25,7 +26,7 @@ def planted(tmp_path_factory):
     model, u = plant_red_disc_signal(load_model("random")[0])
     run = harvest(HarvestConfig(images=str(root / "images"), out=str(root / "run"), layers="mixed4b,mixed4c",
                                 per_image=40, batch_size=8, workers=0), model=model)
-    sae_dir = train(TrainConfig(run=str(run), layer="mixed4b", out=str(root / "sae"), expansion=2, k=8,
+    sae_dir = train(TrainConfig(run=str(run), layer="mixed4b", out=str(root / "sae"), sae=SaeConfig(expansion=2, k=8),
                                 batch_size=256, vectors_seen=120_000, lr=1e-3, holdout=64, device="cpu"))
     store = ActivationStore(run, "mixed4b")
     prov = store.load_provenance()

@@ -9,7 +9,7 @@ def test_profiles_scale_up():
     assert p["smoke"].weights == "random" and p["cpu"].weights == p["gpu"].weights == p["paper"].weights == "lucent"
     seen = [p[name].train.vectors_seen for name in ("smoke", "cpu", "gpu", "paper")]
     assert seen == sorted(seen) and len(set(seen)) == 4
-    assert (p["cpu"].train.expansion, p["cpu"].train.k) == (16, 32)  # the paper's SAEs from cpu up
+    assert (p["cpu"].train.sae.expansion, p["cpu"].train.sae.k) == (16, 32)  # the paper's SAEs from cpu up
     for profile in p.values():  # every profile logs enough points to draw its training curves
         assert -(-profile.train.vectors_seen // profile.train.batch_size) // profile.train.log_every >= 20
     with pytest.raises(ValueError, match="profile 'huge' is unknown"):

@@ -156,7 +156,8 @@ def test_geometric_median_resists_outliers():
 
 def test_tied_init_sae_recovers_a_planted_dictionary(tmp_path):
     """Synthetic sparse data from a known dictionary: the SAE's decoder finds its atoms."""
-    from helpers.sae.train import TrainConfig, train
+    from helpers.config import SaeConfig, TrainConfig
+    from helpers.sae.train import train
 
     rng = np.random.default_rng(0)
     d, atoms, n = 32, 96, 60_000
@@ -166,9 +167,9 @@ def test_tied_init_sae_recovers_a_planted_dictionary(tmp_path):
     for _ in range(3):
         codes[np.arange(n), rng.integers(0, atoms, n)] = rng.uniform(1, 3, n)
     np.save(tmp_path / "x.npy", (codes @ D).astype(np.float32))
-    out = train(TrainConfig(vectors=str(tmp_path / "x.npy"), out=str(tmp_path / "sae"), expansion=4, k=3,
-                            tied="init", batch_size=512, vectors_seen=600_000, lr=4e-3, device="cpu",
-                            dead_after=20_000, aux_k=16))
+    out = train(TrainConfig(vectors=str(tmp_path / "x.npy"), out=str(tmp_path / "sae"),
+                            sae=SaeConfig(expansion=4, k=3, tied="init", aux_k=16), batch_size=512,
+                            vectors_seen=600_000, lr=4e-3, device="cpu", dead_after=20_000))
     W = TopKSAE.load(out).W_dec.detach().numpy()
     W /= np.linalg.norm(W, axis=1, keepdims=True)
     best = (D @ W.T).max(axis=1)

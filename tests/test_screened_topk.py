@@ -4,6 +4,7 @@ rounding errors add up coherently, and the latents it keeps are the exact TopK o
 import pytest
 import torch
 
+from helpers.config import Kernels, SaeConfig, TrainConfig
 from helpers.sae import screened_topk as st
 from helpers.sae.model import TopKSAE
 
@@ -97,9 +98,8 @@ def test_the_screen_prunes_to_a_few_candidates_per_row():
     assert (count >= 32).all() and count.float().mean() < 150, count.float().mean()
 
 
-def test_inputs_that_are_not_finite_take_the_float32_path(monkeypatch):
-    monkeypatch.setenv("SAE_SCREEN", "1")
-    sae = TopKSAE(16, 256, 8, "full", seed=0)
+def test_inputs_that_are_not_finite_take_the_float32_path():
+    sae = TopKSAE(16, 256, 8, "full", seed=0, kernels=Kernels(screen="on"))
     x = torch.randn(20, 16, generator=_gen(3))
     x[3, 5] = float("nan")
     assert st.screened_topk(x - sae.b_dec, sae.encoder_weight, sae.b_enc, 8) is None
@@ -111,16 +111,13 @@ def test_inputs_that_are_not_finite_take_the_float32_path(monkeypatch):
     assert st.screened_topk(torch.randn(4, 16), sae.encoder_weight, sae.b_enc, 8) is None
 
 
-def test_when_the_screen_applies(monkeypatch):
+def test_when_the_screen_applies():
     w, x = torch.randn(256, 16), torch.randn(4, 16)
-    monkeypatch.setenv("SAE_SCREEN", "1")
-    assert st.enabled(x, w, 32)
-    assert not st.enabled(x, w, 129)  # k above the 128 blocks
-    assert not st.enabled(x, w[:100], 8)  # fewer latents than blocks
-    assert not st.enabled(x.double(), w.double(), 8)
-    monkeypatch.setenv("SAE_SCREEN", "0")
-    assert not st.enabled(x, w, 32)
-    monkeypatch.setenv("SAE_SCREEN", "auto")
+    assert st.enabled(x, w, 32, "on")
+    assert not st.enabled(x, w, 129, "on")  # k above the 128 blocks
+    assert not st.enabled(x, w[:100], 8, "on")  # fewer latents than blocks
+    assert not st.enabled(x.double(), w.double(), 8, "on")
+    assert not st.enabled(x, w, 32, "off")
     many = torch.randn(st.MIN_ROWS, 16)
     assert st.enabled(many, w, 32) == st._has_amx()
     assert not st.enabled(many[:-1], w, 32)  # too few rows to pay for rounding W
@@ -132,8 +129,7 @@ def test_training_through_the_screen_equals_the_dense_equation(monkeypatch):
     from helpers.sae.loss import normalized_mse
     from test_sae import dense_reference
 
-    monkeypatch.setenv("SAE_SCREEN", "1")
-    sae = TopKSAE(32, 384, 8, "init", seed=0)
+    sae = TopKSAE(32, 384, 8, "init", seed=0, kernels=Kernels(screen="on"))
     g = _gen(4)
     with torch.no_grad():
         sae.b_enc.copy_(torch.randn(384, generator=g) * 0.1)
@@ -155,6 +151,24 @@ def test_training_through_the_screen_equals_the_dense_equation(monkeypatch):
     torch.testing.assert_close(out.aux_recon, aux, rtol=1e-5, atol=1e-5)
     for name, p in params.items():
         torch.testing.assert_close(getattr(sae, name).grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("screen", ["on", "off"])
+def test_the_training_configs_switch_reaches_the_sae(tmp_path, monkeypatch, screen):
+    """``--screen`` is a field of the training config (no environment variable): "on" screens every step's
+    TopK, "off" none, and both train to an SAE."""
+    import numpy as np
+
+    from helpers.sae.train import train
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(4096, 16)).astype(np.float32))
+    calls = []
+    real = st.screened_topk
+    monkeypatch.setattr(st, "screened_topk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train(TrainConfig(vectors=str(tmp_path / "x.npy"), out=str(tmp_path / "sae"), sae=SaeConfig(expansion=16, k=8),
+                      batch_size=512, vectors_seen=2048, holdout=64, device="cpu", kernels=Kernels(screen=screen)))
+    assert (len(calls) >= 4) == (screen == "on") and (len(calls) == 0) == (screen == "off"), calls
+    assert TopKSAE.load(tmp_path / "sae").d_sae == 256
 
 
 def test_two_threads_at_once_get_their_own_answers():

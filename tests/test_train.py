@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from helpers.files import read_jsonl
 from helpers.sae.model import TopKSAE
 from helpers.data.store import StoreError
-from helpers.sae.train import CHECKPOINT, NonFiniteLoss, TrainConfig, train
+from helpers.config import SaeConfig, TrainConfig
+from helpers.sae.train import CHECKPOINT, NonFiniteLoss, train
 
 
 @pytest.fixture
@@ -20,9 +21,11 @@ def vectors(tmp_path):
 
 
 def small(vectors, out, **kw):
-    base = dict(vectors=str(vectors), out=str(out), expansion=4, k=4, batch_size=128, vectors_seen=128 * 8,
-                device="cpu", log_every=2, holdout=256)
-    return TrainConfig(**{**base, **kw})
+    """A short training config; the SAE's own settings (tied, aux_k, ...) may be given flat here."""
+    shape = {"expansion": 4, "k": 4, **{k: kw.pop(k) for k in ("expansion", "k", "tied", "aux_k", "aux_coef") if k in kw}}
+    base = dict(vectors=str(vectors), out=str(out), batch_size=128, vectors_seen=128 * 8, device="cpu", log_every=2,
+                holdout=256)
+    return TrainConfig(**{**base, **kw}, sae=SaeConfig(**shape))
 
 
 @pytest.mark.parametrize("tied,store", [("full", "disk"), ("init", "disk"), ("full", "device")])
@@ -54,8 +57,8 @@ def test_tied_init_keeps_unit_decoder_rows(tmp_path, vectors):
 
 
 def test_records_and_cfg(tmp_path, harvest_run, vectors):
-    out = train(TrainConfig(run=str(harvest_run), layer="mixed4c", out=str(tmp_path / "sae"), expansion=2, k=8,
-                            batch_size=16, vectors_seen=64, device="cpu", log_every=1, holdout=0))
+    out = train(TrainConfig(run=str(harvest_run), layer="mixed4c", out=str(tmp_path / "sae"),
+                            sae=SaeConfig(expansion=2, k=8), batch_size=16, vectors_seen=64, device="cpu", log_every=1, holdout=0))
     full = json.loads((out / "cfg.json").read_text())
     cfg = full["metadata"]
     assert cfg["layer"] == "mixed4c" and full["d_in"] == 512 and full["d_sae"] == 1024
@@ -111,6 +114,28 @@ def test_a_damaged_checkpoint_is_named_with_the_fix(tmp_path, vectors):
     save_file({"x": torch.zeros(2)}, ckpt)  # a safetensors file without this trainer's metadata
     with pytest.raises(CheckpointError, match="lacks this trainer's metadata"):
         train(small(vectors, out, vectors_seen=128 * 6, resume=True))
+
+
+def test_a_checkpoint_from_before_the_nested_sae_config_resumes(tmp_path, vectors):
+    """Checkpoints written while the SAE's shape was flat in the config (k, expansion, ... at the top) still
+    resume under the same shape and are refused, naming the setting, under another."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "s"
+    train(small(vectors, out, vectors_seen=128 * 4, checkpoint_every=128 * 4))
+    ckpt = out / CHECKPOINT
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = f.metadata()
+    config = json.loads(meta["config"])
+    config.update(config.pop("sae"))  # the old, flat layout
+    config.pop("kernels")
+    save_file(load_file(ckpt), ckpt, metadata={**meta, "config": json.dumps(config)})
+    with pytest.raises(ValueError, match="cannot resume.*k=4"):
+        train(small(vectors, out, k=5, vectors_seen=128 * 8, resume=True))
+    resumed = train(small(vectors, out, vectors_seen=128 * 8, resume=True))
+    assert json.loads((resumed / "cfg.json").read_text())["metadata"]["vectors_seen"] == 128 * 8
 
 
 def test_resume_cuts_the_metrics_back_to_the_checkpoint(tmp_path, vectors):

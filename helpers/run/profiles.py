@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers.config import FeatvizConfig, HarvestConfig, TrainConfig
+from helpers.config import FeatvizConfig, HarvestConfig, SaeConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT.parent / "shared" / "imagenet-sample"
@@ -49,6 +49,9 @@ class Profile:
         return self.harvest.weights
 
 
+AUXK = SaeConfig(aux_k=256)  # the paper's SAE (16x, k = 32, tied) with Gao et al.'s AuxK against dead latents
+
+
 def _train(vectors_seen: int, batch_size: int = 4096, points: int = 40, **kw) -> TrainConfig:
     """A training config that logs about ``points`` records, so its curves can be drawn."""
     steps = -(-vectors_seen // batch_size)
@@ -58,24 +61,24 @@ def _train(vectors_seen: int, batch_size: int = 4096, points: int = 40, **kw) ->
 PROFILES = {
     "smoke": Profile("smoke", "CI and a first look: random weights, 64 images, tiny SAEs; minutes on 2 CPU cores",
                      HarvestConfig(images="sample-or-generated", weights="random", max_images=64, batch_size=16),
-                     _train(24_576, batch_size=1024, expansion=4, k=16), FeatvizConfig(steps=4, size=64),
+                     _train(24_576, batch_size=1024, sae=SaeConfig(expansion=4, k=16)), FeatvizConfig(steps=4, size=64),
                      circuit_images=4, circuit_sources=48, figure1_per_branch=1,
                      figure1_per_layer=4, spliced_images=8),
     "colab": Profile("colab", "a first look on Colab, in minutes: real weights, the paper author's published SAEs, "
                               "the ImageNet sample (1,000 images, one per class, 398 of them animals)",
                      HarvestConfig(images="imagenet-sample", weights="lucent", batch_size=128),
-                     _train(5_000_000, aux_k=256), FeatvizConfig(steps=256)),
+                     _train(5_000_000, sae=AUXK), FeatvizConfig(steps=256)),
     "cpu": Profile("cpu", "about 4 hours on 2 CPU cores (bench/bench_profile.py): real weights, Imagenette and "
                           "Imagewoof (26,394 images of 20 classes, 12 of them animals), 2M vectors per SAE",
-                   HarvestConfig(images="imagenette+imagewoof", weights="lucent"), _train(2_000_000, aux_k=256)),
+                   HarvestConfig(images="imagenette+imagewoof", weights="lucent"), _train(2_000_000, sae=AUXK)),
     "gpu": Profile("gpu", "a Colab T4: real weights, Imagenette and Imagewoof (26,394 images, 12 of 20 classes "
                           "animals), 50M vectors per SAE",
                    HarvestConfig(images="imagenette+imagewoof", weights="lucent", batch_size=256),
-                   _train(50_000_000, aux_k=256)),
+                   _train(50_000_000, sae=AUXK)),
     "paper": Profile("paper", "as the paper: ImageNet train ($IMAGENET_TRAIN), ~1e9 vectors per SAE",
                      HarvestConfig(images=IMAGENET_TRAIN, weights="lucent",
                                    batch_size=512),
-                     _train(1_000_000_000, aux_k=256), FeatvizConfig(steps=2048)),
+                     _train(1_000_000_000, sae=AUXK), FeatvizConfig(steps=2048)),
 }
 
 

@@ -12,9 +12,9 @@ import torch
 
 from helpers.files import atomic_write
 
-# settings a resumed run must share with the checkpoint (the budget may grow)
-RESUME_KEYS = ("run", "layer", "vectors", "expansion", "k", "tied", "aux_k", "aux_coef", "lr", "batch_size",
-               "seed", "holdout", "dead_after", "store")
+# settings a resumed run must share with the checkpoint (the budget may grow; the kernels compute the same)
+RESUME_KEYS = ("run", "layer", "vectors", "sae", "lr", "batch_size", "seed", "holdout", "dead_after", "store")
+_SAE_KEYS = ("expansion", "k", "tied", "aux_k", "aux_coef")  # a checkpoint from before SaeConfig kept them flat
 
 
 def save_checkpoint(path: Path, state, cfg) -> None:
@@ -49,6 +49,8 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); {fix}") from e
     try:
         old = json.loads(meta["config"])
+        if "sae" not in old:
+            old["sae"] = {k: old.pop(k) for k in _SAE_KEYS if k in old}
         int(meta["vectors_seen"]), int(meta["step"])
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path} lacks this trainer's metadata (config, vectors_seen, step); {fix}") from e
@@ -58,10 +60,12 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
 def load_checkpoint(path: Path, state, cfg, device) -> None:
     sae, opt = state.sae, state.opt
     meta, tensors, old = read_checkpoint(path)
-    differ = [k for k in RESUME_KEYS if old.get(k) != asdict(cfg).get(k)]
+    new = asdict(cfg)
+    differ = [f"{k}={old.get(k)!r}" for k in RESUME_KEYS if k != "sae" and old.get(k) != new.get(k)]
+    differ += [f"{k}={old['sae'].get(k)!r}" for k in new["sae"] if old["sae"].get(k) != new["sae"][k]]
     if differ:
         raise ValueError(f"cannot resume: the checkpoint in {path.parent} was made with other settings "
-                         f"({', '.join(f'{k}={old.get(k)!r}' for k in differ)}); use those or a new --out")
+                         f"({', '.join(differ)}); use those or a new --out")
     missing = [n for n in [f"param/{n}" for n, _ in sae.named_parameters()] + ["since_fired"] if n not in tensors]
     wrong = [n for n, p in sae.named_parameters() if f"param/{n}" in tensors and tensors[f"param/{n}"].shape != p.shape]
     if missing or wrong:

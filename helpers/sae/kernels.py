@@ -6,7 +6,8 @@
   gradient (k dot products per vector) in one kernel. The weight's gradient is a scatter
   of k rows per vector, which torch's ``embedding_bag`` backward already does well.
 
-``sparse_decode`` picks Triton on CUDA unless ``SAE_TRITON=0``, after checking it once per
+``sparse_decode`` picks Triton on CUDA unless told not to (``use_triton=False``: the training
+config's ``--no-triton``), after checking it once per
 device against the torch path on a small problem (it falls back, with a warning, if the
 kernels fail to build or disagree). The tests run the Triton kernels on a CPU with
 Triton's interpreter (``TRITON_INTERPRET=1``) and compare them with the dense product
@@ -31,19 +32,19 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":  # no
         triton = None
 
 
-def triton_enabled(weight: torch.Tensor) -> bool:
-    """Whether ``sparse_decode`` will use the Triton kernels for this weight."""
-    if triton is None or os.environ.get("SAE_TRITON", "1") == "0":
+def triton_enabled(weight: torch.Tensor, allowed: bool = True) -> bool:
+    """Whether ``sparse_decode`` will use the Triton kernels for this weight (``allowed``: the caller's switch)."""
+    if triton is None or not allowed:
         return False
     return weight.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def torch_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def torch_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, dense_scatter: bool = True) -> torch.Tensor:
     """The reference: ``embedding_bag`` with per-sample weights, [batch, d]. On a CPU the weight's
     gradient is taken by ``scatter_rows`` (a sparse matrix product) instead of embedding_bag's."""
     if weight.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled():
         out = F.embedding_bag(indices, weight.detach(), per_sample_weights=values.to(weight.dtype), mode="sum")
-        return _WithWeightGrad.apply(out, indices, values.detach(), weight)
+        return _WithWeightGrad.apply(out, indices, values.detach(), weight, dense_scatter)
     return F.embedding_bag(indices, weight, per_sample_weights=values.to(weight.dtype), mode="sum")
 
 
@@ -52,21 +53,25 @@ class _WithWeightGrad(torch.autograd.Function):
     ``weight`` the decoder's weight gradient, ``scatter_rows(indices, values, grad)``."""
 
     @staticmethod
-    def forward(ctx, out, indices, values, weight):
+    def forward(ctx, out, indices, values, weight, dense_scatter):
         ctx.save_for_backward(indices, values, weight)
+        ctx.dense_scatter = dense_scatter
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):
         indices, values, weight = ctx.saved_tensors
-        return grad, None, None, scatter_rows(indices, values, grad, weight)
+        return grad, None, None, scatter_rows(indices, values, grad, weight, ctx.dense_scatter), None
 
 
-def sparse_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``sum_j values[b, j] * weight[indices[b, j]]`` -> [batch, d], differentiable in values and weight."""
-    if triton_enabled(weight) and _checked(weight.device):
-        return _TritonDecode.apply(indices, values, weight)
-    return torch_decode(indices, values, weight)
+def sparse_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, *, use_triton: bool = True,
+                  dense_scatter: bool = True) -> torch.Tensor:
+    """``sum_j values[b, j] * weight[indices[b, j]]`` -> [batch, d], differentiable in values and weight.
+    ``use_triton``: the Triton kernels where they apply; ``dense_scatter``: the weight gradient on CUDA as a
+    dense product (else embedding_bag's backward)."""
+    if triton_enabled(weight, use_triton) and _checked(weight.device):
+        return _TritonDecode.apply(indices, values, weight, dense_scatter)
+    return torch_decode(indices, values, weight, dense_scatter)
 
 
 # --- the SAE's sparse backward pass -----------------------------------------------------
@@ -81,10 +86,13 @@ class KeptPreacts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, b_dec, weight, b_enc, idx, values, x_c):
-        """``x_c``: ``x - b_dec``, already made (detached) for the TopK's matmul."""
+    def forward(ctx, x, b_dec, weight, b_enc, idx, values, x_c, kernels=None):
+        """``x_c``: ``x - b_dec``, already made (detached) for the TopK's matmul; ``kernels``: a
+        ``config.Kernels`` (None: the defaults)."""
         ctx.save_for_backward(x_c, weight, idx)
         ctx.d_sae = b_enc.shape[0]
+        ctx.triton = kernels is None or kernels.triton
+        ctx.dense_scatter = kernels is None or kernels.scatter == "dense"
         return values
 
     @staticmethod
@@ -93,25 +101,25 @@ class KeptPreacts(torch.autograd.Function):
         grad = grad.to(weight.dtype)
         grad_x = grad_b_dec = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = sparse_decode(idx, grad, weight)  # the same gather-sum as the decoder
+            grad_x = sparse_decode(idx, grad, weight, use_triton=ctx.triton, dense_scatter=ctx.dense_scatter)
         if ctx.needs_input_grad[2]:
-            grad_w = scatter_rows(idx, grad, x_c.to(weight.dtype), weight)
+            grad_w = scatter_rows(idx, grad, x_c.to(weight.dtype), weight, ctx.dense_scatter)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             per_latent = torch.zeros(ctx.d_sae, dtype=grad.dtype, device=grad.device)
             per_latent.index_add_(0, idx.flatten(), grad.flatten())
             grad_b = per_latent if ctx.needs_input_grad[3] else None
             grad_b_dec = -(per_latent @ weight) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_b_dec, grad_w, grad_b, None, None, None
+        return grad_x, grad_b_dec, grad_w, grad_b, None, None, None, None
 
 
-def scatter_rows(idx, coef, rows_in, like):
+def scatter_rows(idx, coef, rows_in, like, dense: bool = True):
     """``out[r] = sum over (b, j) with idx[b, j] == r of coef[b, j] * rows_in[b]``, [d_sae, d_in].
 
     The weight gradient of the sparse decoder (and of the kept pre-activations), without
     materialising [batch, k, d_in]: on a CPU a sparse [d_sae, batch] matrix of the
     coefficients (CSR) times ``rows_in``, twice as fast as torch's ``embedding_bag`` backward
     there (measured: 10 against 22 ms for 4096 x 32 of 8192 x 512); on CUDA a dense product
-    (``_dense_scatter_rows``; ``SAE_SCATTER=bag``: ``embedding_bag``'s backward instead).
+    (``_dense_scatter_rows``; ``dense=False``, the config's ``--scatter bag``: ``embedding_bag``'s backward).
     """
     if like.device.type == "cpu":
         order, crow, col = _csr_layout(idx, like.shape[0])
@@ -120,7 +128,7 @@ def scatter_rows(idx, coef, rows_in, like):
             coefficients = torch.sparse_csr_tensor(crow, col, coef.flatten()[order].to(like.dtype),
                                                    (like.shape[0], idx.shape[0]))
             return coefficients @ rows_in.to(like.dtype)
-    if like.is_cuda and os.environ.get("SAE_SCATTER", "dense") == "dense":
+    if like.is_cuda and dense:
         return _dense_scatter_rows(idx, coef, rows_in, like)
     w = like.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -225,8 +233,9 @@ if triton is not None:
 
 class _TritonDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, indices, values, weight):
+    def forward(ctx, indices, values, weight, dense_scatter=True):
         indices, values, weight = indices.contiguous(), values.contiguous(), weight.contiguous()
+        ctx.dense_scatter = dense_scatter
         batch, k = indices.shape
         d = weight.shape[1]
         out = torch.empty(batch, d, dtype=torch.float32, device=weight.device)
@@ -248,5 +257,6 @@ class _TritonDecode(torch.autograd.Function):
                                           BLOCK_D=min(triton.next_power_of_2(d), 64))
             grad_values = out.to(values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_weight = scatter_rows(indices, values.to(weight.dtype), grad.to(weight.dtype), weight)
-        return None, grad_values, grad_weight
+            grad_weight = scatter_rows(indices, values.to(weight.dtype), grad.to(weight.dtype), weight,
+                                       ctx.dense_scatter)
+        return None, grad_values, grad_weight, None

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers.sae import screened_topk
-from helpers.config import Tied
+from helpers.config import Kernels, Tied
 from helpers.files import CFG_FILE, WEIGHTS_FILE, atomic_write, write_json
 from helpers.sae.kernels import KeptPreacts, sparse_decode
 
@@ -49,7 +49,8 @@ class TrainOutput(NamedTuple):
 
 
 class TopKSAE(nn.Module):
-    def __init__(self, d_in: int, d_sae: int, k: int = 32, tied: str = "full", *, seed: int | None = None):
+    def __init__(self, d_in: int, d_sae: int, k: int = 32, tied: str = "full", *, seed: int | None = None,
+                 kernels: Kernels | None = None):
         super().__init__()
         if tied not in TIED:
             raise ValueError(f"tied={tied!r}; choose 'full' (the paper's code) or 'init' (Gao et al.)")
@@ -64,6 +65,7 @@ class TopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.encode_chunk: int | None = ENCODE_CHUNK  # rows per pre-activation chunk on CPU (None: all)
+        self.kernels = kernels or Kernels()  # which fast paths compute it (all exact; the training config's)
 
     # --- weights in SAELens' layout ---------------------------------------------------
     @property
@@ -99,7 +101,7 @@ class TopKSAE(nn.Module):
 
     def _kept(self, x, x_c, idx, values):
         """The kept pre-activations, differentiable in x, b_dec, the encoder and b_enc (``KeptPreacts``)."""
-        return KeptPreacts.apply(x, self.b_dec, self.encoder_weight, self.b_enc, idx, values.float(), x_c)
+        return KeptPreacts.apply(x, self.b_dec, self.encoder_weight, self.b_enc, idx, values.float(), x_c, self.kernels)
 
     @torch.no_grad()
     def _select(self, x_c, k, dead, aux_k):
@@ -115,7 +117,7 @@ class TopKSAE(nn.Module):
         against one matmul). On CUDA one matmul is best.
         """
         n = x_c.shape[0]
-        if screened_topk.enabled(x_c, self.encoder_weight, k) and (not aux_k or 2 * int(dead.sum()) <= self.d_sae):
+        if screened_topk.enabled(x_c, self.encoder_weight, k, self.kernels.screen) and (not aux_k or 2 * int(dead.sum()) <= self.d_sae):
             found = screened_topk.screened_topk(x_c, self.encoder_weight, self.b_enc, k, self.encode_chunk or n)
             if found is not None:
                 if not aux_k:
@@ -148,7 +150,8 @@ class TopKSAE(nn.Module):
 
     def decode_topk(self, code: SparseCode, bias: bool = True) -> torch.Tensor:
         """Sum of the kept latents' decoder rows, [batch, d_in]; no dense [batch, d_sae]."""
-        out = sparse_decode(code.indices, code.values, self.W_dec)
+        out = sparse_decode(code.indices, code.values, self.W_dec, use_triton=self.kernels.triton,
+                            dense_scatter=self.kernels.scatter == "dense")
         return out + self.b_dec if bias else out
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,15 +36,15 @@ float32 dot products. ``tests/test_screened_topk.py`` checks the bound and the s
 against float64 truth on adversarial data (offsets, big biases, uneven norms, ties, zeros).
 
 The kernels are compiled by Numba (umap-learn's dependency) on first use and cached.
-``SAE_SCREEN=0`` turns the screen off, ``=1`` on where AMX is missing (where bf16 products
-are slower than float32 ones; the default is on with AMX only). Inputs with a NaN or an
+The training config's ``--screen off`` turns the screen off, ``--screen on`` on where AMX is
+missing (where bf16 products are slower than float32 ones; the default, ``auto``, is on with
+AMX only). Inputs with a NaN or an
 infinity, k above 128 and GPUs take the float32 path (``TopKSAE._select``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import threading
 from typing import NamedTuple
 
@@ -63,17 +63,17 @@ except ImportError:  # pragma: no cover - numba comes with umap-learn
     numba = None
 
 
-def enabled(x_c: torch.Tensor, weight: torch.Tensor, k: int) -> bool:
-    """Whether ``screened_topk`` applies: a CPU, float32, k <= 128 <= d_sae, Numba, AMX (or ``SAE_SCREEN=1``),
-    and at least ``MIN_ROWS`` rows (or ``SAE_SCREEN=1``): rounding W costs about a float32 product of 100 rows."""
-    mode = os.environ.get("SAE_SCREEN", "auto")
-    if numba is None or mode == "0" or x_c.device.type != "cpu" or weight.device.type != "cpu":
+def enabled(x_c: torch.Tensor, weight: torch.Tensor, k: int, mode: str = "auto") -> bool:
+    """Whether ``screened_topk`` applies: a CPU, float32, k <= 128 <= d_sae, Numba, and with ``mode`` "auto"
+    (the training config's ``--screen``) AMX and at least ``MIN_ROWS`` rows (rounding W costs about a float32
+    product of 100 rows); "on" drops those two conditions, "off" never screens."""
+    if numba is None or mode == "off" or x_c.device.type != "cpu" or weight.device.type != "cpu":
         return False
-    if mode != "1" and x_c.shape[0] < MIN_ROWS:
+    if mode != "on" and x_c.shape[0] < MIN_ROWS:
         return False
     if x_c.dtype != torch.float32 or weight.dtype != torch.float32 or not 0 < k <= LANES <= weight.shape[0]:
         return False
-    return mode == "1" or _has_amx()
+    return mode == "on" or _has_amx()
 
 
 def _has_amx() -> bool:

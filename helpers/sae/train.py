@@ -81,9 +81,9 @@ def train(cfg: TrainConfig) -> Path:
     mine = slice(rank * cfg.batch_size // ranks, (rank + 1) * cfg.batch_size // ranks)  # this rank's rows
     train_arrays, held = split_holdout(arrays, cfg.holdout)
     out = Path(cfg.out)
-    d_sae = cfg.expansion * arrays[0].shape[1]
-    if cfg.k > d_sae:
-        raise ValueError(f"--k {cfg.k} exceeds the {d_sae} latents (--expansion {cfg.expansion} x width "
+    d_sae = cfg.sae.expansion * arrays[0].shape[1]
+    if cfg.sae.k > d_sae:
+        raise ValueError(f"--k {cfg.sae.k} exceeds the {d_sae} latents (--expansion {cfg.sae.expansion} x width "
                          f"{arrays[0].shape[1]}); lower --k or raise --expansion")
     with clock("init"):
         state = _start(cfg, out, train_arrays, d_sae, device, rank)
@@ -148,7 +148,7 @@ def _start(cfg: TrainConfig, out: Path, arrays, d_sae: int, device: torch.device
     if ckpt.exists() and not cfg.resume:
         raise FileExistsError(f"{out} already holds a training checkpoint; pass --resume to continue it "
                               "or choose another --out")
-    sae = TopKSAE(arrays[0].shape[1], d_sae, cfg.k, cfg.tied, seed=cfg.seed).to(device)
+    sae = TopKSAE(arrays[0].shape[1], d_sae, cfg.sae.k, cfg.sae.tied, seed=cfg.seed, kernels=cfg.kernels).to(device)
     state = _State(sae, Adam(sae.parameters(), cfg.lr or default_lr(d_sae)),
                    torch.zeros(d_sae, dtype=torch.long, device=device))
     if cfg.resume and ckpt.exists():
@@ -172,10 +172,10 @@ def _step(cfg: TrainConfig, state: _State, x: torch.Tensor) -> _Step:
     sae = state.sae
     dead = state.since_fired >= min(cfg.dead_after, max(state.seen, 1))
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
-        out = sae.forward_train(x, dead, cfg.aux_k)
+        out = sae.forward_train(x, dead, cfg.sae.aux_k)
     x_hat = out.x_hat.float()
     aux = None if out.aux_recon is None else out.aux_recon.float()
-    total, loss, aux_loss = training_loss(x, x_hat, aux, cfg.aux_coef)
+    total, loss, aux_loss = training_loss(x, x_hat, aux, cfg.sae.aux_coef)
     state.opt.zero_grad(set_to_none=True)
     total.backward()
     distributed.average_gradients(sae.parameters())  # under torchrun: the global batch's gradient
@@ -244,7 +244,7 @@ def _batches(cfg: TrainConfig, arrays, device: torch.device, d_sae: int, start: 
     rows, d = sum(len(a) for a in arrays), arrays[0].shape[1]
     mode = cfg.store
     if mode != "disk" and device.type == "cuda":
-        need = sum(memory_estimate(d, d_sae, cfg.k, cfg.batch_size, cfg.tied, aux_k=cfg.aux_k, cuda=True,
+        need = sum(memory_estimate(d, d_sae, cfg.sae.k, cfg.batch_size, cfg.sae.tied, aux_k=cfg.sae.aux_k, cuda=True,
                                    store_rows=rows).values())
         free = torch.cuda.mem_get_info(device)[0]
         if need > 0.9 * free:
@@ -304,7 +304,7 @@ def _finish(out, state, cfg, info, held, lr, last_record, device, clock: _Clock,
         "warning": RANDOM_WARNING if weights_id and is_random(weights_id) else None,
         "source": info["source"], "vectors_seen": seen, "final_fvu": held_fvu, "final_nmse": held_nmse,
         "final_fvu_on": f"{len(held)} held-out vectors", "dead_fraction": dead_fraction,
-        "dead_after": cfg.dead_after, "lr": lr, "expansion": cfg.expansion, "helpers_version": __version__,
+        "dead_after": cfg.dead_after, "lr": lr, "expansion": cfg.sae.expansion, "helpers_version": __version__,
         "input_scale": info["input_scale"],  # the images' convention (None for --vectors: unknown)
     }
     with clock("saving"):

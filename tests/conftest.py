@@ -58,3 +58,37 @@ def smoke_book(tmp_path_factory):
     banner = open_run("smoke").banner()
     html = book.build_html(book.stage(executed, banner, root / "src", root / "run" / "atlas"), root / "out")
     return {"executed": {p.stem: p for p in executed}, "html": html, "run": root / "run"}
+
+
+def stub_hub(monkeypatch, snapshot: Path, downloads: Path, dates: dict | None = None) -> None:
+    """The Hugging Face hub, answering from a local folder: ``snapshot``'s files are the repository's (listing,
+    digests, last commits from ``dates``), a download copies one into ``downloads`` as the hub cache would."""
+    import hashlib
+    import shutil
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from helpers.run import author
+
+    def entry(path):
+        digest = hashlib.sha256((snapshot / path).read_bytes()).hexdigest()
+        return SimpleNamespace(path=path, size=(snapshot / path).stat().st_size, lfs=SimpleNamespace(sha256=digest),
+                               blob_id=digest, last_commit=SimpleNamespace(date=(dates or {}).get(path)))
+
+    class Api:
+        def list_repo_tree(self, repo, revision=None, recursive=False):
+            return [entry(str(p.relative_to(snapshot))) for p in snapshot.rglob("*") if p.is_file()]
+
+        def get_paths_info(self, repo, paths, expand=False, revision=None):
+            return [entry(p) for p in paths]
+
+    def download(repo, filename, revision=None, cache_dir=None):
+        out = downloads / "snapshots" / ("d" * 40) / filename
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(snapshot / filename, out)
+        return str(out)
+
+    monkeypatch.setattr(author, "_reachable", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)

@@ -90,6 +90,7 @@ def test_the_atlas_shows_every_feature_and_opens_a_detail_view(smoke_book, brows
     header = browser.execute_script("return document.querySelector('.note').innerText")
     assert f"top-1 agreement with the network {spliced['top-1 agreement']:.2f}" in header
     assert f"KL recovered {spliced['KL recovered']:.2f}" in header
+    assert "This layer's SAE: trained here." in header  # whose SAE the page shows (the author's, where had)
     cells = browser.find_elements("css selector", "#groups .f")
     alive = int(smoke_book["run"].joinpath("saes", "mixed4c", "cfg.json").exists())
     assert len(cells) > 100 and alive

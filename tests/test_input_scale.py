@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.run import artifacts
 from helpers.data.harvest import HarvestConfig, harvest
 from helpers.data.images import load_image
 from helpers.data.inception import LayerCapture, model_input_from_uint8
 from helpers.sae.loss import fvu
 from helpers.run.artifacts import open_run
-from helpers.sae.model import TopKSAE
+from helpers.sae.model import InputScaleMismatch, TopKSAE, check_input_scale
 from helpers.data.store import ActivationStore, StoreError, read_manifest
 from helpers.config import SaeConfig, TrainConfig
 from helpers.sae.train import train
@@ -91,9 +90,9 @@ def test_an_sae_refuses_a_harvest_of_the_other_convention(two_harvests, tmp_path
     for made_on, harvest_of in (("unit", "lucent"), ("lucent", "unit")):
         sae.save(tmp_path / made_on, layer="mixed4a", input_scale=made_on)
         loaded = TopKSAE.load(tmp_path / made_on)
-        with pytest.raises(artifacts.InputScaleMismatch, match=f"trained on activations of '{made_on}' inputs"):
-            artifacts.check_input_scale(loaded, read_manifest(two_harvests[harvest_of]), tmp_path / made_on)
-        artifacts.check_input_scale(loaded, read_manifest(two_harvests[made_on]), tmp_path / made_on)  # no error
+        with pytest.raises(InputScaleMismatch, match=f"trained on activations of '{made_on}' inputs"):
+            check_input_scale(loaded, read_manifest(two_harvests[harvest_of]).input_scale, tmp_path / made_on)
+        check_input_scale(loaded, read_manifest(two_harvests[made_on]).input_scale, tmp_path / made_on)  # no error
 
 
 def test_the_authors_saes_get_a_harvest_of_their_convention(tmp_path):

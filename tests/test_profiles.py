@@ -1,6 +1,6 @@
 import pytest
 
-from helpers.run import artifacts, book, profiles
+from helpers.run import book, profiles
 from helpers.run.artifacts import Run, open_run
 
 
@@ -61,7 +61,7 @@ def test_preflight_offline_names_what_failed(monkeypatch):
 
 def test_smoke_images_come_from_the_sample_or_are_generated(tmp_path, monkeypatch):
     run = Run(profiles.PROFILES["smoke"], tmp_path)
-    monkeypatch.setattr(artifacts, "SAMPLE", tmp_path / "absent")
+    monkeypatch.setattr(profiles, "SAMPLE", tmp_path / "absent")
     folder = run.image_source()
     from helpers.data.images import list_images
     assert len(list_images(folder)) == 64

@@ -66,10 +66,12 @@ def test_the_cpu_profiles_path_with_the_authors_saes_runs_on_stand_ins(stand_ins
     sae = run.sae("mixed4c")  # from the hub cache, converted, saved with its convention
     assert (sae.k, sae.d_sae, sae.tied) == (AUTHOR_K, 2048, "full")
     cfg = json.loads((run.sae_path("mixed4c") / "cfg.json").read_text())
-    assert cfg["metadata"]["input_scale"] == "unit" and cfg["metadata"]["source"] == f"hf:{REPO_ID}"
+    assert cfg["metadata"]["input_scale"] == "unit"
+    assert cfg["metadata"]["source"] == f"hf:{REPO_ID}@{'0' * 40}/TOP_k_SAE_mixed4c.pth"  # the commit it came from
     manifest = read_manifest(run.harvest())
     assert manifest.input_scale == "unit" and manifest.random_weights and "stand-in" in manifest.weights_id
-    assert run.harvest_dir.name == "harvest-unit"
+    assert manifest.sampling == "norm-weighted" and run.harvest_dir.name == "harvest-author"  # the author's harvest
+    assert run.sae_origin("mixed4c") == f"the author's ({REPO_ID}@{'0' * 40}/TOP_k_SAE_mixed4c.pth)"
     analysis = run.branches("mixed4c")
     assert analysis.fractions.shape == (2048, 4) and np.isfinite(analysis.fractions).all()
     examples = run.examples("mixed4c")
@@ -79,6 +81,50 @@ def test_the_cpu_profiles_path_with_the_authors_saes_runs_on_stand_ins(stand_ins
     control = ablation_control(run.model(), run.sae("mixed4b"), sae, "mixed4b",
                                acts["mixed4b"], [0, 1])
     assert control["cases"] == 4
+
+
+def test_an_author_run_harvests_as_the_author_did(tmp_path):
+    """[0, 1] inputs, positions drawn in proportion to the norm with replacement (more draws than the grid
+    has cells: only with replacement), and float32 (no bf16 autocast on CUDA)."""
+    smoke = profiles.PROFILES["smoke"]
+    make_images(tmp_path / "images", 3)
+    profile = dataclasses.replace(smoke, harvest=dataclasses.replace(smoke.harvest, images=str(tmp_path / "images"),
+                                                                     layers=("mixed4a",), per_image=300, workers=0))
+    run = Run(profile, tmp_path / "run", saes="author")
+    cfg = run.harvest_config()
+    assert (cfg.input_scale, cfg.sampling, cfg.amp) == ("unit", "norm-weighted", False)
+    assert Run(profile, tmp_path / "run").harvest_config().sampling == profile.harvest.sampling == "top-norm"
+    manifest = run.manifest()
+    assert (manifest.input_scale, manifest.sampling, manifest.per_image) == ("unit", "norm-weighted", 300)
+    from helpers.data.store import ActivationStore
+
+    prov = ActivationStore(run.harvest(), "mixed4a").load_provenance()
+    first = prov[prov["image"] == prov["image"][0]]
+    assert len(first) == 300 and len({(int(y), int(x)) for y, x in zip(first["y"], first["x"])}) < 196
+
+
+def test_a_layer_the_author_did_not_publish_is_trained_here_and_said_so(stand_ins, monkeypatch):
+    """mixed4a: only its branch SAEs are on the hub (a stand-in listing), so the run trains ours on the author's
+    harvest, says so, and every later artifact works; mixed4c is the author's."""
+    from conftest import stub_hub
+
+    snapshot = next((stand_ins / "hf").glob("models--*/snapshots/*"))
+    torch.save({"W_enc.weight": torch.randn(3264, 204), "b_pre": torch.zeros(204), "b_latent": torch.zeros(3264)},
+               snapshot / "TopK_SAE_for_Mixed4a_3x3.pth")  # a branch SAE: never mixed4a's
+    stub_hub(monkeypatch, snapshot, stand_ins / "downloads")
+    smoke = profiles.PROFILES["smoke"]
+    make_images(stand_ins / "images", 6)
+    profile = dataclasses.replace(smoke, harvest=dataclasses.replace(
+        smoke.harvest, images=str(stand_ins / "images"), weights="lucent", layers=("mixed4a", "mixed4c"), workers=0,
+        per_image=60))
+    run = Run(profile, stand_ins / "run", saes="author")
+    ours = run.sae("mixed4a")
+    assert ours.d_in == 508 and ours.d_sae == 4 * 508  # the profile's SAE, not the 204-wide branch SAE
+    assert run.sae_origin("mixed4a").startswith("trained here, in place of the author's: ")
+    assert "no file named as a whole-layer SAE of mixed4a" in run.sae_origin("mixed4a")
+    assert run.sae_origin("mixed4c").startswith("the author's (")
+    assert ours.metadata["input_scale"] == "unit"  # trained on the author's harvest, beside the author's SAEs
+    assert run.branches("mixed4a").fractions.shape == (4 * 508, 4)
 
 
 def test_the_untrained_control_is_the_same_profile_on_random_weights(tmp_path):

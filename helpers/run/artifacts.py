@@ -28,15 +28,15 @@ from helpers.analysis.image_features import ImageProbe
 from helpers.analysis.spliced import spliced_evaluation
 from helpers.config import HarvestConfig
 from helpers.data.harvest import harvest
-from helpers.data.images import ImageList, generate_images, load_image
+from helpers.data.images import ImageList, load_image
 from helpers.data.inception import (RANDOM_WARNING, LayerCapture, architecture_slices, class_names, is_stand_in,
                                     load_model, model_input_from_uint8)
 from helpers.data.store import ActivationStore, Manifest, read_manifest
 from helpers.files import (CFG_FILE, CHECKPOINT, EXAMPLES, EXAMPLES_CHECKPOINT, FEATURE_STATS, MANIFEST, SPLICED,
                            atomic_write, write_json, write_npy)
-from helpers.run.author import REPO_ID, fetch_author_sae
-from helpers.run.profiles import ROOT, SAMPLE, Profile, Settings, get_profile
-from helpers.sae.model import TopKSAE, firing_stats
+from helpers.run.author import AuthorSAEMissing, fetch_author_sae
+from helpers.run.profiles import ROOT, Profile, Settings, get_profile, smoke_images
+from helpers.sae.model import TopKSAE, check_input_scale, firing_stats
 from helpers.sae.train import train
 from helpers.show import atlas, explorer
 
@@ -55,21 +55,6 @@ def made_once(method):
         return self._made[key]
 
     return cached
-
-
-class InputScaleMismatch(ValueError):
-    """An SAE trained on activations of one input convention, asked to encode another's."""
-
-
-def check_input_scale(sae: TopKSAE, manifest: Manifest, where: Path) -> None:
-    """Refuse to encode a harvest made under another input convention than the SAE's vectors were:
-    the activations of [0, 1] inputs and of ``x*255-117`` inputs are two different distributions."""
-    theirs = sae.metadata.get("input_scale")
-    if theirs is not None and theirs != manifest.input_scale:
-        raise InputScaleMismatch(
-            f"the SAE in {where} was trained on activations of {theirs!r} inputs, but the harvest it would encode "
-            f"used {manifest.input_scale!r} inputs (inception.INPUT_SCALES). Harvest again with "
-            f"--input-scale {theirs} (a new --out), or use an SAE trained on this harvest")
 
 
 @dataclass(eq=False)
@@ -95,12 +80,16 @@ class Run:
         return self.profile.weights == "random" or is_stand_in(self.profile.weights)
 
     def harvest_config(self) -> HarvestConfig:
-        """What the run's harvest is asked to be (its manifest records what it was). The author's SAEs
-        were trained on activations of [0, 1] inputs, so a run showing them harvests in that convention."""
+        """What the run's harvest is asked to be (its manifest records what it was). A run showing the author's
+        SAEs harvests as the author did (``shared/PAPER.md``): [0, 1] inputs (the convention their SAEs were
+        trained on), positions drawn in proportion to the norm with replacement, float32 throughout (no bf16
+        autocast on CUDA); its held-out vectors are then drawn as theirs were."""
         h = self.profile.harvest
-        scale = "unit" if self.saes == "author" else h.input_scale
-        folder = self.run_dir / ("harvest" if scale == "lucent" else f"harvest-{scale}")
-        return dataclasses.replace(h, out=str(folder), input_scale=scale, workers=min(4, os.cpu_count() or 1))
+        if self.saes == "author":
+            h, folder = dataclasses.replace(h, input_scale="unit", sampling="norm-weighted", amp=False), "harvest-author"
+        else:
+            folder = "harvest" if h.input_scale == "lucent" else f"harvest-{h.input_scale}"
+        return dataclasses.replace(h, out=str(self.run_dir / folder), workers=min(4, os.cpu_count() or 1))
 
     @property
     def harvest_dir(self) -> Path:
@@ -149,20 +138,9 @@ class Run:
 
     # --- the harvest (chapter 02) --------------------------------------------------------------
     def image_source(self) -> str:
-        """The profile's images; for smoke, an even spread of the ImageNet sample, else generated ones."""
+        """The profile's images (for smoke: ``profiles.smoke_images`` in the run folder)."""
         h = self.profile.harvest
-        if h.images != "sample-or-generated":
-            return h.images
-        if SAMPLE.is_dir():
-            files = sorted(SAMPLE.glob("*.JPEG"))
-            step = max(1, len(files) // h.max_images)
-            listing = self.run_dir / "images.txt"
-            listing.parent.mkdir(parents=True, exist_ok=True)
-            listing.write_text("\n".join(str(f) for f in files[::step][: h.max_images]) + "\n")
-            return str(listing)
-        folder = self.run_dir / "generated-images"
-        generate_images(folder, h.max_images)
-        return str(folder)
+        return h.images if h.images != "sample-or-generated" else smoke_images(h.max_images, self.run_dir)
 
     @made_once
     def harvest(self) -> Path:
@@ -243,22 +221,42 @@ class Run:
         directory = self.sae_path(self._layer(layer))
         if not (directory / CFG_FILE).exists():
             if self.saes == "author":
-                fetch_author_sae(layer).save(directory, layer=layer, source=f"hf:{REPO_ID}", input_scale="unit",
-                                             weights_id="lucent (the author's)", random_weights=False)
+                try:
+                    found = fetch_author_sae(layer)
+                except AuthorSAEMissing as e:  # the author published none that passes: ours, on the author's harvest
+                    self._train_into(layer, directory, self.profile.train.seed, in_place_of_the_authors=str(e))
+                    return directory
+                found.sae.save(directory, layer=layer, source=found.source, chosen=found.why, input_scale="unit",
+                               weights_id="lucent (the author's)", random_weights=False,
+                               branch_slices=architecture_slices(layer))
             else:
                 self._train_into(layer, directory, self.profile.train.seed)
         return directory
 
-    def _train_into(self, layer: str, directory: Path, seed: int) -> None:
-        """The profile's training of ``layer`` on the harvest, into ``directory`` (resuming its checkpoint)."""
+    def sae_origin(self, layer: str) -> str:
+        """Where the layer's SAE comes from, in a line: the author's file, or trained here (and why, where the
+        author's was asked for)."""
+        meta = self.sae(layer).metadata
+        if meta.get("in_place_of_the_authors"):
+            return f"trained here, in place of the author's: {meta['in_place_of_the_authors']}"
+        source = str(meta.get("source") or "")
+        return f"the author's ({source.removeprefix('hf:')})" if source.startswith("hf:") else "trained here"
+
+    def _train_into(self, layer: str, directory: Path, seed: int, **note) -> None:
+        """The profile's training of ``layer`` on the harvest, into ``directory`` (resuming its checkpoint);
+        ``note`` is added to the SAE's recorded metadata."""
         train(dataclasses.replace(self.profile.train, run=str(self.harvest()), layer=layer, out=str(directory),
                                   seed=seed, resume=(directory / CHECKPOINT).exists()))
+        if note:
+            cfg = json.loads((directory / CFG_FILE).read_text())
+            cfg["metadata"].update(note)
+            write_json(directory / CFG_FILE, cfg)
 
     @made_once
     def sae(self, layer: str) -> TopKSAE:
         directory = self.sae_dir(layer)
         sae = TopKSAE.load(directory)
-        check_input_scale(sae, self.manifest(), directory)
+        check_input_scale(sae, self.input_scale, directory)
         return sae
 
     def sae_with_seed(self, layer: str, seed: int) -> TopKSAE:
@@ -361,7 +359,8 @@ class Run:
         pixels = self.first_images(atlas.ATLAS_IMAGES)
         return atlas.LayerView(layer, analysis, self.examples(layer), self.labels(layer), self.umap(layer).coords,
                                self.neighbours(layer), self.images(), {f: p for f, p in rendered.items() if p.exists()},
-                               self.spliced(layer), pixels, atlas.image_records(self.probe(layer), pixels))
+                               self.spliced(layer), pixels, atlas.image_records(self.probe(layer), pixels),
+                               self.sae_origin(layer))
 
     @made_once
     def atlas(self) -> Path:

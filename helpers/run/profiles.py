@@ -104,6 +104,22 @@ class Settings:
                    env.get("IMAGENET_TRAIN") or None)
 
 
+def smoke_images(n: int, folder: Path) -> str:
+    """The smoke profile's ``n`` images: an even spread of the ImageNet sample where it is beside the checkout
+    (a list written into ``folder``), else images generated there."""
+    if SAMPLE.is_dir():
+        files = sorted(SAMPLE.glob("*.JPEG"))
+        step = max(1, len(files) // n)
+        listing = folder / "images.txt"
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        listing.write_text("\n".join(str(f) for f in files[::step][:n]) + "\n")
+        return str(listing)
+    from helpers.data.images import generate_images
+
+    generate_images(folder / "generated-images", n)
+    return str(folder / "generated-images")
+
+
 def default_profile_name() -> str:
     """colab on Colab (a chapter opened alone reaches its first figure in minutes), gpu with CUDA, else cpu."""
     import sys

@@ -267,6 +267,22 @@ class TopKSAE(nn.Module):
 
 
 # --- firing statistics ----------------------------------------------------------------------
+class InputScaleMismatch(ValueError):
+    """An SAE trained on activations of one input convention, asked to encode another's."""
+
+
+def check_input_scale(sae: TopKSAE, input_scale: str, where) -> None:
+    """Refuse to encode activations of images fed in another convention (``input_scale``: "lucent" or "unit")
+    than the SAE's vectors were: the activations of [0, 1] inputs and of ``x*255-117`` inputs are two
+    different distributions. An SAE that records no convention (a bring-your-own ``.npy``) is not checked."""
+    theirs = sae.metadata.get("input_scale")
+    if theirs is not None and theirs != input_scale:
+        raise InputScaleMismatch(
+            f"the SAE in {where} was trained on activations of {theirs!r} inputs, but the images it would encode "
+            f"come as {input_scale!r} inputs (inception.INPUT_SCALES). Harvest again with --input-scale {theirs} "
+            "(a new --out), or use an SAE trained on this harvest")
+
+
 @torch.no_grad()
 def firing_stats(sae: TopKSAE, batches) -> dict[str, torch.Tensor]:
     """Per latent over an iterable of [batch, d_in] tensors: how often it fires and how strongly.

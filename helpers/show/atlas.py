@@ -51,6 +51,7 @@ class LayerView:
     spliced: list[dict] = dataclasses.field(default_factory=list)  # chapter 03's spliced-in rows of the layer's SAE
     image_pixels: list = dataclasses.field(default_factory=list)  # the images the atlas looks into (uint8 [224, 224, 3])
     image_records: list[dict] = dataclasses.field(default_factory=list)  # ``image_records`` of them
+    origin: str = ""  # whose SAE this is: the author's file, or trained here (and why)
 
 
 def _save_jpeg(img: Image.Image, path: Path) -> None:
@@ -182,7 +183,7 @@ def write_layer_atlas(folder: Path, view: LayerView, note: str = "") -> Path:
         r["thumb"] = [(i % per_row) * (THUMB + GAP), (i // per_row) * (THUMB + GAP)]
         r["crops"] = [(i % strips_per_row) * (CROP * CROPS + GAP), (i // strips_per_row) * (CROP + GAP)]
     page = (TEMPLATE.read_text().replace("__LAYER__", html.escape(view.layer))
-            .replace("__NOTE__", html.escape(note) + spliced_summary(view.spliced))
+            .replace("__NOTE__", html.escape(note) + origin_line(view.origin) + spliced_summary(view.spliced))
             .replace("__DENSITY__", density_svg(view.analysis.frequency))
             .replace("__DATA__", json.dumps(records).replace("</", "<\\/"))
             .replace("__IMAGES__", json.dumps(view.image_records).replace("</", "<\\/")).replace("__GAP__", str(GAP))
@@ -191,6 +192,11 @@ def write_layer_atlas(folder: Path, view: LayerView, note: str = "") -> Path:
             .replace("__DETAIL__", str(CROP * CROPS + 40)))
     atomic_write(out / "index.html", lambda f: f.write(page), mode="w")
     return out / "index.html"
+
+
+def origin_line(origin: str) -> str:
+    """One line of the layer header: whose SAE the page shows."""
+    return f"<div class='origin'>This layer's SAE: {html.escape(origin)}.</div>" if origin else ""
 
 
 def spliced_summary(rows: list[dict]) -> str:

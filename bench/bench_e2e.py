@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import write_results  # noqa: E402
+from common import cpu_name, write_results  # noqa: E402
 
 D, N, K, BATCH, LR, HOLDOUT = 512, 8192, 32, 4096, 4e-4, 16384
 
@@ -160,7 +160,7 @@ def main() -> None:
                       flush=True)
     phases = ["start-up", "open", "init", "data", "steps", "log", "checkpoint", "evaluation", "saving"]
     where = torch_device_name(a.device)
-    print(f"\nend to end, {where} ({os.cpu_count()} CPU cores); {a.vectors} vectors of d={D}, n={N}, k={K}, batch {BATCH}, "
+    print(f"\nend to end, {where}; {a.vectors} vectors of d={D}, n={N}, k={K}, batch {BATCH}, "
           f"{a.rounds} rounds in turn")
     ratios = {}
     for slow, fast in (("sparsify", "ours"), ("ours", "ours-in-memory")):
@@ -181,7 +181,7 @@ def main() -> None:
 
 def torch_device_name(device: str) -> str:
     if not device.startswith("cuda"):
-        return "CPU"
+        return cpu_name()
     import torch
 
     return torch.cuda.get_device_name(torch.device(device))

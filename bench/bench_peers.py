@@ -41,7 +41,8 @@ from common import cpu_name, peak_mib, write_results  # noqa: E402
 
 D, N, K, BATCH, LR = 512, 8192, 32, 4096, 4e-4
 SCREEN = "auto"  # ours' --screen (the command line's)
-CASES = ("encoder-matmul", "encoder-matmul-bf16", "ours-tied-full", "ours-tied-init", "sparsify", "saelens")
+CASES = ("encoder-matmul", "encoder-matmul-bf16", "ours-tied-full", "ours-tied-init", "ours-tied-full-torch-topk",
+         "sparsify", "saelens")
 FLOORS = ("encoder-matmul", "encoder-matmul-bf16")
 
 
@@ -93,8 +94,8 @@ def make(case: str, dev, first_batch):
 
         from helpers.config import Kernels
 
-        sae = TopKSAE(D, N, K, "init" if case.endswith("init") else "full", seed=0,
-                      kernels=Kernels(screen=SCREEN)).to(dev)
+        sae = TopKSAE(D, N, K, "init" if case.endswith("init") else "full", seed=0,  # -torch-topk: without our CPU TopK
+                      kernels=Kernels(screen=SCREEN, cpu_topk=not case.endswith("torch-topk"))).to(dev)
         sae.b_dec.data.copy_(median)
         return (Adam(sae.parameters(), LR), lambda x: normalized_mse(sae.forward_train(x).x_hat, x),
                 sae.remove_radial_grad, sae.normalize_decoder, sae)

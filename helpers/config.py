@@ -127,7 +127,9 @@ class Kernels:
     """How the SAE computes, never what: its fast paths, each exact, switched here for benchmarks and checks."""
 
     screen: Screen = field(default="auto", metadata=_help(
-        "the CPU's exact TopK from a bf16 screen: auto (where AMX makes bf16 products cheap), on, off"))
+        "the CPU's exact TopK from a bf16 screen: auto (where the CPU multiplies bf16 in hardware: AMX or AVX512-BF16), on, off"))
+    cpu_topk: bool = field(default=True, metadata=_help(
+        "where the screen is off, the CPU's TopK by block maxima (a Numba kernel) instead of torch.topk"))
     triton: bool = field(default=True, metadata=_help("the Triton sparse decoder on CUDA"))
     scatter: Scatter = field(default="dense", metadata=_help(
         "the decoder's weight gradient on CUDA: dense (a coefficient matrix product) or bag (embedding_bag's backward)"))

@@ -119,7 +119,7 @@ def test_when_the_screen_applies():
     assert not st.enabled(x.double(), w.double(), 8, "on")
     assert not st.enabled(x, w, 32, "off")
     many = torch.randn(st.MIN_ROWS, 16)
-    assert st.enabled(many, w, 32) == st._has_amx()
+    assert st.enabled(many, w, 32) == st.fast_bf16()
     assert not st.enabled(many[:-1], w, 32)  # too few rows to pay for rounding W
 
 
@@ -195,3 +195,42 @@ def test_a_weight_changed_in_place_is_rounded_again():
     want = _exact(x, w, b).topk(8, dim=1).indices
     assert torch.equal(after.sort(1).values, want.sort(1).values)
     assert not torch.equal(first.sort(1).values, after.sort(1).values)
+
+
+@pytest.mark.parametrize("rows,n,k", [(40, 8192, 32), (9, 1000, 1), (9, 1000, 128), (5, 200, 128), (3, 130, 17),
+                                      (4, 64, 64), (3, 100, 7)])
+def test_topk_rows_is_torchs_topk(rows, n, k):
+    """The block-maxima TopK keeps the same values as torch.topk (and the indices hold them), on Gaussian rows,
+    rows of many ties, rows mostly -inf, at widths that are and are not multiples of 128 and below it."""
+    g = _gen(7)
+    cases = [torch.randn(rows, n, generator=g), torch.randn(rows, n, generator=g).round(),  # many ties
+             torch.full((rows, n), float("-inf")).index_fill_(1, torch.arange(min(k + 3, n)), 1.5)]
+    for pre in cases:
+        values, indices = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.long)
+        assert st.topk_rows(pre, k, values, indices)
+        assert torch.equal(values.sort(1).values, pre.topk(k, dim=1).values.sort(1).values)
+        assert torch.equal(pre.gather(1, indices), values)
+        assert all(len(set(r.tolist())) == k for r in indices)  # no latent kept twice
+
+
+def test_topk_rows_leaves_what_it_cannot_rank_to_torch():
+    pre = torch.randn(4, 512)
+    values, indices = torch.empty(4, 8), torch.empty(4, 8, dtype=torch.long)
+    pre[2, 7] = float("nan")  # torch ranks NaN first; no comparison of ours would
+    assert not st.topk_rows(pre, 8, values, indices)
+    assert not st.topk_rows(pre.double(), 8, values, indices) and not st.topk_rows(pre, 129, values, indices)
+
+
+def test_the_float32_paths_agree_with_and_without_the_kernel():
+    """With the screen off, the SAE's step through the block-maxima TopK equals the one through torch.topk."""
+    from helpers.sae.loss import normalized_mse
+
+    x = torch.randn(1500, 32, generator=_gen(8))  # two chunks of 1024 rows, the last one short
+    outs = {}
+    for fast in (True, False):
+        sae = TopKSAE(32, 384, 8, "init", seed=0, kernels=Kernels(screen="off", cpu_topk=fast))
+        out = sae.forward_train(x)
+        normalized_mse(out.x_hat, x).backward()
+        outs[fast] = (out.x_hat.detach(), out.code.indices.sort(1).values, sae.encoder_weight.grad)
+    for a, b in zip(outs[True], outs[False]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

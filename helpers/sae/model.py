@@ -107,14 +107,16 @@ class TopKSAE(nn.Module):
     def _select(self, x_c, k, dead, aux_k):
         """The top k pre-activations per row (and the top aux_k among dead latents).
 
-        On a CPU with AMX the float32 product is not made at all: ``screened_topk`` finds the
+        On a CPU that multiplies bf16 in hardware (AMX, AVX512-BF16) the float32 product is not made at all: ``screened_topk`` finds the
         same TopK from a bf16 product and a proven bound on its error, and rescores only the
         latents the bound leaves in doubt (AuxK's top among the dead latents, if asked for,
         from the dead latents' own float32 product). Elsewhere on a CPU the dense
         pre-activations are made ``encode_chunk`` rows at a time into one reused buffer, each
-        chunk reduced to its TopK before the next: the dense buffer is [encode_chunk, d_sae]
-        instead of [batch, d_sae], at the same speed or slightly better (1024 rows, measured
-        against one matmul). On CUDA one matmul is best.
+        chunk reduced to its TopK before the next (``screened_topk.topk_rows``, which ranks only
+        the entries above the k-th largest of 128 block maxima; torch's ``topk`` with
+        ``Kernels(cpu_topk=False)``): the dense buffer is [encode_chunk, d_sae] instead of
+        [batch, d_sae], at the same speed or slightly better (1024 rows, measured against one
+        matmul). On CUDA one matmul is best.
         """
         n = x_c.shape[0]
         if screened_topk.enabled(x_c, self.encoder_weight, k, self.kernels.screen) and (not aux_k or 2 * int(dead.sum()) <= self.d_sae):
@@ -128,7 +130,7 @@ class TopKSAE(nn.Module):
                 return (*found, aux_kept, dead_ids[at])
         chunk = n if (self.encode_chunk is None or x_c.is_cuda) else min(self.encode_chunk, n)
         w = self.encoder_weight.T
-        if chunk >= n:
+        if x_c.is_cuda:
             pre = torch.addmm(self.b_enc, x_c, w)
             kept, idx = pre.topk(k, dim=-1, sorted=False)
             if not aux_k:
@@ -139,10 +141,12 @@ class TopKSAE(nn.Module):
         aux_kept = x_c.new_empty(n, aux_k) if aux_k else None
         aux_idx = torch.empty(n, aux_k, dtype=torch.long, device=x_c.device) if aux_k else None
         buf = x_c.new_empty(chunk, self.d_sae)
+        fast = self.kernels.cpu_topk  # screened_topk.topk_rows: the same TopK, ranking only the entries it must
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             pre = torch.addmm(self.b_enc, x_c[s:e], w, out=buf[: e - s])
-            torch.topk(pre, k, dim=-1, sorted=False, out=(kept[s:e], idx[s:e]))
+            if not (fast and screened_topk.topk_rows(pre, k, kept[s:e], idx[s:e])):
+                torch.topk(pre, k, dim=-1, sorted=False, out=(kept[s:e], idx[s:e]))
             if aux_k:
                 torch.topk(pre.masked_fill_(~dead, float("-inf")), aux_k, dim=-1, sorted=False,
                            out=(aux_kept[s:e], aux_idx[s:e]))

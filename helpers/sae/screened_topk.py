@@ -3,7 +3,8 @@
 On a CPU the training step's biggest cost is the dense encoder product
 ``pre = (x - b_dec) W^T + b_enc`` ([batch, d_sae], float32) and the TopK over it: 106 and
 45 ms of a 225 ms step here (batch 4096, d_in 512, d_sae 8192). A CPU with AMX multiplies
-bfloat16 matrices about six times faster than float32 ones, but a bf16 product is not the
+bfloat16 matrices about six times faster than float32 ones (one with AVX512-BF16 but no AMX,
+such as AMD's Zen 4, about three times), but a bf16 product is not the
 float32 one, and a TopK taken on it would sometimes keep the wrong latents. Its error is
 bounded, though, and the bound lets us keep exactly the float32 TopK:
 
@@ -35,10 +36,16 @@ result is the float32 TopK, up to ties within float32 rounding, and the kept val
 float32 dot products. ``tests/test_screened_topk.py`` checks the bound and the selection
 against float64 truth on adversarial data (offsets, big biases, uneven norms, ties, zeros).
 
+Without hardware bf16 products the float32 product is made (1024 rows at a time), and its TopK
+is taken by ``topk_rows``, the same selection without the screen: the k-th largest of the row's
+128 strided block maxima bounds the k-th largest entry from below, so only the entries at or
+above it (a few dozen of 8192) are ranked. It reads the product once, at memory speed: about
+half of torch's ``topk`` on an AMD EPYC (measured in ``bench/bench_peers.py``).
+
 The kernels are compiled by Numba (umap-learn's dependency) on first use and cached.
-The training config's ``--screen off`` turns the screen off, ``--screen on`` on where AMX is
-missing (where bf16 products are slower than float32 ones; the default, ``auto``, is on with
-AMX only). Inputs with a NaN or an
+The training config's ``--screen off`` turns the screen off, ``--screen on`` on anywhere (where
+bf16 products are slower than float32 ones too); the default, ``auto``, screens where the CPU
+multiplies bf16 in hardware (AMX tiles or AVX512-BF16, as torch reports them). Inputs with a NaN or an
 infinity, k above 128 and GPUs take the float32 path (``TopKSAE._select``).
 """
 
@@ -65,7 +72,7 @@ except ImportError:  # pragma: no cover - numba comes with umap-learn
 
 def enabled(x_c: torch.Tensor, weight: torch.Tensor, k: int, mode: str = "auto") -> bool:
     """Whether ``screened_topk`` applies: a CPU, float32, k <= 128 <= d_sae, Numba, and with ``mode`` "auto"
-    (the training config's ``--screen``) AMX and at least ``MIN_ROWS`` rows (rounding W costs about a float32
+    (the training config's ``--screen``) hardware bf16 products and at least ``MIN_ROWS`` rows (rounding W costs about a float32
     product of 100 rows); "on" drops those two conditions, "off" never screens."""
     if numba is None or mode == "off" or x_c.device.type != "cpu" or weight.device.type != "cpu":
         return False
@@ -73,12 +80,30 @@ def enabled(x_c: torch.Tensor, weight: torch.Tensor, k: int, mode: str = "auto")
         return False
     if x_c.dtype != torch.float32 or weight.dtype != torch.float32 or not 0 < k <= LANES <= weight.shape[0]:
         return False
-    return mode == "on" or _has_amx()
+    return mode == "on" or fast_bf16()
 
 
-def _has_amx() -> bool:
+def topk_rows(pre: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> bool:
+    """The k largest entries of each row of ``pre`` [rows, n] (float32, on the CPU), unordered, written into
+    ``values`` [rows, k] and ``indices`` [rows, k] (int64), as ``torch.topk(pre, k, sorted=False)`` gives them
+    (up to the order, and which of equal values are kept). False, with nothing written, where it does not apply:
+    no Numba, k above 128 or above n, another dtype, or a NaN in ``pre`` (torch ranks NaN first)."""
+    n = pre.shape[1]
+    if numba is None or not 0 < k <= min(LANES, n) or pre.dtype != torch.float32 or pre.device.type != "cpu" \
+            or values.dtype != torch.float32 or indices.dtype != torch.int64:
+        return False
+    pre = pre.detach().contiguous()
+    with _ONE_AT_A_TIME:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        ok = _topk_rows(pre.numpy(), k, values.numpy(), indices.numpy())
+    return bool(ok)
+
+
+def fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX tiles, or AVX512-BF16 dot products), as torch reports
+    it: there a bf16 product costs a third to a sixth of the float32 one, and the screen pays."""
     try:
-        return bool(torch.cpu._is_amx_tile_supported())
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except AttributeError:  # an older torch: no way to ask
         return False
 
@@ -244,6 +269,63 @@ if numba is not None:
                         out_val[r, m] = cval[i]
                         out_idx[r, m] = cand[i]
                         m += 1
+
+    @numba.njit(parallel=True, cache=True, fastmath=_FAST, boundscheck=False)
+    def _topk_rows(pre, k, out_val, out_idx):
+        """``topk_rows``' kernel: per row, the k-th largest of the 128 strided block maxima (a lower bound on the
+        k-th largest entry, since k blocks each hold an entry at least that), then the entries at or above it
+        ranked. Returns False (rows possibly written) where a row holds a NaN, which no comparison selects, or
+        both infinities."""
+        rows, n = pre.shape
+        lanes = min(LANES, n)
+        depth = n // lanes
+        tail = n - depth * lanes
+        per = 8
+        bad = 0
+        for g in numba.prange((rows + per - 1) // per):
+            bmax = np.empty(lanes, np.float32)
+            scratch = np.empty(n, np.float32)
+            cand = np.empty(n, np.int64)
+            cval = np.empty(n, np.float32)
+            for r in range(g * per, min(rows, (g + 1) * per)):
+                s = pre[r]
+                total = np.float32(0.0)  # NaN if the row holds one (or both infinities): then torch decides
+                for lane in range(lanes):
+                    bmax[lane] = s[lane]
+                    total += s[lane]
+                for i in range(1, depth):
+                    for lane in range(lanes):
+                        bmax[lane] = max(bmax[lane], s[i * lanes + lane])
+                        total += s[i * lanes + lane]
+                for lane in range(tail):
+                    bmax[lane] = max(bmax[lane], s[depth * lanes + lane])
+                    total += s[depth * lanes + lane]
+                if total != total:
+                    bad += 1
+                    continue
+                t = _kth_largest(bmax, k, scratch)
+                c = 0
+                for lane in range(lanes):
+                    if bmax[lane] >= t:
+                        for i in range(depth + (1 if lane < tail else 0)):
+                            j = i * lanes + lane
+                            if s[j] >= t:
+                                cand[c] = j
+                                cval[c] = s[j]
+                                c += 1
+                kth = _kth_largest(cval[:c], k, scratch) if c > k else -np.inf
+                m = 0
+                for i in range(c):
+                    if cval[i] > kth:
+                        out_val[r, m] = cval[i]
+                        out_idx[r, m] = cand[i]
+                        m += 1
+                for i in range(c):
+                    if m < k and cval[i] == kth:
+                        out_val[r, m] = cval[i]
+                        out_idx[r, m] = cand[i]
+                        m += 1
+        return bad == 0
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
     def _rounding_norms(a, a_bits, hi, lo):

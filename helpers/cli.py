@@ -17,7 +17,7 @@ import os
 import sys
 import typing
 
-from helpers.config import HarvestConfig, TrainConfig, choices, option
+from helpers.config import HarvestConfig, TrainConfig, check_layers, choices, option
 
 # name: (config class, "module:function" that runs it, help)
 COMMANDS = {
@@ -93,7 +93,8 @@ def main(argv=None) -> int:
             from helpers.sae.per_layer import train_layers
 
             devices = [d for d in cfg.device.split(",") if d]
-            out = train_layers(cfg, [layer for layer in cfg.layer.split(",") if layer], devices)
+            layers = [layer.strip() for layer in cfg.layer.split(",") if layer.strip()]
+            out = train_layers(cfg, list(check_layers(layers)) if layers else [], devices)
         else:
             out = _run(target, cfg)
     except Exception as e:  # every failure as one line (SAE_DEBUG=1 shows the traceback)

@@ -84,3 +84,53 @@ def test_the_explorer_image_tab_lists_each_positions_features_and_switches_them(
     tab.branch.value = "5x5"  # the option "all 5x5-specialised"
     assert tab.chosen() == [int(f) for f in np.flatnonzero(run.branches("mixed4c").specialised_branch() == 2)]
     tab.show_moves()  # the table renders
+
+
+HOSTILE = '"><img src=x onerror="window.pwned = (window.pwned || 0) + 1"><!--<script>'
+
+
+def test_text_from_the_data_never_runs_as_script_in_the_atlas(smoke_book, tmp_path):
+    """Class names (a file downloaded into the torch hub cache), label keys, the note and the SAE's origin are
+    text: written into the atlas as hostile HTML they show as written and run nothing; a note holding a template
+    marker stays a note; a layer name that is a path is refused."""
+    import dataclasses
+    import json
+
+    import pytest
+
+    from browser import chromium, js_errors
+    from helpers.show.atlas import write_atlas
+
+    run = open_run("smoke", run_dir=str(smoke_book["run"]))
+    view = run.view("mixed4c")
+    labels = [{**entry, "labels": {HOSTILE: 0.9, **entry.get("labels", {})}} for entry in view.labels]
+    records = json.loads(json.dumps(view.image_records))
+    for record in records:
+        record["classes"] = [[HOSTILE, p] for _, p in record["classes"]]
+        for switch in record["switches"]:
+            switch["what"] = HOSTILE
+            for row in switch["rows"]:
+                row["name"] = HOSTILE
+    hostile = dataclasses.replace(view, labels=labels, image_records=records, origin=HOSTILE)
+    folder = write_atlas(tmp_path / "atlas", [hostile], note="__IMAGES__ " + HOSTILE)
+    with pytest.raises(ValueError, match="not a layer of InceptionV1"):
+        write_atlas(tmp_path / "elsewhere", [dataclasses.replace(view, layer="../../x")])
+    assert not (tmp_path / "x").exists()
+    browser = chromium()
+    try:
+        browser.get((folder / "mixed4c" / "index.html").as_uri())
+        note = browser.execute_script("return document.querySelector('.note').textContent")
+        assert note.startswith("__IMAGES__ " + HOSTILE) and HOSTILE in note  # shown as written
+        first = browser.find_element("css selector", "#groups .f")
+        first.click()
+        assert HOSTILE in browser.execute_script("return document.getElementById('detail').textContent")
+        if records:
+            browser.find_element("id", "img0").click()
+            classes = browser.execute_script("return [...document.querySelectorAll('#classes td')].map(t => t.textContent)")
+            assert HOSTILE in classes
+            moves = browser.execute_script("return [...document.querySelectorAll('#moves td')].map(t => t.textContent)")
+            assert HOSTILE in moves or not records[0]["switches"]
+        assert browser.execute_script("return window.pwned || 0") == 0
+        assert js_errors(browser) == []
+    finally:
+        browser.quit()

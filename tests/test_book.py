@@ -77,6 +77,16 @@ def test_pages_load_and_draw_their_figures_without_js_errors(smoke_book, browser
             screenshot(browser, "book-04-branch-specialization.png")
 
 
+def test_chapter_03s_table_of_the_fast_sae_renders_as_a_table(smoke_book, browser):
+    """Its header holds '|' characters ("max |x_hat - fast x_hat|"), which once split the Markdown row so the
+    whole table printed as raw text."""
+    browser.get((smoke_book["html"] / "nbs" / "03_training.html").as_uri())
+    headers = browser.execute_script("return [...document.querySelectorAll('table th')].map(t => t.textContent.trim())")
+    assert "max |x_hat - fast x_hat|" in headers and "same winners" in headers
+    text = browser.execute_script("return document.body.innerText")
+    assert "| layer |" not in text
+
+
 def test_the_atlas_shows_every_feature_and_opens_a_detail_view(smoke_book, browser):
     html = smoke_book["html"]
     assert (html / "atlas" / "index.html").exists()

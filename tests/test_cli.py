@@ -40,6 +40,10 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--tied", "half"])
+    assert main(["train", "--run", str(tmp_path), "--layer", ",,,", "--out", str(tmp_path / "s")]) == 2  # no layer
+    assert "--layer names no layer" in capsys.readouterr().err
+    assert main(["train", "--run", str(tmp_path), "--layer", "mixed4a,mixed4z", "--out", str(tmp_path / "s")]) == 2
+    assert "'mixed4z' is not a layer of InceptionV1" in capsys.readouterr().err
 
 
 # --- every number on the command line: a valid result, or one line naming the option -------------

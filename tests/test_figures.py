@@ -166,3 +166,13 @@ def test_a_figure_output_draws_itself_in_the_book_and_outside_it(browser, analys
     time.sleep(0.3)
     cdn = browser.execute_script("return [...document.scripts].map(s => s.src).filter(s => s.startsWith('http'))")
     assert cdn == [page.PLOTLY_CDN.format(version=plotly.offline.get_plotlyjs_version())]
+
+
+def test_a_markdown_table_keeps_its_columns_and_shows_text_as_text():
+    """'|' inside a header or a value does not split the row (chapter 03's "max |x_hat - fast x_hat|"), and a
+    class name that is markup stays text."""
+    text = page.table([{"max |x_hat - x|": 0.5, "class": '<img src=x onerror="alert(1)">'}])
+    header, rule, row = text.splitlines()
+    assert header == "| max \\|x_hat - x\\| | class |" and rule == "|---|---|"
+    assert row == '| 0.5 | &lt;img src=x onerror="alert(1)"&gt; |'
+    assert "&lt;b&gt;" in page.moves_table([{"name": "<b>", "before": 0.5, "after": 0.25, "change": -0.25}])

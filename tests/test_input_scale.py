@@ -100,3 +100,53 @@ def test_the_authors_saes_get_a_harvest_of_their_convention(tmp_path):
     assert author.harvest_config().input_scale == "unit" and ours.harvest_config().input_scale == "lucent"
     assert author.harvest_dir != ours.harvest_dir
     assert "[0, 1] as they are" in author.banner() and "x*255-117" in ours.banner()
+
+
+def test_a_checkpoint_resumes_only_on_the_vectors_it_was_made_on(two_harvests, tmp_path):
+    """Train on a lucent harvest, put a unit harvest in its place, --resume: refused, naming both (it once trained
+    on and wrote 'unit' into cfg.json); the original vectors back, it resumes."""
+    import shutil
+
+    from helpers.sae.checkpoint import CheckpointError
+
+    run = tmp_path / "harvest"
+    shutil.copytree(two_harvests["lucent"], run)
+    cfg = dict(run=str(run), layer="mixed4a", out=str(tmp_path / "sae"), sae=SaeConfig(expansion=2, k=16),
+               batch_size=64, holdout=0, device="cpu", checkpoint_every=64 * 2)
+    train(TrainConfig(**cfg, vectors_seen=64 * 2))
+    shutil.rmtree(run)
+    shutil.copytree(two_harvests["unit"], run)
+    with pytest.raises(CheckpointError, match=r"made on other vectors \(harvest \w+, 'lucent' inputs\) than these "
+                                              r"\(harvest \w+, 'unit' inputs\)"):
+        train(TrainConfig(**cfg, vectors_seen=64 * 4, resume=True))
+    shutil.rmtree(run)
+    shutil.copytree(two_harvests["lucent"], run)
+    out = train(TrainConfig(**cfg, vectors_seen=64 * 4, resume=True))
+    assert TopKSAE.load(out).metadata["input_scale"] == "lucent"
+
+
+def test_the_seeing_tools_feed_an_sae_its_own_convention_and_refuse_another(tmp_path, random_model, image_dir):
+    """example_pass, activation_map and ImageProbe once fed an SAE trained on [0, 1] inputs the model's x*255-117
+    inputs by default: now they take the SAE's recorded convention, and refuse another by name."""
+    from helpers.analysis.examples import activation_map, example_pass
+    from helpers.analysis.image_features import ImageProbe
+    from helpers.data.images import list_images
+
+    TopKSAE(512, 1024, 8, seed=0).save(tmp_path / "unit", layer="mixed4c", input_scale="unit")
+    sae = TopKSAE.load(tmp_path / "unit")
+    images = list_images(str(image_dir)).head(2)
+    pixels = torch.from_numpy(load_image(images.paths[0])).permute(2, 0, 1)
+    with pytest.raises(InputScaleMismatch, match="trained on activations of 'unit' inputs"):
+        example_pass(random_model, sae, "mixed4c", images, top=2, reservoir=2, batch_size=2, input_scale="lucent")
+    with pytest.raises(InputScaleMismatch, match="'unit' inputs"):
+        activation_map(random_model, sae, "mixed4c", pixels, 0, input_scale="lucent")
+    with pytest.raises(InputScaleMismatch, match="'unit' inputs"):
+        ImageProbe(random_model, "mixed4c", sae, np.zeros(1024, int), np.zeros(1024, int), input_scale="lucent")
+    probe = ImageProbe(random_model, "mixed4c", sae, np.zeros(1024, int), np.zeros(1024, int))
+    assert probe.input_scale == "unit"
+    want = activation_map(random_model, sae, "mixed4c", pixels, 0, input_scale="unit")
+    assert np.array_equal(activation_map(random_model, sae, "mixed4c", pixels, 0), want)  # the SAE's own by default
+    with torch.no_grad():
+        acts = LayerCapture(random_model, ["mixed4c"])(model_input_from_uint8(pixels[None], "unit"))["mixed4c"][0]
+        z = sae.encode(acts.reshape(512, -1).T)[:, 0].numpy()
+    assert np.allclose(want.ravel(), z, atol=1e-5)

@@ -236,3 +236,43 @@ def test_the_optimizer_does_not_import_torch_dynamo():
             "o = Adam([p], 0.1)\np.grad = torch.ones(3)\no.step()\nprint('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_second_training_into_the_same_out_stops_at_once(tmp_path, vectors):
+    """While one training holds --out, another (the same or another seed) stops with the holder's pid and writes
+    nothing there; then the folder is free again. --out naming a file is refused by name."""
+    from helpers.files import LockedError, exclusive_lock
+    from helpers.sae.train import LOCK
+
+    out = tmp_path / "s"
+    with exclusive_lock(out / LOCK, "the training directory"):
+        with pytest.raises(LockedError, match=r"in use by pid \d+ .*wait for it to finish, or choose another --out"):
+            train(small(vectors, out, seed=1))
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]
+    train(small(vectors, out))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="--out .*file is a file"):
+        train(small(vectors, tmp_path / "file"))
+
+
+def test_two_trainings_at_once_one_runs_one_stops(tmp_path, vectors):
+    """Two real processes into one --out: one trains, the other says why it stopped; metrics.jsonl holds one run."""
+    import subprocess
+    import sys
+
+    def args(seed):
+        return [sys.executable, "-m", "helpers", "train", "--vectors", str(vectors), "--out", str(tmp_path / "s"),
+                "--expansion", "4", "--k", "4", "--batch-size", "128", "--vectors-seen", str(128 * 40), "--holdout",
+                "256", "--log-every", "1", "--device", "cpu", "--seed", str(seed)]
+
+    procs = [subprocess.Popen(args(seed), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (0, 1)]
+    results = [(p.returncode, err) for p in procs for _, err in [p.communicate()]]
+    codes = sorted(code for code, _ in results)
+    if codes == [0, 0]:
+        pytest.skip("the two trainings did not overlap")
+    assert codes == [0, 2], "\n\n".join(f"exit {code}:\n{err[-2000:]}" for code, err in results)
+    assert "in use by pid" in next(err for code, err in results if code == 2)
+    steps = [r["step"] for r in read_jsonl(tmp_path / "s" / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) == list(range(1, 41))  # one run's records, not two interleaved
+    winner = next(seed for (code, _), seed in zip(results, (0, 1)) if code == 0)
+    assert json.loads((tmp_path / "s" / "train.json").read_text())["config"]["seed"] == winner

@@ -31,6 +31,7 @@ from helpers.data.images import ImageDataset, collate
 from helpers.data.inception import LayerCapture, model_input_from_uint8
 from helpers.progress import progress
 from helpers.analysis.selection import activation_bands
+from helpers.sae.model import InputScaleMismatch, input_scale_for
 
 CELL = 16  # pixels per grid cell at 224 px input (224 / 14)
 
@@ -76,9 +77,10 @@ class Examples:
 @torch.no_grad()
 def example_pass(model, sae, layer: str, images, top: int = 16, reservoir: int = 64, batch_size: int = 32,
                  device: str | torch.device = "cpu", seed: int = 0, workers: int = 0,
-                 input_scale: str = "lucent") -> Examples:
+                 input_scale: str | None = None) -> Examples:
     """Stream ``images`` (an ImageList) once; keep each feature's top and sampled examples.
-    ``input_scale``: the convention the SAE's vectors were harvested under (``inception.INPUT_SCALES``)."""
+    ``input_scale``: the convention to feed the network (``inception.INPUT_SCALES``); None: the one the SAE's
+    vectors were harvested under (its ``cfg.json`` says); another than that is refused."""
     return example_passes(model, {layer: sae}, images, top, reservoir, batch_size, device, seed, workers,
                           input_scale)[layer]
 
@@ -86,7 +88,7 @@ def example_pass(model, sae, layer: str, images, top: int = 16, reservoir: int =
 @torch.no_grad()
 def example_passes(model, saes: dict, images, top: int = 16, reservoir: int = 64, batch_size: int = 32,
                    device: str | torch.device = "cpu", seed: int = 0, workers: int = 0,
-                   input_scale: str = "lucent", checkpoint: str | Path | None = None,
+                   input_scale: str | None = None, checkpoint: str | Path | None = None,
                    checkpoint_seconds: float = 300.0) -> dict[str, Examples]:
     """``example_pass`` for several layers ({layer: sae}) from one forward pass per batch of images: the
     network runs once, not once per layer (on a CPU the forward pass is most of the work). Each layer's
@@ -98,6 +100,11 @@ def example_passes(model, saes: dict, images, top: int = 16, reservoir: int = 64
     from torch.utils.data import DataLoader, Subset
 
     dev = torch.device(device)
+    scales = {input_scale_for(sae, input_scale, f"the SAE of {layer}") for layer, sae in saes.items()}
+    if len(scales) > 1:
+        raise InputScaleMismatch(f"the SAEs of {', '.join(saes)} were trained on activations of different input "
+                                 f"conventions ({', '.join(sorted(scales))}); pass the layers of one run at a time")
+    input_scale = scales.pop()
     running = {layer: _Running(sae.d_sae, top, reservoir, dev, seed) for layer, sae in saes.items()}
     what = _fingerprint(saes, images, top, reservoir, batch_size, seed, input_scale)
     done = _resume(Path(checkpoint), what, running) if checkpoint is not None else 0
@@ -237,8 +244,10 @@ def crop(image: np.ndarray, y: int, x: int, window: int = 100) -> np.ndarray:
 
 @torch.no_grad()
 def activation_map(model, sae, layer: str, pixels: torch.Tensor, feature: int,
-                   input_scale: str = "lucent") -> np.ndarray:
-    """The feature's activation at every grid cell of one uint8 image [3, 224, 224]: [14, 14]."""
+                   input_scale: str | None = None) -> np.ndarray:
+    """The feature's activation at every grid cell of one uint8 image [3, 224, 224]: [14, 14]. ``input_scale``
+    as ``example_pass``'s (None: the SAE's own convention)."""
+    input_scale = input_scale_for(sae, input_scale, f"the SAE of {layer}")
     acts = LayerCapture(model, [layer])(model_input_from_uint8(pixels[None], input_scale))[layer][0]
     c, h, w = acts.shape
     z = sae.encode(acts.reshape(c, -1).T)[:, feature]

@@ -11,6 +11,7 @@ import torch
 from helpers.analysis.branches import BRANCHES
 from helpers.analysis.circuits import switch_features
 from helpers.data.inception import class_label, model_input_from_uint8
+from helpers.sae.model import input_scale_for
 from helpers.data.inception import clean_pass
 
 
@@ -86,7 +87,11 @@ class ImageProbe:
     dominant: np.ndarray
     specialised: np.ndarray
     names: list[str] | None = None
-    input_scale: str = "lucent"  # the convention of the network's input (inception.INPUT_SCALES)
+    input_scale: str | None = None  # the network's input convention (inception.INPUT_SCALES); None: the SAE's
+
+    def __post_init__(self):
+        """The SAE's own convention by default; another than the one it was trained on is refused."""
+        self.input_scale = input_scale_for(self.sae, self.input_scale, f"the SAE of {self.layer}")
 
     def input(self, images) -> torch.Tensor:
         """The network's input [B, 3, 224, 224] for uint8 [224, 224, 3] images (``images.load_image``'s)."""

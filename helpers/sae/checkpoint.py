@@ -17,7 +17,13 @@ RESUME_KEYS = ("run", "layer", "vectors", "sae", "lr", "batch_size", "seed", "ho
 _SAE_KEYS = ("expansion", "k", "tied", "aux_k", "aux_coef")  # a checkpoint from before SaeConfig kept them flat
 
 
-def save_checkpoint(path: Path, state, cfg) -> None:
+def data_record(info: dict) -> dict:
+    """What a checkpoint records of the vectors it was trained on: the harvest's identity (or the .npy's
+    dtype, shape and size) and the images' input convention."""
+    return {"identity": info.get("identity"), "input_scale": info.get("input_scale")}
+
+
+def save_checkpoint(path: Path, state, cfg, data: dict | None = None) -> None:
     from safetensors.torch import save as save_bytes
 
     sae, opt = state.sae, state.opt
@@ -27,7 +33,8 @@ def save_checkpoint(path: Path, state, cfg) -> None:
         for key, value in st.items():
             tensors[f"adam/{names[id(p)]}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     tensors["since_fired"] = state.since_fired.cpu()
-    meta = {"vectors_seen": str(state.seen), "step": str(state.step), "config": json.dumps(asdict(cfg))}
+    meta = {"vectors_seen": str(state.seen), "step": str(state.step), "config": json.dumps(asdict(cfg)),
+            "data": json.dumps(data or {})}
     data = save_bytes(tensors, metadata=meta)
     atomic_write(path, lambda f: f.write(data))
 
@@ -57,9 +64,17 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
     return meta, tensors, old
 
 
-def load_checkpoint(path: Path, state, cfg, device) -> None:
+def load_checkpoint(path: Path, state, cfg, device, data: dict | None = None) -> None:
+    """Resume ``state`` from ``path``; refused when it was made with other settings or on other vectors
+    (another harvest at the same path, another input convention: ``data_record``)."""
     sae, opt = state.sae, state.opt
     meta, tensors, old = read_checkpoint(path)
+    made_on = json.loads(meta.get("data") or "{}")
+    if data and made_on and made_on != data:
+        raise CheckpointError(f"cannot resume: the checkpoint in {path.parent} was made on other vectors "
+                              f"({made_on['identity']}, {made_on['input_scale']!r} inputs) than these "
+                              f"({data['identity']}, {data['input_scale']!r} inputs); train into a new --out, or "
+                              "point --run/--vectors back at the vectors it was made on")
     new = asdict(cfg)
     differ = [f"{k}={old.get(k)!r}" for k in RESUME_KEYS if k != "sae" and old.get(k) != new.get(k)]
     differ += [f"{k}={old['sae'].get(k)!r}" for k in new["sae"] if old["sae"].get(k) != new["sae"][k]]

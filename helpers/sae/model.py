@@ -287,6 +287,15 @@ def check_input_scale(sae: TopKSAE, input_scale: str, where) -> None:
             "(a new --out), or use an SAE trained on this harvest")
 
 
+def input_scale_for(sae: TopKSAE, asked: str | None, where: str = "the SAE") -> str:
+    """The input convention to feed the network for ``sae``: ``asked``, refused where the SAE records another
+    (``check_input_scale``); None: the SAE's own (an SAE that records none: "lucent", the model's)."""
+    if asked is None:
+        return sae.metadata.get("input_scale") or "lucent"
+    check_input_scale(sae, asked, where)
+    return asked
+
+
 @torch.no_grad()
 def firing_stats(sae: TopKSAE, batches) -> dict[str, torch.Tensor]:
     """Per latent over an iterable of [batch, d_in] tensors: how often it fires and how strongly.

@@ -21,7 +21,8 @@ def open_source(cfg: TrainConfig) -> tuple[list[np.ndarray], dict]:
         store = ActivationStore(cfg.run, cfg.layer)
         return store.vector_arrays(), {"layer": cfg.layer, "branch_slices": store.branch_slices,
                                        "weights_id": store.weights_id, "source": str(Path(cfg.run).resolve()),
-                                       "input_scale": store.manifest.input_scale}
+                                       "input_scale": store.manifest.input_scale,
+                                       "identity": f"harvest {store.manifest.identity_hash()}"}
     path = Path(cfg.vectors)
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -36,7 +37,8 @@ def open_source(cfg: TrainConfig) -> tuple[list[np.ndarray], dict]:
         raise StoreError(f"{path} holds a {array.dtype} array of shape {array.shape}; --vectors needs float "
                          "vectors of shape [N, d], N and d at least 1")
     info = {"layer": cfg.layer, "branch_slices": None, "weights_id": None, "source": str(path.resolve()),
-            "input_scale": None}  # a bare .npy says nothing of how its vectors were made
+            "input_scale": None,  # a bare .npy says nothing of how its vectors were made
+            "identity": f"npy {array.dtype.str} {list(array.shape)} {path.stat().st_size} bytes"}
     if cfg.layer is not None:
         from helpers.data.inception import architecture_slices, layer_width
 

@@ -27,10 +27,11 @@ import torch
 from helpers import __version__
 from helpers.config import TrainConfig
 from helpers.data.batches import ShuffledBatches, prefetch, random_rows
-from helpers.files import CFG_FILE, CHECKPOINT, METRICS, TRAIN_RECORD, append_jsonl, atomic_write, read_jsonl, write_json
+from helpers.files import (CFG_FILE, CHECKPOINT, METRICS, TRAIN_RECORD, append_jsonl, atomic_write, exclusive_lock,
+                           read_jsonl, write_json)
 from helpers.progress import progress
 from helpers.sae.adam import Adam
-from helpers.sae.checkpoint import load_checkpoint, save_checkpoint
+from helpers.sae.checkpoint import data_record, load_checkpoint, save_checkpoint
 from helpers.sae.loss import fvu, geometric_median, normalized_mse, training_loss
 from helpers.sae.model import TopKSAE
 from helpers.sae.source import open_source, split_holdout
@@ -67,9 +68,26 @@ class _Step(NamedTuple):
     dead: torch.Tensor
 
 
+LOCK = ".train.lock"  # in --out: one training at a time writes there
+
+
 def train(cfg: TrainConfig) -> Path:
-    """Train (or resume) one SAE; returns the output directory. The steps: open the vectors, start
-    (or resume) the SAE, then step, log and checkpoint until the budget is spent, then save."""
+    """Train (or resume) one SAE; returns the output directory. The first process (rank 0 under torchrun)
+    holds ``--out``'s lock for the whole run: a second training into the same folder stops at once."""
+    import os
+
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder for the SAE, its metrics and checkpoints")
+    if int(os.environ.get("RANK", "0")) > 0:
+        return _train(cfg)
+    with exclusive_lock(out / LOCK, f"the training directory {out}"):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> Path:
+    """The steps: open the vectors, start (or resume) the SAE, then step, log and checkpoint until the budget is
+    spent, then save."""
     from helpers import distributed
 
     clock = _Clock()
@@ -86,7 +104,7 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(f"--k {cfg.sae.k} exceeds the {d_sae} latents (--expansion {cfg.sae.expansion} x width "
                          f"{arrays[0].shape[1]}); lower --k or raise --expansion")
     with clock("init"):
-        state = _start(cfg, out, train_arrays, d_sae, device, rank)
+        state = _start(cfg, out, train_arrays, d_sae, device, rank, data_record(info))
     lr = state.opt.lr
 
     stream = _batches(cfg, train_arrays, device, d_sae, start=state.seen)
@@ -111,10 +129,10 @@ def train(cfg: TrainConfig) -> Path:
             with clock("checkpoint"):
                 if rank == 0 and last:  # nothing changes the state any more: written while the evaluation runs
                     writer = ThreadPoolExecutor(1)
-                    final_checkpoint = writer.submit(save_checkpoint, out / CHECKPOINT, state, cfg)
+                    final_checkpoint = writer.submit(save_checkpoint, out / CHECKPOINT, state, cfg, data_record(info))
                     writer.shutdown(wait=False)
                 elif rank == 0:
-                    save_checkpoint(out / CHECKPOINT, state, cfg)
+                    save_checkpoint(out / CHECKPOINT, state, cfg, data_record(info))
                 distributed.barrier()
             next_ckpt += cfg.checkpoint_every
     bar.close()
@@ -142,7 +160,7 @@ class _Clock:
         return {"started_at": self.started, **{k: round(v, 4) for k, v in self.seconds.items()}}
 
 
-def _start(cfg: TrainConfig, out: Path, arrays, d_sae: int, device: torch.device, rank: int) -> _State:
+def _start(cfg: TrainConfig, out: Path, arrays, d_sae: int, device: torch.device, rank: int, data: dict) -> _State:
     """A new SAE (b_dec at the geometric median of a sample), or the one in ``out``'s checkpoint."""
     ckpt = out / CHECKPOINT
     if ckpt.exists() and not cfg.resume:
@@ -152,7 +170,7 @@ def _start(cfg: TrainConfig, out: Path, arrays, d_sae: int, device: torch.device
     state = _State(sae, Adam(sae.parameters(), cfg.lr or default_lr(d_sae)),
                    torch.zeros(d_sae, dtype=torch.long, device=device))
     if cfg.resume and ckpt.exists():
-        load_checkpoint(ckpt, state, cfg, device)
+        load_checkpoint(ckpt, state, cfg, device, data)
         log.info("resuming %s at %d vectors", out, state.seen)
     else:
         with torch.no_grad():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from helpers.analysis.branches import BRANCHES, BranchAnalysis
+from helpers.config import check_layers
 from helpers.analysis.examples import Examples, crop
 from helpers.files import atomic_write
 from helpers.show.style import BRANCH_COLOURS
@@ -164,8 +166,24 @@ def thumbnails(view: LayerView, features) -> tuple[dict, dict]:
     return thumbs, crops
 
 
+def script_json(value) -> str:
+    """``value`` as JSON that can stand inside a <script> element: no '<', '>' or '&' (so no '</script>' or
+    '<!--' in a class name or a label can end or blank the script)."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """The template's ``__NAME__`` markers replaced in one pass: a value that holds a marker (a note saying
+    ``__IMAGES__``) stays as it is. Every marker of the template must be given."""
+    missing = set(re.findall(r"__([A-Z_]+?)__", template)) - set(values)
+    if missing:
+        raise ValueError(f"the atlas template's markers {sorted(missing)} were given no value")
+    return re.sub(r"__([A-Z_]+?)__", lambda m: values[m.group(1)], template)
+
+
 def write_layer_atlas(folder: Path, view: LayerView, note: str = "") -> Path:
     """Write ``folder/<layer>/index.html`` with its two sprite sheets (thumbnails; top crops)."""
+    check_layers([view.layer])  # a layer name of InceptionV1, never a path ("../../x")
     out = Path(folder) / view.layer
     out.mkdir(parents=True, exist_ok=True)
     records = layer_records(view)
@@ -182,14 +200,13 @@ def write_layer_atlas(folder: Path, view: LayerView, note: str = "") -> Path:
     for i, r in enumerate(records):
         r["thumb"] = [(i % per_row) * (THUMB + GAP), (i // per_row) * (THUMB + GAP)]
         r["crops"] = [(i % strips_per_row) * (CROP * CROPS + GAP), (i // strips_per_row) * (CROP + GAP)]
-    page = (TEMPLATE.read_text().replace("__LAYER__", html.escape(view.layer))
-            .replace("__NOTE__", html.escape(note) + origin_line(view.origin) + spliced_summary(view.spliced))
-            .replace("__DENSITY__", density_svg(view.analysis.frequency))
-            .replace("__DATA__", json.dumps(records).replace("</", "<\\/"))
-            .replace("__IMAGES__", json.dumps(view.image_records).replace("</", "<\\/")).replace("__GAP__", str(GAP))
-            .replace("__COLOURS__", json.dumps(BRANCH_COLOURS)).replace("__BRANCHES__", json.dumps(list(BRANCHES)))
-            .replace("__THUMB__", str(THUMB)).replace("__CROP__", str(CROP)).replace("__NCROPS__", str(CROPS))
-            .replace("__DETAIL__", str(CROP * CROPS + 40)))
+    page = fill(TEMPLATE.read_text(), {
+        "LAYER": html.escape(view.layer), "LAYER_JS": script_json(view.layer),
+        "NOTE": html.escape(note) + origin_line(view.origin) + spliced_summary(view.spliced),
+        "DENSITY": density_svg(view.analysis.frequency), "DATA": script_json(records),
+        "IMAGES": script_json(view.image_records), "GAP": str(GAP), "COLOURS": script_json(BRANCH_COLOURS),
+        "BRANCHES": script_json(list(BRANCHES)), "THUMB": str(THUMB), "CROP": str(CROP), "NCROPS": str(CROPS),
+        "DETAIL": str(CROP * CROPS + 40)})
     atomic_write(out / "index.html", lambda f: f.write(page), mode="w")
     return out / "index.html"
 
@@ -213,7 +230,7 @@ def write_atlas(folder: Path, views: list[LayerView], note: str = "") -> Path:
     """The static atlas: a page per layer and an index linking them; returns ``folder``."""
     for view in views:
         write_layer_atlas(folder, view, note)
-    links = "".join(f'<li><a href="{v.layer}/index.html">{v.layer}</a></li>' for v in views)
+    links = "".join(f'<li><a href="{html.escape(v.layer)}/index.html">{html.escape(v.layer)}</a></li>' for v in views)
     page = (f"<!doctype html><meta charset=utf-8><title>Feature atlas</title>"
             f"<body style='font-family:sans-serif;margin:2em'><h1>Feature atlas</h1>"
             f"<p style='color:#b00'>{html.escape(note)}</p><ul>{links}</ul>")

@@ -8,6 +8,8 @@ anything with ``random_weights``, ``book_build`` and ``run_dir`` (the run layer'
 
 from __future__ import annotations
 
+import html
+
 import plotly.graph_objects as go
 
 from helpers.show.composites import stamp
@@ -68,14 +70,21 @@ def markdown(text: str) -> None:
     display(Markdown(text))
 
 
+def cell(value) -> str:
+    """A value as the text of one Markdown table cell: floats to 4 significant digits; '|' escaped (a header
+    such as "max |x_hat - x|" would otherwise split the row) and HTML's special characters written as
+    entities (a class name from a downloaded file is text, never markup)."""
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return html.escape(text, quote=False).replace("|", "\\|").replace("\n", " ")
+
+
 def table(rows: list[dict]) -> str:
     """A Markdown table from a list of dicts with the same keys."""
     if not rows:
         return "*(nothing)*"
     keys = list(rows[0])
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    lines = ["| " + " | ".join(cell(k) for k in keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -93,7 +102,6 @@ def banner(ctx) -> None:
     if ctx.book_build:
         display(Markdown(text))
         return
-    import html
     import re
 
     kind = "warning" if text.startswith(":::{warning}") else "note"

@@ -169,3 +169,58 @@ def test_an_interrupted_pass_goes_on_where_it_stopped(random_model, setup, tmp_p
         other = example_passes(random_model, {"mixed4c": sae}, images, top=4, reservoir=5, batch_size=2,
                                checkpoint=ckpt, checkpoint_seconds=0)["mixed4c"]
     assert other.top_image.shape[1] == 4 and other.images_seen == len(images) and not ckpt.exists()
+
+
+@pytest.mark.parametrize("damage", ["done beyond the images", "an image index beyond them", "a NaN", "another shape"])
+def test_a_checkpoint_with_numbers_that_do_not_fit_is_not_resumed(random_model, setup, tmp_path, damage):
+    """Flipped bytes once resumed silently (a top image index of 21406 among 48 images; done=999 skipped 40
+    images): a checkpoint whose numbers do not fit the pass is ignored with a warning, and the pass starts over to
+    the uninterrupted result."""
+    from safetensors.torch import load_file, save_file
+
+    images, sae, _, _ = setup
+    whole = example_pass(random_model, sae, "mixed4c", images, top=3, reservoir=5, batch_size=2)
+    ckpt, calls = tmp_path / "examples.partial.safetensors", []
+
+    def stop(*_):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    hook = random_model.register_forward_pre_hook(stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            example_passes(random_model, {"mixed4c": sae}, images, top=3, reservoir=5, batch_size=2,
+                           checkpoint=ckpt, checkpoint_seconds=0)
+    finally:
+        hook.remove()
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(ckpt)
+    if damage == "done beyond the images":
+        meta = {**meta, "done": "999"}
+    elif damage == "an image index beyond them":
+        tensors["mixed4c/best_loc"][0, 0] = 21406 * 196
+    elif damage == "a NaN":
+        tensors["mixed4c/res_v"][1, 2] = float("nan")
+    else:
+        tensors["mixed4c/best_v"] = tensors["mixed4c/best_v"][:2]
+    save_file(tensors, ckpt, metadata=meta)
+    with pytest.warns(UserWarning, match="not a readable checkpoint"):
+        again = example_passes(random_model, {"mixed4c": sae}, images, top=3, reservoir=5, batch_size=2,
+                               checkpoint=ckpt, checkpoint_seconds=0)["mixed4c"]
+    for name in ("top_value", "top_image", "sample_value", "sample_image"):
+        assert np.array_equal(getattr(again, name), getattr(whole, name)), name
+
+
+def test_a_checkpoint_that_cannot_be_written_is_skipped_with_a_warning(random_model, setup, tmp_path):
+    """The checkpoint is optional: a folder where its file would go is warned about, and the pass finishes."""
+    images, sae, _, _ = setup
+    whole = example_pass(random_model, sae, "mixed4c", images, top=3, reservoir=5, batch_size=2)
+    (tmp_path / "ckpt").mkdir()
+    with pytest.warns(UserWarning, match="cannot save the example pass's checkpoint"):
+        got = example_passes(random_model, {"mixed4c": sae}, images, top=3, reservoir=5, batch_size=2,
+                             checkpoint=tmp_path / "ckpt", checkpoint_seconds=0)["mixed4c"]
+    assert np.array_equal(got.top_image, whole.top_image) and (tmp_path / "ckpt").is_dir()

@@ -230,13 +230,18 @@ def _malformed(directory, case):
         "weights missing a tensor": lambda: save_file({k: v for k, v in w.items() if k != "b_enc"}, w_path),
         "weights of another size": lambda: save_file({**w, "W_enc": torch.zeros(5, 8)}, w_path),
         "sizes not matching cfg": lambda: cfg_path.write_text(json.dumps({**cfg, "d_in": 5})),
+        "weights with a NaN": lambda: save_file({**w, "b_enc": w["b_enc"].index_fill(0, torch.tensor([2]), float("nan"))},
+                                                w_path),
+        "weights with an infinity": lambda: save_file({**w, "W_dec": w["W_dec"].index_fill(0, torch.tensor([1]),
+                                                                                           float("inf"))}, w_path),
     }
     edits[case]()
 
 
 MALFORMED = ["cfg not json", "cfg a list", "cfg empty", "cfg binary", "no architecture", "other architecture", "no d_in",
              "d_sae text", "no k", "k zero", "k too large", "tied unknown", "weights truncated", "weights garbage",
-             "weights missing a tensor", "weights of another size", "sizes not matching cfg"]
+             "weights missing a tensor", "weights of another size", "sizes not matching cfg", "weights with a NaN",
+             "weights with an infinity"]
 
 
 @pytest.mark.parametrize("case", MALFORMED)

@@ -201,3 +201,48 @@ def test_one_copy_loading_gives_the_order_of_concatenate_then_permute():
         concatenated = np.concatenate([arrays[i][s:e] for i, s, e in chunk])
         expected = concatenated[_rng(4, "rows", 0, c).permutation(len(concatenated))]
         assert np.array_equal(sb._load(chunk, 0, c), expected)
+
+
+def test_a_rerun_repairs_every_shard_verify_flags(run_copy, image_dir):
+    """One flipped byte in a shard's vectors: `verify` says corrupted; the same harvest command again redoes that
+    shard (it once checked lengths only and left it), and `verify` then finds nothing."""
+    before = np.asarray(ActivationStore(run_copy, "mixed4c").vectors(1)).copy()
+    path = run_copy / "mixed4c" / "000001.vectors.npy"
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x5A
+    path.write_bytes(bytes(data))
+    assert any("000001.vectors.npy differs from its checksum" in p for p in verify(run_copy))
+    _same_harvest(run_copy, image_dir)
+    assert verify(run_copy) == []
+    assert np.array_equal(np.asarray(ActivationStore(run_copy, "mixed4c").vectors(1)), before)
+
+
+def test_a_changed_header_or_a_damaged_record_is_refused_and_repaired(run_copy, image_dir):
+    """float16 relabelled int16 (the same bytes: it once trained to an FVU of 1.9), a commit record that is a
+    list: each named, and the rerun repairs both."""
+    path = run_copy / "mixed4c" / "000000.vectors.npy"
+    path.write_bytes(path.read_bytes().replace(b"'<f2'", b"'<i2'", 1))
+    with pytest.raises(StoreError, match="000000.vectors.npy holds int16 numbers, the store holds float16"):
+        ActivationStore(run_copy, "mixed4c")
+    shard_record_path(run_copy, 1).write_text("[]")
+    problems = verify(run_copy)
+    assert any("shard 1: damaged commit record" in p for p in problems), problems
+    _same_harvest(run_copy, image_dir)
+    assert verify(run_copy) == []
+
+
+@pytest.mark.parametrize("n_shards", [0, 1, 3, 10**8])
+def test_the_manifests_shard_count_must_fit_its_images(run_copy, n_shards):
+    """7 images in shards of 4 are 2 shards: an edited count (half the data silently; 0 'all 0 shards match';
+    10^8 hung) is refused at once."""
+    record = json.loads((run_copy / "manifest.json").read_text())
+    record["n_shards"] = n_shards
+    (run_copy / "manifest.json").write_text(json.dumps(record))
+    with pytest.raises(StoreError, match=f"says {n_shards} shards, but its 7 images make 2 of 4 images"):
+        read_manifest(run_copy)
+
+
+def test_a_manifest_that_is_not_an_object_is_named(run_copy):
+    (run_copy / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(StoreError, match="not a readable harvest manifest .*not an object"):
+        read_manifest(run_copy)

@@ -276,3 +276,24 @@ def test_two_trainings_at_once_one_runs_one_stops(tmp_path, vectors):
     assert steps == sorted(set(steps)) == list(range(1, 41))  # one run's records, not two interleaved
     winner = next(seed for (code, _), seed in zip(results, (0, 1)) if code == 0)
     assert json.loads((tmp_path / "s" / "train.json").read_text())["config"]["seed"] == winner
+
+
+def test_non_finite_or_constant_held_out_vectors_are_named_not_printed_as_numbers(tmp_path):
+    """NaN only in the held-out rows once gave "final_fvu": NaN (invalid JSON) and exit 0; constant rows an FVU of
+    3e6 and rows near 1e-40 one of 2e9. Now: refused by name, or the FVU recorded as undefined, saying why."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4096, 16)).astype(np.float32)
+    x[-5, 3] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    with pytest.raises(ValueError, match=r"held-out vectors of .*nan.npy \(its last 256 rows\) hold NaN"):
+        train(small(tmp_path / "nan.npy", tmp_path / "a"))
+    for name, rows in (("constant", np.ones((4096, 16), np.float32)),
+                       ("tiny", (rng.normal(size=(4096, 16)) * 1e-40).astype(np.float32))):
+        np.save(tmp_path / f"{name}.npy", rows)
+        out = train(small(tmp_path / f"{name}.npy", tmp_path / name))
+        meta = json.loads((out / "cfg.json").read_text())["metadata"]
+        assert meta["final_fvu"] is None and meta["final_fvu_on"].startswith("undefined: the 256 held-out vectors")
+        json.loads((out / "train.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in train.json"))
+    from helpers.sae.train import varies
+
+    assert varies(torch.from_numpy(x[:100]).nan_to_num()) and not varies(torch.ones(10, 4))

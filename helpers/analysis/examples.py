@@ -107,7 +107,7 @@ def example_passes(model, saes: dict, images, top: int = 16, reservoir: int = 64
     input_scale = scales.pop()
     running = {layer: _Running(sae.d_sae, top, reservoir, dev, seed) for layer, sae in saes.items()}
     what = _fingerprint(saes, images, top, reservoir, batch_size, seed, input_scale)
-    done = _resume(Path(checkpoint), what, running) if checkpoint is not None else 0
+    done = _resume(Path(checkpoint), what, running, len(images)) if checkpoint is not None else 0
     capture = LayerCapture(model, list(saes))
     dataset = ImageDataset(images)
     loader = DataLoader(Subset(dataset, range(done, len(dataset))) if done else dataset, batch_size=batch_size,
@@ -123,11 +123,16 @@ def example_passes(model, saes: dict, images, top: int = 16, reservoir: int = 64
                 value, position = _image_maxima(sae, acts[layer].flatten(2).transpose(1, 2))
                 running[layer].add(idx.to(dev), value, position, acts[layer].shape[2] * acts[layer].shape[3])
         if checkpoint is not None and done < len(dataset) and time.monotonic() - saved >= checkpoint_seconds:
-            _save(Path(checkpoint), what, running, done)
+            try:
+                _save(Path(checkpoint), what, running, done)
+            except OSError as e:  # a read-only folder, a folder in the file's place: the pass goes on without
+                warnings.warn(f"cannot save the example pass's checkpoint to {checkpoint} ({e}); going on without "
+                              "one (an interruption would start the pass over)")
+                checkpoint = None
             saved = time.monotonic()
     found = {layer: r.examples(len(images)) for layer, r in running.items()}
-    if checkpoint is not None:
-        Path(checkpoint).unlink(missing_ok=True)
+    if checkpoint is not None and Path(checkpoint).is_file():
+        Path(checkpoint).unlink()
     return found
 
 
@@ -148,8 +153,9 @@ def _save(path: Path, what: str, running: dict, done: int) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def _resume(path: Path, what: str, running: dict) -> int:
-    """Load a checkpoint into ``running``; the number of images it had done (0: none, or not this pass's)."""
+def _resume(path: Path, what: str, running: dict, n_images: int) -> int:
+    """Load a checkpoint into ``running``; the number of images it had done (0: none, not this pass's, or one
+    whose numbers do not fit this pass: damaged)."""
     from safetensors import safe_open
 
     if not path.exists():
@@ -161,9 +167,15 @@ def _resume(path: Path, what: str, running: dict) -> int:
                 warnings.warn(f"{path} is the checkpoint of another example pass (other SAEs, images or "
                               f"settings); starting over")
                 return 0
+            done = int(meta["done"])
+            if not 0 <= done <= n_images:
+                raise ValueError(f"it says {done} of the {n_images} images are done")
+            states = {layer: {k: f.get_tensor(f"{layer}/{k}") for k in r.state()} for layer, r in running.items()}
             for layer, r in running.items():
-                r.load({k: f.get_tensor(f"{layer}/{k}") for k in r.state()})
-            return int(meta["done"])
+                r.check(states[layer], n_images, layer)
+            for layer, r in running.items():
+                r.load(states[layer])
+            return done
     except Exception as e:  # a truncated or foreign file
         warnings.warn(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); starting over")
         return 0
@@ -184,6 +196,25 @@ class _Running:
     def state(self) -> dict[str, torch.Tensor]:
         return {"best_v": self.best_v, "best_loc": self.best_loc, "res_key": self.res_key, "res_v": self.res_v,
                 "res_loc": self.res_loc, "gen": self.gen.get_state(), "hw": torch.tensor(self.hw or 0)}
+
+    def check(self, state: dict[str, torch.Tensor], n_images: int, layer: str) -> None:
+        """A ValueError unless ``state`` fits this pass: the same shapes and kinds, finite values, grid positions
+        of images that exist."""
+        for k, mine in self.state().items():
+            if k in ("gen", "hw"):
+                continue
+            theirs = state[k]
+            if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+                raise ValueError(f"{layer}/{k} is {theirs.dtype} {tuple(theirs.shape)}, not {mine.dtype} {tuple(mine.shape)}")
+            if theirs.is_floating_point() and not torch.isfinite(theirs).all():
+                raise ValueError(f"{layer}/{k} holds NaN or infinite numbers")
+        hw = int(state["hw"])
+        if not 0 <= hw <= 1 << 16:
+            raise ValueError(f"{layer}: a grid of {hw} positions")
+        for k in ("best_loc", "res_loc"):
+            loc = state[k]
+            if ((loc < -1) | (loc >= n_images * max(hw, 1))).any():
+                raise ValueError(f"{layer}/{k} points at images that are not among the {n_images}")
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         for k in ("best_v", "best_loc", "res_key", "res_v", "res_loc"):

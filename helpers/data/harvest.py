@@ -135,14 +135,14 @@ def _check_settings(cfg: HarvestConfig, manifest: Manifest) -> None:
 
 
 def _harvest_shards(cfg, out: Path, manifest: Manifest, images, capture, device, use_amp, rank, ranks) -> None:
-    """This rank's shards that are not finished (or are damaged, or were made under another
-    configuration: those are redone), batch by batch, each committed when its last image is in."""
+    """This rank's shards that are not finished (or are damaged, their bytes included, or were made under
+    another configuration: those are redone), batch by batch, each committed when its last image is in."""
     layers, n_images, n_shards = manifest.layers, len(images), manifest.n_shards
     shard_len = lambda k: min((k + 1) * cfg.shard_images, n_images) - k * cfg.shard_images
     mine = [k for k in range(n_shards) if k % ranks == rank]  # under torchrun, shards by rank
     done = set()
-    for k in mine:
-        _, problems = check_shard(out, manifest, k)
+    for k in mine:  # checksums included: a rerun repairs whatever `verify` reports
+        _, problems = check_shard(out, manifest, k, checksums=True)
         if not problems:
             done.add(k)
         elif shard_record_path(out, k).exists():

@@ -77,27 +77,35 @@ def write_shard(run: Path, shard: int, arrays: dict[str, tuple[np.ndarray, np.nd
     return record
 
 
-def _npy_rows_and_width(path: Path) -> tuple[int, int | None]:
-    """The row count and width of an .npy file from its header (the data is not read)."""
+VECTORS_DTYPE = np.dtype("<f2")  # a store's vectors: float16, little-endian
+
+
+def _npy_header(path: Path) -> tuple[int, int | None, np.dtype]:
+    """The row count, width and dtype of an .npy file from its header (the data is not read)."""
     with open(path, "rb") as f:
         major, _ = np.lib.format.read_magic(f)
         read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, _, _ = read(f)
-    return (shape[0] if shape else 0), (shape[1] if len(shape) > 1 else None)
+        shape, _, dtype = read(f)
+    return (shape[0] if shape else 0), (shape[1] if len(shape) > 1 else None), dtype
 
 
 def _file_problem(file: Path, expected: dict | None, rows: int, width: tuple[str, int] | None,
-                  checksums: bool) -> str | None:
+                  checksums: bool, dtype: np.dtype) -> str | None:
     """What is wrong with one file of a shard against its record's entry (None: nothing)."""
     if expected is None or not file.is_file():
         return "is missing"
     size = file.stat().st_size
     if size != expected["bytes"]:
         return f"has {size} bytes, its record says {expected['bytes']} (truncated or replaced)"
+    if not isinstance(expected, dict) or not all(isinstance(expected.get(k), t) for k, t in
+                                                  (("bytes", int), ("rows", int), ("sha256", str))):
+        return "has a damaged entry in its shard's commit record"
     try:
-        found, found_width = _npy_rows_and_width(file)
-    except (OSError, ValueError) as e:
+        found, found_width, found_dtype = _npy_header(file)
+    except (OSError, ValueError, SyntaxError) as e:
         return f"is not a readable .npy ({e})"
+    if found_dtype != dtype:
+        return f"holds {found_dtype} numbers, the store holds {dtype} (its header was changed)"
     if found != expected["rows"] or found != rows:
         return f"has {found} rows, its record says {rows}"
     if width is not None and found_width != width[1]:
@@ -119,6 +127,9 @@ def check_shard(run: Path, manifest: "Manifest", shard: int, layers=None,
         record = read_json(path)
     except ValueError as e:
         return None, [f"shard {shard}: unreadable commit record {path} ({e})"]
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict) \
+            or not isinstance(record.get("vectors"), int):
+        return None, [f"shard {shard}: damaged commit record {path} (not this package's record of a shard)"]
     if record.get("identity") != manifest.identity_hash():
         return record, [f"shard {shard}: made under another configuration than {MANIFEST} describes "
                         "(or by an older version of this package)"]
@@ -128,7 +139,8 @@ def check_shard(run: Path, manifest: "Manifest", shard: int, layers=None,
             file = shard_file(run, layer, shard, kind)
             expected = record.get("files", {}).get(f"{layer}/{file.name}")
             width = (layer, manifest.widths[layer]) if kind == "vectors" else None
-            problem = _file_problem(file, expected, record["vectors"], width, checksums)
+            dtype = VECTORS_DTYPE if kind == "vectors" else PROVENANCE
+            problem = _file_problem(file, expected, record["vectors"], width, checksums, dtype)
             if problem:
                 problems.append(f"shard {shard}: {file.relative_to(run)} {problem}")
     return record, problems
@@ -203,16 +215,24 @@ class Manifest:
                              "make one with `python -m helpers harvest --out DIR ...`")
         try:
             data = read_json(path)
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON {type(data).__name__}, not an object")
             known = {f.name for f in dataclasses.fields(cls)}
             data = {k: v for k, v in data.items() if k in known}
             data["layers"] = tuple(data["layers"])
             data["skipped"] = tuple(tuple(s) for s in data.get("skipped", ()))
             data["branch_slices"] = {layer: {b: tuple(s) for b, s in sl.items()}
                                      for layer, sl in data["branch_slices"].items()}
-            return cls(**data)
-        except (ValueError, KeyError, TypeError) as e:
+            manifest = cls(**data)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise StoreError(f"{path} is not a readable harvest manifest ({type(e).__name__}: {e}); "
                              "rerun the harvest into a fresh --out") from e
+        planned = -(-manifest.n_images // manifest.shard_images) if manifest.shard_images > 0 else None
+        if manifest.n_shards != planned:
+            raise StoreError(f"{path} says {manifest.n_shards} shards, but its {manifest.n_images} images make "
+                             f"{planned} of {manifest.shard_images} images (the manifest was edited or damaged); "
+                             "rerun the harvest into a fresh --out")
+        return manifest
 
     def save(self, run: str | Path) -> None:
         write_json(Path(run) / MANIFEST, dataclasses.asdict(self))

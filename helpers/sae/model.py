@@ -257,6 +257,10 @@ class TopKSAE(nn.Module):
                  for key, shape in shapes.items() if key not in tensors or tuple(tensors[key].shape) != shape]
         if wrong:
             raise ValueError(f"{weights_path} does not match {CFG_FILE}: {'; '.join(wrong)}; {fix}")
+        broken = [key for key in shapes if not torch.isfinite(tensors[key]).all()]
+        if broken:
+            raise ValueError(f"{weights_path}: {', '.join(broken)} hold NaN or infinite numbers (a diverged training or "
+                             f"a damaged file); {fix}")
         if tied == "full" and not torch.equal(tensors["W_enc"].T, tensors["W_dec"]):
             raise ValueError(f"{directory} says tied='full' but its W_enc is not W_dec^T; {fix}")
         sae = cls(d_in, d_sae, k, tied)

@@ -98,6 +98,9 @@ def _train(cfg: TrainConfig) -> Path:
         raise ValueError(f"--batch-size {cfg.batch_size} must divide evenly over the {ranks} processes")
     mine = slice(rank * cfg.batch_size // ranks, (rank + 1) * cfg.batch_size // ranks)  # this rank's rows
     train_arrays, held = split_holdout(arrays, cfg.holdout)
+    if len(held) and not np.isfinite(np.asarray(held, dtype=np.float64)).all():
+        raise ValueError(f"the held-out vectors of {info['source']} (its last {len(held)} rows) hold NaN or infinite "
+                         "numbers; remove those rows from the vectors and train again")
     out = Path(cfg.out)
     d_sae = cfg.sae.expansion * arrays[0].shape[1]
     if cfg.sae.k > d_sae:
@@ -307,10 +310,16 @@ def _finish(out, state, cfg, info, held, lr, last_record, device, clock: _Clock,
     sae, seen = state.sae, state.seen
     held_fvu = held_nmse = None
     with clock("evaluation"), torch.no_grad():
+        fvu_on = f"{len(held)} held-out vectors"
         if len(held):
             x = torch.from_numpy(np.array(held, dtype=np.float32)).to(device)
             x_hat = sae(x)
-            held_fvu, held_nmse = fvu(x_hat, x).item(), normalized_mse(x_hat, x).item()
+            held_nmse = normalized_mse(x_hat, x).item()
+            if varies(x):
+                held_fvu = fvu(x_hat, x).item()
+            else:  # a fraction of no variance is no number: say so rather than print 3e6
+                fvu_on = f"undefined: the {len(held)} held-out vectors do not vary (their variance is below " \
+                         "float32's resolution)"
     if final_checkpoint is not None:
         with clock("checkpoint"):
             final_checkpoint.result()  # its errors (a full disk, say) stop the run here, before the SAE is saved
@@ -321,7 +330,7 @@ def _finish(out, state, cfg, info, held, lr, last_record, device, clock: _Clock,
         "random_weights": bool(weights_id and is_random(weights_id)),
         "warning": RANDOM_WARNING if weights_id and is_random(weights_id) else None,
         "source": info["source"], "vectors_seen": seen, "final_fvu": held_fvu, "final_nmse": held_nmse,
-        "final_fvu_on": f"{len(held)} held-out vectors", "dead_fraction": dead_fraction,
+        "final_fvu_on": fvu_on, "dead_fraction": dead_fraction,
         "dead_after": cfg.dead_after, "lr": lr, "expansion": cfg.sae.expansion, "helpers_version": __version__,
         "input_scale": info["input_scale"],  # the images' convention (None for --vectors: unknown)
     }
@@ -330,6 +339,13 @@ def _finish(out, state, cfg, info, held, lr, last_record, device, clock: _Clock,
     write_json(out / TRAIN_RECORD, {"config": asdict(cfg), "last_metrics": last_record, "seconds": clock.record(),
                                     **extra})
     return out
+
+
+def varies(x: torch.Tensor) -> bool:
+    """Whether vectors ``x`` [n, d] vary enough for an FVU to mean anything: their variance, summed over
+    coordinates in float64, above float32's smallest normal number per coordinate."""
+    x = x.double()
+    return float((x - x.mean(0)).pow(2).sum()) / len(x) > x.shape[1] * float(torch.finfo(torch.float32).tiny)
 
 
 def read_metrics(sae_dirs: dict[str, Path]) -> dict[str, list[dict]]:

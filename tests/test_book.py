@@ -69,12 +69,46 @@ def test_pages_load_and_draw_their_figures_without_js_errors(smoke_book, browser
         assert page not in MATH or [s for s in scripts if "_static/mathjax/tex-svg.js" in s], page
         assert not [s for s in scripts if s.startswith("http")], f"{page} loads scripts from the network: {scripts}"
         if page != "book/references":  # the offline banner's command line copies as typed: no en dash
-            text = browser.execute_script("return document.querySelector('main').innerText")
+            text = browser.execute_script("return document.querySelector('main').textContent")  # the folded part too
             assert "--weights PATH.pth" in text and "\u2013weights" not in text, page
         if page == "book/intro":
             screenshot(browser, "book-intro.png")
         if page == "nbs/04_branch_specialization":
             screenshot(browser, "book-04-branch-specialization.png")
+
+
+def test_the_banner_says_what_a_reader_needs_and_folds_the_rest(smoke_book, browser):
+    """Random weights, and how to get the real ones, in a few lines; the build machine's error and paths folded
+    away (on a phone the banner once filled more than a screen)."""
+    browser.set_window_size(390, 844)
+    try:
+        browser.get((smoke_book["html"] / "nbs" / "04_branch_specialization.html").as_uri())
+        box = browser.find_element("css selector", ".admonition.warning")
+        shown = box.text  # what is rendered: the folded part is not
+        assert "Not a result" in shown and "make book PROFILE=cpu" in shown
+        assert "inception5h.pth" not in shown and "could not download" not in shown
+        assert box.size["height"] < 500, box.size
+        browser.find_element("css selector", ".admonition.warning details summary").click()
+        assert "could not download the pretrained InceptionV1 weights" in box.text
+    finally:
+        browser.set_window_size(1300, 2400)
+
+
+def test_the_atlas_page_of_the_book_leads_to_each_layer_and_back(smoke_book, browser):
+    """Its five links once pointed at '#../atlas/...' (a cross-reference MyST could not resolve), so a click stayed
+    on the page; the atlas's index had no way back to the book, and no viewport for a phone."""
+    html = smoke_book["html"]
+    browser.get((html / "book" / "atlas.html").as_uri())
+    links = browser.find_elements("css selector", "ul.atlas-links a")
+    assert [a.text for a in links] == ["mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"]
+    links[2].click()
+    assert browser.title == "mixed4c: feature atlas"
+    assert browser.find_element("css selector", "meta[name=viewport]").get_attribute("content").startswith("width=device-width")
+    browser.get((html / "atlas" / "index.html").as_uri())
+    browser.find_element("id", "book").click()
+    assert "/atlas/" not in browser.current_url and browser.current_url.endswith(".html")  # the book (its intro)
+    assert browser.find_elements("css selector", "nav, .bd-sidebar, #site-navigation")  # the book's page
+    assert js_errors(browser) == []
 
 
 def test_chapter_03s_table_of_the_fast_sae_renders_as_a_table(smoke_book, browser):

@@ -79,3 +79,61 @@ def test_several_layers_train_at_once_one_process_each(tmp_path, harvest_run):
     for layer, width in (("mixed4a", 508), ("mixed4c", 512)):
         cfg = read_json(tmp_path / "saes" / layer / "cfg.json")
         assert cfg["metadata"]["layer"] == layer and cfg["d_in"] == width and cfg["metadata"]["vectors_seen"] == 16
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, killed but not yet reaped by its new parent, counts as gone)."""
+    from pathlib import Path
+
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_killing_a_multi_layer_training_stops_its_children(tmp_path, harvest_run):
+    """kill -9 of `train --layer a,b` once left both children training into the same folders: they now end
+    with the parent (Linux: PR_SET_PDEATHSIG), so a rerun finds the folders free."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    proc = subprocess.Popen([sys.executable, "-m", "helpers", "train", "--run", str(harvest_run), "--layer",
+                             "mixed4a,mixed4c", "--out", str(tmp_path / "saes"), "--expansion", "2", "--k", "4",
+                             "--batch-size", "8", "--vectors-seen", str(10**9), "--holdout", "0", "--device", "cpu,cpu"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, children = time.time() + 120, []
+    while time.time() < deadline and not all((tmp_path / "saes" / l / "metrics.jsonl").exists()
+                                              for l in ("mixed4a", "mixed4c")):
+        time.sleep(0.5)
+    children = [c for c in _children(proc.pid) if _alive(c)]
+    assert len(children) >= 2, children  # both layers training (plus, perhaps, multiprocessing's tracker)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(c) for c in children):
+        time.sleep(0.2)
+    left = [c for c in children if _alive(c)]
+    for c in left:
+        os.kill(c, signal.SIGKILL)
+    assert left == [], "children kept training after their parent was killed"

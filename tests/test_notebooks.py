@@ -76,6 +76,19 @@ def test_seeing_features_chapters_show_figure_1_and_link_the_atlas(smoke_book):
         assert (smoke_book["run"] / "figures" / f"figure-01-{name}.png").exists(), name
 
 
+def test_chapter_01s_widths_are_the_models(smoke_book):
+    """The chapter once typed '64 channels each' for the 5x5 and pool branches beside a table showing 48 for mixed4a's
+    5x5: the sentence is now computed from the model's slices."""
+    from helpers.data.inception import architecture_slices
+
+    text = "\n".join(o["data"]["text/markdown"] for o in _outputs(smoke_book["executed"]["01_inceptionv1_branches"])
+                     if "text/markdown" in o.get("data", {}))
+    for layer in ("mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"):
+        start, stop = architecture_slices(layer)["5x5"]
+        assert f"{stop - start} channels in {layer}" in text, layer
+    assert "48 channels in mixed4a" in text and "128 channels in mixed4e" in text
+
+
 def test_chapter_02_says_what_the_images_are(smoke_book):
     tables = [o["data"]["text/markdown"] for o in _outputs(smoke_book["executed"]["02_harvesting"])
               if "text/markdown" in o.get("data", {}) and "image source" in o["data"]["text/markdown"]]

@@ -37,7 +37,10 @@ def activation_bands(value: np.ndarray, image: np.ndarray, y: np.ndarray, x: np.
     return out
 
 
-PAPER_FIGURE1_BRANCH = {"mixed4a": "1x1", "mixed4b": "5x5", "mixed4c": "5x5", "mixed4d": "1x1", "mixed4e": "5x5"}
+# the paper's caption: "the 5x5 branch of each layer (besides the mixed4a layer) are something animal related",
+# with mixed4a's 5x5 branch the geometric shapes of its section 3.1, and mixed4e "not depicted"
+PAPER_FIGURE1_BRANCH = {"mixed4a": "5x5", "mixed4b": "5x5", "mixed4c": "5x5", "mixed4d": "5x5", "mixed4e": "5x5"}
+PAPER_FIGURE1_LAYERS = ("mixed4a", "mixed4b", "mixed4c", "mixed4d")  # what the paper's figure depicts
 
 
 def figure1_features(analysis, top_image: np.ndarray, branch: str, n: int) -> list[int]:

@@ -29,8 +29,8 @@ from helpers.analysis.spliced import spliced_evaluation
 from helpers.config import HarvestConfig
 from helpers.data.harvest import harvest
 from helpers.data.images import ImageList, load_image
-from helpers.data.inception import (RANDOM_WARNING, LayerCapture, architecture_slices, class_names, is_stand_in,
-                                    load_model, model_input_from_uint8)
+from helpers.data.inception import (LayerCapture, architecture_slices, class_names, is_stand_in, load_model,
+                                    model_input_from_uint8)
 from helpers.data.store import ActivationStore, Manifest, read_manifest
 from helpers.files import (CFG_FILE, CHECKPOINT, EXAMPLES, EXAMPLES_CHECKPOINT, FEATURE_STATS, MANIFEST, SPLICED,
                            atomic_write, write_json, write_npy)
@@ -100,22 +100,27 @@ class Run:
         return self.run_dir / ("author-saes" if self.saes == "author" else "saes") / layer
 
     def banner(self) -> str:
-        """A MyST admonition naming the profile, weights and SAEs (a warning for random weights)."""
+        """A MyST admonition: what a reader needs in a few lines (a warning, for random weights: not a result, and
+        how to get the real network), the build's settings and any technical reason folded away below."""
         p, author = self.profile, self.saes == "author"
-        lines = [f"Built with the **{p.name}** profile ({p.description}); weights: `{p.weights}`; "
-                 f"SAEs: {'the paper author' + chr(39) + 's published SAEs' if author else 'trained here'}; "
-                 f"run directory `{self.run_dir.name}`.",
-                 "Images enter the network " + ("in [0, 1] as they are: the author's convention, the one the author's "
-                                                "SAEs were trained on (Lucent's `forward` does no preprocessing)."
-                                                if self.harvest_config().input_scale == "unit" else
-                                                "as `x*255-117` of [0, 1] pixels, as Lucent's `render_vis` feeds them.")]
+        settings = [f"Built with the **{p.name}** profile ({p.description}); weights: `{p.weights}`; "
+                    f"SAEs: {'the paper author' + chr(39) + 's published SAEs' if author else 'trained here'}; "
+                    f"run directory `{self.run_dir.name}`.",
+                    "Images enter the network " + ("in [0, 1] as they are: the author's convention, the one the "
+                                                   "author's SAEs were trained on (Lucent's `forward` does no "
+                                                   "preprocessing)." if self.harvest_config().input_scale == "unit" else
+                                                   "as `x*255-117` of [0, 1] pixels, as Lucent's `render_vis` feeds them.")]
         if self.fallback_reason:
-            lines.append(f"The `cpu` profile could not run here, so this is the smoke profile. What failed:\n\n"
-                         f"{self.fallback_reason}")
-        if self.random_weights:
-            lines.insert(0, f"**Not a result.** {RANDOM_WARNING}.")
-        kind = "warning" if self.random_weights or self.fallback_reason else "note"
-        return f":::{{{kind}}}\n" + "\n\n".join(lines) + "\n:::\n"
+            settings.append(f"The `cpu` profile could not run where this book was built, so this is the smoke "
+                            f"profile. What failed:\n\n{self.fallback_reason}")
+        if not (self.random_weights or self.fallback_reason):
+            return ":::{note}\n" + "\n\n".join(settings) + "\n:::\n"
+        head = ("**Not a result.** These pages come from an InceptionV1 with random weights: they test the "
+                "pipeline and say nothing about the trained network. With internet, `make book PROFILE=cpu` builds "
+                "them with the real weights (or open a chapter on Colab)." if self.random_weights else
+                f"**The {p.name} profile** stands in for the `cpu` profile, which could not run here.")
+        return (":::{warning}\n" + head + "\n\n<details><summary>What this build used, and why</summary>\n\n"
+                + "\n\n".join(settings) + "\n\n</details>\n:::\n")
 
     def _layer(self, layer: str) -> str:
         if layer not in self.profile.layers:

@@ -231,9 +231,10 @@ def write_atlas(folder: Path, views: list[LayerView], note: str = "") -> Path:
     for view in views:
         write_layer_atlas(folder, view, note)
     links = "".join(f'<li><a href="{html.escape(v.layer)}/index.html">{html.escape(v.layer)}</a></li>' for v in views)
-    page = (f"<!doctype html><meta charset=utf-8><title>Feature atlas</title>"
-            f"<body style='font-family:sans-serif;margin:2em'><h1>Feature atlas</h1>"
-            f"<p style='color:#b00'>{html.escape(note)}</p><ul>{links}</ul>")
+    page = (f"<!doctype html><meta charset=utf-8><meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>Feature atlas</title><body style='font-family:sans-serif;margin:2em'><h1>Feature atlas</h1>"
+            f"<p style='color:#b00'>{html.escape(note)}</p><ul>{links}</ul>"
+            f"<p><a id='book' href='../index.html'>Back to the book</a> (where the atlas was built with it)</p>")
     atomic_write(Path(folder) / "index.html", lambda f: f.write(page), mode="w")
     return Path(folder)
 

@@ -105,8 +105,9 @@ def banner(ctx) -> None:
     import re
 
     kind = "warning" if text.startswith(":::{warning}") else "note"
-    body = "<br>".join(html.escape(p) for p in text.split("\n", 1)[1].rsplit(":::", 1)[0].strip().split("\n\n"))
-    body = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", body)
+    paragraphs = text.split("\n", 1)[1].rsplit(":::", 1)[0].strip().split("\n\n")
+    body = "".join(p if p.startswith(("<details", "</details")) else  # the folded part stays folded
+                   "<p>" + re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(p)) + "</p>" for p in paragraphs)
     colour = "#fdecea" if kind == "warning" else "#e8f0fe"
     display(HTML(f'<div style="background:{colour};padding:8px 12px;border-radius:4px">{body}</div>'))
 

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     except Exception as e:  # every failure as one line (SAE_DEBUG=1 shows the traceback)
         if os.environ.get("SAE_DEBUG"):
             raise
-        known = isinstance(e, (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError))
+        known = isinstance(e, (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError, MemoryError))
         print(f"error: {e}" if known else f"error: {type(e).__name__}: {e} (rerun with SAE_DEBUG=1 for the traceback, "
               "and report it)", file=sys.stderr)
         return 2

@@ -69,10 +69,12 @@ def _validate(cfg) -> None:
         allowed = choices(type(cfg), f.name)
         if allowed and value is not None and value not in allowed:
             raise ValueError(f"{option(f.name)} {value!r} is not a choice; choose from {', '.join(map(str, allowed))}")
-        low = f.metadata.get("min")
+        low, high = f.metadata.get("min"), f.metadata.get("max")
         if low is not None and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                                       or not math.isfinite(value) or value < low):
             raise ValueError(f"{option(f.name)} {value!r} is out of range: it must be a finite number >= {low}")
+        if high is not None and value is not None and value > high:
+            raise ValueError(f"{option(f.name)} {value!r} is out of range: at most {high}{f.metadata.get('why', '')}")
 
 
 def _help(text: str, **extra) -> dict:
@@ -85,13 +87,14 @@ class HarvestConfig:
         "folder of images, .txt list of paths, or a download: imagenette, imagenette+imagewoof, imagenet-sample"))
     out: str = field(default="runs/harvest", metadata=_help("run directory to write (or resume)"))
     layers: tuple[str, ...] = field(default=PAPER_LAYERS, metadata=_help("comma-separated mixed layers"))
-    per_image: int = field(default=10, metadata=_help("grid positions kept per image and layer", min=1))
+    per_image: int = field(default=10, metadata=_help("grid positions kept per image and layer", min=1, max=1024,
+                                                      why=" (mixed3a's grid, the largest, has 784 cells)"))
     sampling: Sampling = field(default="top-norm", metadata=_help("top-norm (paper text) or norm-weighted (paper code)"))
     weights: str = field(default="lucent", metadata=_help("lucent, random, or a path to a .pth state dict"))
     max_images: int | None = field(default=None, metadata=_help("use only the first N images", min=1))
     batch_size: int = field(default=64, metadata=_help("images per forward pass", min=1))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:1, ..."))
-    seed: int = field(default=0, metadata=_help("seeds norm-weighted sampling and random weights", min=0))
+    seed: int = field(default=0, metadata=_help("seeds norm-weighted sampling and random weights", min=0, max=2**63 - 1))
     shard_images: int = field(default=1000, metadata=_help("images per shard (the unit of resume)", min=1))
     workers: int = field(default=2, metadata=_help("DataLoader worker processes reading (and decoding) images", min=0))
     decode: Decode = field(default="workers", metadata=_help(
@@ -164,7 +167,7 @@ class TrainConfig:
         "device once, shuffled there), auto (device on CUDA when it fits)"))
     device: str = field(default="auto", metadata=_help(
         "auto, cpu, cuda, ...; with several layers, a comma list (cuda:0,cuda:1,...) used in turn"))
-    seed: int = field(default=0, metadata=_help("seeds initialisation and data order", min=0))
+    seed: int = field(default=0, metadata=_help("seeds initialisation and data order", min=0, max=2**63 - 1))
     resume: bool = field(default=False, metadata=_help("continue from --out's checkpoint"))
     kernels: Kernels = field(default_factory=Kernels, metadata=_help("the fast paths' switches"))
 
@@ -181,7 +184,7 @@ class FeatvizConfig:
     objective: Objective = field(default="direction", metadata=_help(
         "direction (cosine with the decoder vector, mean over positions) or neuron (the centre position)"))
     batch: int = field(default=16, metadata=_help("features per optimisation", min=1))
-    seed: int = field(default=0, metadata=_help("seeds the image parameterisation", min=0))
+    seed: int = field(default=0, metadata=_help("seeds the image parameterisation", min=0, max=2**63 - 1))
 
     def __post_init__(self):
         _validate(self)

@@ -134,3 +134,25 @@ def test_text_from_the_data_never_runs_as_script_in_the_atlas(smoke_book, tmp_pa
         assert js_errors(browser) == []
     finally:
         browser.quit()
+
+
+def test_an_upload_that_is_not_an_image_is_said_in_the_tab(smoke_book):
+    """Zero bytes, text, an SVG, a truncated JPEG and a 20000x20000 PNG once raised PIL's errors out of the widget's
+    callback: each now leaves the current image in place and says why in the tab."""
+    import io
+
+    from PIL import Image
+
+    run = open_run("smoke", run_dir=str(smoke_book["run"]))
+    tab = Explorer(["mixed4c"], lambda layer: run.view(layer), None, lambda layer: run.probe(layer)).image
+    before = tab.pixels.copy()
+    jpeg = io.BytesIO()
+    Image.fromarray(before).save(jpeg, format="JPEG")
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")  # small on disk, 400M pixels decoded
+    for name, content in (("empty.jpg", b""), ("notes.txt", b"hello"), ("drawing.svg", b"<svg xmlns='x'></svg>"),
+                          ("cut.jpg", jpeg.getvalue()[:200]), ("bomb.png", bomb.getvalue())):
+        assert tab.use_upload(({"name": name, "content": memoryview(content)},)) is False, name
+        assert tab.message.startswith(f"**{name}** could not be read as an image"), tab.message
+        assert np.array_equal(tab.pixels, before)
+    assert tab.use_upload(({"name": "ok.jpg", "content": memoryview(jpeg.getvalue())},)) and tab.message is None

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from helpers.cli import main
+from helpers.sae.model import TopKSAE
 
 
 def run_cli(*args):
@@ -108,3 +109,39 @@ def test_every_training_number_gives_an_sae_or_one_line_naming_it(tmp_path_facto
         assert cfg["d_sae"] == 8 * int(args["--expansion"]) and cfg["metadata"]["vectors_seen"] > 0
     else:
         assert code == 2 and len(errors) == 1 and f"--{option}" in errors[0], (option, value, errors)
+
+
+def test_odd_vectors_and_huge_settings_stop_with_one_line(tmp_path, capsys, monkeypatch):
+    """Each once ended in a traceback or the allocator's error (or, for d_in = 1, trained and could not save)."""
+    import numpy as np
+
+    from helpers.sae import train as train_module
+
+    rng = np.random.default_rng(0)
+    cases = {"big-endian": rng.normal(size=(3000, 8)).astype(">f4"),
+             "float128": rng.normal(size=(3000, 8)).astype(np.longdouble)}
+    for name, array in cases.items():
+        np.save(tmp_path / f"{name}.npy", array)
+        assert main(["train", "--vectors", str(tmp_path / f"{name}.npy"), "--out", str(tmp_path / name)]) == 2
+        assert "--vectors reads float16, float32 or float64 in this machine's byte order" in capsys.readouterr().err
+    (tmp_path / "empty.npy").write_bytes(b"")
+    assert main(["train", "--vectors", str(tmp_path / "empty.npy"), "--out", str(tmp_path / "e")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    np.save(tmp_path / "one.npy", rng.normal(size=(3000, 1)).astype(np.float32))  # d_in = 1: trains and saves
+    assert main(["train", "--vectors", str(tmp_path / "one.npy"), "--out", str(tmp_path / "one"), "--k", "2",
+                 "--expansion", "4", "--vectors-seen", "4096", "--holdout", "256", "--device", "cpu"]) == 0
+    assert TopKSAE.load(tmp_path / "one").d_in == 1
+    capsys.readouterr()
+    assert main(["train", "--vectors", str(tmp_path / "one.npy"), "--out", str(tmp_path / "s"),
+                 "--seed", str(2 ** 70)]) == 2
+    assert "--seed 1180591620717411303424 is out of range" in capsys.readouterr().err
+    assert main(["harvest", "--images", str(tmp_path), "--out", str(tmp_path / "h"), "--per-image", "1000000",
+                 "--sampling", "norm-weighted"]) == 2
+    assert "--per-image 1000000 is out of range: at most 1024" in capsys.readouterr().err
+    monkeypatch.setattr(train_module, "available_bytes", lambda device: 2**30)  # a 1 GiB machine
+    np.save(tmp_path / "wide.npy", rng.normal(size=(3000, 512)).astype(np.float32))
+    assert main(["train", "--vectors", str(tmp_path / "wide.npy"), "--out", str(tmp_path / "w"), "--expansion", "4096",
+                 "--device", "cpu"]) == 2
+    assert "needs about" in capsys.readouterr().err and not (tmp_path / "w" / "checkpoint.safetensors").exists()
+    monkeypatch.setenv("PROFILE", "bogus")
+    assert main(["book"]) == 2 and "PROFILE='bogus' is not a profile" in capsys.readouterr().err

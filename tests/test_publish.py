@@ -45,7 +45,7 @@ def test_the_upload_set_and_the_card_come_from_the_records(sae_dir, tmp_path):
 def test_random_weights_are_refused_unless_asked_for_and_then_said(tmp_path):
     out = tmp_path / "random"
     TopKSAE(16, 32, 4).save(out, layer="mixed4a", random_weights=True, warning="InceptionV1 has RANDOM weights")
-    with pytest.raises(PublishError, match="random weights.*Nothing was uploaded.*--allow-random"):
+    with pytest.raises(PublishError, match="random weights.*Nothing was written.*--allow-random"):
         publish.publish(out, "me/x")
     assert "(RANDOM WEIGHTS: NOT A RESULT)" in model_card(out, "me/x")
 
@@ -109,3 +109,32 @@ def test_the_command_line_dry_run(sae_dir, tmp_path, capsys):
     assert (tmp_path / "card" / "README.md").exists() and "wrote README.md" in capsys.readouterr().out
     assert cli(["publish", "--sae", str(tmp_path), "--repo-id", "me/x", "--dry-run", str(tmp_path / "c2")]) == 2
     assert "not an SAE directory" in capsys.readouterr().err
+
+
+def test_a_dry_run_checks_as_a_publish_does_and_never_overwrites(sae_dir, tmp_path, capsys):
+    """A dry run once overwrote a non-empty folder, copied truncated weights a real publish refuses, and gave
+    tracebacks for a file or the SAE's own folder as its target, malformed records and an OWNER/NAME/MORE id."""
+    def dry(target, sae=sae_dir, repo="me/x"):
+        code = cli(["publish", "--sae", str(sae), "--repo-id", repo, "--dry-run", str(target)])
+        return code, capsys.readouterr().err
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    code, err = dry(tmp_path / "full")
+    assert code == 2 and "is not empty" in err and (tmp_path / "full" / "notes.txt").read_text() == "mine"
+    (tmp_path / "afile").write_text("x")
+    assert dry(tmp_path / "afile")[0] == 2
+    code, err = dry(sae_dir)
+    assert code == 2 and "the SAE's own folder" in err
+    code, err = dry(tmp_path / "a", repo="a/b/c")
+    assert code == 2 and "OWNER/NAME, one slash" in err and not (tmp_path / "a").exists()
+    for name, text in (("train.json", "{not json"), ("spliced.json", "[]"), ("cfg.json", "[1]")):
+        good = (sae_dir / name).read_text()
+        (sae_dir / name).write_text(text)
+        code, err = dry(tmp_path / f"bad-{name}")
+        assert code == 2 and name in err and "Traceback" not in err, err
+        (sae_dir / name).write_text(good)
+    weights = sae_dir / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, err = dry(tmp_path / "truncated")
+    assert code == 2 and "does not load as an SAE" in err and not (tmp_path / "truncated").exists()

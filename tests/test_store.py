@@ -246,3 +246,36 @@ def test_a_manifest_that_is_not_an_object_is_named(run_copy):
     (run_copy / "manifest.json").write_text("[1, 2]")
     with pytest.raises(StoreError, match="not a readable harvest manifest .*not an object"):
         read_manifest(run_copy)
+
+
+def test_a_busy_harvest_folder_is_refused_before_the_model_loads(run_copy, image_dir, monkeypatch):
+    """The second harvest once loaded the model first (44 s with the real weights) and only then met the lock."""
+    from helpers.data import harvest as harvest_module
+    from helpers.files import LockedError, exclusive_lock
+
+    loads = []
+    real = harvest_module.load_model
+    monkeypatch.setattr(harvest_module, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    with exclusive_lock(run_copy / ".harvest.lock", "the harvest directory"):
+        with pytest.raises(LockedError):
+            _same_harvest(run_copy, image_dir)
+    assert loads == []
+    with pytest.raises(ValueError, match="per-image"):  # a setting only the model checks leaves no new folder behind
+        harvest(HarvestConfig(images=str(image_dir), out=str(run_copy.parent / "new"), layers="mixed4a",
+                              weights="random", per_image=500, workers=0, device="cpu"))
+    assert not (run_copy.parent / "new").exists()
+
+
+def test_a_shards_buffer_is_bounded_in_bytes_and_stale_temporaries_go(run_copy, image_dir):
+    """1,000 images at 196 positions once buffered 5 GiB before a shard was written: shards are now cut to fit
+    SHARD_BYTES. A temporary file a kill left behind (57 MB once) is removed by the rerun."""
+    from helpers.data.harvest import SHARD_BYTES, bounded_shards
+
+    big = bounded_shards(HarvestConfig(per_image=196))
+    assert big.shard_images < 1000
+    assert big.shard_images * 196 * (2 * (508 + 512 + 512 + 528 + 832) + 5 * 28) <= SHARD_BYTES
+    assert bounded_shards(HarvestConfig()).shard_images == 1000  # the default harvest is not cut
+    stale = run_copy / "mixed4c" / ".000001.vectors.npy.abcd.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    _same_harvest(run_copy, image_dir)
+    assert not stale.exists() and verify(run_copy) == []

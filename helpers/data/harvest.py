@@ -100,22 +100,23 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
     from helpers import distributed
 
     layers = cfg.layers  # checked and put in network order when the config was made
+    cfg = bounded_shards(cfg)
     rank, ranks, device = distributed.setup(cfg.device)
     images = list_images(cfg.images).head(cfg.max_images)
-    if model is None:
-        model, weights_id = load_model(cfg.weights, device, seed=cfg.seed)
-    else:
-        model, weights_id = model.to(device).eval(), getattr(model, "weights_id", "custom model")
-    use_amp = cfg.amp and device.type == "cuda"
-    if use_amp:
-        model = model.to(memory_format=torch.channels_last)
-    capture = LayerCapture(model, layers)
-    slices = branch_slices(model, layers)
-    manifest = _manifest(cfg, images, weights_id, slices, capture, device)
-    _check_settings(cfg, manifest)  # before anything is written
     out = Path(cfg.out)
+    new = not out.exists()
+    # the lock first: a second harvest into a busy folder stops at once, not after loading the model
     with exclusive_lock(out / LOCK, f"the harvest directory {out}") if rank == 0 else contextlib.nullcontext():
+        try:
+            model, capture, manifest, weights_id, use_amp = _prepare(cfg, model, images, layers, device)
+        except BaseException:  # a setting only the model can check: leave no folder behind that was not there
+            if new and rank == 0 and [p.name for p in out.iterdir()] == [LOCK]:
+                (out / LOCK).unlink()
+                out.rmdir()
+            raise
         if rank == 0:
+            for stale in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:  # a write a kill cut short: never a result
+                stale.unlink()
             manifest = _open_run(out, manifest)
         distributed.barrier()
         if is_random(weights_id):
@@ -125,6 +126,39 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
         if rank == 0:
             _finish(out, manifest)
     return out
+
+
+SHARD_BYTES = 256 * 2**20  # what a shard's buffer may hold before it is written (it is copied once more then)
+
+
+def bounded_shards(cfg: HarvestConfig) -> HarvestConfig:
+    """``cfg`` with at most as many images per shard as keep a shard's buffer within ``SHARD_BYTES`` (float16
+    vectors and their provenance, every layer): 1,000 images at 196 positions once held 5 GiB."""
+    from helpers.data.inception import architecture_slices, layer_width
+
+    per_image = cfg.per_image * sum(2 * layer_width(architecture_slices(layer)) + 28 for layer in cfg.layers)
+    limit = max(1, SHARD_BYTES // per_image)
+    if cfg.shard_images <= limit:
+        return cfg
+    log.info("harvest: %d images per shard instead of %d, to keep a shard's buffer within %d MiB",
+             limit, cfg.shard_images, SHARD_BYTES >> 20)
+    return dataclasses.replace(cfg, shard_images=limit)
+
+
+def _prepare(cfg: HarvestConfig, model, images, layers, device):
+    """The network (built, or ``model`` moved to ``device``), its capture of ``layers``, the manifest this harvest
+    will write, with the settings only the model can check checked (nothing is written yet)."""
+    if model is None:
+        model, weights_id = load_model(cfg.weights, device, seed=cfg.seed)
+    else:
+        model, weights_id = model.to(device).eval(), getattr(model, "weights_id", "custom model")
+    use_amp = cfg.amp and device.type == "cuda"
+    if use_amp:
+        model = model.to(memory_format=torch.channels_last)
+    capture = LayerCapture(model, layers)
+    manifest = _manifest(cfg, images, weights_id, branch_slices(model, layers), capture, device)
+    _check_settings(cfg, manifest)
+    return model, capture, manifest, weights_id, use_amp
 
 
 def _check_settings(cfg: HarvestConfig, manifest: Manifest) -> None:

@@ -207,6 +207,9 @@ def main(argv=None) -> int:
                         help="smoke, cpu, gpu or paper (default: cpu, falling back to smoke offline)")
     parser.add_argument("--run-dir", default=None, help="reuse artifacts from this run directory")
     args = parser.parse_args(argv)
+    if args.profile is not None and args.profile not in PROFILES:  # $PROFILE, which argparse does not check
+        print(f"error: PROFILE={args.profile!r} is not a profile; choose from {', '.join(PROFILES)}", file=sys.stderr)
+        return 2
     try:
         build(args.profile, args.run_dir)
     except ProfileUnavailable as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -36,15 +37,52 @@ def upload_set(sae_dir: Path) -> list[str]:
     return [f for f in UPLOADED if (sae_dir / f).is_file()]
 
 
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def _json(path: Path) -> dict:
+    """A record of the SAE folder as a dict, or a PublishError naming the file and the fix."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise PublishError(f"{path} is not readable JSON ({type(e).__name__}: {e}); restore it (train again, or "
+                           "delete a record other than cfg.json to leave it out)") from e
+    if not isinstance(data, dict):
+        raise PublishError(f"{path} holds a JSON {type(data).__name__}, not the record of an SAE; restore it")
+    return data
+
+
+def check(sae_dir: Path, repo_id: str, allow_random: bool = False) -> list[str]:
+    """Everything a publish checks before anything is written (a dry run too): the files, that the SAE loads (whole,
+    finite), its records parse, random weights (refused unless allowed) and the repository's name. Returns the
+    file names of the upload set."""
+    from helpers.sae.model import TopKSAE
+
+    names = upload_set(sae_dir)
+    try:
+        sae = TopKSAE.load(sae_dir)
+    except Exception as e:
+        raise PublishError(f"{sae_dir} does not load as an SAE ({e}); nothing was written") from e
+    for name in (CFG_FILE, TRAIN_RECORD, SPLICED):
+        if name in names:
+            _json(sae_dir / name)
+    if sae.metadata.get("random_weights") and not allow_random:
+        raise PublishError(f"{sae_dir} was trained on a network with random weights: its features mean nothing about "
+                           "InceptionV1. Nothing was written; pass --allow-random to publish it anyway (its card says so)")
+    if not REPO_ID.fullmatch(repo_id):
+        raise PublishError(f"--repo-id {repo_id!r} should be OWNER/NAME, one slash (e.g. your-name/inceptionv1-sae-mixed4c)")
+    return names
+
+
 def _fmt(value, digits: int = 4) -> str:
     return "not recorded" if value is None else (f"{value:.{digits}g}" if isinstance(value, float) else str(value))
 
 
 def model_card(sae_dir: Path, repo_id: str) -> str:
     """The model card (``README.md``) of the SAE in ``sae_dir``, from its ``cfg.json`` and records."""
-    cfg = json.loads((sae_dir / CFG_FILE).read_text())
-    meta = cfg.get("metadata", {})
-    record = json.loads((sae_dir / TRAIN_RECORD).read_text()) if (sae_dir / TRAIN_RECORD).is_file() else {}
+    cfg = _json(sae_dir / CFG_FILE)
+    meta = cfg.get("metadata") or {}
+    record = _json(sae_dir / TRAIN_RECORD) if (sae_dir / TRAIN_RECORD).is_file() else {}
     layer = meta.get("layer") or "unknown layer"
     scale = meta.get("input_scale")
     convention = {"lucent": "RGB in [0, 1] mapped by `x*255-117` (Lucent's `render_vis`)",
@@ -72,15 +110,15 @@ def model_card(sae_dir: Path, repo_id: str) -> str:
     if record.get("config"):
         lines.append(f"| training config | `{json.dumps(record['config'], sort_keys=True)}` |")
     if (sae_dir / SPLICED).is_file():
-        spliced = json.loads((sae_dir / SPLICED).read_text())
-        rows = spliced["rows"]
+        spliced = _json(sae_dir / SPLICED)
+        rows = spliced.get("rows") or []
         lines += ["", "## Spliced in", "",
                   "The network run with the layer's output replaced by the SAE's reconstruction (all channels, or one "
-                  f"branch alone), against the clean network on {spliced['images']} images, with the layer zeroed and "
+                  f"branch alone), against the clean network on {spliced.get('images', '?')} images, with the layer zeroed and "
                   "replaced by its mean as floors:",
                   "", "| spliced in | top-1 agreement | KL | KL recovered |", "|---|---|---|---|"]
-        lines += [f"| {r['spliced in']} | {_fmt(r['top-1 agreement'], 3)} | {_fmt(r['KL'], 3)} | "
-                  f"{_fmt(r['KL recovered'], 3)} |" for r in rows]
+        lines += [f"| {r.get('spliced in')} | {_fmt(r.get('top-1 agreement'), 3)} | {_fmt(r.get('KL'), 3)} | "
+                  f"{_fmt(r.get('KL recovered'), 3)} |" for r in rows if isinstance(r, dict)]
     lines += ["", "## Loading it", "", "With this package:", "", "```python",
               "from huggingface_hub import snapshot_download", "from helpers.sae.model import TopKSAE", "",
               f'sae = TopKSAE.load(snapshot_download("{repo_id}"))', "```", "",
@@ -91,9 +129,17 @@ def model_card(sae_dir: Path, repo_id: str) -> str:
     return "\n".join(lines)
 
 
-def stage(sae_dir: Path, repo_id: str, out: Path) -> list[str]:
-    """Write the upload set and the model card into ``out``; returns the file names."""
-    names = upload_set(sae_dir)
+def stage(sae_dir: Path, repo_id: str, out: Path, allow_random: bool = True) -> list[str]:
+    """Check (``check``), then write the upload set and the model card into ``out``, a new or empty folder outside
+    the SAE's; returns the file names."""
+    sae_dir, out = Path(sae_dir), Path(out)
+    names = check(sae_dir, repo_id, allow_random)
+    if out.exists() and not out.is_dir():
+        raise PublishError(f"{out} is a file; give a new or empty folder to write the upload set into")
+    if out.resolve() == sae_dir.resolve() or sae_dir.resolve() in out.resolve().parents:
+        raise PublishError(f"{out} is the SAE's own folder (or inside it); give a new or empty folder elsewhere")
+    if out.is_dir() and any(out.iterdir()):
+        raise PublishError(f"{out} is not empty; give a new or empty folder (nothing in it was changed)")
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         shutil.copy2(sae_dir / name, out / name)
@@ -105,18 +151,8 @@ def publish(sae_dir: str | Path, repo_id: str, *, private: bool = False, allow_r
             token: str | None = None) -> str:
     """Check, then upload ``sae_dir`` to the hub as ``repo_id`` in one commit; returns the commit's URL."""
     sae_dir = Path(sae_dir)
-    names = upload_set(sae_dir)
-    from helpers.sae.model import TopKSAE
-
-    try:
-        sae = TopKSAE.load(sae_dir)
-    except Exception as e:
-        raise PublishError(f"{sae_dir} does not load as an SAE ({e}); nothing was uploaded") from e
-    if sae.metadata.get("random_weights") and not allow_random:
-        raise PublishError(f"{sae_dir} was trained on a network with random weights: its features mean nothing about "
-                           "InceptionV1. Nothing was uploaded; pass --allow-random to publish it anyway (its card says so)")
-    if "/" not in repo_id:
-        raise PublishError(f"--repo-id {repo_id!r} should be OWNER/NAME (e.g. your-name/inceptionv1-sae-mixed4c)")
+    names = check(sae_dir, repo_id, allow_random)
+    layer = _json(sae_dir / CFG_FILE).get("metadata", {}).get("layer")
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
@@ -126,9 +162,10 @@ def publish(sae_dir: str | Path, repo_id: str, *, private: bool = False, allow_r
         raise PublishError(f"cannot publish to the Hugging Face hub ({type(e).__name__}: {e}). It needs internet and "
                            "a token with write access (`huggingface-cli login`, or HF_TOKEN); nothing was uploaded") from e
     with tempfile.TemporaryDirectory() as tmp:
-        stage(sae_dir, repo_id, Path(tmp))
+        stage(sae_dir, repo_id, Path(tmp) / "upload", allow_random)
+        tmp = str(Path(tmp) / "upload")
         api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=f"SAE for {sae.metadata.get('layer')}"
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=f"SAE for {layer}"
                                  f" ({', '.join(names)}, README.md)")
     return str(getattr(info, "commit_url", info))
 
@@ -143,11 +180,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         if a.dry_run:
-            files = stage(Path(a.sae), a.repo_id, Path(a.dry_run))
+            files = stage(Path(a.sae), a.repo_id, Path(a.dry_run), a.allow_random)
             print(f"wrote {', '.join(files)} into {a.dry_run}")
         else:
             print(publish(a.sae, a.repo_id, private=a.private, allow_random=a.allow_random))
-    except PublishError as e:
+    except (PublishError, OSError) as e:  # OSError: a full disk, a folder without write permission
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -211,7 +211,9 @@ class TopKSAE(nn.Module):
 
         directory = Path(directory)
         tensors = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
-        data = save_bytes({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
+        # copies: W_enc and W_dec of a tied SAE are one tensor, which safetensors will not write twice
+        data = save_bytes({k: v.detach().float().cpu().clone(memory_format=torch.contiguous_format)
+                           for k, v in tensors.items()})
         atomic_write(directory / WEIGHTS_FILE, lambda f: f.write(data))
         self.cfg = {**self.config(), "metadata": metadata}
         write_json(directory / CFG_FILE, self.cfg)

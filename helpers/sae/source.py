@@ -10,6 +10,8 @@ import numpy as np
 from helpers.config import TrainConfig
 from helpers.data.store import ActivationStore, StoreError
 
+FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
 
 def open_source(cfg: TrainConfig) -> tuple[list[np.ndarray], dict]:
     """The arrays to train on and what is known about them (layer, branch slices, weights)."""
@@ -26,9 +28,9 @@ def open_source(cfg: TrainConfig) -> tuple[list[np.ndarray], dict]:
     path = Path(cfg.vectors)
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise StoreError(f"cannot read {path} as an .npy array ({e}); --vectors takes one array saved with "
-                         "numpy.save, of shape [N, d]") from e
+    except (OSError, ValueError, EOFError) as e:
+        raise StoreError(f"cannot read {path} as an .npy array ({type(e).__name__}: {e}); --vectors takes one array "
+                         "saved with numpy.save, of shape [N, d]") from e
     if not isinstance(array, np.ndarray):  # an .npz archive, whatever its name
         array.close()
         raise StoreError(f"{path} is an .npz archive of several arrays, not one .npy array; save the vectors "
@@ -36,6 +38,9 @@ def open_source(cfg: TrainConfig) -> tuple[list[np.ndarray], dict]:
     if array.ndim != 2 or array.dtype.kind != "f" or 0 in array.shape:
         raise StoreError(f"{path} holds a {array.dtype} array of shape {array.shape}; --vectors needs float "
                          "vectors of shape [N, d], N and d at least 1")
+    if array.dtype.newbyteorder("=") not in FLOATS or not array.dtype.isnative:
+        raise StoreError(f"{path} holds {array.dtype.str} numbers ({array.dtype}); --vectors reads float16, float32 or "
+                         "float64 in this machine's byte order: save them with numpy.save(path, vectors.astype('float32'))")
     info = {"layer": cfg.layer, "branch_slices": None, "weights_id": None, "source": str(path.resolve()),
             "input_scale": None,  # a bare .npy says nothing of how its vectors were made
             "identity": f"npy {array.dtype.str} {list(array.shape)} {path.stat().st_size} bytes"}

@@ -106,6 +106,7 @@ def _train(cfg: TrainConfig) -> Path:
     if cfg.sae.k > d_sae:
         raise ValueError(f"--k {cfg.sae.k} exceeds the {d_sae} latents (--expansion {cfg.sae.expansion} x width "
                          f"{arrays[0].shape[1]}); lower --k or raise --expansion")
+    _check_memory(cfg, arrays[0].shape[1], d_sae, device)
     with clock("init"):
         state = _start(cfg, out, train_arrays, d_sae, device, rank, data_record(info))
     lr = state.opt.lr
@@ -253,6 +254,32 @@ def memory_estimate(d_in: int, d_sae: int, k: int = 32, batch: int = 4096, tied:
         "batch tensors": 8 * batch * d_in * 4 + batch * (k + aux_k) * (4 + 8) * 3,
         "device store": store_rows * d_in * 2,
     }
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for a training on ``device``: the GPU's free memory, or the host's MemAvailable (Linux), else
+    None (unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _check_memory(cfg: TrainConfig, d_in: int, d_sae: int, device: torch.device) -> None:
+    """Refuse, before allocating, a training that the memory estimate says cannot fit (``--expansion 4096`` once
+    ended in the allocator's own error)."""
+    from helpers.sae.model import ENCODE_CHUNK
+
+    need = sum(memory_estimate(d_in, d_sae, cfg.sae.k, cfg.batch_size, cfg.sae.tied, aux_k=cfg.sae.aux_k,
+                               cuda=device.type == "cuda", encode_chunk=ENCODE_CHUNK).values())
+    free = available_bytes(device)
+    if free is not None and need > 0.9 * free:
+        raise MemoryError(f"this training needs about {need / 2**30:.1f} GiB ({d_sae} latents x {d_in} channels, batch "
+                          f"{cfg.batch_size}) but {free / 2**30:.1f} GiB is free on {device}; lower --expansion or "
+                          "--batch-size")
 
 
 def _batches(cfg: TrainConfig, arrays, device: torch.device, d_sae: int, start: int = 0):

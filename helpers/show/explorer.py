@@ -120,7 +120,7 @@ class ImageExplorer:
         self.scale = W.FloatSlider(value=0.0, min=0.0, max=3.0, step=0.25, description="scale by")
         self.go = W.Button(description="switch and compare")
         self.maps, self.at, self.moves = W.Output(), W.Output(), W.Output()
-        self.pixels = self.found = None
+        self.pixels = self.found = self.message = None
         self.choice.observe(lambda ch: self.select(ch["new"]), names="value")
         self.upload.observe(lambda ch: self.use_upload(ch["new"]), names="value")
         layer.observe(lambda _: self.show_image(), names="value")
@@ -134,12 +134,30 @@ class ImageExplorer:
     def select(self, index: int) -> None:
         self.use(load_image(self.view(self.layer.value).images.paths[index]))
 
-    def use_upload(self, value) -> None:
+    def use_upload(self, value) -> bool:
+        """Look into an uploaded file; one that is not an image PIL can read (empty, text, SVG, truncated, a
+        decompression bomb) leaves the current image and says why in the tab. Returns whether it was used."""
         import io
+        import warnings
 
         items = list(value.values()) if isinstance(value, dict) else list(value)  # ipywidgets 7 / 8
-        if items:
-            self.use(load_image(io.BytesIO(bytes(items[0]["content"]))))
+        if not items:
+            return False
+        name = items[0].get("name", "the upload")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # > 89M pixels: refused too
+                pixels = load_image(io.BytesIO(bytes(items[0]["content"])))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            self.message = (f"**{name}** could not be read as an image ({type(e).__name__}: {str(e)[:200]}); "
+                            "upload a JPEG or PNG photograph")
+            self.at.clear_output()
+            with self.at:
+                markdown(self.message)
+            return False
+        self.message = None
+        self.use(pixels)
+        return True
 
     def use(self, pixels: np.ndarray) -> None:
         self.pixels = pixels

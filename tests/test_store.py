@@ -264,6 +264,9 @@ def test_a_busy_harvest_folder_is_refused_before_the_model_loads(run_copy, image
         harvest(HarvestConfig(images=str(image_dir), out=str(run_copy.parent / "new"), layers="mixed4a",
                               weights="random", per_image=500, workers=0, device="cpu"))
     assert not (run_copy.parent / "new").exists()
+    (run_copy.parent / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="--out .*afile is a file"):
+        harvest(HarvestConfig(images=str(image_dir), out=str(run_copy.parent / "afile"), weights="random", workers=0))
 
 
 def test_a_shards_buffer_is_bounded_in_bytes_and_stale_temporaries_go(run_copy, image_dir):

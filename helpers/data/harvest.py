@@ -104,6 +104,8 @@ def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
     rank, ranks, device = distributed.setup(cfg.device)
     images = list_images(cfg.images).head(cfg.max_images)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder for the harvest's store")
     new = not out.exists()
     # the lock first: a second harvest into a busy folder stops at once, not after loading the model
     with exclusive_lock(out / LOCK, f"the harvest directory {out}") if rank == 0 else contextlib.nullcontext():

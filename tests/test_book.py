@@ -209,6 +209,55 @@ def test_the_atlas_searches_filters_shares_a_url_and_shows_histograms(smoke_book
     screenshot(browser, "atlas-filtered.png")
 
 
+def test_the_atlas_reads_fractions_against_chance(smoke_book, browser):
+    """A feature's bars carry the chance level of each branch and its excess (a "5x5-dominant" feature whose largest
+    bar was 3x3 at 0.69 read as a contradiction); the filter is by excess over chance; a hash change on the page
+    opens that feature; ?branch=5X5 means 5x5 and an unknown branch is said; the histogram has axes and the UMAP
+    fits its column."""
+    from helpers.analysis.branches import BRANCHES
+    from helpers.run.artifacts import open_run
+
+    run = open_run("smoke", run_dir=str(smoke_book["run"]))
+    a = run.branches("mixed4c")
+    chance = a.shuffled.mean
+    excess = a.fractions - chance
+    alive = np.flatnonzero(a.alive)
+    # a feature whose largest raw fraction is not its group (where one exists), else any live one
+    odd = [int(f) for f in alive if a.fractions[f].argmax() != excess[f].argmax()]
+    f = odd[0] if odd else int(alive[0])
+    page = smoke_book["html"] / "atlas" / "mixed4c" / "index.html"
+    browser.get(page.as_uri() + f"#f{f}")
+    rows = browser.execute_script("return [...document.querySelectorAll('#detail .branch-row')].map(r => r.textContent)")
+    assert len(rows) == 4
+    for b, row in zip(BRANCHES, rows):
+        i = BRANCHES.index(b)
+        assert f"chance {chance[i]:.2f}" in row and f"excess {excess[f, i]:+.2f}" in row, row
+    group = BRANCHES[int(excess[f].argmax())]
+    assert "its group" in rows[BRANCHES.index(group)]
+    ticks = browser.execute_script("return [...document.querySelectorAll('#detail .chance')].map(t => t.offsetLeft)")
+    assert ticks == [round(200 * float(f"{c:.3f}")) for c in chance]
+    other = int(alive[-1])
+    browser.execute_script(f"location.hash = '#f{other}'")  # the same page, another feature
+    time.sleep(0.2)
+    assert browser.execute_script("return document.getElementById('detail-title').textContent") == f"mixed4c feature {other}"
+    box = browser.execute_script("return document.getElementById('umap').getBoundingClientRect().right")
+    column = browser.execute_script("return document.getElementById('detail').getBoundingClientRect().right")
+    assert box <= column + 1
+    assert browser.execute_script("return document.getElementById('hist-axis').textContent").startswith("0activation")
+    visible = lambda: browser.execute_script(
+        "return [...document.querySelectorAll('#groups .f')].filter(e => e.style.display !== 'none').map(e => +e.id.slice(1))")
+    threshold = 0.05
+    browser.get(page.as_uri() + f"?excess={threshold}")
+    want = sorted(int(g) for g in alive if excess[g, excess[g].argmax()] >= threshold - 5e-4)
+    assert sorted(visible()) == want
+    browser.get(page.as_uri() + "?branch=5X5")
+    five = sorted(int(g) for g in alive if a.dominant()[g] == 2)
+    assert sorted(visible()) == five
+    browser.get(page.as_uri() + "?branch=7x7")
+    assert 'no branch "7x7"' in browser.execute_script("return document.getElementById('shown').textContent")
+    assert js_errors(browser) == []
+
+
 def test_the_atlas_looks_into_an_image_and_switches_features_off(smoke_book, browser):
     """The atlas's image view against the run's own probe: every cell is coloured by the dominant branch of the
     features the SAE finds there, hovering a cell lists exactly them (a click opens one), and each precomputed

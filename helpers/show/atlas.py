@@ -69,6 +69,7 @@ def layer_records(view: LayerView) -> list[dict]:
     return [{
         "id": int(f), "branch": BRANCHES[dom[f]],
         "fractions": [round(float(v), 3) for v in a.fractions[f]],
+        "excess": [round(float(v), 3) for v in a.fractions[f] - a.shuffled.mean],  # over chance, per branch
         "frequency": float(a.frequency[f]),
         "labels": {k: round(v, 2) for k, v in view.labels[f].get("labels", {}).items()},
         "top_class_share": view.labels[f].get("top_class_share"),
@@ -205,7 +206,7 @@ def write_layer_atlas(folder: Path, view: LayerView, note: str = "") -> Path:
         "NOTE": html.escape(note) + origin_line(view.origin) + spliced_summary(view.spliced),
         "DENSITY": density_svg(view.analysis.frequency), "DATA": script_json(records),
         "IMAGES": script_json(view.image_records), "GAP": str(GAP), "COLOURS": script_json(BRANCH_COLOURS),
-        "BRANCHES": script_json(list(BRANCHES)), "THUMB": str(THUMB), "CROP": str(CROP), "NCROPS": str(CROPS),
+        "BRANCHES": script_json(list(BRANCHES)), "CHANCE": script_json([round(float(v), 3) for v in view.analysis.shuffled.mean]), "THUMB": str(THUMB), "CROP": str(CROP), "NCROPS": str(CROPS),
         "DETAIL": str(CROP * CROPS + 40)})
     atomic_write(out / "index.html", lambda f: f.write(page), mode="w")
     return out / "index.html"

@@ -157,18 +157,29 @@ def test_an_interrupted_pass_goes_on_where_it_stopped(random_model, setup, tmp_p
     for name in ("top_value", "top_image", "top_y", "top_x", "sample_value", "sample_image", "sample_y", "sample_x"):
         assert np.array_equal(getattr(again, name), getattr(whole, name)), name
     # a checkpoint of other settings is not resumed from
-    hook = random_model.register_forward_pre_hook(count_and_stop)
-    passes.clear()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            example_passes(random_model, {"mixed4c": sae}, images, top=3, reservoir=5, batch_size=2,
-                           checkpoint=ckpt, checkpoint_seconds=0)
-    finally:
-        hook.remove()
+    _stopped_after(random_model, sae, images, ckpt, batches=4)
     with pytest.warns(UserWarning, match="another example pass"):
         other = example_passes(random_model, {"mixed4c": sae}, images, top=4, reservoir=5, batch_size=2,
                                checkpoint=ckpt, checkpoint_seconds=0)["mixed4c"]
     assert other.top_image.shape[1] == 4 and other.images_seen == len(images) and not ckpt.exists()
+
+
+def _stopped_after(model, sae, images, ckpt, batches: int) -> None:
+    """An example pass with a checkpoint after every batch, interrupted as the network starts batch ``batches``."""
+    calls = []
+
+    def stop(*_):
+        calls.append(1)
+        if len(calls) == batches:
+            raise KeyboardInterrupt
+
+    hook = model.register_forward_pre_hook(stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            example_passes(model, {"mixed4c": sae}, images, top=3, reservoir=5, batch_size=2, checkpoint=ckpt,
+                           checkpoint_seconds=0)
+    finally:
+        hook.remove()
 
 
 @pytest.mark.parametrize("damage", ["done beyond the images", "an image index beyond them", "a NaN", "another shape"])
@@ -180,20 +191,8 @@ def test_a_checkpoint_with_numbers_that_do_not_fit_is_not_resumed(random_model, 
 
     images, sae, _, _ = setup
     whole = example_pass(random_model, sae, "mixed4c", images, top=3, reservoir=5, batch_size=2)
-    ckpt, calls = tmp_path / "examples.partial.safetensors", []
-
-    def stop(*_):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    hook = random_model.register_forward_pre_hook(stop)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            example_passes(random_model, {"mixed4c": sae}, images, top=3, reservoir=5, batch_size=2,
-                           checkpoint=ckpt, checkpoint_seconds=0)
-    finally:
-        hook.remove()
+    ckpt = tmp_path / "examples.partial.safetensors"
+    _stopped_after(random_model, sae, images, ckpt, batches=2)
     from safetensors import safe_open
 
     with safe_open(str(ckpt), framework="pt") as f:

@@ -204,6 +204,38 @@ if numba is not None:
         return scratch[want]
 
     @numba.njit(cache=True, fastmath=_FAST, boundscheck=False)
+    def _gather(s, bmax, thr, lanes, depth, tail, cand, cval):
+        """The entries of row ``s`` at or above ``thr``, visiting only the strided blocks whose maximum ``bmax``
+        reaches it: their latents into ``cand``, their values into ``cval``; returns how many."""
+        c = 0
+        for lane in range(lanes):
+            if bmax[lane] >= thr:
+                for i in range(depth + (1 if lane < tail else 0)):
+                    j = i * lanes + lane
+                    if s[j] >= thr:
+                        cand[c] = j
+                        cval[c] = s[j]
+                        c += 1
+        return c
+
+    @numba.njit(cache=True, fastmath=_FAST, boundscheck=False)
+    def _keep_top(cval, cand, c, k, scratch, out_val, out_idx):
+        """The k largest of the c candidates' values ``cval`` (latents ``cand``) into out_val, out_idx [k]: those
+        above the k-th largest, then enough of those equal to it."""
+        kth = _kth_largest(cval[:c], k, scratch) if c > k else -np.inf
+        m = 0
+        for i in range(c):
+            if cval[i] > kth:
+                out_val[m] = cval[i]
+                out_idx[m] = cand[i]
+                m += 1
+        for i in range(c):
+            if m < k and cval[i] == kth:
+                out_val[m] = cval[i]
+                out_idx[m] = cand[i]
+                m += 1
+
+    @numba.njit(cache=True, fastmath=_FAST, boundscheck=False)
     def _dot(a, b):
         acc = np.float32(0.0)
         for q in range(a.shape[0]):
@@ -242,14 +274,7 @@ if numba is not None:
                 need = low - err[r]  # a candidate's s must reach this with its own margin added
                 thr = need / (1 + rho) if need >= 0 else need / (1 - rho)
                 thr -= 2.0 ** -20 * (abs(thr) + err[r])  # against this float32 arithmetic's own rounding
-                c = 0
-                for lane in range(LANES):
-                    if bmax[lane] >= thr:
-                        for i in range(depth + (1 if lane < tail else 0)):
-                            j = i * LANES + lane
-                            if s[j] >= thr:
-                                cand[c] = j
-                                c += 1
+                c = _gather(s, bmax, thr, LANES, depth, tail, cand, cval)
                 out_count[r] = c
                 if c < k:  # only where the screen overflowed to infinity: rescore the whole row
                     c = n
@@ -257,18 +282,7 @@ if numba is not None:
                         cand[j] = j
                 for i in range(c):
                     cval[i] = _dot(x[r], w[cand[i]]) + b_enc[cand[i]]
-                kth = _kth_largest(cval[:c], k, scratch) if c > k else -np.inf
-                m = 0
-                for i in range(c):
-                    if cval[i] > kth:
-                        out_val[r, m] = cval[i]
-                        out_idx[r, m] = cand[i]
-                        m += 1
-                for i in range(c):
-                    if m < k and cval[i] == kth:
-                        out_val[r, m] = cval[i]
-                        out_idx[r, m] = cand[i]
-                        m += 1
+                _keep_top(cval, cand, c, k, scratch, out_val[r], out_idx[r])
 
     @numba.njit(parallel=True, cache=True, fastmath=_FAST, boundscheck=False)
     def _topk_rows(pre, k, out_val, out_idx):
@@ -304,27 +318,8 @@ if numba is not None:
                     bad += 1
                     continue
                 t = _kth_largest(bmax, k, scratch)
-                c = 0
-                for lane in range(lanes):
-                    if bmax[lane] >= t:
-                        for i in range(depth + (1 if lane < tail else 0)):
-                            j = i * lanes + lane
-                            if s[j] >= t:
-                                cand[c] = j
-                                cval[c] = s[j]
-                                c += 1
-                kth = _kth_largest(cval[:c], k, scratch) if c > k else -np.inf
-                m = 0
-                for i in range(c):
-                    if cval[i] > kth:
-                        out_val[r, m] = cval[i]
-                        out_idx[r, m] = cand[i]
-                        m += 1
-                for i in range(c):
-                    if m < k and cval[i] == kth:
-                        out_val[r, m] = cval[i]
-                        out_idx[r, m] = cand[i]
-                        m += 1
+                c = _gather(s, bmax, t, lanes, depth, tail, cand, cval)
+                _keep_top(cval, cand, c, k, scratch, out_val[r], out_idx[r])
         return bad == 0
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)

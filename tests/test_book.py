@@ -106,6 +106,9 @@ def test_the_atlas_page_of_the_book_leads_to_each_layer_and_back(smoke_book, bro
     assert browser.find_element("css selector", "meta[name=viewport]").get_attribute("content").startswith("width=device-width")
     browser.get((html / "atlas" / "index.html").as_uri())
     browser.find_element("id", "book").click()
+    deadline = time.time() + 10  # the book's index.html redirects to its first page
+    while time.time() < deadline and not browser.find_elements("css selector", "nav, .bd-sidebar, #site-navigation"):
+        time.sleep(0.2)
     assert "/atlas/" not in browser.current_url and browser.current_url.endswith(".html")  # the book (its intro)
     assert browser.find_elements("css selector", "nav, .bd-sidebar, #site-navigation")  # the book's page
     assert js_errors(browser) == []

@@ -13,7 +13,7 @@ own. Results print as tables and are written to bench/results/core-<device>.json
     python bench/bench_core.py [--images ../shared/imagenet-sample] [--n-images 96]
                                [--device cpu] [--steps 5] [--sweep] [--memory]
 
-3. ``--memory``: the memory statements, ``train.memory_estimate`` (by batch, width and
+3. ``--memory``: the memory statements, ``memory.memory_estimate`` (by batch, width and
    latents) and ``harvest.memory_estimate`` (by batch), against what a run takes.
 """
 
@@ -138,12 +138,12 @@ def memory_used(cuda: bool, mark: float) -> float:
 
 
 def case_memory_train(tied: str, device: str, batch: int, n: int, d: int = 512, k: int = 32) -> dict:
-    """Memory two training steps take beyond the data, against ``train.memory_estimate``."""
+    """Memory two training steps take beyond the data, against ``memory.memory_estimate``."""
     import torch
 
     from helpers.sae.model import ENCODE_CHUNK, TopKSAE
     from helpers.sae.adam import Adam
-    from helpers.sae.train import memory_estimate
+    from helpers.sae.memory import memory_estimate
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -187,7 +187,7 @@ def case_memory_harvest(images: str, device: str, batch: int) -> dict:
 
 
 def memory(a, common, results) -> None:
-    """The memory statements (train.memory_estimate, harvest.memory_estimate) against measurement."""
+    """The memory statements (memory.memory_estimate, harvest.memory_estimate) against measurement."""
     rows = results["memory"] = {}
     for tied, batch, n in [("full", 1024, 8192), ("full", 4096, 8192), ("full", 4096, 32768), ("init", 4096, 32768)]:
         rows[f"train tied-{tied} batch {batch} n {n}"] = run_case(

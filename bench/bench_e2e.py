@@ -15,6 +15,11 @@ training code runs: imports), then the phases each process records (ours: ``trai
 
     python bench/bench_e2e.py [--vectors 163840] [--rounds 3] [--data-rows 200000] [--device cuda]
                               [--cases ours,sparsify,ours-in-memory]
+
+``--grid``: quality at every shape, not only the tuned one. For each d in {512, 832}, n in {4096,
+8192, 16384, 32768} and k in {16, 32, 64, 128} (or ``--grid-shapes D:N:K,...``), one round of ours
+and sparsify (whole processes, in turn) on planted data of that d (2n atoms, 32 active per vector),
+reported as a table of held-out FVU (ours, sparsify) and the wall-time ratio sparsify / ours.
 """
 
 from __future__ import annotations
@@ -35,19 +40,31 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import cpu_name, write_results  # noqa: E402
 
 D, N, K, BATCH, LR, HOLDOUT = 512, 8192, 32, 4096, 4e-4, 16384
+GRID = [(d, n, k) for d in (512, 832) for n in (4096, 8192, 16384, 32768) for k in (16, 32, 64, 128)]
 
 
-def make_data(path: Path, rows: int) -> None:
+def make_data(path: Path, rows: int, d: int | None = None, n: int | None = None) -> None:
+    """The tuned shape's data (bench_peers.data), or planted data of width d for n latents (2n atoms, 32 active
+    per vector, coefficients uniform in [0, 3], 5% noise, ReLU: the same recipe at another shape)."""
     import numpy as np
     import torch
 
-    from bench_peers import data
+    if d is None:
+        from bench_peers import data
 
-    train, held = data(-(-rows // BATCH) + 2)
-    np.save(path, torch.cat([train, held]).numpy().astype(np.float16)[:rows])
+        train, held = data(-(-rows // BATCH) + 2)
+        x = torch.cat([train, held])
+    else:
+        g = torch.Generator().manual_seed(0)
+        atoms = torch.nn.functional.normalize(torch.randn(2 * n, d, generator=g), dim=1)
+        idx = torch.randint(0, len(atoms), (rows, 32), generator=g)
+        coef = torch.rand(rows, 32, generator=g) * 3
+        x = torch.relu(torch.nn.functional.embedding_bag(idx, atoms, per_sample_weights=coef, mode="sum")
+                       + 0.05 * torch.randn(rows, d, generator=g))
+    np.save(path, x.numpy().astype(np.float16)[:rows])
 
 
-def run_sparsify(vectors: str, out: str, budget: int, device: str = "cpu") -> dict:
+def run_sparsify(vectors: str, out: str, budget: int, device: str = "cpu", shape=(D, N, K)) -> dict:
     """The sparsify user's script; prints its phases as JSON. On CUDA, its Triton decoder."""
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "0" if device.startswith("cuda") else "1")
     import numpy as np
@@ -70,7 +87,8 @@ def run_sparsify(vectors: str, out: str, budget: int, device: str = "cpu") -> di
     seconds["open"] = clock() - t
     t = clock()
     torch.manual_seed(0)
-    sae = SparseCoder(D, SparseCoderConfig(num_latents=N, k=K), device=device)
+    d, n, k = shape
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device=device)
     rng = np.random.default_rng(0)
     sample = torch.from_numpy(np.asarray(train[np.sort(rng.choice(len(train), 16384, replace=False))])).float().to(device)
     sae.b_dec.data.copy_(geometric_median(sample))  # as sparsify's trainer initialises b_dec
@@ -105,19 +123,20 @@ def run_sparsify(vectors: str, out: str, budget: int, device: str = "cpu") -> di
     return {"started_at": started, "fvu": fvu, **seconds}
 
 
-def run_ours(vectors: str, out: str, budget: int, device: str = "cpu", store: str = "auto") -> list[str]:
+def run_ours(vectors: str, out: str, budget: int, device: str = "cpu", store: str = "auto", shape=(D, N, K)) -> list[str]:
     """Our train command; on CUDA with the vectors held on the device (``--store device``), and so with
     ``store="device"`` on a CPU (the vectors in memory: the disk store's reference)."""
     store = ["--store", "device"] if device.startswith("cuda") or store == "device" else []
-    return [sys.executable, "-m", "helpers", "train", "--vectors", vectors, "--out", out, "--expansion", str(N // D),
-            "--k", str(K), "--tied", "init", "--batch-size", str(BATCH), "--lr", str(LR), "--vectors-seen",
+    return [sys.executable, "-m", "helpers", "train", "--vectors", vectors, "--out", out, "--latents", str(shape[1]),
+            "--k", str(shape[2]), "--tied", "init", "--batch-size", str(BATCH), "--lr", str(LR), "--vectors-seen",
             str(budget), "--holdout", str(HOLDOUT), "--device", device, *store]
 
 
-def one(case: str, vectors: str, budget: int, tmp: str, device: str) -> dict:
+def one(case: str, vectors: str, budget: int, tmp: str, device: str, shape=(D, N, K)) -> dict:
     out = tempfile.mkdtemp(dir=tmp)
-    cmd = run_ours(vectors, out, budget, device, "device" if case == "ours-in-memory" else "auto") \
-        if case.startswith("ours") else [sys.executable, __file__, "--run-sparsify", vectors, "--out", out, "--vectors", str(budget), "--device", device]
+    cmd = run_ours(vectors, out, budget, device, "device" if case == "ours-in-memory" else "auto", shape) \
+        if case.startswith("ours") else [sys.executable, __file__, "--run-sparsify", vectors, "--out", out, "--vectors",
+                                         str(budget), "--device", device, "--shape", ":".join(map(str, shape))]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -145,9 +164,16 @@ def main() -> None:
                         "reference)")
     p.add_argument("--run-sparsify", metavar="NPY", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--shape", default=f"{D}:{N}:{K}", help=argparse.SUPPRESS)
+    p.add_argument("--grid", action="store_true", help="FVU and speed of ours and sparsify at every shape of GRID")
+    p.add_argument("--grid-shapes", help="instead of GRID: D:N:K,D:N:K,...")
     a = p.parse_args()
     if a.run_sparsify:
-        print(json.dumps(run_sparsify(a.run_sparsify, a.out, a.vectors, a.device)))
+        print(json.dumps(run_sparsify(a.run_sparsify, a.out, a.vectors, a.device, tuple(map(int, a.shape.split(":"))))))
+        return
+    if a.grid or a.grid_shapes:
+        shapes = [tuple(map(int, s.split(":"))) for s in a.grid_shapes.split(",")] if a.grid_shapes else GRID
+        grid(shapes, a.vectors, a.device)
         return
     with tempfile.TemporaryDirectory() as tmp:
         vectors = str(Path(tmp) / "vectors.npy")
@@ -177,6 +203,31 @@ def main() -> None:
     results["ratio"] = {name: {"median": statistics.median(r), "rounds": r} for name, r in ratios.items()}
     results["device"] = where
     write_results("e2e", a.device.split(":")[0], results)
+
+
+def grid(shapes, budget: int, device: str) -> None:
+    """One round of ours and sparsify at each shape (data made once per (d, n)); a table of FVU and speed."""
+    rows = []
+    print(f"quality grid, {torch_device_name(device)}; {budget} vectors, batch {BATCH}, lr {LR}, one round each, in turn")
+    print(f"  {'d':>4} {'n':>6} {'k':>4}   FVU ours  FVU sparsify   ours - sparsify   wall sparsify / ours")
+    with tempfile.TemporaryDirectory() as tmp:
+        made = None
+        for d, n, k in shapes:
+            vectors = str(Path(tmp) / "vectors.npy")
+            if made != (d, n):
+                make_data(Path(vectors), budget + HOLDOUT + BATCH, d, n)
+                made = (d, n)
+            ours, theirs = (one(case, vectors, budget, tmp, device, (d, n, k)) for case in ("ours", "sparsify"))
+            rows.append({"d": d, "n": n, "k": k, "fvu_ours": ours["fvu"], "fvu_sparsify": theirs["fvu"],
+                         "wall_ours": ours["wall"], "wall_sparsify": theirs["wall"],
+                         "speed_ratio": theirs["wall"] / ours["wall"]})
+            r = rows[-1]
+            print(f"  {d:>4} {n:>6} {k:>4}   {r['fvu_ours']:8.4f}  {r['fvu_sparsify']:12.4f}   {r['fvu_ours'] - r['fvu_sparsify']:+15.4f}"
+                  f"   {r['speed_ratio']:20.2f}", flush=True)
+    worse = [r for r in rows if r["fvu_ours"] > r["fvu_sparsify"]]
+    print(f"  ours at or below sparsify's FVU at {len(rows) - len(worse)} of {len(rows)} shapes; median speed ratio "
+          f"{statistics.median(r['speed_ratio'] for r in rows):.2f}x")
+    write_results("e2e-grid", device.split(":")[0], {"device": torch_device_name(device), "budget": budget, "rows": rows})
 
 
 def torch_device_name(device: str) -> str:

@@ -97,6 +97,7 @@ def make(case: str, dev, first_batch):
         sae = TopKSAE(D, N, K, "init" if case.endswith("init") else "full", seed=0,  # -torch-topk: without our CPU TopK
                       kernels=Kernels(screen=SCREEN, cpu_topk=not case.endswith("torch-topk"))).to(dev)
         sae.b_dec.data.copy_(median)
+        sae.fit_scale(first_batch)  # the trainer's start (chapter 03)
         return (Adam(sae.parameters(), LR), lambda x: normalized_mse(sae.forward_train(x).x_hat, x),
                 sae.remove_radial_grad, sae.normalize_decoder, sae)
     if case == "sparsify":

@@ -29,6 +29,7 @@ Sampling = Literal["top-norm", "norm-weighted"]
 Decode = Literal["workers", "device"]
 InputScale = Literal["lucent", "unit"]
 Tied = Literal["full", "init"]
+Architecture = Literal["topk", "batchtopk", "matryoshka", "jumprelu"]
 StoreMode = Literal["auto", "disk", "device"]
 Screen = Literal["auto", "on", "off"]
 Scatter = Literal["dense", "bag"]
@@ -116,13 +117,23 @@ class SaeConfig:
     """The SAE's shape: how many latents, how many kept per vector, how the decoder is tied, and AuxK."""
 
     expansion: int = field(default=16, metadata=_help("latents = expansion x layer width", min=1))
+    latents: int | None = field(default=None, metadata=_help(
+        "the number of latents, instead of expansion x layer width (any whole number)", min=1))
     k: int = field(default=32, metadata=_help("latents kept per vector", min=1))
+    architecture: Architecture = field(default="topk", metadata=_help(
+        "the SAE family (chapter 03): topk (the paper's), batchtopk, matryoshka (BatchTopK code, nested prefixes) or "
+        "jumprelu (per-latent thresholds; k is its target L0)"))
     tied: Tied = field(default="full", metadata=_help("full (paper's code: W_dec = W_enc^T) or init (Gao et al.)"))
+    prefixes: int = field(default=4, metadata=_help(
+        "matryoshka: the number of nested prefixes (sizes latents/2^(P-1), ..., latents/2, latents)", min=1, max=16))
     aux_k: int = field(default=0, metadata=_help("AuxK latents against dead latents (0: off; Gao: d_in/2)", min=0))
     aux_coef: float = field(default=1 / 32, metadata=_help("weight of the AuxK loss", min=0))
 
     def __post_init__(self):
         _validate(self)
+        if self.aux_k and self.architecture != "topk":
+            raise ValueError(f"--aux-k is TopK's (Gao et al.'s AuxK); the {self.architecture} family trains without it: "
+                             "drop --aux-k or use --architecture topk")
 
 
 @dataclass(frozen=True)

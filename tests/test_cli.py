@@ -115,7 +115,7 @@ def test_odd_vectors_and_huge_settings_stop_with_one_line(tmp_path, capsys, monk
     """Each once ended in a traceback or the allocator's error (or, for d_in = 1, trained and could not save)."""
     import numpy as np
 
-    from helpers.sae import train as train_module
+    from helpers.sae import memory as memory_module
 
     rng = np.random.default_rng(0)
     cases = {"big-endian": rng.normal(size=(3000, 8)).astype(">f4"),
@@ -138,7 +138,7 @@ def test_odd_vectors_and_huge_settings_stop_with_one_line(tmp_path, capsys, monk
     assert main(["harvest", "--images", str(tmp_path), "--out", str(tmp_path / "h"), "--per-image", "1000000",
                  "--sampling", "norm-weighted"]) == 2
     assert "--per-image 1000000 is out of range: at most 1024" in capsys.readouterr().err
-    monkeypatch.setattr(train_module, "available_bytes", lambda device: 2**30)  # a 1 GiB machine
+    monkeypatch.setattr(memory_module, "available_bytes", lambda device: 2**30)  # a 1 GiB machine
     np.save(tmp_path / "wide.npy", rng.normal(size=(3000, 512)).astype(np.float32))
     assert main(["train", "--vectors", str(tmp_path / "wide.npy"), "--out", str(tmp_path / "w"), "--expansion", "4096",
                  "--device", "cpu"]) == 2

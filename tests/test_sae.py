@@ -252,3 +252,49 @@ def test_a_malformed_sae_directory_is_named_with_the_file(tmp_path, case):
         TopKSAE.load(tmp_path / "s")
     message = str(info.value)
     assert str(tmp_path / "s") in message and ("cfg.json" in message or "sae_weights.safetensors" in message), message
+
+
+def _sparse_planted(n, d, atoms, active, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D = torch.nn.functional.normalize(torch.randn(atoms, d, generator=g), dim=1)
+    idx = torch.randint(0, atoms, (n, active), generator=g)
+    return torch.nn.functional.embedding_bag(idx, D, per_sample_weights=torch.rand(n, active, generator=g) * 3,
+                                             mode="sum")
+
+
+@pytest.mark.parametrize("tied", ["full", "init"])
+def test_the_start_scale_is_the_least_squares_best_by_brute_force(tied):
+    """fit_scale's encoder scale reconstructs the sample at least as well as every scale of a fine grid
+    (found by trying them, not by the formula), and no worse than predicting the mean."""
+    x = _sparse_planted(2048, 32, 512, 16)
+    base = TopKSAE(32, 512, 32, tied, seed=1)
+    base.b_dec.data.copy_(geometric_median(x))
+    fitted = TopKSAE(32, 512, 32, tied, seed=1)
+    fitted.load_state_dict(base.state_dict())
+    factor = fitted.fit_scale(x)
+
+    def err(sae):
+        with torch.no_grad():
+            return float(fvu(sae.forward(x), x))
+
+    grid = []
+    for s in np.linspace(0.05, 1.5, 59):
+        trial = TopKSAE(32, 512, 32, tied, seed=1)
+        trial.load_state_dict(base.state_dict())
+        trial.encoder_weight.data.mul_(float(s))
+        grid.append(err(trial))
+    assert err(base) > 1.0  # unit rows: worse than the mean (the failure this start removes)
+    assert err(fitted) <= min(grid) + 1e-4 and err(fitted) < 1.0, (err(fitted), min(grid), factor)
+
+
+def test_training_at_a_wide_k_beats_the_mean_from_the_first_step(tmp_path):
+    """At a shape where unit rows overshoot (many latents, large k), the first logged FVU is below 1."""
+    from helpers.config import SaeConfig, TrainConfig
+    from helpers.sae.train import read_metrics, train
+
+    np.save(tmp_path / "x.npy", _sparse_planted(20_000, 32, 512, 16).numpy())
+    out = train(TrainConfig(vectors=str(tmp_path / "x.npy"), out=str(tmp_path / "sae"), log_every=1,
+                            sae=SaeConfig(expansion=16, k=64, tied="init"), batch_size=1024, vectors_seen=4096,
+                            holdout=2048, device="cpu"))
+    first = read_metrics({"x": out})["x"][0]
+    assert first["fvu"] < 0.9, first

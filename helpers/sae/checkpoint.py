@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from helpers.config import SaeConfig
 from helpers.files import atomic_write
 
 # settings a resumed run must share with the checkpoint (the budget may grow; the kernels compute the same)
@@ -77,7 +78,8 @@ def load_checkpoint(path: Path, state, cfg, device, data: dict | None = None) ->
                               "point --run/--vectors back at the vectors it was made on")
     new = asdict(cfg)
     differ = [f"{k}={old.get(k)!r}" for k in RESUME_KEYS if k != "sae" and old.get(k) != new.get(k)]
-    differ += [f"{k}={old['sae'].get(k)!r}" for k in new["sae"] if old["sae"].get(k) != new["sae"][k]]
+    defaults = asdict(SaeConfig())  # a setting added since the checkpoint was made: it had the default
+    differ += [f"{k}={old['sae'].get(k, defaults[k])!r}" for k in new["sae"] if old["sae"].get(k, defaults[k]) != new["sae"][k]]
     if differ:
         raise ValueError(f"cannot resume: the checkpoint in {path.parent} was made with other settings "
                          f"({', '.join(differ)}); use those or a new --out")

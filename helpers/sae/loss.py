@@ -63,3 +63,113 @@ def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> to
             return new
         m = new
     return m
+
+
+def batchtopk_code(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """BatchTopK's code of a batch: the k x batch largest ReLU'd pre-activations of the whole batch, 0 elsewhere.
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+    acts = torch.relu(pre).flatten()
+    kept = acts.topk(k * pre.shape[0]).indices
+    return torch.zeros_like(acts).scatter(0, kept, acts.gather(0, kept)).view_as(pre)
+
+
+def batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, k: int):
+    """BatchTopK in training, densely: (x_hat, z).
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+    z = batchtopk_code((x - b_dec) @ W_enc + b_enc, k)
+    return z @ W_dec + b_dec, z
+
+
+def threshold_sae(x, W_enc, b_enc, W_dec, b_dec, threshold: torch.Tensor):
+    """Every family but TopK once trained (SAELens' jumprelu): z_i = ReLU(p_i) [p_i > theta_i]; (x_hat, z).
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+    pre = (x - b_dec) @ W_enc + b_enc
+    z = torch.relu(pre) * (pre > threshold)
+    return z @ W_dec + b_dec, z
+
+
+def matryoshka_prefixes(d_sae: int, count: int) -> list[int]:
+    """Prefix sizes n / 2^(P-1), ..., n / 2, n.
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+    return [max(1, d_sae >> (count - 1 - j)) for j in range(count)]
+
+
+def matryoshka_loss(x, z, W_dec, b_dec, prefixes: list[int]) -> torch.Tensor:
+    """The mean over prefixes m of the normalised MSE of the reconstruction from latents [0, m) alone.
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+    return torch.stack([normalized_mse(z[:, :m] @ W_dec[:m] + b_dec, x) for m in prefixes]).mean()
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """The kernel K of the straight-through estimates: 1 on (-1/2, 1/2), 0 elsewhere.
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLU(torch.autograd.Function):
+    """p H(p - theta); d/dp = H(p - theta), d/dtheta = -(theta / eps) K((p - theta) / eps).
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        g_theta = -(theta / ctx.eps) * rectangle((pre - theta) / ctx.eps) * grad
+        return grad * (pre > theta), g_theta.sum(0), None
+
+
+class Step(torch.autograd.Function):
+    """H(p - theta); no gradient to p, d/dtheta = -(1 / eps) K((p - theta) / eps).
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        return None, (-(1 / ctx.eps) * rectangle((pre - theta) / ctx.eps) * grad).sum(0), None
+
+
+def jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, theta: torch.Tensor, eps: float):
+    """JumpReLU in training, densely: (x_hat, z, L0 per vector, differentiable in theta by the STE).
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+    pre = (x - b_dec) @ W_enc + b_enc
+    z = JumpReLU.apply(pre, theta, eps)
+    return z @ W_dec + b_dec, z, Step.apply(pre, theta, eps).sum(-1)
+
+
+def least_squares_scale(x_c: torch.Tensor, r: torch.Tensor) -> float:
+    """The s minimising sum ||x_c - s r||^2 over the rows: <x_c, r> / <r, r> (the SAE's starting scale;
+    x_c = x - b_dec, r = the reconstruction minus b_dec at unit scale). 1 when r is 0.
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+    rr = float(r.double().pow(2).sum())
+    return float((x_c.double() * r.double()).sum()) / rr if rr > 0 else 1.0

@@ -1,4 +1,4 @@
-"""A TopK sparse autoencoder (Gao et al. 2024), as trained in the paper.
+"""A TopK sparse autoencoder (Gao et al. 2024), as trained in the paper, and the families that followed it.
 
     z  = TopK(W_enc (x - b_dec) + b_enc)      ReLU on the k kept values, 0 elsewhere
     x' = W_dec z + b_dec
@@ -15,11 +15,16 @@ Only the encoder's pre-activations are dense ([batch, d_sae]: the one big matmul
 TopK everything works on the k kept latents: the decoder is a sparse gather-sum over them
 (``kernels.sparse_decode``: ``embedding_bag``, or a Triton kernel on CUDA), and the
 backward pass touches only their rows of W_enc and W_dec.
+
+The other families (chapter 03, *Other SAE families*: BatchTopK, Matryoshka, JumpReLU) are the same
+class with ``architecture`` set: a per-latent ``threshold`` [d_sae] that encodes them once trained
+(``z = ReLU(p) [p > threshold]``, SAELens' jumprelu), trained densely by ``helpers.sae.families``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import typing
 from pathlib import Path
 from typing import NamedTuple
@@ -29,11 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers.sae import screened_topk
-from helpers.config import Kernels, Tied
+from helpers.config import Architecture, Kernels, Tied
 from helpers.files import CFG_FILE, WEIGHTS_FILE, atomic_write, write_json
 from helpers.sae.kernels import KeptPreacts, sparse_decode
 
 TIED = typing.get_args(Tied)
+ARCHITECTURES = typing.get_args(Architecture)
 ENCODE_CHUNK = 1024
 
 
@@ -50,10 +56,12 @@ class TrainOutput(NamedTuple):
 
 class TopKSAE(nn.Module):
     def __init__(self, d_in: int, d_sae: int, k: int = 32, tied: str = "full", *, seed: int | None = None,
-                 kernels: Kernels | None = None):
+                 kernels: Kernels | None = None, architecture: str = "topk", prefixes: int = 4):
         super().__init__()
         if tied not in TIED:
             raise ValueError(f"tied={tied!r}; choose 'full' (the paper's code) or 'init' (Gao et al.)")
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture={architecture!r}; choose from {', '.join(ARCHITECTURES)}")
         if not 0 < k <= d_sae:
             raise ValueError(f"k={k} must be between 1 and d_sae={d_sae}")
         self.d_in, self.d_sae, self.k, self.tied = d_in, d_sae, k, tied
@@ -64,6 +72,12 @@ class TopKSAE(nn.Module):
         self.decoder_weight = nn.Parameter(directions.clone()) if tied == "init" else None
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.architecture, self.prefixes = architecture, prefixes
+        if architecture != "topk":  # BatchTopK, Matryoshka: one moving threshold; JumpReLU: learned, one per latent
+            self.threshold = nn.Parameter(torch.zeros(d_sae), requires_grad=architecture == "jumprelu")
+        if architecture == "jumprelu":  # the L0 penalty's weight, steered to the target L0 k (training state)
+            self.l0_coef = nn.Parameter(torch.ones(()), requires_grad=False)
+            self.bandwidth = nn.Parameter(torch.ones(()), requires_grad=False)  # the STE's kernel width
         self.encode_chunk: int | None = ENCODE_CHUNK  # rows per pre-activation chunk on CPU (None: all)
         self.kernels = kernels or Kernels()  # which fast paths compute it (all exact; the training config's)
 
@@ -89,7 +103,12 @@ class TopKSAE(nn.Module):
         return torch.addmm(self.b_enc, x - self.b_dec, self.encoder_weight.T)
 
     def encode_topk(self, x: torch.Tensor) -> SparseCode:
-        """The k kept latents per vector: values [batch, k] (after ReLU) and their indices."""
+        """The k kept latents per vector: values [batch, k] (after ReLU) and their indices. A threshold family's
+        vectors keep different numbers: [batch, the most any vector keeps], padded with zeros."""
+        if self.architecture != "topk":
+            z = self.encode(x)
+            values, indices = z.topk(max(1, int((z > 0).sum(-1).max())) if len(z) else 1, dim=-1)
+            return SparseCode(values, indices)
         return self._topk(x, self.k)[0]
 
     def _topk(self, x, k, dead: torch.Tensor | None = None, aux_k: int = 0):
@@ -160,6 +179,9 @@ class TopKSAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense latents z [batch, d_sae] (zeros except the k kept), as SAELens' ``encode``."""
+        if self.architecture != "topk":
+            pre = self.preacts(x)
+            return torch.relu(pre) * (pre > self.threshold)
         code = self.encode_topk(x)
         return torch.zeros(x.shape[0], self.d_sae, dtype=code.values.dtype, device=x.device).scatter_(
             1, code.indices, code.values)
@@ -169,6 +191,8 @@ class TopKSAE(nn.Module):
         return z @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.architecture != "topk":
+            return self.decode(self.encode(x))
         return self.decode_topk(self.encode_topk(x))
 
     def forward_train(self, x: torch.Tensor, dead: torch.Tensor | None = None, aux_k: int = 0) -> TrainOutput:
@@ -191,11 +215,34 @@ class TopKSAE(nn.Module):
         if self.decoder_weight is not None:
             self.decoder_weight /= self.decoder_weight.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
+    @torch.no_grad()
+    def fit_scale(self, x: torch.Tensor) -> float:
+        """Scale the encoder so the first reconstruction of the sample x is the least-squares best
+        (chapter 03, *The start*; b_enc must still be 0). Returns the factor applied to the encoder."""
+        from helpers.sae.loss import least_squares_scale
+
+        if self.architecture == "topk":
+            r = self.forward(x) - self.b_dec
+        else:  # the threshold families start from the BatchTopK code (homogeneous in the scale too)
+            from helpers.sae.loss import batchtopk_code
+
+            r = batchtopk_code(self.preacts(x), self.k) @ self.W_dec
+        s = least_squares_scale(x - self.b_dec, r)
+        if s <= 0 or not math.isfinite(s):
+            return 1.0  # no positive scale improves on it (the code anti-aligned with the sample): keep
+        factor = s if self.decoder_weight is not None else math.sqrt(s)  # tied throughout: s^2 r
+        self.encoder_weight.mul_(factor)
+        return factor
+
     # --- saving, in a layout SAELens' SAE.load_from_disk reads ---------------------------
     def config(self) -> dict:
+        """SAELens' fields: a TopK SAE is its ``topk``; the others encode as its ``jumprelu`` (``family`` says how
+        the SAE was trained; ``k`` is a BatchTopK's mean L0 or a JumpReLU's target)."""
+        family = {} if self.architecture == "topk" else {"family": self.architecture, "prefixes": self.prefixes}
         return {
-            "architecture": "topk", "d_in": self.d_in, "d_sae": self.d_sae, "k": self.k,
-            "activation_fn_kwargs": {"k": self.k}, "apply_b_dec_to_input": True,
+            "architecture": "topk" if self.architecture == "topk" else "jumprelu", **family,
+            "d_in": self.d_in, "d_sae": self.d_sae, "k": self.k,
+            "activation_fn_kwargs": {"k": self.k} if self.architecture == "topk" else {}, "apply_b_dec_to_input": True,
             "normalize_activations": "none", "dtype": "float32", "device": "cpu", "tied": self.tied,
         }
 
@@ -211,6 +258,8 @@ class TopKSAE(nn.Module):
 
         directory = Path(directory)
         tensors = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
+        if self.architecture != "topk":
+            tensors["threshold"] = self.threshold
         # copies: W_enc and W_dec of a tied SAE are one tensor, which safetensors will not write twice
         data = save_bytes({k: v.detach().float().cpu().clone(memory_format=torch.contiguous_format)
                            for k, v in tensors.items()})
@@ -235,10 +284,14 @@ class TopKSAE(nn.Module):
             raise ValueError(f"{cfg_path} is not readable JSON ({e}); {fix}") from e
         if not isinstance(cfg, dict):
             raise ValueError(f"{cfg_path} holds a JSON {type(cfg).__name__}, not an SAE config object; {fix}")
-        if cfg.get("architecture") != "topk":
-            raise ValueError(f"{cfg_path}: architecture {cfg.get('architecture')!r}, not 'topk'; this loader reads "
-                             f"TopK SAEs only")
-        k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+        if cfg.get("architecture") not in ("topk", "jumprelu"):
+            raise ValueError(f"{cfg_path}: architecture {cfg.get('architecture')!r}; this loader reads 'topk' and "
+                             f"'jumprelu' SAEs (every family chapter 03 trains)")
+        family = cfg.get("family", "jumprelu") if cfg["architecture"] == "jumprelu" else "topk"
+        if family not in ARCHITECTURES or (family == "topk") != (cfg["architecture"] == "topk"):
+            raise ValueError(f"{cfg_path}: family {family!r} with architecture {cfg['architecture']!r}; a topk SAE has "
+                             f"no family, the others one of {', '.join(ARCHITECTURES[1:])}; {fix}")
+        k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or (1 if family != "topk" else None)
         sizes = {"d_in": cfg.get("d_in"), "d_sae": cfg.get("d_sae"), "k": k}
         bad = [f"{key}={value!r}" for key, value in sizes.items()
                if isinstance(value, bool) or not isinstance(value, int) or value < 1]
@@ -255,6 +308,8 @@ class TopKSAE(nn.Module):
                              f"{fix}") from e
         d_in, d_sae = sizes["d_in"], sizes["d_sae"]
         shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+        if family != "topk":
+            shapes["threshold"] = (d_sae,)
         wrong = [f"{key} {tuple(tensors[key].shape) if key in tensors else 'missing'} (want {shape})"
                  for key, shape in shapes.items() if key not in tensors or tuple(tensors[key].shape) != shape]
         if wrong:
@@ -265,8 +320,10 @@ class TopKSAE(nn.Module):
                              f"a damaged file); {fix}")
         if tied == "full" and not torch.equal(tensors["W_enc"].T, tensors["W_dec"]):
             raise ValueError(f"{directory} says tied='full' but its W_enc is not W_dec^T; {fix}")
-        sae = cls(d_in, d_sae, k, tied)
+        sae = cls(d_in, d_sae, k, tied, architecture=family, prefixes=int(cfg.get("prefixes", 4)))
         with torch.no_grad():
+            if family != "topk":
+                sae.threshold.copy_(tensors["threshold"])
             sae.encoder_weight.copy_(tensors["W_enc"].T)
             if sae.decoder_weight is not None:
                 sae.decoder_weight.copy_(tensors["W_dec"])

@@ -32,7 +32,9 @@ from helpers.files import (CFG_FILE, CHECKPOINT, METRICS, TRAIN_RECORD, append_j
 from helpers.progress import progress
 from helpers.sae.adam import Adam
 from helpers.sae.checkpoint import data_record, load_checkpoint, save_checkpoint
+from helpers.sae import families
 from helpers.sae.loss import fvu, geometric_median, normalized_mse, training_loss
+from helpers.sae.memory import check_memory, memory_estimate
 from helpers.sae.model import TopKSAE
 from helpers.sae.source import open_source, split_holdout
 
@@ -102,11 +104,11 @@ def _train(cfg: TrainConfig) -> Path:
         raise ValueError(f"the held-out vectors of {info['source']} (its last {len(held)} rows) hold NaN or infinite "
                          "numbers; remove those rows from the vectors and train again")
     out = Path(cfg.out)
-    d_sae = cfg.sae.expansion * arrays[0].shape[1]
+    d_sae = cfg.sae.latents or cfg.sae.expansion * arrays[0].shape[1]
     if cfg.sae.k > d_sae:
-        raise ValueError(f"--k {cfg.sae.k} exceeds the {d_sae} latents (--expansion {cfg.sae.expansion} x width "
+        raise ValueError(f"--k {cfg.sae.k} exceeds the {d_sae} latents (--latents, or --expansion {cfg.sae.expansion} x width "
                          f"{arrays[0].shape[1]}); lower --k or raise --expansion")
-    _check_memory(cfg, arrays[0].shape[1], d_sae, device)
+    check_memory(cfg, arrays[0].shape[1], d_sae, device)
     with clock("init"):
         state = _start(cfg, out, train_arrays, d_sae, device, rank, data_record(info))
     lr = state.opt.lr
@@ -170,7 +172,8 @@ def _start(cfg: TrainConfig, out: Path, arrays, d_sae: int, device: torch.device
     if ckpt.exists() and not cfg.resume:
         raise FileExistsError(f"{out} already holds a training checkpoint; pass --resume to continue it "
                               "or choose another --out")
-    sae = TopKSAE(arrays[0].shape[1], d_sae, cfg.sae.k, cfg.sae.tied, seed=cfg.seed, kernels=cfg.kernels).to(device)
+    sae = TopKSAE(arrays[0].shape[1], d_sae, cfg.sae.k, cfg.sae.tied, seed=cfg.seed, kernels=cfg.kernels,
+                  architecture=cfg.sae.architecture, prefixes=cfg.sae.prefixes).to(device)
     state = _State(sae, Adam(sae.parameters(), cfg.lr or default_lr(d_sae)),
                    torch.zeros(d_sae, dtype=torch.long, device=device))
     if cfg.resume and ckpt.exists():
@@ -178,7 +181,11 @@ def _start(cfg: TrainConfig, out: Path, arrays, d_sae: int, device: torch.device
         log.info("resuming %s at %d vectors", out, state.seen)
     else:
         with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(random_rows(arrays, 16384, cfg.seed).to(device)))
+            sample = random_rows(arrays, 16384, cfg.seed).to(device)
+            sae.b_dec.copy_(geometric_median(sample))
+        sae.fit_scale(sample[:4096])
+        if cfg.sae.architecture != "topk":
+            families.start(sae, sample[:4096])
     if rank == 0 and (out / METRICS).exists():  # records past the checkpoint are made again
         kept = [r for r in read_jsonl(out / METRICS) if r["step"] <= state.step]
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
@@ -194,19 +201,27 @@ def _step(cfg: TrainConfig, state: _State, x: torch.Tensor) -> _Step:
     sae = state.sae
     dead = state.since_fired >= min(cfg.dead_after, max(state.seen, 1))
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
-        out = sae.forward_train(x, dead, cfg.sae.aux_k)
+        out = sae.forward_train(x, dead, cfg.sae.aux_k) if sae.architecture == "topk" else families.forward_train(sae, x)
     x_hat = out.x_hat.float()
-    aux = None if out.aux_recon is None else out.aux_recon.float()
-    total, loss, aux_loss = training_loss(x, x_hat, aux, cfg.sae.aux_coef)
+    if sae.architecture == "topk":
+        aux = None if out.aux_recon is None else out.aux_recon.float()
+        total, loss, aux_loss = training_loss(x, x_hat, aux, cfg.sae.aux_coef)
+    else:
+        total, loss, aux_loss = out.total.float(), out.loss.float(), None
     state.opt.zero_grad(set_to_none=True)
     total.backward()
     distributed.average_gradients(sae.parameters())  # under torchrun: the global batch's gradient
     sae.remove_radial_grad()
     state.opt.step()
     sae.normalize_decoder()
+    if sae.architecture != "topk":
+        families.after_step(sae, out)
     # latents that fired in this batch (on any rank): counted without a boolean index, which syncs a GPU
-    fired = torch.zeros(sae.d_sae, device=x.device).index_add_(0, out.code.indices.flatten(),
-                                                              (out.code.values > 0).flatten().float())
+    if out.code.indices is None:  # a threshold family's dense code
+        fired = (out.code.values > 0).any(0).float()
+    else:
+        fired = torch.zeros(sae.d_sae, device=x.device).index_add_(0, out.code.indices.flatten(),
+                                                                  (out.code.values > 0).flatten().float())
     if distributed.world()[1] > 1:
         distributed.all_reduce(fired, "max")
     state.since_fired += cfg.batch_size
@@ -232,56 +247,6 @@ def _log(out: Path, state: _State, result: _Step, lr: float, vectors_per_s: floa
     return record
 
 
-def memory_estimate(d_in: int, d_sae: int, k: int = 32, batch: int = 4096, tied: str = "full", *, aux_k: int = 0,
-                    cuda: bool = False, encode_chunk: int | None = None, store_rows: int = 0) -> dict[str, int]:
-    """Bytes one training process needs, by part (the largest transient buffers included).
-
-    weights ``P = d_sae*d_in*m + d_sae + d_in`` floats, m = 1 (tied full) or 2 (tied init):
-    parameters, gradients and Adam's two moments are 4P floats, plus one transient
-    [d_sae, d_in] gradient term in the backward pass (on CUDA also a bf16 weight copy and the
-    dense [batch, d_sae] float32 coefficients of the weight gradient, ``kernels.scatter_rows``).
-    Pre-activations: one dense [rows, d_sae] buffer, rows = batch on CUDA (bf16) or
-    ``encode_chunk`` on CPU (float32). Per-batch tensors: about 8 [batch, d_in] float32s and
-    the kept latents' values and indices. The device store: rows*d_in float16.
-    """
-    m = 1 if tied == "full" else 2
-    params = d_sae * d_in * m + d_sae + d_in
-    rows = batch if (cuda or not encode_chunk) else min(encode_chunk, batch)
-    return {
-        "weights, gradients, Adam": 4 * params * 4,
-        "backward transient": d_sae * d_in * 4 + (d_sae * d_in * m * 2 + batch * d_sae * 4 if cuda else 0),
-        "pre-activations": rows * d_sae * (2 if cuda else 4),
-        "batch tensors": 8 * batch * d_in * 4 + batch * (k + aux_k) * (4 + 8) * 3,
-        "device store": store_rows * d_in * 2,
-    }
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Memory free for a training on ``device``: the GPU's free memory, or the host's MemAvailable (Linux), else
-    None (unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def _check_memory(cfg: TrainConfig, d_in: int, d_sae: int, device: torch.device) -> None:
-    """Refuse, before allocating, a training that the memory estimate says cannot fit (``--expansion 4096`` once
-    ended in the allocator's own error)."""
-    from helpers.sae.model import ENCODE_CHUNK
-
-    need = sum(memory_estimate(d_in, d_sae, cfg.sae.k, cfg.batch_size, cfg.sae.tied, aux_k=cfg.sae.aux_k,
-                               cuda=device.type == "cuda", encode_chunk=ENCODE_CHUNK).values())
-    free = available_bytes(device)
-    if free is not None and need > 0.9 * free:
-        raise MemoryError(f"this training needs about {need / 2**30:.1f} GiB ({d_sae} latents x {d_in} channels, batch "
-                          f"{cfg.batch_size}) but {free / 2**30:.1f} GiB is free on {device}; lower --expansion or "
-                          "--batch-size")
-
-
 def _batches(cfg: TrainConfig, arrays, device: torch.device, d_sae: int, start: int = 0):
     """The training stream from vector ``start`` on: from the memmaps on disk, or from a copy of all
     vectors on the device. On CUDA the disk stream is read ahead by a background thread while each
@@ -293,7 +258,7 @@ def _batches(cfg: TrainConfig, arrays, device: torch.device, d_sae: int, start: 
     mode = cfg.store
     if mode != "disk" and device.type == "cuda":
         need = sum(memory_estimate(d, d_sae, cfg.sae.k, cfg.batch_size, cfg.sae.tied, aux_k=cfg.sae.aux_k, cuda=True,
-                                   store_rows=rows).values())
+                                   store_rows=rows, dense=cfg.sae.architecture != "topk").values())
         free = torch.cuda.mem_get_info(device)[0]
         if need > 0.9 * free:
             if mode == "device":

@@ -29,6 +29,7 @@ DELEGATED = {
     "book": ("run.book", "execute the notebooks in a profile and build the Jupyter Book"),
     "export": ("run.export", "write helpers/ modules from the chapters' #| export cells (--check: only compare)"),
     "verify": ("data.store", "check a harvest's store: every shard against its record, the manifest and its checksums"),
+    "sweep": ("run.sweep", "train one layer's SAE for every family at several L0s and seeds, and evaluate each"),
     "publish": ("run.publish", "upload an SAE directory to the Hugging Face hub with a model card (--dry-run: only write it)"),
 }
 

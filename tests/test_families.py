@@ -55,7 +55,8 @@ def test_training_loss_and_gradients_are_the_chapters_equations(architecture, ti
     total.backward()
     torch.testing.assert_close(out.total, total)
     torch.testing.assert_close(out.x_hat, x_hat)
-    torch.testing.assert_close(out.code.values, z.detach())
+    dense = torch.zeros_like(z).scatter_add_(1, out.code.indices, out.code.values)  # the sparse code, spread out
+    torch.testing.assert_close(dense, z.detach())
     for name, p in sae.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -174,3 +175,19 @@ def test_a_family_resumes_as_if_never_stopped(tmp_path, architecture):
 def test_aux_k_with_a_threshold_family_is_refused_by_name():
     with pytest.raises(ValueError, match="AuxK"):
         SaeConfig(architecture="jumprelu", aux_k=16)
+
+
+def test_batchtopk_selection_is_exact_when_one_vector_needs_more_than_its_first_candidates():
+    """One vector carries most of the batch's large pre-activations (more than CANDIDATES x k of them): the
+    selection widens its candidates until it provably holds the batch's k x batch largest."""
+    from helpers.sae.loss import batchtopk_code
+
+    sae = _randomised("batchtopk", d_sae=256, k=4)
+    x = torch.randn(32, 12, generator=torch.Generator().manual_seed(6)) * 0.1
+    x[3] = 5 * sae.encoder_weight[:40].sum(0)  # row 3 lights up ~40+ latents strongly
+    x_c = x - sae.b_dec
+    idx, keep, values = families.batchtopk_select(sae, x_c)
+    got = torch.zeros(32, 256).scatter_add_(1, idx, torch.relu(values) * keep)
+    want = batchtopk_code(sae.preacts(x).detach(), 4)
+    assert int((want[3] > 0).sum()) > families.CANDIDATES * 4  # the case this test is about
+    torch.testing.assert_close(got, want)

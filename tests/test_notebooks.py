@@ -10,7 +10,7 @@ from helpers.run.book import notebooks
 
 CHAPTERS = ["01_inceptionv1_branches", "02_harvesting", "03_training", "04_branch_specialization", "05_circuits",
             "06_umap", "07_feature_visualization", "08_feature_explorer", "09_comparing_saes"]
-FIGURES = {"01_inceptionv1_branches": 1, "02_harvesting": 2, "03_training": 2, "04_branch_specialization": 6,
+FIGURES = {"01_inceptionv1_branches": 1, "02_harvesting": 2, "03_training": 3, "04_branch_specialization": 6,
            "05_circuits": 2, "06_umap": 4, "08_feature_explorer": 1, "09_comparing_saes": 2}
 
 
@@ -125,3 +125,24 @@ def test_pages_hold_no_progress_bars_log_lines_or_warnings(smoke_book, name):
         assert "application/vnd.jupyter.widget-view+json" not in data, data.get("text/plain")  # a tqdm.notebook bar
         text = str(data) + output.get("text", "")
         assert ".venv" not in text and "Traceback" not in text and "Warning:" not in text, text[:300]
+
+
+def test_the_smoke_book_sweeps_every_family_and_sparsity(smoke_book):
+    """Chapter 03's sweep: an SAE per family and L0 in the run, each evaluated; TopK keeps exactly k latents per
+    vector, BatchTopK and Matryoshka k on average over a batch (held out: near k), and the files say their family."""
+    from helpers.run.profiles import get_profile
+    from helpers.run.sweep import EVALUATION, FAMILIES
+
+    p = get_profile("smoke")
+    folder = smoke_book["run"] / "sweep" / p.sweep_layer
+    for family in FAMILIES:
+        for k in p.sweep_l0:
+            d = folder / f"{family}-k{k}-s0"
+            record = json.loads((d / EVALUATION).read_text())
+            cfg = json.loads((d / "cfg.json").read_text())
+            assert cfg.get("family", cfg["architecture"]) == family
+            assert record["FVU"] < 1 and 0 < record["KL recovered (zero)"] <= 1 + 1e-9, (family, k, record)
+            if family == "topk":
+                assert record["L0"] == k
+            elif family != "jumprelu":
+                assert 0.5 * k <= record["L0"] <= 1.5 * k, (family, k, record["L0"])

@@ -46,6 +46,7 @@ def test_an_exact_sae_keeps_the_network(model, random_model, x):
         if name.startswith("SAE"):
             assert r["top-1 agreement"] == 1.0 and abs(r["KL"]) < 1e-4 * rows["zeros (floor)"]["KL"], (name, r)
             assert r["KL recovered"] == pytest.approx(1, abs=1e-3)
+            assert r["KL recovered (zero)"] == pytest.approx(1, abs=1e-3)
     assert rows["zeros (floor)"]["KL"] > 0 and rows["mean vector (floor)"]["KL"] > 0  # the floors change the network
 
 
@@ -57,6 +58,8 @@ def test_an_empty_sae_is_the_zero_ablation_and_the_mean_floor_is_what_it_says(mo
             p.zero_()
     rows = by_case(spliced_evaluation(model, "mixed4b", empty, x, slices))
     assert rows["SAE reconstruction"]["KL"] == pytest.approx(rows["zeros (floor)"]["KL"], rel=1e-5)
+    # the field's convention: the empty SAE recovers nothing against zero ablation
+    assert rows["SAE reconstruction"]["KL recovered (zero)"] == pytest.approx(0, abs=1e-5)
     # the mean floor by hand: the layer's mean vector over images and positions, in place of its output
     with torch.no_grad():
         clean = model(x)

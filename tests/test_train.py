@@ -297,3 +297,10 @@ def test_non_finite_or_constant_held_out_vectors_are_named_not_printed_as_number
     from helpers.sae.train import varies
 
     assert varies(torch.from_numpy(x[:100]).nan_to_num()) and not varies(torch.ones(10, 4))
+
+
+def test_a_training_called_under_no_grad_still_learns(tmp_path, vectors):
+    """An evaluation that trains what it needs may run inside torch.no_grad(); the training turns gradients on."""
+    with torch.no_grad():
+        out = train(small(vectors, tmp_path / "s"))
+    assert json.loads((out / "train.json").read_text())["final_fvu"] is not None

@@ -45,7 +45,8 @@ def spliced_evaluation(model, layer: str, sae, x: torch.Tensor, slices: dict) ->
         kl = (clean.exp() * (clean - q)).sum(dim=1).mean()
         rows.append({"layer": layer, "spliced in": name, "top-1 agreement": float((q.argmax(1) == clean.argmax(1)).float().mean()),
                      "KL": float(kl)})
-    floor = next(r["KL"] for r in rows if r["spliced in"] == "mean vector (floor)")
+    floors = {name: next(r["KL"] for r in rows if r["spliced in"] == f"{name} (floor)") for name in ("mean vector", "zeros")}
     for r in rows:
-        r["KL recovered"] = 1 - r["KL"] / floor if floor > 0 else float("nan")
+        r["KL recovered"] = 1 - r["KL"] / floors["mean vector"] if floors["mean vector"] > 0 else float("nan")
+        r["KL recovered (zero)"] = 1 - r["KL"] / floors["zeros"] if floors["zeros"] > 0 else float("nan")
     return rows

@@ -10,7 +10,6 @@ its manifest, the one record of what was made.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -19,46 +18,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save
 
 from helpers.analysis import branches, circuits, embed, labels
 from helpers.analysis.examples import Examples, cell_colours, example_passes
 from helpers.analysis.featviz import cache_path, render_features, sae_id
 from helpers.analysis.image_features import ImageProbe
-from helpers.analysis.spliced import spliced_evaluation
 from helpers.config import HarvestConfig
 from helpers.data.harvest import harvest
 from helpers.data.images import ImageList, load_image
 from helpers.data.inception import (LayerCapture, architecture_slices, class_names, is_stand_in, load_model,
                                     model_input_from_uint8)
-from helpers.data.store import ActivationStore, Manifest, read_manifest
-from helpers.files import (CFG_FILE, CHECKPOINT, EXAMPLES, EXAMPLES_CHECKPOINT, FEATURE_STATS, MANIFEST, SPLICED,
-                           atomic_write, write_json, write_npy)
+from helpers.data.store import Manifest, read_manifest
+from helpers.files import CFG_FILE, CHECKPOINT, EXAMPLES, EXAMPLES_CHECKPOINT, MANIFEST, write_json, write_npy
 from helpers.run.author import AuthorSAEMissing, fetch_author_sae
+from helpers.run.evaluations import Evaluations
+from helpers.run.memo import made_once
 from helpers.run.profiles import ROOT, Profile, Settings, get_profile, smoke_images
-from helpers.sae.model import TopKSAE, check_input_scale, firing_stats
+from helpers.sae.model import TopKSAE, check_input_scale
 from helpers.sae.train import train
 from helpers.show import atlas, explorer
 
-FEATURE_STATS_VECTORS = 500_000  # harvested vectors a feature's firing frequency is counted on
 LABEL_EXAMPLES = 8  # top examples a feature's automatic labels are read from
 
 
-def made_once(method):
-    """Make the artifact on the first call with these arguments; return the same object after."""
-
-    @functools.wraps(method)
-    def cached(self, *args):
-        key = (method.__name__, *args)
-        if key not in self._made:
-            self._made[key] = method(self, *args)
-        return self._made[key]
-
-    return cached
-
-
 @dataclass(eq=False)
-class Run:
+class Run(Evaluations):
     """Where a profile's artifacts live, what produced them, and a method that makes each."""
 
     profile: Profile
@@ -275,32 +259,10 @@ class Run:
         return TopKSAE.load(directory)
 
     @made_once
-    def spliced(self, layer: str) -> list[dict]:
-        """Chapter 03's spliced-in evaluation of the layer's SAE, kept as ``spliced.json`` beside it (the model
-        card of ``python -m helpers publish`` reports it)."""
-        path = self.sae_dir(layer) / SPLICED
-        if not path.exists():
-            rows = spliced_evaluation(self.model(), layer, self.sae(layer), self.model_inputs(self.profile.spliced_images),
-                                      self.slices(layer))
-            write_json(path, {"images": self.profile.spliced_images, "rows": rows})
-        return json.loads(path.read_text())["rows"]
-
-    @made_once
     def slices(self, layer: str) -> dict[str, tuple[int, int]]:
         """The layer's branch slices, as the SAE's cfg.json records them."""
         recorded = self.sae(layer).metadata.get("branch_slices")
         return {b: tuple(s) for b, s in recorded.items()} if recorded else architecture_slices(layer)
-
-    @made_once
-    def feature_stats(self, layer: str) -> dict[str, np.ndarray]:
-        """Each feature's firing frequency and strength on the harvested vectors (kept beside the SAE)."""
-        path = self.sae_dir(layer) / FEATURE_STATS
-        if not path.exists():
-            vectors = ActivationStore(self.harvest(), layer).load(FEATURE_STATS_VECTORS)
-            batches = (torch.from_numpy(vectors[i:i + 8192].astype(np.float32)) for i in range(0, len(vectors), 8192))
-            data = save({k: v.numpy() for k, v in firing_stats(self.sae(layer), batches).items()})
-            atomic_write(path, lambda f: f.write(data))
-        return load_file(path)
 
     # --- what the features are (chapters 04-08) ------------------------------------------------------
     @made_once
@@ -365,7 +327,8 @@ class Run:
         return atlas.LayerView(layer, analysis, self.examples(layer), self.labels(layer), self.umap(layer).coords,
                                self.neighbours(layer), self.images(), {f: p for f, p in rendered.items() if p.exists()},
                                self.spliced(layer), pixels, atlas.image_records(self.probe(layer), pixels),
-                               self.sae_origin(layer))
+                               self.sae_origin(layer), self.sae(layer).metadata.get("held_out") or {},
+                               self.coherence(layer)["summary"])
 
     @made_once
     def atlas(self) -> Path:
@@ -392,3 +355,4 @@ def open_run(profile: str | None = None, run_dir: str | None = None, saes: str |
     if opened.book_build:  # the pages carry the banner and the watermarks; log lines would only clutter them
         logging.getLogger("helpers").setLevel(logging.ERROR)
     return opened
+

@@ -119,7 +119,8 @@ def rectangle(u: torch.Tensor) -> torch.Tensor:
 
 
 class JumpReLU(torch.autograd.Function):
-    """p H(p - theta); d/dp = H(p - theta), d/dtheta = -(theta / eps) K((p - theta) / eps).
+    """p H(p - theta); d/dp = H(p - theta), d/dtheta = -(theta / eps) K((p - theta) / eps) (summed to theta's shape:
+    theta [d_sae] against p [batch, d_sae], or one theta per entry).
 
     Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
     """
@@ -134,7 +135,7 @@ class JumpReLU(torch.autograd.Function):
     def backward(ctx, grad):
         pre, theta = ctx.saved_tensors
         g_theta = -(theta / ctx.eps) * rectangle((pre - theta) / ctx.eps) * grad
-        return grad * (pre > theta), g_theta.sum(0), None
+        return grad * (pre > theta), g_theta.sum_to_size(theta.shape), None
 
 
 class Step(torch.autograd.Function):
@@ -152,7 +153,7 @@ class Step(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pre, theta = ctx.saved_tensors
-        return None, (-(1 / ctx.eps) * rectangle((pre - theta) / ctx.eps) * grad).sum(0), None
+        return None, (-(1 / ctx.eps) * rectangle((pre - theta) / ctx.eps) * grad).sum_to_size(theta.shape), None
 
 
 def jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, theta: torch.Tensor, eps: float):
@@ -173,3 +174,17 @@ def least_squares_scale(x_c: torch.Tensor, r: torch.Tensor) -> float:
     """
     rr = float(r.double().pow(2).sum())
     return float((x_c.double() * r.double()).sum()) / rr if rr > 0 else 1.0
+
+
+def reconstruction_stats(x: torch.Tensor, x_hat: torch.Tensor, l0: torch.Tensor) -> dict[str, float]:
+    """The held-out measures beside FVU, as dictionary_learning reports them; ``l0`` [n] counts each vector's
+    active latents.
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+    x, x_hat = x.double(), x_hat.double()
+    dot, xh2 = (x * x_hat).sum(-1), x_hat.pow(2).sum(-1)
+    return {"L0": float(l0.double().mean()), "FVU": float(fvu(x_hat, x)),
+            "cosine": float((dot / (x.norm(dim=-1) * x_hat.norm(dim=-1)).clamp_min(1e-12)).mean()),
+            "L2 ratio": float((x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).mean()),
+            "relative reconstruction bias": float(xh2.mean() / dot.mean())}

@@ -18,7 +18,8 @@ backward pass touches only their rows of W_enc and W_dec.
 
 The other families (chapter 03, *Other SAE families*: BatchTopK, Matryoshka, JumpReLU) are the same
 class with ``architecture`` set: a per-latent ``threshold`` [d_sae] that encodes them once trained
-(``z = ReLU(p) [p > threshold]``, SAELens' jumprelu), trained densely by ``helpers.sae.families``.
+(``z = ReLU(p) [p > threshold]``, SAELens' jumprelu), trained by ``helpers.sae.families`` on the same sparse
+machinery.
 """
 
 from __future__ import annotations

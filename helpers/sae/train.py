@@ -33,7 +33,7 @@ from helpers.progress import progress
 from helpers.sae.adam import Adam
 from helpers.sae.checkpoint import data_record, load_checkpoint, save_checkpoint
 from helpers.sae import families
-from helpers.sae.loss import fvu, geometric_median, normalized_mse, training_loss
+from helpers.sae.loss import fvu, geometric_median, normalized_mse, reconstruction_stats, training_loss
 from helpers.sae.memory import check_memory, memory_estimate
 from helpers.sae.model import TopKSAE
 from helpers.sae.source import open_source, split_holdout
@@ -87,6 +87,7 @@ def train(cfg: TrainConfig) -> Path:
         return _train(cfg)
 
 
+@torch.enable_grad()  # also when called inside torch.no_grad() (an evaluation that trains what it needs)
 def _train(cfg: TrainConfig) -> Path:
     """The steps: open the vectors, start (or resume) the SAE, then step, log and checkpoint until the budget is
     spent, then save."""
@@ -217,11 +218,8 @@ def _step(cfg: TrainConfig, state: _State, x: torch.Tensor) -> _Step:
     if sae.architecture != "topk":
         families.after_step(sae, out)
     # latents that fired in this batch (on any rank): counted without a boolean index, which syncs a GPU
-    if out.code.indices is None:  # a threshold family's dense code
-        fired = (out.code.values > 0).any(0).float()
-    else:
-        fired = torch.zeros(sae.d_sae, device=x.device).index_add_(0, out.code.indices.flatten(),
-                                                                  (out.code.values > 0).flatten().float())
+    fired = torch.zeros(sae.d_sae, device=x.device).index_add_(0, out.code.indices.flatten(),
+                                                              (out.code.values > 0).flatten().float())
     if distributed.world()[1] > 1:
         distributed.all_reduce(fired, "max")
     state.since_fired += cfg.batch_size
@@ -300,15 +298,18 @@ def _finish(out, state, cfg, info, held, lr, last_record, device, clock: _Clock,
     from helpers.data.inception import RANDOM_WARNING, is_random
 
     sae, seen = state.sae, state.seen
-    held_fvu = held_nmse = None
+    held_fvu = held_nmse = measures = None
     with clock("evaluation"), torch.no_grad():
         fvu_on = f"{len(held)} held-out vectors"
         if len(held):
             x = torch.from_numpy(np.array(held, dtype=np.float32)).to(device)
-            x_hat = sae(x)
+            codes = [sae.encode_topk(x[i:i + 4096]) for i in range(0, len(x), 4096)]
+            x_hat = torch.cat([sae.decode_topk(code) for code in codes])
+            l0 = torch.cat([(code.values > 0).sum(-1) for code in codes])
             held_nmse = normalized_mse(x_hat, x).item()
             if varies(x):
                 held_fvu = fvu(x_hat, x).item()
+                measures = reconstruction_stats(x, x_hat, l0)
             else:  # a fraction of no variance is no number: say so rather than print 3e6
                 fvu_on = f"undefined: the {len(held)} held-out vectors do not vary (their variance is below " \
                          "float32's resolution)"
@@ -323,6 +324,7 @@ def _finish(out, state, cfg, info, held, lr, last_record, device, clock: _Clock,
         "warning": RANDOM_WARNING if weights_id and is_random(weights_id) else None,
         "source": info["source"], "vectors_seen": seen, "final_fvu": held_fvu, "final_nmse": held_nmse,
         "final_fvu_on": fvu_on, "dead_fraction": dead_fraction,
+        "held_out": None if measures is None else {**measures, "dead fraction": dead_fraction},
         "dead_after": cfg.dead_after, "lr": lr, "expansion": cfg.sae.expansion, "helpers_version": __version__,
         "input_scale": info["input_scale"],  # the images' convention (None for --vectors: unknown)
     }
@@ -352,8 +354,10 @@ def summary(sae_dirs: dict[str, Path]) -> list[dict]:
     for layer, d in sae_dirs.items():
         cfg = json.loads((Path(d) / CFG_FILE).read_text())
         meta = cfg.get("metadata", {})
-        rows.append({"layer": layer, "d_in": cfg["d_in"], "latents": cfg["d_sae"], "k": cfg["k"],
-                     "tied": cfg["tied"], "vectors seen": meta.get("vectors_seen"),
+        held = meta.get("held_out") or {}
+        rows.append({"layer": layer, "family": cfg.get("family", cfg["architecture"]), "d_in": cfg["d_in"],
+                     "latents": cfg["d_sae"], "k": cfg["k"], "tied": cfg["tied"], "vectors seen": meta.get("vectors_seen"),
                      "held-out FVU": meta.get("final_fvu"), "held-out NMSE": meta.get("final_nmse"),
+                     **{name: held.get(name) for name in ("L0", "cosine", "L2 ratio", "relative reconstruction bias")},
                      "dead fraction": meta.get("dead_fraction")})
     return rows

@@ -54,6 +54,8 @@ class LayerView:
     image_pixels: list = dataclasses.field(default_factory=list)  # the images the atlas looks into (uint8 [224, 224, 3])
     image_records: list[dict] = dataclasses.field(default_factory=list)  # ``image_records`` of them
     origin: str = ""  # whose SAE this is: the author's file, or trained here (and why)
+    measures: dict = dataclasses.field(default_factory=dict)  # the SAE's held-out measures (cfg.json metadata.held_out)
+    coherence: dict = dataclasses.field(default_factory=dict)  # chapter 03's spatial coherence summary
 
 
 def _save_jpeg(img: Image.Image, path: Path) -> None:
@@ -203,7 +205,8 @@ def write_layer_atlas(folder: Path, view: LayerView, note: str = "") -> Path:
         r["crops"] = [(i % strips_per_row) * (CROP * CROPS + GAP), (i // strips_per_row) * (CROP + GAP)]
     page = fill(TEMPLATE.read_text(), {
         "LAYER": html.escape(view.layer), "LAYER_JS": script_json(view.layer),
-        "NOTE": html.escape(note) + origin_line(view.origin) + spliced_summary(view.spliced),
+        "NOTE": html.escape(note) + origin_line(view.origin) + spliced_summary(view.spliced)
+                + measures_line(view.measures, view.coherence),
         "DENSITY": density_svg(view.analysis.frequency), "DATA": script_json(records),
         "IMAGES": script_json(view.image_records), "GAP": str(GAP), "COLOURS": script_json(BRANCH_COLOURS),
         "BRANCHES": script_json(list(BRANCHES)), "CHANCE": script_json([round(float(v), 3) for v in view.analysis.shuffled.mean]), "THUMB": str(THUMB), "CROP": str(CROP), "NCROPS": str(CROPS),
@@ -224,7 +227,20 @@ def spliced_summary(rows: list[dict]) -> str:
         return ""
     return (f"<div class='spliced'>Spliced in (this layer's output replaced by the SAE's reconstruction): top-1 "
             f"agreement with the network {whole['top-1 agreement']:.2f}, KL {whole['KL']:.3g}, KL recovered "
-            f"{whole['KL recovered']:.2f} against the mean-vector floor (chapter 03).</div>")
+            f"{whole['KL recovered']:.2f} against the mean-vector floor, "
+            f"{whole.get('KL recovered (zero)', float('nan')):.2f} against zero ablation (the field's convention; "
+            f"chapter 03).</div>")
+
+
+def measures_line(measures: dict, coherence: dict) -> str:
+    """One line of the layer header: the SAE's held-out measures and its features' spatial coherence (chapter 03)."""
+    parts = [f"{name} {measures[name]:.3g}" for name in ("L0", "FVU", "cosine", "L2 ratio", "relative reconstruction bias",
+                                                        "dead fraction") if isinstance(measures.get(name), (int, float))]
+    if coherence.get("features measured"):
+        moran = coherence["mean Moran's I"]
+        parts.append(f"Moran's I {moran:.2f} (shuffled {coherence['shuffled positions']:.2f}; "
+                     f"{coherence['above the shuffled 99th percentile']:.0%} of features above its 99th percentile)")
+    return f"<div class='measures'>Held out: {html.escape(', '.join(parts))} (chapter 03).</div>" if parts else ""
 
 
 def write_atlas(folder: Path, views: list[LayerView], note: str = "") -> Path:

@@ -289,3 +289,33 @@ def paper_figure(number: int, analyses: dict, highlights=None, controls: dict | 
         highlights = highlights(layer)
     return branch_fraction_figure(a, branch, highlights, title=f"Figure {number}: {layer}, {branch} branch",
                                   control=(controls or {}).get(layer))
+
+
+FAMILY_COLOURS = {"topk": "#222222", "batchtopk": "#1f77b4", "matryoshka": "#2ca02c", "jumprelu": "#d62728"}
+
+
+def frontier_figure(rows: list[dict], layer: str) -> go.Figure:
+    """Chapter 03's families sweep: FVU and KL recovered (zero ablation) against the measured L0, and the 5x5
+    branch's specialised features over chance, for each family (a line through the seeds' means, a point per
+    SAE)."""
+    panels = [("FVU", "held-out FVU (lower is better)"), ("KL recovered (zero)", "KL recovered, zero ablation"),
+              ("5x5 specialised / chance", "5x5-specialised features / chance")]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in panels], horizontal_spacing=0.08)
+    for family in dict.fromkeys(r["family"] for r in rows):
+        mine = [r for r in rows if r["family"] == family and r["L0"] is not None]
+        ks = sorted({r["k"] for r in mine})
+        for col, (key, _) in enumerate(panels, 1):
+            values = [r[key] for r in mine]
+            fig.add_scatter(x=[r["L0"] for r in mine], y=values, mode="markers", row=1, col=col, showlegend=False,
+                            marker=dict(color=FAMILY_COLOURS.get(family), size=6, opacity=0.6), name=family,
+                            hovertext=[f"{family}, k {r['k']}, seed {r['seed']}" for r in mine])
+            means = [(np.mean([r["L0"] for r in mine if r["k"] == k]), np.mean([r[key] for r in mine if r["k"] == k]))
+                     for k in ks]
+            fig.add_scatter(x=[m[0] for m in means], y=[m[1] for m in means], mode="lines", row=1, col=col,
+                            line=dict(color=FAMILY_COLOURS.get(family)), name=family, showlegend=col == 1,
+                            legendgroup=family)
+    fig.add_hline(y=1, line=dict(color="#999999", dash="dot"), row=1, col=3)
+    fig.update_xaxes(title="L0 (held out)", type="log")
+    fig.update_layout(height=380, title=f"{layer}: SAE families and sparsities", legend=dict(orientation="h", y=-0.25),
+                      margin=dict(l=40, r=10, t=70, b=60))
+    return fig

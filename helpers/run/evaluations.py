@@ -1,0 +1,55 @@
+"""What an SAE keeps and how it behaves, as chapter 03 measures it: the spliced-in evaluation, the spatial
+coherence of its features and their firing statistics, each kept in a file beside the SAE. A part of the run
+(``artifacts.Run`` inherits it; ``self`` gives the run's model, SAEs, harvest and images)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save
+
+from helpers.analysis.coherence import coherence_summary, spatial_coherence
+from helpers.analysis.spliced import spliced_evaluation
+from helpers.data.store import ActivationStore
+from helpers.files import COHERENCE, FEATURE_STATS, SPLICED, atomic_write, write_json
+from helpers.run.memo import made_once
+from helpers.sae.model import firing_stats
+
+FEATURE_STATS_VECTORS = 500_000  # harvested vectors a feature's firing frequency is counted on
+
+
+class Evaluations:
+    @made_once
+    def spliced(self, layer: str) -> list[dict]:
+        """Chapter 03's spliced-in evaluation of the layer's SAE, kept as ``spliced.json`` beside it (the model
+        card of ``python -m helpers publish`` reports it)."""
+        path = self.sae_dir(layer) / SPLICED
+        if not path.exists():
+            rows = spliced_evaluation(self.model(), layer, self.sae(layer), self.model_inputs(self.profile.spliced_images),
+                                      self.slices(layer))
+            write_json(path, {"images": self.profile.spliced_images, "rows": rows})
+        return json.loads(path.read_text())["rows"]
+
+    @made_once
+    def coherence(self, layer: str) -> dict:
+        """Chapter 03's spatial coherence of the layer's SAE features on the spliced-in images, kept as
+        ``coherence.json`` beside it: per feature (``moran``, ``shuffled``, ``maps``) and a ``summary``."""
+        path = self.sae_dir(layer) / COHERENCE
+        if not path.exists():
+            c = spatial_coherence(self.model(), layer, self.sae(layer), self.model_inputs(self.profile.spliced_images))
+            write_json(path, {"images": self.profile.spliced_images, "summary": coherence_summary(c),
+                              **{k: [None if v != v else round(float(v), 5) for v in c[k].tolist()] for k in c}})
+        return json.loads(path.read_text())
+
+    @made_once
+    def feature_stats(self, layer: str) -> dict[str, np.ndarray]:
+        """Each feature's firing frequency and strength on the harvested vectors (kept beside the SAE)."""
+        path = self.sae_dir(layer) / FEATURE_STATS
+        if not path.exists():
+            vectors = ActivationStore(self.harvest(), layer).load(FEATURE_STATS_VECTORS)
+            batches = (torch.from_numpy(vectors[i:i + 8192].astype(np.float32)) for i in range(0, len(vectors), 8192))
+            data = save({k: v.numpy() for k, v in firing_stats(self.sae(layer), batches).items()})
+            atomic_write(path, lambda f: f.write(data))
+        return load_file(path)

@@ -11,7 +11,7 @@ from browser import chromium, js_errors, screenshot
 from helpers.run.profiles import ROOT
 
 MATH = {"nbs/03_training": 3, "nbs/04_branch_specialization": 3}  # at least this many typeset formulas
-FIGURES = {"nbs/01_inceptionv1_branches": 1, "nbs/02_harvesting": 2, "nbs/03_training": 2,
+FIGURES = {"nbs/01_inceptionv1_branches": 1, "nbs/02_harvesting": 2, "nbs/03_training": 3,
            "nbs/04_branch_specialization": 6, "nbs/05_circuits": 2, "nbs/06_umap": 4, "nbs/08_feature_explorer": 1,
            "nbs/09_comparing_saes": 2}
 

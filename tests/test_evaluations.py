@@ -76,3 +76,51 @@ def test_spatial_coherence_tells_a_smooth_feature_from_a_scattered_one(monkeypat
     assert c["maps"].tolist() == [16, 16]
     summary = coherence_summary(c)
     assert summary["features measured"] == 2 and summary["above the shuffled 99th percentile"] == 0.5
+
+
+def test_a_planted_class_feature_is_the_best_one_sparse_probe():
+    """Among 60 noise columns, column 7 is driven by the class: it ranks first, its 1-sparse probe is near perfect,
+    and a probe on noise alone is near chance."""
+    import numpy as np
+
+    from helpers.analysis.probing import probe_classes, rank_columns, sparse_probe
+
+    rng = np.random.default_rng(0)
+    classes = rng.integers(0, 3, 600)
+    X = rng.normal(size=(600, 60)).astype(np.float32)
+    X[:, 7] += 3.0 * (classes == 1)
+    y = classes == 1
+    assert rank_columns(X, y)[0] == 7
+    got = sparse_probe(X, y)
+    assert got["best"] == 7 and got["k=1"] > 0.9
+    noise = sparse_probe(np.delete(X, 7, axis=1), y)
+    assert 0.35 < noise["k=1"] < 0.65
+    rows = probe_classes({"SAE features": X}, np.r_[classes[:-5], [5] * 5], names=[f"c{i}" for i in range(6)],
+                         min_images=10)
+    assert {r["class"] for r in rows} == {"c0", "c1", "c2"}  # class 5 has only 5 images: not probed
+    assert next(r for r in rows if r["class"] == "c1")["best"] == 7
+
+
+def test_max_pooling_takes_each_images_strongest_position(monkeypatch):
+    import numpy as np
+
+    from helpers.analysis import probing
+
+    g = torch.Generator().manual_seed(3)
+    acts = torch.rand(5, 6, 4, 4, generator=g)
+
+    class Fake:
+        def __init__(self, model, layers):
+            pass
+
+        def __call__(self, x):
+            return {"mixed4a": acts[x.long().flatten()]}
+
+    monkeypatch.setattr(probing, "LayerCapture", Fake)
+    sae = TopKSAE(6, 24, 3, "full", seed=0)
+    pooled = probing.max_pooled(None, "mixed4a", sae, torch.arange(5.0)[:, None], batch=2)
+    np.testing.assert_allclose(pooled["neurons"], acts.amax(dim=(2, 3)).numpy())
+    with torch.no_grad():
+        want = torch.stack([sae.encode(acts[i].reshape(6, -1).T).amax(0) for i in range(5)]).numpy()
+    np.testing.assert_allclose(pooled["SAE features"], want, rtol=1e-5)
+    assert pooled["random directions"].shape == (5, 24)

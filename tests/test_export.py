@@ -19,13 +19,14 @@ def test_the_chapters_define_the_papers_computations():
     """Each definition a reader looks for lives in the chapter that presents it, exported to its layer."""
     where = {c.module: c.path.stem for c in export.chapters()}
     assert where == {"data.sampling": "02_harvesting", "sae.loss": "03_training", "analysis.spliced": "03_training",
-                     "analysis.coherence": "03_training", "analysis.branches": "04_branch_specialization", "analysis.circuits": "05_circuits",
+                     "analysis.coherence": "03_training", "analysis.probing": "03_training", "analysis.branches": "04_branch_specialization", "analysis.circuits": "05_circuits",
                      "analysis.embed": "06_umap", "analysis.selection": "07_feature_visualization",
                      "analysis.image_features": "08_feature_explorer", "analysis.compare": "09_comparing_saes"}
     defined = {"data.sampling": ["select_positions"],
                "sae.loss": ["topk_sae", "normalized_mse", "training_loss", "least_squares_scale", "batchtopk_sae",
                             "threshold_sae", "matryoshka_loss", "jumprelu_sae", "reconstruction_stats"],
                "analysis.coherence": ["morans_i", "spatial_coherence", "coherence_summary"],
+               "analysis.probing": ["max_pooled", "rank_columns", "sparse_probe", "probe_classes"],
                "analysis.spliced": ["reconstruct_positions", "spliced_evaluation"],
                "analysis.branches": ["fraction_in_branch", "baseline", "analyse_branches"],
                "analysis.circuits": ["ablation_edges", "attribution", "circuit_graph"],
@@ -67,7 +68,7 @@ def test_a_chapter_edit_is_caught_until_the_module_is_regenerated(tmp_path):
     nbs, package = tmp_path / "nbs", tmp_path / "helpers"
     shutil.copytree(export.NOTEBOOKS, nbs)
     package.mkdir()
-    assert len(export.export(nbs, package)) == 10  # all written into the empty package
+    assert len(export.export(nbs, package)) == 11  # all written into the empty package
     assert export.export(nbs, package, check=True) == []
     path = nbs / "04_branch_specialization.ipynb"
     nb = json.loads(path.read_text())

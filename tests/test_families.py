@@ -191,3 +191,47 @@ def test_batchtopk_selection_is_exact_when_one_vector_needs_more_than_its_first_
     want = batchtopk_code(sae.preacts(x).detach(), 4)
     assert int((want[3] > 0).sum()) > families.CANDIDATES * 4  # the case this test is about
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "jumprelu"])
+def test_the_books_analyses_work_on_a_family_sae(smoke_book, tmp_path, architecture):
+    """A family's SAE in place of the smoke run's mixed4c SAE (from chapter 03's sweep): the branch analysis,
+    the dataset examples, the spliced-in evaluation, the spatial coherence and the atlas page are made from it,
+    and its examples are what its own encoding of the network's activations gives."""
+    import shutil
+
+    from helpers.analysis.branches import fraction_in_branch
+    from helpers.data.inception import LayerCapture
+    from helpers.run.artifacts import open_run
+    from helpers.run.profiles import get_profile
+    from helpers.show import atlas
+
+    source = open_run("smoke", run_dir=str(smoke_book["run"]))
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "harvest").symlink_to(smoke_book["run"] / "harvest")
+    for layer in ("mixed4b", "mixed4c", "mixed4d"):
+        found = smoke_book["run"] / "sweep" / "mixed4c" / f"{architecture}-k16-s0" if layer == "mixed4c" \
+            else source.sae_dir(layer)
+        (root / "saes" / layer).mkdir(parents=True)
+        for name in ("cfg.json", "sae_weights.safetensors"):
+            shutil.copy(found / name, root / "saes" / layer / name)
+    run = open_run("smoke", run_dir=str(root))
+    sae = run.sae("mixed4c")
+    assert sae.architecture == architecture and get_profile("smoke").sweep_layer == "mixed4c"
+    a = run.branches("mixed4c")
+    np.testing.assert_allclose(a.fractions, fraction_in_branch(sae.decoder_directions.detach(), run.slices("mixed4c")),
+                               rtol=1e-6)
+    ex = run.examples("mixed4c")
+    f = int(np.argmax(ex.top_value[:, 0]))
+    image, y, x = int(ex.top_image[f, 0]), int(ex.top_y[f, 0]), int(ex.top_x[f, 0])
+    with torch.no_grad():
+        acts = LayerCapture(run.model(), ["mixed4c"])(run.model_inputs(image + 1)[image:image + 1])["mixed4c"]
+        want = float(sae.encode(acts[0, :, y, x][None])[0, f])
+    assert float(ex.top_value[f, 0]) == pytest.approx(want, rel=1e-4)
+    whole = next(r for r in run.spliced("mixed4c") if r["spliced in"] == "SAE reconstruction")
+    assert 0 <= whole["top-1 agreement"] <= 1 and np.isfinite(whole["KL recovered (zero)"])
+    assert run.coherence("mixed4c")["summary"]["features measured"] > 0
+    page = atlas.write_layer_atlas(tmp_path / "atlas", run.view("mixed4c"))
+    text = __import__("html").unescape(page.read_text())
+    assert "Moran's I" in text and "relative reconstruction bias" in text

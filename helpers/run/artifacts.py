@@ -167,17 +167,18 @@ class Run(Evaluations):
             write_npy(path, np.stack(colours).astype(np.float32))
         return np.load(path)
 
-    def first_images(self, n_images: int) -> list[np.ndarray]:
-        """The first ``n_images`` harvested images (uint8 [224, 224, 3]), those the harvest skipped left out."""
+    def first_images(self, n_images: int, start: int = 0) -> list[np.ndarray]:
+        """The first ``n_images`` harvested images (uint8 [224, 224, 3]), those the harvest skipped left out (from
+        the ``start``-th of them on)."""
         manifest = self.manifest()
         skipped = {s[0] for s in manifest.skipped}
-        paths = [p for i, p in enumerate(manifest.images["paths"]) if i not in skipped][:n_images]
+        paths = [p for i, p in enumerate(manifest.images["paths"]) if i not in skipped][start:n_images]
         return [load_image(Path(p)) for p in paths]
 
-    def model_inputs(self, n_images: int) -> torch.Tensor:
-        """The network's input [n, 3, 224, 224] for the first ``n_images`` harvested images, in the harvest's
-        input convention."""
-        pixels = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image in self.first_images(n_images)])
+    def model_inputs(self, n_images: int, start: int = 0) -> torch.Tensor:
+        """The network's input [n, 3, 224, 224] for the first ``n_images`` harvested images (from the ``start``-th
+        on), in the harvest's input convention."""
+        pixels = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image in self.first_images(n_images, start)])
         return model_input_from_uint8(pixels, self.input_scale)
 
     def layer_activations(self, layers, n_images: int) -> dict[str, torch.Tensor]:

@@ -11,13 +11,17 @@ import torch
 from safetensors.numpy import load_file, save
 
 from helpers.analysis.coherence import coherence_summary, spatial_coherence
+from helpers.analysis.probing import max_pooled, probe_classes
 from helpers.analysis.spliced import spliced_evaluation
 from helpers.data.store import ActivationStore
-from helpers.files import COHERENCE, FEATURE_STATS, SPLICED, atomic_write, write_json
+from helpers.data.images import imagenet_classes
+from helpers.files import COHERENCE, FEATURE_STATS, PROBING, SPLICED, atomic_write, write_json
 from helpers.run.memo import made_once
 from helpers.sae.model import firing_stats
 
 FEATURE_STATS_VECTORS = 500_000  # harvested vectors a feature's firing frequency is counted on
+PROBE_MIN_IMAGES = 10  # a class is probed when it has this many of the probe images (and as many others)
+PROBE_CHUNK = 64  # images per pass of the probing's max-pooling
 
 
 class Evaluations:
@@ -53,3 +57,28 @@ class Evaluations:
             data = save({k: v.numpy() for k, v in firing_stats(self.sae(layer), batches).items()})
             atomic_write(path, lambda f: f.write(data))
         return load_file(path)
+
+    @made_once
+    def probing(self, layer: str) -> list[dict]:
+        """Chapter 03's sparse probing of the layer's SAE on the profile's first ``probe_images`` harvested images,
+        kept as ``probing.json`` beside it (rows of ``probe_classes``)."""
+        path = self.sae_dir(layer) / PROBING
+        if not path.exists():
+            n = self.profile.probe_images
+            manifest = self.manifest()
+            skipped = {s[0] for s in manifest.skipped}
+            classes = [c for i, c in enumerate(self.images().classes) if i not in skipped][:n]
+            counts = np.bincount([c for c in classes if c >= 0], minlength=1)
+            if not ((counts >= PROBE_MIN_IMAGES) & (len(classes) - counts >= PROBE_MIN_IMAGES)).any():
+                write_json(path, {"images": len(classes), "rows": []})  # no class to probe: no pass either
+                return []
+            parts = [max_pooled(self.model(), layer, self.sae(layer), self.model_inputs(min(n, s + PROBE_CHUNK), s))
+                     for s in range(0, min(n, len(classes)), PROBE_CHUNK)]
+            pooled = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            names = [label for _, label in imagenet_classes()]
+            write_json(path, {"images": len(classes), "rows": probe_classes(pooled, classes[:len(pooled["neurons"])],
+                                                                            names, min_images=PROBE_MIN_IMAGES)})
+        return json.loads(path.read_text())["rows"]
+
+    def probing_min_images(self) -> int:
+        return PROBE_MIN_IMAGES

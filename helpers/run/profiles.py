@@ -39,6 +39,7 @@ class Profile:
     figure1_per_branch: int = 2  # features per layer and branch in figure 1's all-branch grid
     figure1_per_layer: int = 6  # features in figure 1's panel of each layer (the paper's branch)
     spliced_images: int = 64  # images of chapter 03's spliced-in evaluation
+    probe_images: int = 2000  # images of chapter 03's sparse probing (the first harvested; their classes)
     # chapter 03's families sweep of one layer (``python -m helpers sweep``); in the book build only where asked
     sweep_layer: str = "mixed4c"
     sweep_l0: tuple[int, ...] = (16, 32, 64, 128)
@@ -68,7 +69,7 @@ PROFILES = {
                      HarvestConfig(images="sample-or-generated", weights="random", max_images=64, batch_size=16),
                      _train(24_576, batch_size=1024, sae=SaeConfig(expansion=4, k=16)), FeatvizConfig(steps=4, size=64),
                      circuit_images=4, circuit_sources=48, figure1_per_branch=1,
-                     figure1_per_layer=4, spliced_images=8, sweep_l0=(8, 16, 32, 64), sweep_seeds=(0,),
+                     figure1_per_layer=4, spliced_images=8, probe_images=64, sweep_l0=(8, 16, 32, 64), sweep_seeds=(0,),
                      sweep_in_book=True),
     "colab": Profile("colab", "a first look on Colab, in minutes: real weights, the paper author's published SAEs, "
                               "the ImageNet sample (1,000 images, one per class, 398 of them animals)",

@@ -6,7 +6,8 @@ of the network or of one SAE.
                             [--l0 16,32,64,128] [--seeds 0,1]
 
 Each SAE goes to ``<run>/sweep/<layer>/<family>-k<L0>-s<seed>/`` with its ``evaluation.json``; an SAE or an
-evaluation already there is reused (an interrupted sweep resumes). Per SAE: the held-out L0 and FVU (its
+evaluation already there is reused (an interrupted sweep resumes; a training's checkpoint is deleted once its SAE
+is evaluated). Per SAE: the held-out L0 and FVU (its
 ``cfg.json``), the spliced-in KL recovered against zero ablation and against the mean (chapter 03), and the
 branch specialisation of its decoder vectors (chapter 04): for each branch, the features specialised to it
 over the count expected by chance.
@@ -53,6 +54,7 @@ def sweep(run, layer: str | None = None, families=FAMILIES, l0s=None, seeds=None
         directory = run.run_dir / "sweep" / layer / f"{family}-k{k}-s{seed}"
         if not (directory / EVALUATION).exists():
             write_json(directory / EVALUATION, evaluate(run, layer, _trained(run, layer, directory, family, k, seed)))
+            (directory / CHECKPOINT).unlink(missing_ok=True)  # done: the optimizer's state is 3x the SAE on disk
         rows.append({"family": family, "k": k, "seed": seed, **json.loads((directory / EVALUATION).read_text())})
     return rows
 
@@ -77,9 +79,8 @@ def _trained(run, layer, directory, family: str, k: int, seed: int) -> TopKSAE:
 def evaluate(run, layer: str, sae: TopKSAE) -> dict:
     """The sweep's measures of one SAE (each defined in chapters 03 and 04)."""
     held = sae.metadata.get("held_out") or {}
-    spliced = {r["spliced in"]: r for r in spliced_evaluation(run.model(), layer, sae,
-                                                              run.model_inputs(run.profile.spliced_images),
-                                                              run.slices(layer))}
+    spliced = {r["spliced in"]: r for r in spliced_evaluation(run.model(), layer, sae,  # whole layer only: {} branches
+                                                              run.model_inputs(run.profile.spliced_images), {})}
     vectors = ActivationStore(run.harvest(), layer).load(FREQUENCY_VECTORS)
     batches = (torch.from_numpy(vectors[i:i + 8192].astype(np.float32)) for i in range(0, len(vectors), 8192))
     with torch.no_grad():

@@ -24,6 +24,7 @@ CHECKPOINT, METRICS, TRAIN_RECORD = "checkpoint.safetensors", "metrics.jsonl", "
 MANIFEST, HARVEST_LOG = "manifest.json", "harvest.jsonl"
 FEATURE_STATS, EXAMPLES = "feature_stats.safetensors", "examples.safetensors"
 SPLICED = "spliced.json"  # beside an SAE: chapter 03's spliced-in evaluation of it
+ABSORPTION = "absorption.json"  # beside an SAE: chapter 03's feature absorption along the class hierarchy
 PROBING = "probing.json"  # beside an SAE: chapter 03's sparse probing of its features
 COHERENCE = "coherence.json"  # beside an SAE: chapter 03's spatial coherence (Moran's I) of its features
 EXAMPLES_CHECKPOINT = "examples.partial.safetensors"  # in the run directory: an interrupted example pass

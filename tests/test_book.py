@@ -58,6 +58,7 @@ def test_pages_load_and_draw_their_figures_without_js_errors(smoke_book, browser
         assert broken == [], f"{page}: images not loaded {broken}"
         assert js_errors(browser) == [], page
         assert browser.execute_script("return document.querySelector('h1') !== null"), page
+        assert "default_exp" not in browser.execute_script("return document.querySelector('main').innerText"), page
         if page in MATH:  # MathJax from the book's own files has typeset the formulas: no raw TeX left
             deadline = time.time() + 10
             while time.time() < deadline and not browser.execute_script(

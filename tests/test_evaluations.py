@@ -124,3 +124,44 @@ def test_max_pooling_takes_each_images_strongest_position(monkeypatch):
         want = torch.stack([sae.encode(acts[i].reshape(6, -1).T).amax(0) for i in range(5)]).numpy()
     np.testing.assert_allclose(pooled["SAE features"], want, rtol=1e-5)
     assert pooled["random directions"].shape == (5, 24)
+
+
+def test_a_planted_absorption_is_found_along_the_hierarchy():
+    """Classes 0, 1, 2 are dogs, 3 a cat (all animals), 4 a car. Feature 0 fires on dogs 0 and 1 but not on dog 2,
+    whose own feature 5 fires instead: the dog feature is 0, its recall 2/3, dog 2 is absorbed (a third of the dogs'
+    images). "animal" (four classes) is measured too; "thing" (all five) has no negatives and is left out."""
+    import numpy as np
+
+    from helpers.analysis.probing import absorption
+
+    rng = np.random.default_rng(1)
+    classes = np.repeat(np.arange(5), 20)
+    X = np.where(rng.random((100, 12)) < 0.15, rng.random((100, 12)) * 0.2, 0.0)
+    X[:, [0, 5, 9]] = 0.0
+    X[classes <= 1, 0] = 1 + rng.random(40)
+    X[classes == 2, 5] = 1 + rng.random(20)
+    X[classes == 3, 9] = 1 + rng.random(20)
+    ancestors = {0: ["dog", "animal", "thing"], 1: ["dog", "animal", "thing"], 2: ["dog", "animal", "thing"],
+                 3: ["cat", "animal", "thing"], 4: ["car", "thing"]}
+    rows = {r["parent"]: r for r in absorption(X, classes, ancestors, names=list("ABCDE"), min_images=10)}
+    assert set(rows) == {"dog", "animal"}
+    dog = rows["dog"]
+    assert dog["feature"] == 0 and dog["recall"] == pytest.approx(2 / 3, abs=1e-3)
+    assert dog["absorbed children"] == ["C"] and dog["absorption rate"] == pytest.approx(1 / 3, abs=1e-3)
+    # no absorption where the parent's feature covers every child
+    X2 = X.copy()
+    X2[classes == 2, 0] = 1.0
+    again = {r["parent"]: r for r in absorption(X2, classes, ancestors, names=list("ABCDE"))}
+    assert again["dog"]["absorbed children"] == [] and again["dog"]["recall"] == 1.0
+    assert again["animal"]["absorbed children"] == ["D"]  # the cat's own feature covers what the animal feature misses
+
+
+def test_the_class_hierarchy_is_wordnets_or_a_named_download():
+    from helpers.data.hierarchy import HierarchyUnavailable, class_ancestors
+
+    try:
+        found = class_ancestors([207])  # golden retriever
+    except HierarchyUnavailable as e:
+        assert "python -m nltk.downloader wordnet" in str(e)
+        return
+    assert any(name.startswith("dog (n02084071)") for name in found[207])

@@ -26,7 +26,7 @@ def test_the_chapters_define_the_papers_computations():
                "sae.loss": ["topk_sae", "normalized_mse", "training_loss", "least_squares_scale", "batchtopk_sae",
                             "threshold_sae", "matryoshka_loss", "jumprelu_sae", "reconstruction_stats"],
                "analysis.coherence": ["morans_i", "spatial_coherence", "coherence_summary"],
-               "analysis.probing": ["max_pooled", "rank_columns", "sparse_probe", "probe_classes"],
+               "analysis.probing": ["max_pooled", "rank_columns", "sparse_probe", "probe_classes", "absorption"],
                "analysis.spliced": ["reconstruct_positions", "spliced_evaluation"],
                "analysis.branches": ["fraction_in_branch", "baseline", "analyse_branches"],
                "analysis.circuits": ["ablation_edges", "attribution", "circuit_graph"],

@@ -73,3 +73,13 @@ def test_an_empty_sae_is_the_zero_ablation_and_the_mean_floor_is_what_it_says(mo
     assert rows["mean vector (floor)"]["KL"] == pytest.approx(kl, rel=1e-4)
     assert rows["mean vector (floor)"]["KL recovered"] == pytest.approx(0, abs=1e-9)
     assert rows["mean vector (floor)"]["top-1 agreement"] == (q.argmax(1) == clean.argmax(1)).float().mean().item()
+
+
+def test_floors_measured_once_give_the_same_rows(model, random_model, x):
+    """A sweep measures the floors once and hands them to every later SAE: the rows are the ones made from scratch."""
+    sae = exact_sae(512)
+    first = spliced_evaluation(model, "mixed4c", sae, x, {})
+    floors = [r for r in first if r["spliced in"].endswith("(floor)")]
+    again = spliced_evaluation(model, "mixed4c", sae, x, {}, floors)
+    key = lambda rows: sorted((r["spliced in"], round(r["KL"], 12), round(r["KL recovered (zero)"], 9)) for r in rows)
+    assert key(again) == key(first) and len(again) == 3

@@ -81,3 +81,40 @@ def probe_classes(pooled: dict[str, np.ndarray], classes, names=None, ks=(1, 5, 
             rows.append({"class": names[c] if names else int(c), "images": int(y.sum()), "basis": kind,
                          **sparse_probe(X, y, ks, seed)})
     return rows
+
+
+def absorption(X: np.ndarray, classes, ancestors: dict, names=None, min_images: int = 10) -> list[dict]:
+    """Per parent concept (a key of the classes' ``ancestors`` lists, nearest first, shared by two or more classes
+    with ``min_images`` images each, not by all): its best single feature of ``X`` [images, features] (max-pooled),
+    the feature's recall on the parent's images, its absorption rate and the absorbed child classes.
+
+    Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
+    """
+    classes = np.asarray(classes)
+    kept = [c for c in sorted(set(classes[classes >= 0].tolist())) if (classes == c).sum() >= min_images]
+    parents = {}
+    for c in kept:
+        for a in ancestors.get(c, []):
+            parents.setdefault(a, set()).add(c)
+    seen, rows = set(), []
+    for parent, children in sorted(parents.items(), key=lambda p: (-len(p[1]), str(p[0]))):
+        key = frozenset(children)
+        if len(children) < 2 or len(children) == len(kept) or key in seen:
+            continue  # one child (no hierarchy), every class (no negatives), or the same classes as a nearer parent
+        seen.add(key)
+        y = np.isin(classes, list(children))
+        f = int(rank_columns(X, y)[0])
+        fires = X[:, f] > 0
+        absorbed, covered = [], 0
+        for c in sorted(children):
+            mine = classes == c
+            missed = mine & ~fires
+            own = int(rank_columns(X, mine)[0])
+            hit = int((missed & (X[:, own] > 0)).sum())
+            covered += hit if own != f else 0
+            if missed.sum() >= 0.5 * mine.sum() and own != f and hit >= 0.5 * missed.sum():
+                absorbed.append(names[c] if names else int(c))
+        rows.append({"parent": parent, "children": len(children), "images": int(y.sum()), "feature": f,
+                     "recall": round(float(fires[y].mean()), 3), "absorption rate": round(covered / int(y.sum()), 3),
+                     "absorbed children": absorbed})
+    return rows

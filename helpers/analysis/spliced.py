@@ -19,10 +19,11 @@ def reconstruct_positions(sae, acts: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def spliced_evaluation(model, layer: str, sae, x: torch.Tensor, slices: dict) -> list[dict]:
+def spliced_evaluation(model, layer: str, sae, x: torch.Tensor, slices: dict, floors: list[dict] | None = None) -> list[dict]:
     """Top-1 agreement with the clean network and KL(clean || spliced) on ``x``, for the SAE's reconstruction
     spliced in at ``layer`` (all channels, then each branch of ``slices`` alone, the other channels kept) and
     for two floors: the layer zeroed and replaced by its mean vector (over ``x``'s images and positions).
+    ``floors``: the floors' rows, already measured on the same ``x`` (a sweep of many SAEs of one layer).
 
     Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
     """
@@ -38,7 +39,9 @@ def spliced_evaluation(model, layer: str, sae, x: torch.Tensor, slices: dict) ->
              **{f"SAE, {b} branch only": (lambda s=s: branch_only(s)) for b, s in slices.items()},
              "zeros (floor)": lambda: torch.zeros_like(acts),
              "mean vector (floor)": lambda: acts.mean(dim=(0, 2, 3), keepdim=True).expand_as(acts).clone()}
-    rows = []
+    rows = [{k: r[k] for k in ("layer", "spliced in", "top-1 agreement", "KL")} for r in floors or []]
+    for name in (r["spliced in"] for r in rows):
+        del cases[name]
     for name, make in cases.items():
         replaced = make()
         q = spliced_log_probs(model, layer, x, lambda _: replaced)

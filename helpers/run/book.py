@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -152,7 +153,7 @@ def stage(executed: list[Path], banner: str, src: Path, atlas: Path | None = Non
     for page in (src / "book").glob("*.md"):
         page.write_text(_with_banner(page.read_text(), banner))
     for nb in executed:
-        shutil.copy(nb, src / "nbs" / nb.name)
+        _without_markers(nb, src / "nbs" / nb.name)
     (src / "extra").mkdir()
     if atlas is not None and Path(atlas).is_dir():
         shutil.copytree(atlas, src / "extra" / "atlas")
@@ -162,6 +163,19 @@ def stage(executed: list[Path], banner: str, src: Path, atlas: Path | None = Non
     (static / "mathjax").mkdir()
     shutil.copy(mathjax_file(), static / "mathjax" / "tex-svg.js")
     return src
+
+
+def _without_markers(notebook: Path, dest: Path) -> None:
+    """Copy an executed chapter, its bare ``#| default_exp MODULE`` cells tagged away (the export's marker, not
+    something a reader of the book needs to see; the downloaded notebook keeps them)."""
+    nb = json.loads(notebook.read_text())
+    for cell in nb["cells"]:
+        text = "".join(cell.get("source", "")).strip()
+        if cell["cell_type"] == "code" and text.startswith("#| default_exp") and "\n" not in text:
+            tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+            if "remove-cell" not in tags:
+                tags.append("remove-cell")
+    dest.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
 def mathjax_file() -> Path:

@@ -5,20 +5,23 @@ coherence of its features and their firing statistics, each kept in a file besid
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save
 
 from helpers.analysis.coherence import coherence_summary, spatial_coherence
-from helpers.analysis.probing import max_pooled, probe_classes
+from helpers.analysis.probing import absorption, max_pooled, probe_classes
 from helpers.analysis.spliced import spliced_evaluation
 from helpers.data.store import ActivationStore
+from helpers.data.hierarchy import HierarchyUnavailable, class_ancestors
 from helpers.data.images import imagenet_classes
-from helpers.files import COHERENCE, FEATURE_STATS, PROBING, SPLICED, atomic_write, write_json
+from helpers.files import ABSORPTION, COHERENCE, FEATURE_STATS, PROBING, SPLICED, atomic_write, write_json
 from helpers.run.memo import made_once
 from helpers.sae.model import firing_stats
 
+log = logging.getLogger(__name__)
 FEATURE_STATS_VECTORS = 500_000  # harvested vectors a feature's firing frequency is counted on
 PROBE_MIN_IMAGES = 10  # a class is probed when it has this many of the probe images (and as many others)
 PROBE_CHUNK = 64  # images per pass of the probing's max-pooling
@@ -64,20 +67,50 @@ class Evaluations:
         kept as ``probing.json`` beside it (rows of ``probe_classes``)."""
         path = self.sae_dir(layer) / PROBING
         if not path.exists():
-            n = self.profile.probe_images
-            manifest = self.manifest()
-            skipped = {s[0] for s in manifest.skipped}
-            classes = [c for i, c in enumerate(self.images().classes) if i not in skipped][:n]
+            classes = self._probe_classes()
             counts = np.bincount([c for c in classes if c >= 0], minlength=1)
             if not ((counts >= PROBE_MIN_IMAGES) & (len(classes) - counts >= PROBE_MIN_IMAGES)).any():
                 write_json(path, {"images": len(classes), "rows": []})  # no class to probe: no pass either
                 return []
-            parts = [max_pooled(self.model(), layer, self.sae(layer), self.model_inputs(min(n, s + PROBE_CHUNK), s))
-                     for s in range(0, min(n, len(classes)), PROBE_CHUNK)]
-            pooled = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            pooled = self._pooled(layer)
             names = [label for _, label in imagenet_classes()]
             write_json(path, {"images": len(classes), "rows": probe_classes(pooled, classes[:len(pooled["neurons"])],
                                                                             names, min_images=PROBE_MIN_IMAGES)})
+        return json.loads(path.read_text())["rows"]
+
+    def _probe_classes(self) -> list[int]:
+        """The ImageNet classes of the profile's probe images (the first harvested, skipped ones left out)."""
+        skipped = {s[0] for s in self.manifest().skipped}
+        return [c for i, c in enumerate(self.images().classes) if i not in skipped][:self.profile.probe_images]
+
+    @made_once
+    def _pooled(self, layer: str) -> dict[str, np.ndarray]:
+        """``max_pooled`` over the probe images, a chunk at a time."""
+        n = len(self._probe_classes())
+        parts = [max_pooled(self.model(), layer, self.sae(layer), self.model_inputs(min(n, s + PROBE_CHUNK), s))
+                 for s in range(0, n, PROBE_CHUNK)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    @made_once
+    def absorption(self, layer: str) -> list[dict] | None:
+        """Chapter 03's feature absorption along WordNet's is-a relation on the probe images, kept as
+        ``absorption.json`` beside the SAE; None where WordNet is not on this machine."""
+        path = self.sae_dir(layer) / ABSORPTION
+        if not path.exists():
+            classes = self._probe_classes()
+            counts = np.bincount([c for c in classes if c >= 0], minlength=1)
+            kept = np.flatnonzero(counts >= PROBE_MIN_IMAGES)
+            if len(kept) < 2:
+                write_json(path, {"images": len(classes), "rows": []})  # no two classes to relate: no pass either
+                return []
+            try:
+                ancestors = class_ancestors(kept)
+            except HierarchyUnavailable as e:
+                log.warning("%s", e)
+                return None
+            names = [label for _, label in imagenet_classes()]
+            rows = absorption(self._pooled(layer)["SAE features"], classes, ancestors, names, PROBE_MIN_IMAGES)
+            write_json(path, {"images": len(classes), "rows": rows})
         return json.loads(path.read_text())["rows"]
 
     def probing_min_images(self) -> int:

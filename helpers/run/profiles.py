@@ -69,7 +69,7 @@ PROFILES = {
                      HarvestConfig(images="sample-or-generated", weights="random", max_images=64, batch_size=16),
                      _train(24_576, batch_size=1024, sae=SaeConfig(expansion=4, k=16)), FeatvizConfig(steps=4, size=64),
                      circuit_images=4, circuit_sources=48, figure1_per_branch=1,
-                     figure1_per_layer=4, spliced_images=8, probe_images=64, sweep_l0=(8, 16, 32, 64), sweep_seeds=(0,),
+                     figure1_per_layer=4, spliced_images=8, probe_images=64, sweep_l0=(8, 16, 32), sweep_seeds=(0,),
                      sweep_in_book=True),
     "colab": Profile("colab", "a first look on Colab, in minutes: real weights, the paper author's published SAEs, "
                               "the ImageNet sample (1,000 images, one per class, 398 of them animals)",

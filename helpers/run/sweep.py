@@ -36,6 +36,7 @@ from helpers.sae.train import train
 
 FAMILIES = typing.get_args(Architecture)
 EVALUATION = "evaluation.json"
+_FLOORS: dict = {}  # (run folder, SAEs, layer, images) -> the spliced-in floors' rows, measured once
 FREQUENCY_VECTORS = 100_000  # harvested vectors each SAE's firing frequencies are counted on (dead features out)
 
 
@@ -79,8 +80,11 @@ def _trained(run, layer, directory, family: str, k: int, seed: int) -> TopKSAE:
 def evaluate(run, layer: str, sae: TopKSAE) -> dict:
     """The sweep's measures of one SAE (each defined in chapters 03 and 04)."""
     held = sae.metadata.get("held_out") or {}
-    spliced = {r["spliced in"]: r for r in spliced_evaluation(run.model(), layer, sae,  # whole layer only: {} branches
-                                                              run.model_inputs(run.profile.spliced_images), {})}
+    x = run.model_inputs(run.profile.spliced_images)
+    key = (str(run.run_dir.resolve()), run.saes, layer, run.profile.spliced_images)
+    rows = spliced_evaluation(run.model(), layer, sae, x, {}, _FLOORS.get(key))  # the whole layer only: no branches
+    _FLOORS[key] = [r for r in rows if r["spliced in"].endswith("(floor)")]  # the same for every SAE of the layer
+    spliced = {r["spliced in"]: r for r in rows}
     vectors = ActivationStore(run.harvest(), layer).load(FREQUENCY_VECTORS)
     batches = (torch.from_numpy(vectors[i:i + 8192].astype(np.float32)) for i in range(0, len(vectors), 8192))
     with torch.no_grad():

@@ -165,3 +165,13 @@ def test_the_class_hierarchy_is_wordnets_or_a_named_download():
         assert "python -m nltk.downloader wordnet" in str(e)
         return
     assert any(name.startswith("dog (n02084071)") for name in found[207])
+
+
+def test_the_atlas_header_line_of_probing_and_absorption():
+    from helpers.show.atlas import probing_line
+
+    rows = [{"basis": "SAE features", "k=1": 0.9}, {"basis": "SAE features", "k=1": 0.7},
+            {"basis": "neurons", "k=1": 0.6}, {"basis": "neurons", "k=1": 0.6}]
+    line = probing_line(rows, [{"absorption rate": 0.2}, {"absorption rate": 0.4}])
+    assert "SAE features 0.80" in line and "neurons 0.60" in line and "2 parent concepts: mean rate 0.30" in line
+    assert probing_line([], None) == ""

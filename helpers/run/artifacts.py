@@ -329,7 +329,7 @@ class Run(Evaluations):
                                self.neighbours(layer), self.images(), {f: p for f, p in rendered.items() if p.exists()},
                                self.spliced(layer), pixels, atlas.image_records(self.probe(layer), pixels),
                                self.sae_origin(layer), self.sae(layer).metadata.get("held_out") or {},
-                               self.coherence(layer)["summary"])
+                               self.coherence(layer)["summary"], self.probing(layer), self.absorption(layer))
 
     @made_once
     def atlas(self) -> Path:

@@ -128,6 +128,8 @@ def _train(cfg: TrainConfig) -> Path:
             result = _step(cfg, state, x)
         bar.update(1)
         last = state.step == total_steps
+        if last and state.sae.architecture != "topk":  # the inference threshold, before the last checkpoint
+            families.calibrate(state.sae, random_rows(train_arrays, 16384, cfg.seed + 1).to(device))
         if state.step % cfg.log_every == 0 or last or state.seen >= next_ckpt:
             with clock("log"):
                 record = _log(out, state, result, lr, (state.seen - seen0) / (time.perf_counter() - t0), rank)

@@ -56,6 +56,8 @@ class LayerView:
     origin: str = ""  # whose SAE this is: the author's file, or trained here (and why)
     measures: dict = dataclasses.field(default_factory=dict)  # the SAE's held-out measures (cfg.json metadata.held_out)
     coherence: dict = dataclasses.field(default_factory=dict)  # chapter 03's spatial coherence summary
+    probing: list = dataclasses.field(default_factory=list)  # chapter 03's sparse probing rows
+    absorption: list | None = None  # chapter 03's absorption rows (None: WordNet not on the machine)
 
 
 def _save_jpeg(img: Image.Image, path: Path) -> None:
@@ -206,7 +208,7 @@ def write_layer_atlas(folder: Path, view: LayerView, note: str = "") -> Path:
     page = fill(TEMPLATE.read_text(), {
         "LAYER": html.escape(view.layer), "LAYER_JS": script_json(view.layer),
         "NOTE": html.escape(note) + origin_line(view.origin) + spliced_summary(view.spliced)
-                + measures_line(view.measures, view.coherence),
+                + measures_line(view.measures, view.coherence) + probing_line(view.probing, view.absorption),
         "DENSITY": density_svg(view.analysis.frequency), "DATA": script_json(records),
         "IMAGES": script_json(view.image_records), "GAP": str(GAP), "COLOURS": script_json(BRANCH_COLOURS),
         "BRANCHES": script_json(list(BRANCHES)), "CHANCE": script_json([round(float(v), 3) for v in view.analysis.shuffled.mean]), "THUMB": str(THUMB), "CROP": str(CROP), "NCROPS": str(CROPS),
@@ -241,6 +243,20 @@ def measures_line(measures: dict, coherence: dict) -> str:
         parts.append(f"Moran's I {moran:.2f} (shuffled {coherence['shuffled positions']:.2f}; "
                      f"{coherence['above the shuffled 99th percentile']:.0%} of features above its 99th percentile)")
     return f"<div class='measures'>Held out: {html.escape(', '.join(parts))} (chapter 03).</div>" if parts else ""
+
+
+def probing_line(probing: list[dict], absorption: list[dict] | None) -> str:
+    """One line of the layer header: sparse probing's mean balanced accuracy per basis, and absorption (chapter 03)."""
+    parts = []
+    for basis in ("SAE features", "neurons", "random directions"):
+        mine = [r for r in probing if r["basis"] == basis]
+        if mine:
+            parts.append(f"{basis} {sum(r['k=1'] for r in mine) / len(mine):.2f}")
+    text = f"1-sparse probes over {len(mine)} classes (balanced accuracy): {', '.join(parts)}." if parts else ""
+    if absorption:
+        rate = sum(r["absorption rate"] for r in absorption) / len(absorption)
+        text += f" Absorption over {len(absorption)} parent concepts: mean rate {rate:.2f}."
+    return f"<div class='probing'>{html.escape(text)} (chapter 03)</div>" if text else ""
 
 
 def write_atlas(folder: Path, views: list[LayerView], note: str = "") -> Path:

@@ -38,11 +38,6 @@ class FamilyOutput(NamedTuple):
     l0: torch.Tensor  # mean active latents per vector
 
 
-def batch_cut(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """The (k x batch)-th largest ReLU'd pre-activation of a dense batch [batch, d_sae] (the equation's cut)."""
-    return torch.relu(pre).flatten().kthvalue(pre.numel() - k * pre.shape[0] + 1).values
-
-
 @torch.no_grad()
 def batchtopk_select(sae: TopKSAE, x_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(idx [batch, m], keep [batch, m] bool, their pre-activations [batch, m], the cut): the batch's k x batch
@@ -79,7 +74,7 @@ def start(sae: TopKSAE, x: torch.Tensor) -> None:
     """Thresholds at the sample's BatchTopK cut (so every family starts as the BatchTopK code of k); JumpReLU's
     kernel width a quarter of it (Rajamanoharan et al. start both at 0.001, where a threshold then grows far above
     it; a narrower window also keeps the latents a step must touch few)."""
-    cut = float(batch_cut(sae.preacts(x), sae.k))
+    cut = float(batchtopk_select(sae, (x - sae.b_dec).detach())[3])  # the sample's BatchTopK cut, as calibrate
     sae.threshold.fill_(cut)
     if sae.architecture == "jumprelu":
         sae.bandwidth.fill_(cut / BANDWIDTH_DIVISOR)

@@ -21,7 +21,8 @@ def test_the_chapters_define_the_papers_computations():
     assert where == {"data.sampling": "02_harvesting", "sae.loss": "03_training", "analysis.spliced": "03_training",
                      "analysis.coherence": "03_training", "analysis.probing": "03_training", "analysis.branches": "04_branch_specialization", "analysis.circuits": "05_circuits",
                      "analysis.embed": "06_umap", "analysis.selection": "07_feature_visualization",
-                     "analysis.image_features": "08_feature_explorer", "analysis.compare": "09_comparing_saes"}
+                     "analysis.image_features": "08_feature_explorer", "analysis.compare": "09_comparing_saes",
+                     "analysis.verdicts": "10_what_holds"}
     defined = {"data.sampling": ["select_positions"],
                "sae.loss": ["topk_sae", "normalized_mse", "training_loss", "least_squares_scale", "batchtopk_sae",
                             "threshold_sae", "matryoshka_loss", "jumprelu_sae", "reconstruction_stats"],
@@ -33,7 +34,9 @@ def test_the_chapters_define_the_papers_computations():
                "analysis.embed": ["umap_embedding"],
                "analysis.selection": ["strongest_examples", "activation_bands", "figure1_features"],
                "analysis.image_features": ["image_features", "class_moves", "ImageProbe"],
-               "analysis.compare": ["match_features", "matched_share", "reconstruction"]}
+               "analysis.compare": ["match_features", "matched_share", "reconstruction"],
+               "analysis.verdicts": ["bootstrap", "permutation_null", "verdict", "concentration", "neighbour_agreement",
+                                     "feature_maxima", "stroke_images"]}
     for module, names in defined.items():
         for name in names:
             obj = getattr(importlib.import_module(f"helpers.{module}"), name)
@@ -68,7 +71,7 @@ def test_a_chapter_edit_is_caught_until_the_module_is_regenerated(tmp_path):
     nbs, package = tmp_path / "nbs", tmp_path / "helpers"
     shutil.copytree(export.NOTEBOOKS, nbs)
     package.mkdir()
-    assert len(export.export(nbs, package)) == 11  # all written into the empty package
+    assert len(export.export(nbs, package)) == 12  # all written into the empty package
     assert export.export(nbs, package, check=True) == []
     path = nbs / "04_branch_specialization.ipynb"
     nb = json.loads(path.read_text())

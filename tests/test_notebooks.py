@@ -9,7 +9,8 @@ import pytest
 from helpers.run.book import notebooks
 
 CHAPTERS = ["01_inceptionv1_branches", "02_harvesting", "03_training", "04_branch_specialization", "05_circuits",
-            "06_umap", "07_feature_visualization", "08_feature_explorer", "09_comparing_saes"]
+            "06_umap", "07_feature_visualization", "08_feature_explorer", "09_comparing_saes",
+            "10_what_holds"]
 FIGURES = {"01_inceptionv1_branches": 1, "02_harvesting": 2, "03_training": 3, "04_branch_specialization": 6,
            "05_circuits": 2, "06_umap": 4, "08_feature_explorer": 1, "09_comparing_saes": 2}
 

@@ -133,7 +133,8 @@ def ablation_control(model, sae_src, sae_dst, src_layer: str, acts_src: torch.Te
     the most aligned L+1 feature. If the ablation's edges carried information about their source,
     they would often differ from the control's; returned: how often the most-changed L+1 position
     is the ablated position itself, how many distinct targets the sources reach, and how often the
-    ablation's target equals the control's (the agreement rate).
+    ablation's target equals the control's (the agreement rate); ``targets`` and ``control_targets`` list the
+    two matches of every (source, image) case.
 
     Defined in chapter 05, *Circuits between layers* (nbs/05_circuits.ipynb).
     """
@@ -151,7 +152,8 @@ def ablation_control(model, sae_src, sae_dst, src_layer: str, acts_src: torch.Te
     return {"cases": len(cases), "sources": int(len(set(src.tolist()))),
             "distinct_targets": int(len(set(dst.tolist()))),
             "distinct_control_targets": int(len(set(control.tolist()))),
-            "at_the_ablated_position": float(same_place.mean()), "agreement": float((dst == control).mean())}
+            "at_the_ablated_position": float(same_place.mean()), "agreement": float((dst == control).mean()),
+            "targets": dst.tolist(), "control_targets": control.tolist()}
 
 
 def relu_tangent(pre: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

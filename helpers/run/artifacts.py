@@ -107,9 +107,9 @@ class Run(Evaluations):
                 + "\n\n".join(settings) + "\n\n</details>\n:::\n")
 
     def _layer(self, layer: str) -> str:
-        if layer not in self.profile.layers:
+        if layer not in self.profile.harvest.layers:
             raise ValueError(f"{layer!r} is not a layer of the {self.profile.name} profile; choose from "
-                             f"{', '.join(self.profile.layers)}")
+                             f"{', '.join(self.profile.harvest.layers)}")
         return layer
 
     # --- other runs ----------------------------------------------------------------------------

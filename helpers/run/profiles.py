@@ -17,11 +17,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers.config import FeatvizConfig, HarvestConfig, SaeConfig, TrainConfig
+from helpers.config import PAPER_LAYERS, FeatvizConfig, HarvestConfig, SaeConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT.parent / "shared" / "imagenet-sample"
 IMAGENET_TRAIN = "/data/imagenet/train"  # the paper profile's images unless $IMAGENET_TRAIN names another folder
+# the Distill article's layers (Voss et al. 2021), harvested beside the paper's in the same pass for chapter 10's rows
+DISTILL_LAYERS = ("mixed3a", "mixed3b")
+WITH_DISTILL = (*DISTILL_LAYERS, *PAPER_LAYERS)
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,17 @@ class Profile:
     sweep_l0: tuple[int, ...] = (16, 32, 64, 128)
     sweep_seeds: tuple[int, ...] = (0, 1)
     sweep_in_book: bool = False
+    claim_seeds: tuple[int, ...] = (0, 1)  # chapter 10: every claim about a layer's SAE is measured at these seeds
 
     @property
     def layers(self) -> tuple[str, ...]:
-        return self.harvest.layers
+        """The paper's layers of the harvest: those every chapter shows."""
+        return tuple(layer for layer in self.harvest.layers if layer in PAPER_LAYERS)
+
+    @property
+    def distill_layers(self) -> tuple[str, ...]:
+        """The Distill article's layers, where harvested (chapter 10's rows on mixed3a and mixed3b)."""
+        return tuple(layer for layer in self.harvest.layers if layer in DISTILL_LAYERS)
 
     @property
     def weights(self) -> str:
@@ -66,7 +76,8 @@ def _train(vectors_seen: int, batch_size: int = 4096, points: int = 40, **kw) ->
 
 PROFILES = {
     "smoke": Profile("smoke", "CI and a first look: random weights, 64 images, tiny SAEs; minutes on 2 CPU cores",
-                     HarvestConfig(images="sample-or-generated", weights="random", max_images=64, batch_size=16),
+                     HarvestConfig(images="sample-or-generated", weights="random", max_images=64, batch_size=16,
+                                   layers=WITH_DISTILL),
                      _train(24_576, batch_size=1024, sae=SaeConfig(expansion=4, k=16)), FeatvizConfig(steps=4, size=64),
                      circuit_images=4, circuit_sources=48, figure1_per_branch=1,
                      figure1_per_layer=4, spliced_images=8, probe_images=64, sweep_l0=(8, 16, 32), sweep_seeds=(0,),
@@ -77,14 +88,13 @@ PROFILES = {
                      _train(5_000_000, sae=AUXK), FeatvizConfig(steps=256)),
     "cpu": Profile("cpu", "about 4 hours on 2 CPU cores (bench/bench_profile.py): real weights, Imagenette and "
                           "Imagewoof (26,394 images of 20 classes, 12 of them animals), 2M vectors per SAE",
-                   HarvestConfig(images="imagenette+imagewoof", weights="lucent"), _train(2_000_000, sae=AUXK)),
+                   HarvestConfig(images="imagenette+imagewoof", weights="lucent", layers=WITH_DISTILL), _train(2_000_000, sae=AUXK)),
     "gpu": Profile("gpu", "a Colab T4: real weights, Imagenette and Imagewoof (26,394 images, 12 of 20 classes "
                           "animals), 50M vectors per SAE",
-                   HarvestConfig(images="imagenette+imagewoof", weights="lucent", batch_size=256),
+                   HarvestConfig(images="imagenette+imagewoof", weights="lucent", batch_size=256, layers=WITH_DISTILL),
                    _train(50_000_000, sae=AUXK)),
     "paper": Profile("paper", "as the paper: ImageNet train ($IMAGENET_TRAIN), ~1e9 vectors per SAE",
-                     HarvestConfig(images=IMAGENET_TRAIN, weights="lucent",
-                                   batch_size=512),
+                     HarvestConfig(images=IMAGENET_TRAIN, weights="lucent", batch_size=512, layers=WITH_DISTILL),
                      _train(1_000_000_000, sae=AUXK), FeatvizConfig(steps=2048)),
 }
 

@@ -94,6 +94,7 @@ def evaluate(run, layer: str, sae: TopKSAE) -> dict:
             "KL recovered (zero)": spliced["SAE reconstruction"]["KL recovered (zero)"],
             "KL recovered": spliced["SAE reconstruction"]["KL recovered"],
             **{f"{row['branch']} specialised / chance": row["ratio to chance"] for row in table},
+            **{f"{row['branch']} specialised": row["specialised"] for row in table},
             "live features": int((frequency > 0).sum())}
 
 

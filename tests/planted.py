@@ -17,7 +17,7 @@ def red_mask(model_input: torch.Tensor) -> torch.Tensor:
     return ((r > 0.7) & (g < 0.3) & (b < 0.3)).float()[:, None]
 
 
-def plant_red_disc_signal(model, layer: str = "mixed4b", branch_module: str = "5x5", strength: float = 20.0,
+def plant_red_disc_signal(model, layer: str = "mixed4b", branch_module: str = "5x5", strength: float = 300.0,
                           seed: int = 0):
     """Add ``strength * (red share of each grid cell) * u`` to the branch's output, u a fixed unit
     direction over that branch's channels. Returns (model, u)."""

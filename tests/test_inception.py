@@ -163,3 +163,34 @@ def test_class_names_are_fetched_once_and_fall_back_to_indices(tmp_path, monkeyp
     with caplog.at_level("WARNING"):
         assert inception.class_names("lucent:inception5h.pth:sha256=0123") is None
     assert "nowhere.invalid" in caplog.text and str(tmp_path / "other-hub" / "checkpoints") in caplog.text
+
+
+def test_the_random_network_keeps_its_scale_and_tells_images_apart(image_dir):
+    """The smoke book's random network tests something: every mixed layer's activations are of order 1 (torch's
+    default init left mixed5b at 1e-2 and gave every image the same class), and with its classifier standardised
+    on the images, the images get different outputs, the logits having mean 0 and spread 1 over them."""
+    import math
+
+    import numpy as np
+
+    from helpers.data.images import load_image
+    from helpers.data.inception import MIXED_LAYERS, load_model, model_input_from_uint8, standardise_classifier_
+
+    model = load_model("random", seed=0)[0]
+    paths = sorted(image_dir.glob("*"))
+    x = model_input_from_uint8(torch.stack([torch.from_numpy(load_image(p)).permute(2, 0, 1) for p in paths]))
+    with torch.no_grad():
+        acts = LayerCapture(model, MIXED_LAYERS)(x)
+    stds = {name: float(a.std()) for name, a in acts.items()}
+    assert all(0.05 < s < 20 for s in stds.values()), stds
+    assert max(stds.values()) / min(stds.values()) < 20, stds
+    standardise_classifier_(model, x)
+    z = {}
+    model.softmax2_pre_activation_matmul.register_forward_hook(lambda m, i, o: z.__setitem__("z", o))
+    with torch.no_grad():
+        p = model(x)
+    assert torch.allclose(z["z"].mean(0), torch.zeros(1008), atol=1e-3)
+    assert float(z["z"].std(0).mean()) == pytest.approx(1.0, rel=1e-3)
+    assert len(set(p.argmax(1).tolist())) >= len(paths) // 2
+    kl = (p * (p.log() - p.mean(0, keepdim=True).log())).sum(1)  # each image's output against the mean output
+    assert float(kl.mean()) > 0.05 and np.isfinite(float(kl.mean())) and not math.isnan(float(kl.mean()))

@@ -49,7 +49,7 @@ def stand_in_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        state = InceptionV1(pretrained=False).state_dict()
+        state = he_normal_(InceptionV1(pretrained=False), seed).state_dict()
     return {**state, STAND_IN_KEY: torch.tensor(seed)}
 
 
@@ -78,7 +78,8 @@ def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
         torch.manual_seed(seed)
         model = InceptionV1(pretrained=False, redirected_ReLU=redirected_relu)
     if weights == "random":
-        weights_id = f"random(seed={seed})"
+        he_normal_(model, seed)
+        weights_id = f"random(seed={seed})"  # He-normal: he_normal_
         log.warning(RANDOM_WARNING)
     else:
         state, path = _read_state(weights)
@@ -96,6 +97,43 @@ def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
             log.warning(RANDOM_WARNING)
     model.weights_id = weights_id
     return model.eval().requires_grad_(False).to(device), weights_id
+
+
+INPUT_STD = 64.0  # about the standard deviation of ``x*255-117`` inputs over natural images
+
+
+def he_normal_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights that keep the activations' scale through depth: He-normal (std sqrt(2 / fan_in), the ReLU
+    gain) for every convolution and the classifier, zero biases, and the first convolution divided by the input's
+    scale, so every mixed layer's activations are of order 1 (torch's default init shrinks them about 2.4x per
+    layer: with it, mixed5b is 1e-2 and every image gets the same output)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for i, m in enumerate(layers):
+        w = torch.randn(m.weight.shape, generator=g) * (2.0 / m.weight[0].numel()) ** 0.5
+        m.weight.data.copy_(w / INPUT_STD if i == 0 else w)
+        if m.bias is not None:
+            m.bias.data.zero_()
+    return model
+
+
+@torch.no_grad()
+def standardise_classifier_(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Centre and scale a random network's classifier on images ``x`` (model inputs): each output's logit has mean
+    0 and the logits' spread over the images is 1, so different images get different outputs (a check of the
+    spliced-in and switch-off measures that moves when they are wrong) without any class winning them all."""
+    fc = model.softmax2_pre_activation_matmul
+    seen = {}
+    hook = fc.register_forward_hook(lambda module, inputs, out: seen.__setitem__("z", out))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    z = seen["z"]
+    scale = float(z.std(dim=0).mean().clamp_min(1e-12))
+    fc.weight.div_(scale)
+    fc.bias.copy_((fc.bias - z.mean(dim=0)) / scale)
+    return model
 
 
 def _read_state(weights: str) -> tuple[dict, Path]:

@@ -32,6 +32,23 @@ def test_every_page_is_built_with_the_profile_banner(smoke_book):
     assert (html / "book" / "references.html").read_text().count("Bozoukov") >= 1
 
 
+def test_the_reference_list_labels_works_as_the_text_cites_them(smoke_book):
+    html = smoke_book["html"]
+    intro, references = (html / "book" / "intro.html").read_text(), (html / "book" / "references.html").read_text()
+    assert "Voss" in intro and "2021" in intro
+    assert "Voss et al., 2021" in references and "Bozoukov, 2025" in references
+    assert "VGC+21" not in references and "Boz25" not in references
+
+
+def test_a_downloaded_chapter_says_its_figures_need_the_internet_once(smoke_book):
+    """The book's download button serves the staged notebook: it carries the note, the page does not."""
+    html = smoke_book["html"]
+    downloaded = json.loads((html / "_sources" / "nbs" / "04_branch_specialization.ipynb").read_text())
+    note = [c for c in downloaded["cells"] if "fetched from the internet the first time" in "".join(c["source"])]
+    assert len(note) == 1 and downloaded["cells"].index(note[0]) == 1
+    assert "fetched from the internet the first time" not in (html / "nbs" / "04_branch_specialization.html").read_text()
+
+
 @pytest.fixture(scope="module")
 def browser():
     driver = chromium()
@@ -113,6 +130,87 @@ def test_the_atlas_page_of_the_book_leads_to_each_layer_and_back(smoke_book, bro
     assert "/atlas/" not in browser.current_url and browser.current_url.endswith(".html")  # the book (its intro)
     assert browser.find_elements("css selector", "nav, .bd-sidebar, #site-navigation")  # the book's page
     assert js_errors(browser) == []
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_wide_figures_fit_the_page_from_a_phone_to_a_desktop(smoke_book, browser, width):
+    """Chapter 08's image-features figure was fixed at 1100 px (its maps scrolled sideways inside the output);
+    figure 1's all-branch grid was 1722 px shown at 688 (labels about 4 px)."""
+    browser.set_window_size(width, 1600)
+    try:
+        browser.get((smoke_book["html"] / "nbs" / "08_feature_explorer.html").as_uri())
+        deadline = time.time() + 10
+        while time.time() < deadline and not browser.execute_script(
+                "return document.querySelectorAll('.plotly-graph-div .main-svg').length"):
+            time.sleep(0.2)
+        sizes = browser.execute_script("""return [...document.querySelectorAll('.plotly-graph-div')].map(d => [
+            d.querySelector('.main-svg').getBoundingClientRect().width, d.parentElement.clientWidth,
+            d.getBoundingClientRect().right, document.documentElement.clientWidth])""")
+        assert sizes and all(svg <= box + 1 and right <= page + 1 for svg, box, right, page in sizes), sizes
+        browser.get((smoke_book["html"] / "nbs" / "07_feature_visualization.html").as_uri())
+        shown = browser.execute_script("""return [...document.images].filter(i => i.naturalWidth > 0 &&
+            i.naturalHeight > 2 * i.naturalWidth).map(i => [i.getBoundingClientRect().width, i.naturalWidth])""")
+        assert shown, "figure 1's all-branch image (taller than wide) is on the page"
+        if width >= 1280:
+            assert all(w / natural >= 0.7 for w, natural in shown), shown  # labels of 14 px stay at 10 px or more
+    finally:
+        browser.set_window_size(1300, 2400)
+
+
+def test_the_contents_open_on_a_phone_and_a_desktop_has_one_search_box(smoke_book, browser):
+    """The toggle a reader sees on a phone or tablet once opened nothing (the theme wired only a hidden one); a
+    desktop showed two search boxes and an empty band above the page."""
+    page = (smoke_book["html"] / "nbs" / "04_branch_specialization.html").as_uri()
+    try:
+        for width in (390, 800):
+            browser.set_window_size(width, 900)
+            browser.get(page)
+            [toggle] = [b for b in browser.find_elements("css selector", ".primary-toggle") if b.is_displayed()]
+            toggle.click()
+            deadline = time.time() + 5
+            while time.time() < deadline and not browser.execute_script(
+                    "return document.getElementById('pst-primary-sidebar-modal').open"):
+                time.sleep(0.1)
+            links = [a.text for a in browser.find_elements("css selector", "#pst-primary-sidebar-modal a") if a.is_displayed()]
+            assert "What holds" in links and "Circuits between layers" in links, (width, links)
+            assert js_errors(browser) == []
+        browser.set_window_size(1280, 900)
+        browser.get(page)
+        boxes = [b for b in browser.find_elements("css selector", ".search-button-field") if b.is_displayed()]
+        assert len(boxes) == 1
+        assert browser.execute_script("return document.querySelector('.bd-header').getBoundingClientRect().height") == 0
+    finally:
+        browser.set_window_size(1300, 2400)
+
+
+def test_figures_on_a_phone_keep_legends_off_the_plot_and_titles_whole(smoke_book, browser):
+    """At 390 px the legend took 40% of figures 5-10, titles were cut and chapter 03's side-by-side x-axis titles
+    ran together: on a phone every figure's legend sits under its plot, its title inside the figure, and no two
+    axis titles overlap."""
+    overlap = ("(a, b) => a.left < b.right - 1 && b.left < a.right - 1 && a.top < b.bottom - 1 && b.top < a.bottom - 1")
+    browser.set_window_size(390, 844)
+    try:
+        for chapter in ("03_training", "04_branch_specialization", "05_circuits", "06_umap"):
+            browser.get((smoke_book["html"] / "nbs" / f"{chapter}.html").as_uri())
+            deadline = time.time() + 10
+            while time.time() < deadline and browser.execute_script(
+                    "return [...document.querySelectorAll('.plotly-graph-div')].some(d => !d.querySelector('.main-svg'))"):
+                time.sleep(0.2)
+            found = browser.execute_script(f"""const overlap = {overlap};
+                return [...document.querySelectorAll('.plotly-graph-div')].map(d => {{
+                  const box = e => e.getBoundingClientRect(), svg = box(d.querySelector('.main-svg'));
+                  const plots = [...d.querySelectorAll('.nsewdrag')].map(box);
+                  const legend = d.querySelector('.legend'), title = d.querySelector('.gtitle');
+                  const axes = [...d.querySelectorAll('.g-xtitle text, [class^="g-x"][class$="title"] text')].map(box)
+                                 .filter(b => b.width > 0);
+                  return {{legend_on_plot: !!legend && plots.some(p => overlap(box(legend), p)),
+                          title_cut: !!title && (box(title).left < svg.left - 1 || box(title).right > svg.right + 1),
+                          axes_overlap: axes.some((a, i) => axes.some((b, j) => i < j && overlap(a, b)))}};
+                }});""")
+            bad = [(i, f) for i, f in enumerate(found) if any(f.values())]
+            assert found and not bad, (chapter, bad)
+    finally:
+        browser.set_window_size(1300, 2400)
 
 
 def test_chapter_03s_table_of_the_fast_sae_renders_as_a_table(smoke_book, browser):

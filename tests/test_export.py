@@ -109,7 +109,7 @@ def test_every_chapter_opens_on_colab_from_the_one_configured_repository(tmp_pat
         assert export.colab_cells(path, repo, branch, write=False), path.name
         text = path.read_text()
         assert f"colab.research.google.com/github/{repo}/blob/{branch}/nbs/{path.name}" in text
-        assert f"inception-sae[book] @ git+https://github.com/{repo}@{branch}" in text  # what the chapters need
+        assert f"inception-sae[run] @ git+https://github.com/{repo}@{branch}" in text  # what the chapters need
     assert export.readme_badge(export.ROOT / "README.md", repo, branch, write=False)
     # another repository in _config.yml: every chapter is stale until the export rewrites it
     copy = tmp_path / "01.ipynb"

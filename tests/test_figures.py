@@ -75,6 +75,13 @@ def test_colour_sets_are_drawn_in_the_colour_they_name(browser, analysis, tmp_pa
         assert colorsys.rgb_to_hsv(*(np.asarray(drawn[name]) / 255))[1] < 0.6, (name, drawn[name])
 
 
+def test_a_highlight_that_holds_most_features_says_it_singles_nothing_out(browser, analysis, tmp_path):
+    sets = {"animal": list(range(300)), "dog": [1, 2]}  # 300 of the 400 live features
+    render(browser, plots.branch_fraction_figure(analysis, "5x5", sets), tmp_path, "most")
+    drawn = legend(browser)
+    assert "animal (300 of 400: most features, singles nothing out)" in drawn and "dog" in drawn, drawn
+
+
 def test_the_two_baseline_labels_never_print_over_each_other(browser, analysis, tmp_path):
     b = 2  # the 5x5 branch; the worst case: both baselines at the same height
     analysis.gaussian.threshold[b] = analysis.shuffled.threshold[b]

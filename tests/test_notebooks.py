@@ -35,10 +35,12 @@ def test_one_boilerplate_cell_and_the_colab_badge(path):
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and tagged[0] is nb.cells[1]
     cell = tagged[0]
-    for line in ("profile = None", "google.colab", "run = open_run(profile)", "page.banner(run)"):
+    for line in ("profile = None", "google.colab", "run = open_run(profile)", "page.banner(run)",
+                 "inception-sae[run] @", "output.enable_custom_widget_manager()"):
         assert line in cell.source, line
     assert "hide-input" in cell.metadata.tags
     assert "colab.research.google.com/github/" in nb.cells[0].source and f"/nbs/{path.name}" in nb.cells[0].source
+    assert "colab-badge.svg" not in nb.cells[0].source  # a link that reads offline, not an external image
     code = [c.source for c in nb.cells[2:] if c.cell_type == "code"]
     assert not [c for c in code if "google.colab" in c or "open_run(" in c or "banner(" in c]
     assert not [c for c in code if re.search(r"\b(runs\.get|get\(run, \")", c)]
@@ -104,7 +106,10 @@ def test_chapter_02_says_what_the_images_are(smoke_book):
 def test_later_chapters_reuse_the_run(smoke_book):
     run = smoke_book["run"]
     assert (run / "harvest" / "manifest.json").exists()
-    assert sorted(p.name for p in (run / "saes").iterdir()) == ["mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"]
+    paper = ["mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"]  # and chapter 10's Distill layers, same harvest
+    assert sorted(p.name for p in (run / "saes").iterdir()) == ["mixed3a", "mixed3b", *paper]
+    assert sorted(p.name for p in (run / "saes-seed1").iterdir()) == ["mixed3a", "mixed3b", *paper]  # the claim seeds'
+    assert json.loads((run / "harvest" / "manifest.json").read_text())["layers"] == ["mixed3a", "mixed3b", *paper]
     cfg = json.loads((run / "saes" / "mixed4c" / "cfg.json").read_text())
     assert cfg["metadata"]["random_weights"] is True and cfg["d_sae"] == 4 * 512
 
@@ -158,3 +163,16 @@ def test_the_smoke_book_sweeps_every_family_and_sparsity(smoke_book):
                 with torch.no_grad():
                     l0 = float((sae.encode(vectors) > 0).sum(-1).float().mean())
                 assert 0.7 * k <= l0 <= 1.3 * k, (family, k, l0)
+
+
+def test_no_output_prints_a_float_to_sixteen_digits(smoke_book):
+    """A reader sees 0.104, not 0.10350000113248825 (plotly's JSON, which no reader sees, is not counted)."""
+    found = []
+    for name, path in smoke_book["executed"].items():
+        for cell in nbformat.read(path, as_version=4).cells:
+            for out in cell.get("outputs", []):
+                data = out.get("data", {})
+                texts = [out.get("text", "")] + [data[k] for k in ("text/markdown", "text/plain")
+                                                 if k in data and "text/html" not in data]
+                found += [(name, m) for t in texts for m in re.findall(r"\d\.\d{9,}", str(t))]
+    assert found == [], found

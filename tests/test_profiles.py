@@ -106,3 +106,18 @@ def test_the_book_shows_the_authors_saes_by_default_when_they_can_be_fetched(mon
     monkeypatch.setenv("SAE_SAES", "train")  # one switch away
     monkeypatch.setattr(author, "available", lambda layer="mixed4c": True)
     assert book.choose_saes("cpu") == "train"
+
+
+def test_an_installed_package_runs_beside_the_notebook_not_in_site_packages(tmp_path, monkeypatch):
+    """On Colab the package lives in site-packages (no _toc.yml beside it): runs go to runs/ of the working
+    directory, where the notebook is; in a checkout, to the checkout's runs/."""
+    from helpers.run import profiles
+    from helpers.run.artifacts import open_run
+
+    monkeypatch.delenv("SAE_RUN_DIR", raising=False)
+    assert open_run("smoke").run_dir == profiles.ROOT / "runs" / "smoke"
+    site = tmp_path / "site-packages"
+    (site / "helpers").mkdir(parents=True)
+    monkeypatch.setattr(profiles, "ROOT", site)
+    monkeypatch.chdir(tmp_path)
+    assert open_run("smoke").run_dir == tmp_path / "runs" / "smoke"

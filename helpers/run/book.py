@@ -165,10 +165,20 @@ def stage(executed: list[Path], banner: str, src: Path, atlas: Path | None = Non
     return src
 
 
+DOWNLOAD_NOTE = ("*This is the book's chapter as it was executed. Opened outside the book, its interactive figures "
+                 "draw with plotly.js and its formulas with MathJax, each fetched from the internet the first time; "
+                 "offline they stay blank (the PNG and SVG of every figure are in the run's `figures/` folder, and "
+                 "`make book` builds pages that need no internet).*")
+
+
 def _without_markers(notebook: Path, dest: Path) -> None:
     """Copy an executed chapter, its bare ``#| default_exp MODULE`` cells tagged away (the export's marker, not
-    something a reader of the book needs to see; the downloaded notebook keeps them)."""
+    something a reader of the book needs to see; the downloaded notebook keeps them), and a note for the
+    downloaded notebook after its title (``DOWNLOAD_NOTE``: its figures need the internet once), hidden in the book."""
     nb = json.loads(notebook.read_text())
+    note = {"cell_type": "markdown", "id": "download-note", "metadata": {"tags": ["remove-cell"]},
+            "source": [DOWNLOAD_NOTE]}
+    nb["cells"].insert(1, note)
     for cell in nb["cells"]:
         text = "".join(cell.get("source", "")).strip()
         if cell["cell_type"] == "code" and text.startswith("#| default_exp") and "\n" not in text:

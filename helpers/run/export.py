@@ -161,7 +161,7 @@ def colab_cells(path: Path, repo: str, branch: str, write: bool) -> bool:
 
     nb = nbformat.read(path, as_version=4)
     badge = f"https://colab.research.google.com/github/{repo}/blob/{branch}/nbs/{path.name}"
-    install = f'%pip install -q "inception-sae[book] @ git+https://github.com/{repo}@{branch}"'
+    install = f'%pip install -q "inception-sae[run] @ git+https://github.com/{repo}@{branch}"'  # what running needs
     changed = False
     for cell in nb.cells:
         new = COLAB_BADGE.sub(badge, cell.source) if cell.cell_type == "markdown" else \

@@ -10,8 +10,9 @@ from helpers.show.style import BRANCH_COLOURS, NOT_A_RESULT
 
 
 def figure1_image(panels: dict, layers, random_weights: bool, thumb: int = 96):
-    """The paper's figure 1 as one PNG-ready PIL image: rows are layers, columns branches; each
-    cell shows a feature's visualisation followed by its top dataset-example crops.
+    """The paper's figure 1 for every branch as one PNG-ready PIL image, legible at page width: a row per layer
+    and branch (the layer's name over its four rows), each the row's features side by side, a feature being its
+    visualisation followed by its top dataset-example crops, under its label.
 
     panels: {(layer, branch): [(feature, featviz image or None, [crop arrays])]}.
     """
@@ -19,23 +20,24 @@ def figure1_image(panels: dict, layers, random_weights: bool, thumb: int = 96):
 
     from helpers.data.images import grid
 
-    per_cell = max((len(v) for v in panels.values()), default=1)
+    per_row = max((len(v) for v in panels.values()), default=1)
     crops_n = max((len(c) for v in panels.values() for _, _, c in v), default=0)
-    cell_w, cell_h = (1 + crops_n) * (thumb + 4) + 8, per_cell * (thumb + 18) + 8
-    label_w, head_h = 90, 30
-    canvas = Image.new("RGB", (label_w + len(BRANCHES) * cell_w, head_h + len(layers) * cell_h), "white")
+    entry_w, row_h, label_w, layer_h = (1 + crops_n) * (thumb + 4) + 12, thumb + 26, 66, 30
+    canvas = Image.new("RGB", (label_w + per_row * entry_w + 4, len(layers) * (layer_h + len(BRANCHES) * row_h) + 4),
+                       "white")
     draw = ImageDraw.Draw(canvas)
-    for c, b in enumerate(BRANCHES):
-        draw.text((label_w + c * cell_w + 8, 8), f"{b} branch", fill=BRANCH_COLOURS[b])
-    for r, layer in enumerate(layers):
-        y0 = head_h + r * cell_h
-        draw.text((8, y0 + cell_h // 2), layer, fill="black")
-        for c, b in enumerate(BRANCHES):
+    y = 4
+    for layer in layers:
+        draw.text((6, y + 4), layer, fill="black", font=_font(20))
+        y += layer_h
+        for b in BRANCHES:
+            draw.text((6, y + row_h // 2 - 8), b, fill=BRANCH_COLOURS[b], font=_font(17))
             for k, (feature, viz, crops) in enumerate(panels.get((layer, b), [])):
-                x, y = label_w + c * cell_w + 4, y0 + 4 + k * (thumb + 18)
-                draw.text((x, y), f"feature {feature}", fill="black")
-                tiles = [viz, *crops]
-                canvas.paste(grid(tiles, thumb, len(tiles), gap=4, background=(230, 230, 230)), (x, y + 14))
+                x = label_w + k * entry_w
+                draw.text((x, y), f"feature {feature}", fill="black", font=_font(14))
+                tiles = [viz if viz is not None else np.full((thumb, thumb, 3), 230, np.uint8), *crops]
+                canvas.paste(grid(tiles, thumb, len(tiles), gap=4, background=(230, 230, 230)), (x, y + 18))
+            y += row_h
     if random_weights:
         stamp(canvas, NOT_A_RESULT)
     return canvas

@@ -35,6 +35,23 @@ def show(fig: go.Figure, ctx=None, save_as: str | None = None) -> None:
 
 
 PLOTLY_CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
+# On a phone (a figure narrower than 600 px): the legend under the plot instead of beside it (it took 40% of figures
+# 5-10), titles wrapped and smaller (they were cut), axis titles and subplot titles smaller, so that those of panels
+# side by side do not run together; the figure grows by the legend's height instead of squeezing the plot.
+NARROW_JS = (
+    "function narrow(div, l) { if (!div || div.clientWidth >= 600) return;"
+    " var wrap = function (t) { return t.replace(/(.{1,34})(\\s+|$)/g, '$1<br>').replace(/(<br>)+$/, ''); };"
+    " var small = function (o, size) { o = (typeof o === 'string') ? {text: o} : (o || {}); o.font = Object.assign({}, o.font, {size: size}); return o; };"
+    " if (l.title) { l.title = small(l.title, 13); if (l.title.text) l.title.text = wrap(l.title.text); }"
+    " var extra = 0;"
+    " if (l.showlegend !== false) { l.legend = Object.assign({}, l.legend, {orientation: 'h', x: 0, xanchor: 'left',"
+    " yref: 'container', y: 0, yanchor: 'bottom', font: {size: 10}}); extra = 110; }"
+    " Object.keys(l).filter(function (k) { return /^[xy]axis\\d*$/.test(k); }).forEach(function (k) {"
+    " if (l[k].title) l[k].title = small(l[k].title, 10); l[k].tickfont = Object.assign({}, l[k].tickfont, {size: 9}); });"
+    " (l.annotations || []).forEach(function (a) { a.font = Object.assign({}, a.font, {size: Math.min((a.font || {}).size || 12, 11)}); });"
+    " var m = l.margin || {}; l.margin = Object.assign({}, m, {l: 40, r: 8, t: Math.max(m.t || 60, 70), b: (m.b || 60) + extra});"
+    " l.height = (l.height || 450) + extra; div.style.height = l.height + 'px'; }"
+)
 
 
 def figure_html(fig: go.Figure) -> str:
@@ -55,7 +72,9 @@ def figure_html(fig: go.Figure) -> str:
     return (f'<div id="{div}" class="plotly-graph-div" style="height:{fig.layout.height or 450}px; width:100%;"></div>\n'
             f"<script>(function () {{\n"
             f"  var spec = {spec};\n"
-            f'  function draw() {{ Plotly.newPlot("{div}", spec.data, spec.layout, spec.config); }}\n'
+            f'  function draw() {{ narrow(document.getElementById("{div}"), spec.layout); '
+            f'Plotly.newPlot("{div}", spec.data, spec.layout, spec.config); }}\n'
+            f"  {NARROW_JS}\n"
             f"  function go() {{\n"
             f"    if (window.Plotly) {{ draw(); return; }}\n"
             f'    var s = document.createElement("script"); s.src = "{cdn}"; s.onload = draw; document.head.appendChild(s);\n'

@@ -105,7 +105,10 @@ def branch_fraction_figure(analysis, branch: str, highlights: dict[str, list[int
         ids = [i for i in ids if i in rank]
         style = highlight_style(name, neutral)
         neutral += not name.startswith("colour:")
-        fig.add_scatter(x=[rank[i] for i in ids], y=analysis.fractions[ids, b], mode="markers", name=name,
+        # a set that holds most of the curve singles nothing out: the legend says so, with its size
+        label = f"{name} ({len(ids)} of {len(order)}: most features, singles nothing out)" if 2 * len(ids) > len(order) \
+            else name
+        fig.add_scatter(x=[rank[i] for i in ids], y=analysis.fractions[ids, b], mode="markers", name=label,
                         marker=dict(size=9, **style, line=dict(width=1, color="black")),
                         text=_hover(analysis, ids), hoverinfo="text")
     fig.update_layout(title=title or f"{analysis.layer}: fraction of each feature's decoder norm in the {branch} branch",
@@ -218,19 +221,22 @@ def image_features_figure(image: np.ndarray, found, title: str = "") -> go.Figur
     h, w = found.branch_maps.shape[1:]
     hover = [["<br>".join(f"feature {f}: {v:.3g}" for f, v in found.features_at(y, x)) or "no feature fires"
               for x in range(w)] for y in range(h)]
-    fig = make_subplots(1, 1 + len(BRANCHES), subplot_titles=["the image", *[f"{b}-dominant features" for b in BRANCHES]],
-                        horizontal_spacing=0.02)
-    fig.add_trace(go.Image(z=image, hoverinfo="skip"), 1, 1)
+    # two rows of three (the image, then the four maps), no fixed width: legible from a phone to a wide page
+    places = [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)]
+    fig = make_subplots(2, 3, subplot_titles=["the image", *[f"{b}-dominant features" for b in BRANCHES]],
+                        horizontal_spacing=0.03, vertical_spacing=0.08)
+    fig.add_trace(go.Image(z=image, hoverinfo="skip"), *places[0])
     top = max(float(found.branch_maps.max()), 1e-12)
     for i, b in enumerate(BRANCHES):
+        row, col = places[1 + i]
         fig.add_trace(go.Heatmap(z=found.branch_maps[i], zmin=0, zmax=top, showscale=False, text=hover,
                                  colorscale=[[0, "#ffffff"], [1, BRANCH_COLOURS[b]]], xgap=1, ygap=1,
                                  hovertemplate=f"cell (%{{y}}, %{{x}}), {b}-dominant sum %{{z:.3g}}<br>%{{text}}<extra></extra>"),
-                      1, 2 + i)
-        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{2 + i}", row=1, col=2 + i)
+                      row, col)
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{(row - 1) * 3 + col}", row=row, col=col)
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
-    fig.update_layout(title=title, height=300, width=1100, margin=dict(l=10, r=10, t=60, b=10))
+    fig.update_layout(title=title, height=620, margin=dict(l=10, r=10, t=60, b=10))
     return fig
 
 

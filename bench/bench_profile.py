@@ -1,8 +1,9 @@
 """How long a profile's book takes on this machine: each stage's rate measured here, times the
 work the profile gives it (no assertions on time).
 
-The stages of ``make book PROFILE=NAME`` (cpu by default): the harvest (all five layers), one SAE
-per layer, each layer's feature statistics and dataset-example pass, the feature visualisations
+The stages of ``make book PROFILE=NAME`` (cpu by default): the harvest (the profile's layers: mixed4a-4e,
+and mixed3a and mixed3b for chapter 10's Distill rows), one SAE per layer, each layer's feature statistics
+and dataset-example pass, the feature visualisations
 of figure 1, the UMAP maps, the circuit analyses, and the book build. Each is run here on a small
 share of its work (random weights and the ImageNet sample or generated images: speed does not
 depend on what the weights are), and the profile's total is projected from the measured rates.
@@ -58,7 +59,7 @@ def main() -> None:
     from helpers.analysis.featviz import render_directions
     from helpers.data.harvest import harvest
     from helpers.data.images import generate_images, list_images
-    from helpers.data.inception import LayerCapture, load_model
+    from helpers.data.inception import LayerCapture, architecture_slices, layer_width, load_model
     from helpers.analysis.circuits import attribution
     from helpers.sae.model import TopKSAE, firing_stats
     from helpers.sae.adam import Adam
@@ -83,9 +84,10 @@ def main() -> None:
         h = dataclasses.replace(profile.harvest, images=source, weights="random", max_images=a.images,
                                 out=str(Path(tmp) / "harvest"), workers=min(4, os.cpu_count() or 1), device="cpu")
         s = timed(harvest, h)
-        add("harvest, mixed4a-4e", s / a.images, n_images, "image")
+        harvested = f"harvest, {', '.join(h.layers)}"
+        add(harvested, s / a.images, n_images, "image")
         model = load_model("random")[0]
-        widths = {"mixed4a": 508, "mixed4b": 512, "mixed4c": 512, "mixed4d": 528, "mixed4e": 832}
+        widths = {layer: layer_width(architecture_slices(layer)) for layer in h.layers}
         cfg = profile.train
         saes = {}
         for layer, d in widths.items():
@@ -129,12 +131,20 @@ def main() -> None:
         add("spliced-in evaluation (chapter 03)", s / 8, profile.spliced_images * 5 * 7, "image-forward",
             f"{profile.spliced_images} images x 5 layers x 7 cases")
         by_stage = {r["stage"]: r["projected min"] for r in rows}
-        harvest_min = by_stage["harvest, mixed4a-4e"]
+        harvest_min = by_stage[harvested]
         train_min = sum(v for k, v in by_stage.items() if k.startswith(("training", "feature statistics")))
-        add("untrained control (chapter 04): its harvest, SAEs, statistics", (harvest_min + train_min) * 60, 1, "run",
-            "the sum of those stages above")
-        add("second seed of mixed4c (chapter 09)", [v for k, v in by_stage.items() if k.startswith("training mixed4c")][0]
-            * 60, 1, "training")
+        if profile.untrained_control:
+            add("untrained control (chapters 04, 10): its harvest, SAEs, statistics", (harvest_min + train_min) * 60,
+                1, "run", "the sum of those stages above")
+        extra = len(profile.claim_seeds) - 1
+        if extra:
+            add("chapter 10: the other claim seeds of every layer", train_min * 60 * extra, 1, "run",
+                f"{extra} more SAE per layer, with statistics")
+        add("chapter 10: the edges rows' attribution", by_stage["circuit attribution"] * 60, 1, "run",
+            "chapter 05's pass again")
+        if not extra:  # else chapter 09's second seed of mixed4c is one of chapter 10's
+            mixed4c = [v for k, v in by_stage.items() if k.startswith("training mixed4c")][0]
+            add("second seed of mixed4c (chapter 09)", mixed4c * 60, 1, "training")
         add("book build (jupyter-book)", a.book_seconds, 1, "build", "measured on the smoke book")
 
     print(f"\nprofile {a.profile}: {profile.description}\nthis machine: {os.cpu_count()} CPU cores, no GPU; "

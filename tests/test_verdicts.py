@@ -107,8 +107,11 @@ def test_concentration_agreement_and_neighbours_against_values_by_hand():
 def test_an_interval_covers_its_truth_about_as_often_as_it_says():
     """200 samples of 100 draws at p = 0.2: the 99% bootstrap interval holds 0.2 in most of them."""
     rng = np.random.default_rng(0)
-    covered = [(lambda e: e.low <= 0.2 <= e.high)(bootstrap(100, (lambda x: lambda i: x[i].mean())(rng.random(100) < 0.2),
-                                                            draws=300, seed=s)) for s in range(200)]
+    covered = []
+    for s in range(200):
+        hits = rng.random(100) < 0.2
+        e = bootstrap(100, lambda i: hits[i].mean(), draws=300, seed=s)
+        covered.append(e.low <= 0.2 <= e.high)
     assert 0.95 <= np.mean(covered) <= 1.0
 
 
@@ -151,3 +154,23 @@ def test_the_chapters_table_in_the_smoke_book(smoke_book):
     for claim in ("5x5-specialised", "1x1 specialisation", "Animal", "share a branch", "UMAP", "Figure 2",
                   "ablation", "mixed3a's 5x5", "mixed3b's 5x5"):
         assert any(claim in line for line in rows), claim
+
+
+def test_with_real_weights_a_network_that_is_its_own_untrained_control_does_not_hold(smoke_book, monkeypatch):
+    """The smoke run read as if its weights were real: its untrained control is then the same random network on the
+    same images, trained the same way, so no claim held against it can clear it: every such row reads 'does not
+    hold', with the untrained network named as the control."""
+    from helpers.run import claims
+    from helpers.run.artifacts import Run, open_run
+
+    monkeypatch.setattr(Run, "random_weights", property(lambda self: self.run_dir.name == "untrained"))
+    run = open_run("smoke", run_dir=str(smoke_book["run"]))
+    assert not run.random_weights and run.untrained_control().random_weights
+    rows = [claims.specialisation_row(run, "mixed4c", "5x5", "5x5"), claims.grouping_row(run, "mixed4c", "UMAP"),
+            *claims.distill_rows(run)]
+    for r in rows:
+        assert {c.control_name for c in r["conditions"]} == {"the untrained network, same pipeline"}, r["claim"]
+        own = r["conditions"][0]
+        assert own.measured.value == pytest.approx(own.control.value, abs=1e-9), r["claim"]
+        assert r["verdict"] in ("does not hold", "fragile"), r  # seed 1 may differ from the control's seed 0
+        assert not own.cleared

@@ -26,6 +26,9 @@ class Estimate:
     low: float
     high: float
 
+    def __repr__(self) -> str:
+        return f"Estimate({self.value:.4g} [{self.low:.4g}, {self.high:.4g}])"
+
     def shifted(self, by: float) -> "Estimate":
         """The same estimate less ``by`` (an effect over a control's value)."""
         return Estimate(self.value - by, self.low - by, self.high - by)
@@ -209,5 +212,7 @@ def stroke_images(size: int = 224, radii=(24, 48, 96), angles: int = 16, width: 
             half = np.pi * r / 4  # half the arc's length
             along, across = xx * -np.sin(a) + yy * np.cos(a), xx * np.cos(a) + yy * np.sin(a)
             lines.append((np.abs(across) <= width / 2) & (np.abs(along) <= half))
-    as_pixels = lambda masks: torch.from_numpy(np.stack(masks).astype(np.uint8) * 255)[:, None].expand(-1, 3, -1, -1).contiguous()
+    def as_pixels(masks):
+        return torch.from_numpy(np.stack(masks).astype(np.uint8) * 255)[:, None].expand(-1, 3, -1, -1).contiguous()
+
     return {"curve": as_pixels(curves), "line": as_pixels(lines)}

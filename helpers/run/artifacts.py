@@ -27,18 +27,19 @@ from helpers.config import HarvestConfig
 from helpers.data.harvest import harvest
 from helpers.data.images import ImageList, load_image
 from helpers.data.inception import (LayerCapture, architecture_slices, class_names, is_stand_in, load_model,
-                                    model_input_from_uint8)
+                                    model_input_from_uint8, standardise_classifier_)
 from helpers.data.store import Manifest, read_manifest
 from helpers.files import CFG_FILE, CHECKPOINT, EXAMPLES, EXAMPLES_CHECKPOINT, MANIFEST, write_json, write_npy
 from helpers.run.author import AuthorSAEMissing, fetch_author_sae
 from helpers.run.evaluations import Evaluations
 from helpers.run.memo import made_once
-from helpers.run.profiles import ROOT, Profile, Settings, get_profile, smoke_images
+from helpers.run.profiles import Profile, Settings, get_profile, runs_root, smoke_images
 from helpers.sae.model import TopKSAE, check_input_scale
 from helpers.sae.train import train
 from helpers.show import atlas, explorer
 
 LABEL_EXAMPLES = 8  # top examples a feature's automatic labels are read from
+CLASSIFIER_IMAGES = 64  # a random network's classifier is standardised on the run's first images
 
 
 @dataclass(eq=False)
@@ -189,8 +190,12 @@ class Run(Evaluations):
     # --- the network -----------------------------------------------------------------------------
     @made_once
     def model(self):
-        """The profile's InceptionV1 (true ReLU gradients)."""
-        return load_model(self.profile.weights)[0]
+        """The profile's InceptionV1 (true ReLU gradients); with random weights its classifier standardised on the
+        run's first images (``standardise_classifier_``), so its outputs differ across images."""
+        model = load_model(self.profile.weights)[0]
+        if self.random_weights:
+            standardise_classifier_(model, self.model_inputs(CLASSIFIER_IMAGES))
+        return model
 
     @made_once
     def featviz_model(self):
@@ -350,7 +355,7 @@ def open_run(profile: str | None = None, run_dir: str | None = None, saes: str |
     the paper's own SAEs unless told otherwise (no training before the first figure)."""
     settings = settings or Settings.from_environment()
     p = get_profile(profile, settings)
-    run = Path(run_dir or settings.run_dir or ROOT / "runs" / p.name)
+    run = Path(run_dir or settings.run_dir or runs_root() / p.name)
     saes = saes or settings.saes or ("author" if p.name == "colab" else "train")
     opened = Run(p, run, saes, settings.fallback_reason, settings.book_build)
     if opened.book_build:  # the pages carry the banner and the watermarks; log lines would only clutter them

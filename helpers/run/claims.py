@@ -59,7 +59,8 @@ def _saes(run, layer: str):
     k = run.profile.train.sae.k
     for seed in _seeds(run):
         sae = run.sae(layer) if seed == run.profile.train.seed else run.sae_with_seed(layer, seed)
-        name = f"the author's, {layer}" if run.saes == "author" and seed == run.profile.train.seed else f"TopK k={k}, seed {seed}"
+        author = run.saes == "author" and seed == run.profile.train.seed
+        name = f"the author's, {layer}" if author else f"TopK k={k}, seed {seed}"
         yield name, sae, _analysis(run, layer, seed)
 
 
@@ -80,17 +81,18 @@ def _swept(run, layer: str) -> list[tuple[str, np.ndarray]]:
             for s in p.sweep_seeds:
                 e = json.loads((run.run_dir / "sweep" / layer / f"{f}-k{k}-s{s}" / EVALUATION).read_text())
                 live = int(e["live features"])
-                counts = [e.get(f"{b} specialised", round(e[f"{b} specialised / chance"] * live * 0.01)) for b in BRANCHES]
+                counts = [e.get(f"{b} specialised", round(e[f"{b} specialised / chance"] * live * 0.01))
+                          for b in BRANCHES]  # evaluations from before the counts were kept: from the ratio
                 out.append((f"{f} L0={k}, seed {s}", np.asarray(counts), live))
     return out
 
 
 def _held_against_untrained(run, layer: str, measure, null_name: str) -> list[Condition]:
-    """``measure(run, sae, analysis)`` -> (estimate, chance) or None for each SAE of the layer, held against chance (labels
-    permuted) with random weights, and against the untrained network's estimate with real ones (the architecture
-    alone can group features by branch: the smoke book's random network does)."""
+    """``measure(run, sae, analysis)`` -> (estimate, chance) or None for each SAE of the layer, held against chance
+    (labels permuted) with random weights, and against the untrained network's estimate with real ones where the
+    profile runs it (the architecture alone can group features by branch: the smoke book's random network does)."""
     control = None
-    if not run.random_weights:
+    if not run.random_weights and run.profile.untrained_control:
         u = run.untrained_control()
         found = measure(u, u.sae(layer), u.branches(layer))
         control = found and found[0]
@@ -108,7 +110,7 @@ def specialisation_row(run, layer: str, branch: str, claim: str, source: str = "
     """The share of the layer's live features specialised to ``branch``, against the untrained network's share
     (real weights) or chance's 1% (random weights), for every SAE of the layer."""
     b = BRANCHES.index(branch)
-    if run.random_weights:
+    if run.random_weights or not run.profile.untrained_control:
         control = lambda live: (verdicts.chance_share(live, 0.01), "chance (1% by the threshold's definition)")
     else:
         u = run.untrained_control().branches(layer)
@@ -217,7 +219,8 @@ def distill_rows(run) -> list[dict]:
                             f"{layer} is not harvested in the {run.profile.name} profile"))
             continue
         if layer == "mixed3a":
-            pixels = torch.stack([torch.from_numpy(i).permute(2, 0, 1) for i in run.first_images(run.profile.spliced_images)])
+            images = run.first_images(run.profile.spliced_images)
+            pixels = torch.stack([torch.from_numpy(i).permute(2, 0, 1) for i in images])
             pair = (pixels, verdicts.grey(pixels))
         else:
             strokes = verdicts.stroke_images()

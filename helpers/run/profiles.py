@@ -49,6 +49,7 @@ class Profile:
     sweep_seeds: tuple[int, ...] = (0, 1)
     sweep_in_book: bool = False
     claim_seeds: tuple[int, ...] = (0, 1)  # chapter 10: every claim about a layer's SAE is measured at these seeds
+    untrained_control: bool = True  # chapters 04 and 10 run the same pipeline on the untrained network (real weights)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -85,7 +86,7 @@ PROFILES = {
     "colab": Profile("colab", "a first look on Colab, in minutes: real weights, the paper author's published SAEs, "
                               "the ImageNet sample (1,000 images, one per class, 398 of them animals)",
                      HarvestConfig(images="imagenet-sample", weights="lucent", batch_size=128),
-                     _train(5_000_000, sae=AUXK), FeatvizConfig(steps=256)),
+                     _train(5_000_000, sae=AUXK), FeatvizConfig(steps=256), claim_seeds=(0,), untrained_control=False),
     "cpu": Profile("cpu", "about 4 hours on 2 CPU cores (bench/bench_profile.py): real weights, Imagenette and "
                           "Imagewoof (26,394 images of 20 classes, 12 of them animals), 2M vectors per SAE",
                    HarvestConfig(images="imagenette+imagewoof", weights="lucent", layers=WITH_DISTILL), _train(2_000_000, sae=AUXK)),
@@ -119,6 +120,12 @@ class Settings:
         return cls(env.get("SAE_PROFILE") or None, env.get("SAE_RUN_DIR") or None, saes,
                    env.get("SAE_FALLBACK_REASON") or None, bool(env.get("SAE_BOOK_BUILD")),
                    env.get("IMAGENET_TRAIN") or None)
+
+
+def runs_root() -> Path:
+    """Where runs go by default: ``runs/`` of the checkout; for an installed package (Colab), ``runs/`` beside the
+    notebook (the working directory), never inside site-packages."""
+    return (ROOT if (ROOT / "_toc.yml").is_file() else Path.cwd()) / "runs"
 
 
 def smoke_images(n: int, folder: Path) -> str:

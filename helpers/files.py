@@ -120,8 +120,16 @@ def exclusive_lock(path: str | os.PathLike, what: str):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            import time
+
+            holder = ""
+            for _ in range(20):  # the holder writes its pid just after it takes the lock: give it a moment
+                f.seek(0)
+                holder = f.read().strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            holder = holder or "another process"
             raise LockedError(f"{what} is in use by {holder} (lock {path}); wait for it to finish, "
                               "or choose another --out") from None
         f.seek(0)

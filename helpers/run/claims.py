@@ -15,12 +15,10 @@ import numpy as np
 import torch
 
 from helpers.analysis import circuits, verdicts
-from helpers.analysis.branches import BRANCHES, analyse_branches, specialised
+from helpers.analysis.branches import BRANCHES, specialised
 from helpers.analysis.embed import cosine_knn
 from helpers.analysis.verdicts import Condition
-from helpers.data.store import ActivationStore
-from helpers.run.sweep import EVALUATION, FAMILIES, FREQUENCY_VECTORS, swept
-from helpers.sae.model import firing_stats
+from helpers.run.sweep import EVALUATION, FAMILIES, swept
 
 FIVE = BRANCHES.index("5x5")
 NEIGHBOURS = 15  # chapter 06's UMAP neighbours: the graph its map is laid out from
@@ -32,28 +30,18 @@ def row(claim: str, source: str, layer: str, statistic: str, conditions: list[Co
     first = conditions[0] if conditions else None
     fmt = lambda e: "–" if e is None or not np.isfinite(e.value) else f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}]"
     cleared = [c for c in conditions if np.isfinite(c.measured.value) and np.isfinite(c.control.high)]
-    return {"claim": claim, "source": source, "layer": layer, "statistic": statistic,
-            "value [99% interval]": fmt(first and first.measured), "control": first.control_name if first else why_not,
-            "control value [99% interval]": fmt(first and first.control), "effect": fmt(first and first.effect),
-            "SAEs clearing the control": f"{sum(c.cleared for c in cleared)} of {len(cleared)}",
+    # the verdict right after what is claimed where, so that it shows without scrolling; the evidence after it
+    return {"claim": claim, "layer": layer,
             "verdict": verdicts.verdict(conditions, random_weights) if conditions or random_weights else
             verdicts.NOT_MEASURED + (f" ({why_not})" if why_not else ""),
+            "SAEs clearing the control": f"{sum(c.cleared for c in cleared)} of {len(cleared)}",
+            "value [99% interval]": fmt(first and first.measured),
+            "control value [99% interval]": fmt(first and first.control), "effect": fmt(first and first.effect),
+            "statistic": statistic, "control": first.control_name if first else why_not, "source": source,
             "conditions": conditions}
 
 
 # --- the layer's SAEs a claim is measured on ------------------------------------------------------------
-def _analysis(run, layer: str, seed: int):
-    """The branch analysis of the layer's SAE trained from ``seed`` (the run's own at the profile's seed)."""
-    if seed == run.profile.train.seed:
-        return run.branches(layer)
-    sae = run.sae_with_seed(layer, seed)
-    vectors = ActivationStore(run.harvest(), layer).load(FREQUENCY_VECTORS)
-    batches = (torch.from_numpy(vectors[i:i + 8192].astype(np.float32)) for i in range(0, len(vectors), 8192))
-    with torch.no_grad():
-        frequency = firing_stats(sae, batches)["frequency"].numpy()
-    return analyse_branches(layer, sae.decoder_directions.detach(), run.slices(layer), frequency)
-
-
 def _saes(run, layer: str):
     """(name, SAE, branch analysis) of the layer's SAE at each of the profile's claim seeds."""
     k = run.profile.train.sae.k
@@ -61,7 +49,7 @@ def _saes(run, layer: str):
         sae = run.sae(layer) if seed == run.profile.train.seed else run.sae_with_seed(layer, seed)
         author = run.saes == "author" and seed == run.profile.train.seed
         name = f"the author's, {layer}" if author else f"TopK k={k}, seed {seed}"
-        yield name, sae, _analysis(run, layer, seed)
+        yield name, sae, run.branches_with_seed(layer, seed)
 
 
 def _seeds(run) -> tuple[int, ...]:
@@ -70,7 +58,7 @@ def _seeds(run) -> tuple[int, ...]:
     return (own,) if run.saes == "author" else (own, *[s for s in run.profile.claim_seeds if s != own])
 
 
-def _swept(run, layer: str) -> list[tuple[str, np.ndarray]]:
+def _swept(run, layer: str) -> list[tuple[str, np.ndarray, int]]:
     """(name, [4] specialised counts, live count) of every SAE of the families sweep of ``layer``, where it ran."""
     p = run.profile
     if layer != p.sweep_layer or not swept(run, layer):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save
 
+from helpers.analysis.branches import analyse_branches
 from helpers.analysis.coherence import coherence_summary, spatial_coherence
 from helpers.analysis.probing import absorption, max_pooled, probe_classes
 from helpers.analysis.spliced import spliced_evaluation
@@ -51,6 +52,24 @@ class Evaluations:
         return json.loads(path.read_text())
 
     @made_once
+    def firing_frequency(self, layer: str, sae, n: int = 100_000) -> np.ndarray:
+        """How often each feature of ``sae`` (any SAE of the layer) fires on the layer's first ``n`` harvested
+        vectors (the sweep's and the claim seeds' SAEs: their dead features are left out of every count)."""
+        vectors = ActivationStore(self.harvest(), layer).load(n)
+        batches = (torch.from_numpy(vectors[i:i + 8192].astype(np.float32)) for i in range(0, len(vectors), 8192))
+        with torch.no_grad():
+            return firing_stats(sae, batches)["frequency"].numpy()
+
+    @made_once
+    def branches_with_seed(self, layer: str, seed: int):
+        """The branch analysis of the layer's SAE trained from ``seed`` (chapter 10's claim seeds; the run's own
+        analysis at the profile's seed)."""
+        if seed == self.profile.train.seed:
+            return self.branches(layer)
+        sae = self.sae_with_seed(layer, seed)
+        return analyse_branches(layer, sae.decoder_directions.detach(), self.slices(layer),
+                                self.firing_frequency(layer, sae))
+
     def feature_stats(self, layer: str) -> dict[str, np.ndarray]:
         """Each feature's firing frequency and strength on the harvested vectors (kept beside the SAE)."""
         path = self.sae_dir(layer) / FEATURE_STATS

@@ -21,17 +21,13 @@ import json
 import sys
 import typing
 
-import numpy as np
-import torch
-
 from helpers.analysis.branches import BRANCHES, analyse_branches
 from helpers.analysis.spliced import spliced_evaluation
 from helpers.config import Architecture
-from helpers.data.store import ActivationStore
 from helpers.files import CFG_FILE, CHECKPOINT, write_json
 from helpers.progress import progress
 from helpers.run.artifacts import open_run
-from helpers.sae.model import TopKSAE, firing_stats
+from helpers.sae.model import TopKSAE
 from helpers.sae.train import train
 
 FAMILIES = typing.get_args(Architecture)
@@ -85,10 +81,7 @@ def evaluate(run, layer: str, sae: TopKSAE) -> dict:
     rows = spliced_evaluation(run.model(), layer, sae, x, {}, _FLOORS.get(key))  # the whole layer only: no branches
     _FLOORS[key] = [r for r in rows if r["spliced in"].endswith("(floor)")]  # the same for every SAE of the layer
     spliced = {r["spliced in"]: r for r in rows}
-    vectors = ActivationStore(run.harvest(), layer).load(FREQUENCY_VECTORS)
-    batches = (torch.from_numpy(vectors[i:i + 8192].astype(np.float32)) for i in range(0, len(vectors), 8192))
-    with torch.no_grad():
-        frequency = firing_stats(sae, batches)["frequency"].numpy()
+    frequency = run.firing_frequency(layer, sae, FREQUENCY_VECTORS)
     table = analyse_branches(layer, sae.decoder_directions.detach(), run.slices(layer), frequency).table()
     return {"L0": held.get("L0"), "FVU": held.get("FVU"), "dead fraction": held.get("dead fraction"),
             "KL recovered (zero)": spliced["SAE reconstruction"]["KL recovered (zero)"],

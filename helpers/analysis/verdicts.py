@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from helpers.analysis.circuits import positions
 from helpers.data.inception import LayerCapture, model_input_from_uint8
 
 LEVEL = 0.99  # every interval of the chapter
@@ -170,7 +171,7 @@ def feature_maxima(model, layer: str, sae, pixels: torch.Tensor, input_scale: st
     out = []
     for start in range(0, len(pixels), batch):
         acts = LayerCapture(model, [layer])(model_input_from_uint8(pixels[start:start + batch], input_scale))[layer]
-        z = sae.encode(acts.flatten(2).transpose(1, 2).reshape(-1, acts.shape[1]).float())
+        z = sae.encode(positions(acts).reshape(-1, acts.shape[1]).float())
         out.append(z.reshape(acts.shape[0], -1, z.shape[-1]).amax(dim=1))
     return torch.cat(out).numpy()
 

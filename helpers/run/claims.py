@@ -93,6 +93,11 @@ def _held_against_untrained(run, layer: str, measure, null_name: str) -> list[Co
     return conditions
 
 
+def _hits(a, b: int) -> np.ndarray:
+    """[live] bool: each live feature of the BranchAnalysis ``a`` specialised to branch index ``b``."""
+    return specialised(a.fractions, a.shuffled, a.alive)[a.alive, b]
+
+
 # --- the claims ------------------------------------------------------------------------------------
 def specialisation_row(run, layer: str, branch: str, claim: str, source: str = "paper") -> dict:
     """The share of the layer's live features specialised to ``branch``, against the untrained network's share
@@ -102,11 +107,11 @@ def specialisation_row(run, layer: str, branch: str, claim: str, source: str = "
         control = lambda live: (verdicts.chance_share(live, 0.01), "chance (1% by the threshold's definition)")
     else:
         u = run.untrained_control().branches(layer)
-        measured = verdicts.share(specialised(u.fractions, u.shuffled, u.alive)[u.alive, b])
+        measured = verdicts.share(_hits(u, b))
         control = lambda live: (measured, "the untrained network, same pipeline")
     conditions = []
     for name, _, a in _saes(run, layer):
-        hits = specialised(a.fractions, a.shuffled, a.alive)[a.alive, b]
+        hits = _hits(a, b)
         conditions.append(Condition(name, verdicts.share(hits), *control(len(hits))))
     for name, counts, live in _swept(run, layer):
         hits = np.arange(live) < counts[b]
@@ -123,7 +128,7 @@ def label_row(run, layer: str, label: str, claim: str) -> dict:
         return row(claim, "paper", layer, f"share '{label}'-labelled: 5x5-specialised minus all", [],
                    False, "the run's images carry no classes")
     a = run.branches(layer)
-    group = specialised(a.fractions, a.shuffled, a.alive)[a.alive, FIVE]
+    group = _hits(a, FIVE)
     marked = np.array([label in entry.get("labels", {}) for entry in labels])[a.alive]
     measured, null = verdicts.concentration(group, marked)
     return row(claim, "paper", layer, f"share '{label}'-labelled: 5x5-specialised minus all",
@@ -177,7 +182,7 @@ def circuit_rows(run, acts: dict) -> list[dict]:
         a = run.branches(layer)
         live = np.flatnonzero(a.alive)
         group.append(np.isin(live, [f for l, f in nodes if l == layer]))
-        five.append(specialised(a.fractions, a.shuffled, a.alive)[live, FIVE])
+        five.append(_hits(a, FIVE))
     name = next(_saes(run, "mixed4b"))[0]
     measured, null = verdicts.concentration(np.concatenate(group), np.concatenate(five))
     circuit = row("Figure 2's circuit from mixed4b's 5x5 features stays in the 5x5 branch", "paper",
@@ -217,7 +222,7 @@ def distill_rows(run) -> list[dict]:
             a_, b_ = (verdicts.feature_maxima(of.model(), layer, sae, p, of.input_scale) for p in pair)
             score = verdicts.selectivity(a_, b_)[a.alive]
             score = np.abs(score) if layer == "mixed3a" else score
-            return verdicts.concentration(specialised(a.fractions, a.shuffled, a.alive)[a.alive, FIVE], score)
+            return verdicts.concentration(_hits(a, FIVE), score)
 
         conditions = _held_against_untrained(run, layer, measure, "scores permuted over live features")
         rows.append(row(claim, "Distill", layer, statistic, conditions, run.random_weights))

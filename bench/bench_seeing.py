@@ -1,7 +1,9 @@
 """Seeing features, measured side by side (no assertions on time):
 
 1. Feature visualisation: seconds per feature, a batch of features in one optimisation
-   against one feature at a time, same steps and size.
+   against one feature at a time, same steps and size; and ours against a plain batched
+   ``render_vis`` (Lucent's own model, run whole) on the same objectives and seeds, in turns,
+   with whether the two make the same images.
 2. The dataset-example pass: seconds per 1000 images for one layer (all its features, every
    grid position), with the forward pass alone as the floor.
 3. The spliced-in evaluation (chapter 03): images per second for one layer's whole table (the
@@ -16,6 +18,8 @@ Random weights (speed only); images from ../shared/imagenet-sample.
 from __future__ import annotations
 
 import argparse
+import statistics
+import warnings
 import os
 import sys
 import time
@@ -28,6 +32,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from common import write_results  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from helpers.analysis.examples import example_pass  # noqa: E402
@@ -37,6 +42,29 @@ from helpers.data.inception import LayerCapture, architecture_slices, load_model
 from helpers.analysis.spliced import spliced_evaluation  # noqa: E402
 from helpers.data.inception import spliced_log_probs  # noqa: E402
 from helpers.sae.model import TopKSAE  # noqa: E402
+
+
+def lucent_model(model, device):
+    """Lucent's InceptionV1 as Lucent builds it (its own RedirectedReLU) with ``model``'s weights."""
+    from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1
+
+    lucent = InceptionV1(pretrained=False, redirected_ReLU=True)
+    lucent.load_state_dict(model.state_dict())
+    return lucent.eval().requires_grad_(False).to(device)
+
+
+def plain_render_vis(model, layer, directions, cfg):
+    """The plain loop a reader would write: one batched ``render_vis`` on the same objectives, seeds and settings."""
+    from lucent.optvis import objectives, param, render
+
+    objective = sum(objectives.direction(layer, directions[i], batch=i) for i in range(len(directions)))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return render.render_vis(model, objective, lambda: param.image(cfg.size, batch=len(directions)),
+                                 optimizer=lambda p: torch.optim.Adam(p, lr=cfg.lr), thresholds=(cfg.steps,),
+                                 show_image=False, progress=False)[-1]
 
 
 def main() -> None:
@@ -63,9 +91,24 @@ def main() -> None:
     for i in range(a.features):
         render_directions(model, a.layer, directions[i:i + 1], cfg)
     single = (time.perf_counter() - t) / a.features
+    # against a plain batched render_vis: Lucent's own model (its RedirectedReLU's backward by boolean indexing) run
+    # whole on the same objectives, seeds and transforms; ours stops after the layer and redirects with one `where`
+    lucent = lucent_model(model, dev)
+    ours_s, plain_s, same = [], [], True
+    for _ in range(2):
+        t = time.perf_counter()
+        ours_images = render_directions(model, a.layer, directions, cfg)
+        ours_s.append((time.perf_counter() - t) / a.features)
+        t = time.perf_counter()
+        plain_images = plain_render_vis(lucent, a.layer, directions, cfg)
+        plain_s.append((time.perf_counter() - t) / a.features)
+        same &= bool(np.array_equal(ours_images, plain_images))
     results["featviz"] = {"steps": a.steps, "size": a.size, "features": a.features,
                           "s_per_feature_batched": batched, "s_per_feature_one_at_a_time": single,
-                          "s_per_feature_batched_per_512_steps": batched * 512 / a.steps}
+                          "s_per_feature_batched_per_512_steps": batched * 512 / a.steps,
+                          "s_per_feature_ours_turns": ours_s, "s_per_feature_plain_render_vis_turns": plain_s,
+                          "plain_over_ours": statistics.median(plain_s) / statistics.median(ours_s),
+                          "same_images_as_plain_render_vis": same}
 
     images = list_images(a.sample).head(a.images)
     plain = load_model("random", dev)[0]
@@ -108,7 +151,10 @@ def main() -> None:
     print(f"  batched (one optimisation)   {f['s_per_feature_batched']:8.2f} s per feature")
     print(f"  one feature at a time        {f['s_per_feature_one_at_a_time']:8.2f} s per feature"
           f"   ({f['s_per_feature_one_at_a_time'] / f['s_per_feature_batched']:.2f}x the batched time)")
-    print(f"  batched, scaled to 512 steps {f['s_per_feature_batched_per_512_steps']:8.1f} s per feature\n")
+    print(f"  batched, scaled to 512 steps {f['s_per_feature_batched_per_512_steps']:8.1f} s per feature")
+    print(f"  plain batched render_vis     {statistics.median(f['s_per_feature_plain_render_vis_turns']):8.2f} s per "
+          f"feature (Lucent's model run whole; ours {f['plain_over_ours']:.2f}x faster in turns; the same images: "
+          f"{f['same_images_as_plain_render_vis']})\n")
     print(f"dataset-example pass, {e['latents']} latents, {e['images']} images")
     print(f"  example pass                 {e['s_per_1000_images']:8.1f} s per 1000 images")
     print(f"  forward pass alone (floor)   {e['forward_only_s_per_1000_images']:8.1f} s per 1000 images")

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from helpers.analysis import featviz
 from helpers.analysis.featviz import FeatvizConfig, render_directions, render_features
-from helpers.data.inception import branch_slices, load_model
+from helpers.data.inception import LayerCapture, branch_slices, load_model
 from helpers.sae.model import TopKSAE
 
 
@@ -55,3 +55,36 @@ def test_renders_are_cached_and_only_missing_ones_are_made(tmp_path, monkeypatch
     assert calls == [3, 2, 1]  # only feature 5 was missing
     render_features(None, "mixed4c", sae, tmp_path / "sae", [0], tmp_path / "cache", FeatvizConfig(steps=3, size=32))
     assert calls == [3, 2, 1, 1]  # other settings, other cache entry
+
+
+def test_the_redirected_relu_gives_lucents_gradients_and_images_bit_for_bit():
+    """load_model's redirected ReLU (one ``where``) against Lucent's own layer (boolean indexing): the same
+    gradient through the whole network, and the same rendered images."""
+    from lucent.modelzoo.inceptionv1 import helper_layers
+    from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1
+
+    ours = load_model("random", redirected_relu=True)[0]
+    assert not [m for m in ours.modules() if isinstance(m, helper_layers.RedirectedReluLayer)]
+    lucents = InceptionV1(pretrained=False, redirected_ReLU=True).eval().requires_grad_(False)
+    lucents.load_state_dict(ours.state_dict())
+    assert sum(isinstance(m, helper_layers.RedirectedReluLayer) for m in lucents.modules()) == 57
+    x = torch.randn(2, 3, 64, 64) * 60
+    grads = []
+    for model in (ours, lucents):
+        xi = x.clone().requires_grad_(True)
+        out = LayerCapture(model, ["mixed4a"])(xi)["mixed4a"]
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append(xi.grad)
+    assert torch.equal(*grads) and (grads[0] != 0).any()
+    plain = load_model("random")[0]
+    xi = x.clone().requires_grad_(True)
+    out = LayerCapture(plain, ["mixed4a"])(xi)["mixed4a"]
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    assert not torch.equal(xi.grad, grads[0])  # the redirection is there: a plain ReLU's gradient differs
+    direction = torch.randn(2, 508)
+    cfg = FeatvizConfig(steps=3, size=32)
+    first = render_directions(ours, "mixed4a", direction, cfg)
+    np.random.seed(12345)  # Lucent's jitter, scale and angle come from numpy's global generator: seeded by the render
+    assert np.array_equal(first, render_directions(lucents, "mixed4a", direction, cfg))
+    assert not np.array_equal(first, render_directions(ours, "mixed4a", direction, FeatvizConfig(steps=3, size=32, seed=1)))
+    assert np.random.randint(1 << 30) == np.random.RandomState(12345).randint(1 << 30)  # and its state restored

@@ -53,6 +53,8 @@ def render_directions(model, layer: str, directions: torch.Tensor, cfg: FeatvizC
     make_objective = objectives.direction if cfg.objective == "direction" else objectives.direction_neuron
     objective = sum(make_objective(layer, directions[i].to(device), batch=i) for i in range(n))
     torch.manual_seed(cfg.seed)
+    numpy_state = np.random.get_state()  # Lucent's transforms draw their jitter, scale and angle from numpy's
+    np.random.seed(cfg.seed % 2**32)  # global generator: seeded here, so a render is the same in every process
     before = {m: set(m._forward_hooks) for m in model.modules()}
     stop = _stop_after(model, layer)
     try:
@@ -63,6 +65,7 @@ def render_directions(model, layer: str, directions: torch.Tensor, cfg: FeatvizC
                                        optimizer=lambda p: torch.optim.Adam(p, lr=cfg.lr),
                                        thresholds=(cfg.steps,), show_image=False, progress=False)
     finally:
+        np.random.set_state(numpy_state)
         if stop is not None:
             stop.remove()
         for module, kept in before.items():  # Lucent leaves its feature hooks on the model

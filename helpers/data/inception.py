@@ -77,6 +77,8 @@ def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = InceptionV1(pretrained=False, redirected_ReLU=redirected_relu)
+    if redirected_relu:
+        _fast_redirected_relus_(model)
     if weights == "random":
         he_normal_(model, seed)
         weights_id = f"random(seed={seed})"  # He-normal: he_normal_
@@ -97,6 +99,37 @@ def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
             log.warning(RANDOM_WARNING)
     model.weights_id = weights_id
     return model.eval().requires_grad_(False).to(device), weights_id
+
+
+class _RedirectedReLU(torch.autograd.Function):
+    """Lucent's redirected ReLU (``helper_layers.RedirectedReLU``: the gradient through a negative input scaled by
+    0.1 instead of zeroed), its backward one elementwise ``where``: the same numbers as Lucent's, which finds the
+    negative entries twice by boolean indexing (``nonzero`` and ``index_put``, about a third of a feature
+    visualisation step on a CPU)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, = ctx.saved_tensors
+        return torch.where(x < 0, grad_output * 1e-1, grad_output)
+
+
+class _RedirectedReluLayer(nn.Module):
+    def forward(self, x):
+        return _RedirectedReLU.apply(x)
+
+
+def _fast_redirected_relus_(model: nn.Module) -> None:
+    """Every Lucent ``RedirectedReluLayer`` of ``model`` replaced by ``_RedirectedReluLayer`` (same name)."""
+    from lucent.modelzoo.inceptionv1.helper_layers import RedirectedReluLayer
+
+    for name, module in list(model.named_children()):
+        if isinstance(module, RedirectedReluLayer):
+            setattr(model, name, _RedirectedReluLayer())
 
 
 INPUT_STD = 64.0  # about the standard deviation of ``x*255-117`` inputs over natural images

@@ -3,6 +3,7 @@ import urllib.error
 import pytest
 import torch
 
+from helpers.config import MIXED_LAYERS
 from helpers.data.inception import (PAPER_LAYERS, LayerCapture, WeightsUnavailable, architecture_slices, branch_slices,
                                check_layers, layer_width, load_model, lucent_cache_path, model_input,
                                model_input_from_uint8)
@@ -194,3 +195,45 @@ def test_the_random_network_keeps_its_scale_and_tells_images_apart(image_dir):
     assert len(set(p.argmax(1).tolist())) >= len(paths) // 2
     kl = (p * (p.log() - p.mean(0, keepdim=True).log())).sum(1)  # each image's output against the mean output
     assert float(kl.mean()) > 0.05 and np.isfinite(float(kl.mean())) and not math.isnan(float(kl.mean()))
+
+
+def test_the_fast_layers_give_lucents_numbers(random_model, monkeypatch):
+    """load_model's max pools and local response norms (where no gradient is wanted) against Lucent's own network
+    with the same weights and torch's functions: every mixed layer and the logits bit for bit; each layer alone
+    against torch's at odd sizes, NaN and -inf."""
+    import importlib
+
+    from lucent.modelzoo.inceptionv1 import helper_layers
+
+    from helpers.data.layers import MaxPool2dLayer, local_response_norm, max_pool_3x3
+
+    lucent_module = importlib.import_module("lucent.modelzoo.inceptionv1.InceptionV1")
+    assert sum(isinstance(m, MaxPool2dLayer) for m in random_model.modules()) == 13
+    assert lucent_module.F.local_response_norm is local_response_norm
+    x = torch.randn(2, 3, 224, 224) * 60
+    with torch.no_grad():
+        ours = LayerCapture(random_model, MIXED_LAYERS)(x), random_model(x)
+        monkeypatch.setattr(lucent_module, "F", torch.nn.functional)  # Lucent's network as Lucent has it
+        lucents = lucent_module.InceptionV1(pretrained=False, redirected_ReLU=False).eval().requires_grad_(False)
+        lucents.load_state_dict(random_model.state_dict())
+        assert sum(isinstance(m, helper_layers.MaxPool2dLayer) for m in lucents.modules()) == 13
+        theirs = LayerCapture(lucents, MIXED_LAYERS)(x), lucents(x)
+        assert all(torch.equal(ours[0][layer], theirs[0][layer]) for layer in MIXED_LAYERS)
+        assert torch.equal(ours[1], theirs[1])
+    for shape, size, beta in [((2, 5, 7, 3), 9, 0.5), ((1, 12, 4, 4), 4, 0.75), ((3, 64, 5, 6), 9, 0.5)]:
+        t = torch.randn(shape) * 20
+        t[0, 0, 1, 1], t[-1, -1, 2, 0] = float("nan"), float("inf")
+        got, want = local_response_norm(t, size, 1e-4, beta, 1.0), torch.nn.functional.local_response_norm(t, size, 1e-4, beta, 1.0)
+        assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)) and torch.equal(got.isnan(), want.isnan())
+    for shape, stride in [((2, 3, 9, 8), 2), ((1, 2, 7, 7), 1), ((1, 1, 3, 4), 2), ((2, 5, 10, 11), 2)]:
+        t = torch.randn(shape)
+        t[0, 0, 1, 1], t[-1, -1, 2, 0] = float("nan"), float("-inf")
+        got, want = max_pool_3x3(t, stride), torch.nn.functional.max_pool2d(t, 3, stride)
+        assert got.shape == want.shape and torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+        assert torch.equal(got.isnan(), want.isnan())
+    # with a gradient wanted, torch's pool (and its choice among tied inputs) is kept
+    t = torch.zeros(1, 1, 5, 5, requires_grad=True)
+    MaxPool2dLayer()(t).sum().backward()
+    t2 = torch.zeros(1, 1, 5, 5, requires_grad=True)
+    torch.nn.functional.max_pool2d(t2, 3, 1).sum().backward()
+    assert torch.equal(t.grad, t2.grad)

@@ -26,6 +26,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 from helpers.config import BRANCHES, MIXED_LAYERS, PAPER_LAYERS, check_layers  # noqa: F401 (names of the model)
+from helpers.data.layers import exact_fast_layers_
 from helpers.files import sha256_file
 
 # the module whose output is each branch's contribution to the concatenation
@@ -77,8 +78,7 @@ def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = InceptionV1(pretrained=False, redirected_ReLU=redirected_relu)
-    if redirected_relu:
-        _fast_redirected_relus_(model)
+    exact_fast_layers_(model)
     if weights == "random":
         he_normal_(model, seed)
         weights_id = f"random(seed={seed})"  # He-normal: he_normal_
@@ -99,37 +99,6 @@ def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
             log.warning(RANDOM_WARNING)
     model.weights_id = weights_id
     return model.eval().requires_grad_(False).to(device), weights_id
-
-
-class _RedirectedReLU(torch.autograd.Function):
-    """Lucent's redirected ReLU (``helper_layers.RedirectedReLU``: the gradient through a negative input scaled by
-    0.1 instead of zeroed), its backward one elementwise ``where``: the same numbers as Lucent's, which finds the
-    negative entries twice by boolean indexing (``nonzero`` and ``index_put``, about a third of a feature
-    visualisation step on a CPU)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.clamp(min=0)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, = ctx.saved_tensors
-        return torch.where(x < 0, grad_output * 1e-1, grad_output)
-
-
-class _RedirectedReluLayer(nn.Module):
-    def forward(self, x):
-        return _RedirectedReLU.apply(x)
-
-
-def _fast_redirected_relus_(model: nn.Module) -> None:
-    """Every Lucent ``RedirectedReluLayer`` of ``model`` replaced by ``_RedirectedReluLayer`` (same name)."""
-    from lucent.modelzoo.inceptionv1.helper_layers import RedirectedReluLayer
-
-    for name, module in list(model.named_children()):
-        if isinstance(module, RedirectedReluLayer):
-            setattr(model, name, _RedirectedReluLayer())
 
 
 INPUT_STD = 64.0  # about the standard deviation of ``x*255-117`` inputs over natural images

@@ -8,7 +8,9 @@ of figure 1, the UMAP maps, the circuit analyses, and the book build. Each is ru
 share of its work (random weights and the ImageNet sample or generated images: speed does not
 depend on what the weights are), and the profile's total is projected from the measured rates.
 The table says which work each projection multiplies; the book build's time is taken from the
-smoke book (pass ``--book-seconds``).
+smoke book (pass ``--book-seconds``). Each stage belongs to the first chapter that makes it, so the record
+also gives each chapter's cost after the chapters before it and opened alone (``NEEDS``: what it makes first);
+``python -m helpers export`` writes those into each chapter's top from the ``colab`` and ``cpu`` records.
 
     python bench/bench_profile.py [--profile cpu] [--images 200] [--book-seconds 150]
 """
@@ -31,11 +33,15 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import write_results  # noqa: E402
+from common import cpu_name, write_results  # noqa: E402
 from helpers.run.profiles import PROFILES  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "imagenet-sample"
-IMAGES = {"imagenette+imagewoof": 26_394, "imagenette": 3_925}  # images each download holds
+IMAGES = {"imagenette+imagewoof": 26_394, "imagenette": 3_925, "imagenet-sample": 1_000}  # images each source holds
+# what a chapter opened alone also computes: the chapters whose stages it needs first (a run's artifacts are reused)
+NEEDS = {"02": (), "03": ("02",), "04": ("02", "03"), "05": ("02", "03", "04"), "06": ("02", "03", "04"),
+         "07": ("02", "03", "04"), "08": ("02", "03", "04"), "09": ("02", "03"), "10": ("02", "03", "04", "05", "09")}
+AUTHOR_SAE_MB = 4 * sum((16 * d) * d for d in (508, 512, 512, 528, 832))  / 2**20  # tied [16 d, d] float32, mixed4a-4e
 
 
 def timed(fn, *args, **kw) -> float:
@@ -67,12 +73,15 @@ def main() -> None:
 
     rows, total = [], 0.0
 
-    def add(stage, seconds_each, units, unit_name, note=""):
+    def add(stage, seconds_each, units, unit_name, note="", chapter=None, needed_by=None):
         nonlocal total
         projected = seconds_each * units
         total += projected
         rows.append({"stage": stage, "measured": f"{seconds_each:.4g} s per {unit_name}", "work": f"{units:,} {unit_name}s",
-                     "projected min": round(projected / 60, 1), "note": note})
+                     "projected min": round(projected / 60, 1), "note": note, "chapter": chapter,
+                     "needed by": needed_by})  # None: every chapter that NEEDS its chapter; else only these
+
+    author = profile.name == "colab"  # the colab profile shows the author's SAEs: none trained before chapter 09
 
     with tempfile.TemporaryDirectory() as tmp:
         if SAMPLE.is_dir():
@@ -85,11 +94,13 @@ def main() -> None:
                                 out=str(Path(tmp) / "harvest"), workers=min(4, os.cpu_count() or 1), device="cpu")
         s = timed(harvest, h)
         harvested = f"harvest, {', '.join(h.layers)}"
-        add(harvested, s / a.images, n_images, "image")
+        add(harvested + (" (the author's convention)" if author else ""), s / a.images, n_images, "image", chapter="02")
+        per_image = s / a.images
         model = load_model("random")[0]
         widths = {layer: layer_width(architecture_slices(layer)) for layer in h.layers}
         cfg = profile.train
-        saes = {}
+        saes, train_s, stats_s = {}, {}, {}
+        n_vectors = min(500_000, n_images * h.per_image)
         for layer, d in widths.items():
             sae = saes[layer] = TopKSAE(d, cfg.sae.expansion * d, cfg.sae.k, cfg.sae.tied, seed=0, kernels=cfg.kernels)
             state = _State(sae, Adam(sae.parameters(), 1e-4), torch.zeros(sae.d_sae, dtype=torch.long))
@@ -97,24 +108,33 @@ def main() -> None:
             step_cfg = dataclasses.replace(cfg, vectors=None)
             _step(step_cfg, state, x)  # warm-up
             s = timed(lambda: [_step(step_cfg, state, x) for _ in range(a.train_steps)])
-            add(f"training {layer} (d_sae {sae.d_sae}, aux_k {cfg.sae.aux_k})", s / a.train_steps / cfg.batch_size,
-                cfg.vectors_seen, "vector")
+            train_s[layer] = s / a.train_steps / cfg.batch_size * cfg.vectors_seen
             with torch.no_grad():
                 s = timed(firing_stats, sae, [x, x])
-            add(f"feature statistics {layer}", s / (2 * len(x)), min(500_000, n_images * h.per_image), "vector")
+            stats_s[layer] = s / (2 * len(x)) * n_vectors
+            distill = layer not in profile.layers  # mixed3a and mixed3b: chapter 10's rows only
+            if not author:
+                add(f"training {layer} (d_sae {sae.d_sae}, aux_k {cfg.sae.aux_k})", train_s[layer] / cfg.vectors_seen,
+                    cfg.vectors_seen, "vector", chapter="10" if distill else "03")
+            add(f"feature statistics {layer}", stats_s[layer] / n_vectors, n_vectors, "vector",
+                chapter="10" if distill else "04")
+        if author:
+            add(f"download the author's SAEs (about {AUTHOR_SAE_MB:.0f} MB)", 0.0, 5, "file",
+                "not timed here (no internet): seconds on Colab", chapter="03")
         n_ex = min(a.images, 64)
-        s = timed(example_passes, model, saes, images.head(n_ex))
-        add("dataset examples, mixed4a-4e", s / n_ex, n_images, "image", "one forward pass for all layers")
+        s = timed(example_passes, model, {layer: saes[layer] for layer in profile.layers}, images.head(n_ex))
+        add("dataset examples, mixed4a-4e", s / n_ex, n_images, "image", "one forward pass for all layers", chapter="04")
         fv = profile.featviz
         directions = torch.randn(fv.batch, 512)
         steps = 8
         s = timed(render_directions, model, "mixed4c", directions, dataclasses.replace(fv, steps=steps))
         n_features = 5 * (profile.figure1_per_layer + 4 * profile.figure1_per_branch)
         add("feature visualisation (figure 1)", s / steps / fv.batch, n_features * fv.steps, "feature-step",
-            f"{n_features} features x {fv.steps} steps")
+            f"{n_features} features x {fv.steps} steps", chapter="07", needed_by=[])
         decoder = np.random.default_rng(0).normal(size=(16 * 512, 512)).astype(np.float32)
         s = timed(umap_embedding, decoder)
-        add("UMAP of 8,192 decoder vectors", s, 2 + 5, "map", "chapter 06 (2) and the atlas (5)")
+        add("UMAP of 8,192 decoder vectors (chapter 06's two layers)", s, 2, "map", chapter="06")
+        add("UMAP of 8,192 decoder vectors (the atlas's five layers)", s, 5, "map", chapter="08")
         x = torch.randn(2, 3, 224, 224)
         with torch.no_grad():
             acts = LayerCapture(model, ["mixed4b", "mixed4c"])(x)
@@ -122,39 +142,56 @@ def main() -> None:
         with torch.no_grad():
             sb.b_dec.copy_(acts["mixed4b"].mean(dim=(0, 2, 3)))
         s = timed(attribution, model, sb, sc, "mixed4b", acts["mixed4b"], sources=list(range(16)))
+        attribution_s = s / (16 * 2) * profile.circuit_sources * profile.circuit_images * 4
         add("circuit attribution", s / (16 * 2), profile.circuit_sources * profile.circuit_images * 4, "source-image",
-            f"{profile.circuit_sources} sources x {profile.circuit_images} images x 4 layer pairs")
+            f"{profile.circuit_sources} sources x {profile.circuit_images} images x 4 layer pairs", chapter="05")
         with torch.no_grad():
             xs = torch.randn(8, 3, 224, 224)
             model(xs)
             s = timed(model, xs)
-        add("spliced-in evaluation (chapter 03)", s / 8, profile.spliced_images * 5 * 7, "image-forward",
-            f"{profile.spliced_images} images x 5 layers x 7 cases")
-        by_stage = {r["stage"]: r["projected min"] for r in rows}
-        harvest_min = by_stage[harvested]
-        train_min = sum(v for k, v in by_stage.items() if k.startswith(("training", "feature statistics")))
+        add("spliced-in evaluation", s / 8, profile.spliced_images * 5 * 7, "image-forward",
+            f"{profile.spliced_images} images x 5 layers x 7 cases", chapter="03")
+        harvest_min = per_image * n_images / 60
+        paper_train = sum(train_s[layer] + stats_s[layer] for layer in profile.layers)
+        all_train = sum(train_s.values()) + sum(stats_s.values())
         if profile.untrained_control:
-            add("untrained control (chapters 04, 10): its harvest, SAEs, statistics", (harvest_min + train_min) * 60,
-                1, "run", "the sum of those stages above")
+            add("untrained control: its harvest, SAEs, statistics", per_image * n_images + paper_train, 1, "run",
+                "the sum of those stages above", chapter="04", needed_by=["10"])
+            add("untrained control of mixed3a and mixed3b", all_train - paper_train, 1, "run", chapter="10")
+        # chapter 09's SAEs of ours on mixed4c: seed 0 (the colab profile trains none before) and seed 1 (which is
+        # chapter 10's claim seed of mixed4c where the profile has two)
+        mixed4c = train_s["mixed4c"] + stats_s["mixed4c"]
+        if author:
+            add("chapter 09: our harvest (inputs x\\*255-117, the paper's positions)", per_image, n_images, "image",
+                chapter="09", needed_by=[])
+        add("chapter 09: our SAEs of mixed4c" + (", seeds 0 and 1" if author else ", seed 1"),
+            mixed4c * (2 if author else 1), 1, "run", chapter="09",
+            needed_by=["10"] if len(profile.claim_seeds) > 1 else [])  # seed 1 is chapter 10's claim seed of mixed4c
         extra = len(profile.claim_seeds) - 1
         if extra:
-            add("chapter 10: the other claim seeds of every layer", train_min * 60 * extra, 1, "run",
-                f"{extra} more SAE per layer, with statistics")
-        add("chapter 10: the edges rows' attribution", by_stage["circuit attribution"] * 60, 1, "run",
-            "chapter 05's pass again")
-        if not extra:  # else chapter 09's second seed of mixed4c is one of chapter 10's
-            mixed4c = [v for k, v in by_stage.items() if k.startswith("training mixed4c")][0]
-            add("second seed of mixed4c (chapter 09)", mixed4c * 60, 1, "training")
+            add("chapter 10: the other claim seeds of every layer but mixed4c", (all_train - mixed4c) * extra
+                + mixed4c * (extra - 1), 1, "run", f"{extra} more SAE per layer, with statistics", chapter="10")
+        add("chapter 10: the edges rows' attribution", attribution_s, 1, "run", "chapter 05's pass again", chapter="10")
         add("book build (jupyter-book)", a.book_seconds, 1, "build", "measured on the smoke book")
 
-    print(f"\nprofile {a.profile}: {profile.description}\nthis machine: {os.cpu_count()} CPU cores, no GPU; "
+    chapters = {}
+    for chapter in NEEDS:
+        own = [r for r in rows if r["chapter"] == chapter]
+        before = [r for r in rows if r["chapter"] in NEEDS[chapter] and (r["needed by"] is None or chapter in r["needed by"])]
+        chapters[chapter] = {"computes": [r["stage"] for r in own], "minutes": round(sum(r["projected min"] for r in own), 1),
+                             "alone minutes": round(sum(r["projected min"] for r in own + before), 1)}
+    print(f"\nprofile {a.profile}: {profile.description}\nthis machine: {cpu_name()}, no GPU; "
           f"rates measured on {a.images} images ({'ImageNet sample' if SAMPLE.is_dir() else 'generated'})\n")
-    print(f"  {'stage':<44} {'measured':>26} {'work':>24} {'projected min':>14}")
+    print(f"  {'stage':<60} {'chapter':>7} {'measured':>26} {'work':>24} {'projected min':>14}")
     for r in rows:
-        print(f"  {r['stage']:<44} {r['measured']:>26} {r['work']:>24} {r['projected min']:>14}")
-    print(f"\n  projected total: {total / 3600:.1f} hours (with SAE_SAES=author, chapter 09 adds a harvest under the "
-          f"author's input convention: {harvest_min:.0f} min more)")
-    write_results("profile", a.profile, {"rows": rows, "total_hours": total / 3600, "cpus": os.cpu_count()})
+        print(f"  {r['stage']:<60} {r['chapter'] or '-':>7} {r['measured']:>26} {r['work']:>24} {r['projected min']:>14}")
+    print(f"\n  {'chapter':<8} {'its own stages, min':>20} {'opened alone, min':>18}")
+    for chapter, c in chapters.items():
+        print(f"  {chapter:<8} {c['minutes']:>20} {c['alone minutes']:>18}")
+    print(f"\n  projected total: {total / 3600:.1f} hours" + ("" if author else
+          f" (with SAE_SAES=author, chapter 09 adds a harvest under the author's input convention: {harvest_min:.0f} min more)"))
+    write_results("profile", a.profile, {"rows": rows, "chapters": chapters, "total_hours": total / 3600,
+                                         "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")})
 
 
 if __name__ == "__main__":

@@ -122,3 +122,51 @@ def test_every_chapter_opens_on_colab_from_the_one_configured_repository(tmp_pat
     config.write_text("repository:\n  url: https://gitlab.com/x/y\n")
     with pytest.raises(export.ExportError, match="not a https://github.com/OWNER/NAME"):
         export.repository(config)
+
+
+def _record(cpu, chapters):
+    return {"cpu": cpu, "date": "2026-12-03", "chapters": chapters}
+
+
+def test_each_chapter_states_what_it_computes_and_how_long_as_the_bench_measured():
+    records = export.cost_records()
+    assert set(records) == set(export.COST_PROFILES), "bench/results/profile-{colab,cpu}.json are kept in git"
+    for path in export.NOTEBOOKS.glob("[0-9]*.ipynb"):
+        assert export.cost_cells(path, records, write=False), f"{path.name}: run `python -m helpers export`"
+        title = json.loads(path.read_text())["cells"][0]["source"]
+        assert "<!-- cost: " in "".join(title), path.name
+    # the statement is the record's: a stage and its minutes, per profile, and what opening alone adds
+    for name, record in records.items():
+        c = record["chapters"]["07"]
+        text = export.cost_statement("07", records)
+        assert f"- the `{name}` profile" in text and all(stage in text for stage in export._compact(c["computes"]))
+        assert f"{c['minutes']:.0f} min" in text or c["minutes"] < 1 or c["minutes"] >= 90
+
+
+def test_the_cost_statement_reads_minutes_and_prerequisites_from_the_record(tmp_path):
+    records = {"colab": _record("CPU A", {"05": {"computes": ["circuit attribution"], "minutes": 3.4,
+                                                  "alone minutes": 9.6}}),
+               "cpu": _record("CPU A", {"05": {"computes": ["circuit attribution"], "minutes": 0.4,
+                                                "alone minutes": 0.4}})}
+    text = export.cost_statement("05", records)
+    assert "- the `colab` profile (the default on Colab): circuit attribution: about 3 min on 2 CPU cores" in text
+    assert "(about 10 min opened alone" in text
+    assert "- the `cpu` profile: circuit attribution: under a minute on 2 CPU cores after the chapters before it.\n" \
+        in text  # nothing before it to compute: no "opened alone" clause
+    assert export._compact(["training mixed4a (d_sae 8128, aux_k 256)", "feature statistics mixed4a", "training mixed4b",
+                            "UMAP"]) == ["training of mixed4a, mixed4b", "feature statistics of mixed4a", "UMAP"]
+    assert "rates measured on CPU A, 2026-12-03" in text and "no T4 has been measured" in text
+    assert "Nothing heavy" in export.cost_statement("01", records)
+    # a chapter without the block gets one under its Colab link; a changed record makes it stale again
+    copy = tmp_path / "05_x.ipynb"
+    shutil.copy(next(export.NOTEBOOKS.glob("05_*.ipynb")), copy)
+    nb = json.loads(copy.read_text())
+    nb["cells"][0]["source"] = export.COST.sub("", "".join(nb["cells"][0]["source"]))
+    copy.write_text(json.dumps(nb))
+    assert not export.cost_cells(copy, records, write=False)
+    export.cost_cells(copy, records, write=True)
+    title = "".join(json.loads(copy.read_text())["cells"][0]["source"])
+    assert title.index(".ipynb)") < title.index("<!-- cost: ") and export.cost_cells(copy, records, write=False)
+    records["colab"]["chapters"]["05"]["minutes"] = 120.0
+    assert not export.cost_cells(copy, records, write=False)
+    assert "about 2.0 hours" in export.cost_statement("05", records)

@@ -173,6 +173,80 @@ def colab_cells(path: Path, repo: str, branch: str, write: bool) -> bool:
     return not changed
 
 
+COST = re.compile(r"<!-- cost: .*?<!-- /cost -->", re.S)
+COST_PROFILES = ("colab", "cpu")  # whose projections each chapter states: Colab's first look, and the full run
+
+
+def _minutes(m: float) -> str:
+    return "under a minute" if m < 1 else f"about {m:.0f} min" if m < 90 else f"about {m / 60:.1f} hours"
+
+
+def _compact(stages: list[str]) -> list[str]:
+    """bench_profile's stage names for a reader: one item per kind of per-layer stage, its layers listed."""
+    out, layers = [], {}
+    for stage in stages:
+        stage = re.sub(r" \(d_sae [^)]*\)", "", re.sub(r"^chapter \d\d: ", "", stage)).replace("harvest, ", "harvest of ")
+        m = re.fullmatch(r"(training|feature statistics) (mixed\w+)", stage)
+        if m and m[1] not in layers:
+            layers[m[1]] = []
+            out.append(m[1])
+        if m:
+            layers[m[1]].append(m[2])
+        else:
+            out.append(stage)
+    return [f"{item} of {', '.join(layers[item])}" if item in layers else item for item in out]
+
+
+def cost_statement(chapter: str, records: dict[str, dict]) -> str:
+    """What running ``chapter`` ("02") computes in each of ``COST_PROFILES`` and about how long, from
+    ``bench/bench_profile.py``'s records (``records[profile]``: its JSON), as the chapter's top says it."""
+    head = "<!-- cost: written by `python -m helpers export` from bench/results/profile-*.json -->\n"
+    if not any(chapter in r.get("chapters", {}) for r in records.values()):
+        return head + ("**What running this chapter computes.** Nothing heavy: it loads the network (a download of "
+                       "about 27 MB, once) and reads its architecture, in seconds.\n<!-- /cost -->")
+    lines, measured_on = [], set()
+    for name in COST_PROFILES:
+        if name not in records:
+            continue
+        record, c = records[name], records[name]["chapters"][chapter]
+        measured_on.add(f"{record['cpu']}, {record.get('date', 'undated')}")
+        own = "; ".join(_compact(c["computes"])) or "nothing new (it reads what earlier chapters made)"
+        alone = "" if c["alone minutes"] == c["minutes"] else f" ({_minutes(c['alone minutes'])} opened alone, " \
+                "with the earlier chapters' stages it needs)"
+        lines.append(f"- the `{name}` profile{' (the default on Colab)' if name == 'colab' else ''}: {own}: "
+                     f"{_minutes(c['minutes'])} on 2 CPU cores after the chapters before it{alone}.")
+    return (head + "**What running this chapter computes, and how long:**\n\n" + "\n".join(lines) + "\n\nProjected by "
+            "`python bench/bench_profile.py --profile NAME` from rates measured on " + " and ".join(sorted(measured_on))
+            + ". Colab's CPU runtime has 2 cores too; no T4 has been measured yet: on a T4 runtime the network and "
+            "the SAEs run on its GPU, the image decoding and UMAP on its 2 CPU cores.\n<!-- /cost -->")
+
+
+def cost_records(results: Path = ROOT / "bench" / "results") -> dict[str, dict]:
+    """bench_profile's records of ``COST_PROFILES`` found in ``results``."""
+    import json
+
+    return {name: json.loads((results / f"profile-{name}.json").read_text()) for name in COST_PROFILES
+            if (results / f"profile-{name}.json").is_file()}
+
+
+def cost_cells(path: Path, records: dict[str, dict], write: bool) -> bool:
+    """Whether the chapter's title cell states its cost as ``records`` say (rewritten, with ``write``); a chapter
+    without the ``<!-- cost: ... -->`` block gets one after its Colab link."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    cell, statement = nb.cells[0], cost_statement(path.name[:2], records)
+    if COST.search(cell.source):
+        new = COST.sub(lambda _: statement, cell.source)
+    else:
+        head, sep, rest = cell.source.partition(".ipynb)\n")
+        new = head + sep + "\n" + statement + "\n" + rest if sep else cell.source + "\n\n" + statement
+    if new != cell.source and write:
+        cell.source = new
+        nbformat.write(nb, path)
+    return new == cell.source
+
+
 def readme_badge(readme: Path, repo: str, branch: str, write: bool) -> bool:
     """Whether the README's Colab badge names ``repo``@``branch`` (rewritten, with ``write``)."""
     text = Path(readme).read_text()
@@ -214,6 +288,9 @@ def main(argv=None) -> int:
              if not colab_cells(p, repo, branch, write=not args.check)]
     stale += [] if readme_badge(ROOT / "README.md", repo, branch, write=not args.check) else ["README.md"]
     changed += [f"{name} (the Colab badge or install cell of {repo}@{branch})" for name in stale]
+    records = cost_records()
+    changed += [f"nbs/{p.name} (its cost statement, from bench/results/profile-*.json)"
+                for p in sorted(NOTEBOOKS.glob("[0-9]*.ipynb")) if records and not cost_cells(p, records, not args.check)]
     if args.check and changed:
         print("generated modules or Colab cells differ from their sources (run `python -m helpers export`):\n  "
               + "\n  ".join(changed), file=sys.stderr)

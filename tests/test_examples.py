@@ -223,3 +223,19 @@ def test_a_checkpoint_that_cannot_be_written_is_skipped_with_a_warning(random_mo
         got = example_passes(random_model, {"mixed4c": sae}, images, top=3, reservoir=5, batch_size=2,
                              checkpoint=tmp_path / "ckpt", checkpoint_seconds=0)["mixed4c"]
     assert np.array_equal(got.top_image, whole.top_image) and (tmp_path / "ckpt").is_dir()
+
+
+def test_image_maxima_from_the_kept_latents_are_the_dense_maxima():
+    """The per-image maximum and its first position, read from the kept latents, against the dense codes' max(dim=1)
+    (ties included: a position repeated holds the same maximum twice; features that never fire sit at position 0)."""
+    from helpers.analysis.examples import _image_maxima
+
+    sae = TopKSAE(16, 96, 4, "full", seed=3)
+    positions = torch.relu(torch.randn(5, 12, 16))
+    positions[:, 7] = positions[:, 2]  # the same vector twice: its maxima tie, the first position wins
+    dense = sae.encode(positions.reshape(-1, 16)).reshape(5, 12, -1)
+    want_v, want_p = dense.max(dim=1)
+    for budget in (1 << 26, 12 * 96 * 2):  # all images at once, and two at a time
+        got_v, got_p = _image_maxima(sae, positions, budget)
+        assert torch.equal(got_v, want_v) and torch.equal(got_p, want_p)
+    assert (want_v == 0).any() and ((want_p == 2) | (want_p == 7)).any() and not (want_p == 7).all()

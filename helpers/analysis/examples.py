@@ -252,15 +252,22 @@ class _Running:
 
 
 def _image_maxima(sae, positions: torch.Tensor, budget: int = 1 << 26):
-    """positions [B, HW, C] -> (max activation [B, n], its position [B, HW index]) per feature."""
+    """positions [B, HW, C] -> (max activation [B, n], its position [B, HW index]) per feature: the dense codes'
+    ``max(dim=1)`` (the first position of the maximum; position 0 where the feature is 0 everywhere), read from
+    the kept latents alone, a few images at a time."""
     b, hw, c = positions.shape
     step = max(1, budget // (hw * sae.d_sae))
     values, where = [], []
     for s in range(0, b, step):
-        z = sae.encode(positions[s:s + step].reshape(-1, c)).reshape(-1, hw, sae.d_sae)
-        v, p = z.max(dim=1)
-        values.append(v)
-        where.append(p)
+        code = sae.encode_topk(positions[s:s + step].reshape(-1, c))
+        m = len(code.values) // hw
+        v, idx = code.values.reshape(m, -1), code.indices.reshape(m, -1)  # [images, HW * kept], position-major
+        best = torch.zeros(m, sae.d_sae, dtype=v.dtype, device=v.device).scatter_reduce_(1, idx, v, "amax")
+        pos = torch.arange(hw, device=v.device).repeat_interleave(code.values.shape[1]).expand(m, -1)
+        first = torch.where((v > 0) & (v == best.gather(1, idx)), pos, hw)
+        at = torch.full((m, sae.d_sae), hw, dtype=torch.long, device=v.device).scatter_reduce_(1, idx, first, "amin")
+        values.append(best)
+        where.append(at.masked_fill_(at == hw, 0))
     return torch.cat(values), torch.cat(where)
 
 

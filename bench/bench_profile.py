@@ -126,7 +126,8 @@ def main() -> None:
         add("dataset examples, mixed4a-4e", s / n_ex, n_images, "image", "one forward pass for all layers", chapter="04")
         fv = profile.featviz
         directions = torch.randn(fv.batch, 512)
-        steps = 8
+        steps = 16
+        render_directions(model, "mixed4c", directions[:2], dataclasses.replace(fv, steps=1))  # warm-up: imports, jit
         s = timed(render_directions, model, "mixed4c", directions, dataclasses.replace(fv, steps=steps))
         n_features = 5 * (profile.figure1_per_layer + 4 * profile.figure1_per_branch)
         add("feature visualisation (figure 1)", s / steps / fv.batch, n_features * fv.steps, "feature-step",

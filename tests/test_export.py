@@ -154,7 +154,9 @@ def test_the_cost_statement_reads_minutes_and_prerequisites_from_the_record(tmp_
     assert "- the `cpu` profile: circuit attribution: under a minute on 2 CPU cores after the chapters before it.\n" \
         in text  # nothing before it to compute: no "opened alone" clause
     assert export._compact(["training mixed4a (d_sae 8128, aux_k 256)", "feature statistics mixed4a", "training mixed4b",
-                            "UMAP"]) == ["training of mixed4a, mixed4b", "feature statistics of mixed4a", "UMAP"]
+                            "UMAP", "harvest, mixed4a, mixed4b", "untrained control: its harvest, SAEs"]) == [
+        "training of mixed4a, mixed4b", "feature statistics of mixed4a", "UMAP", "harvest of mixed4a, mixed4b",
+        "untrained control: its harvest, SAEs"]
     assert "rates measured on CPU A, 2026-12-03" in text and "no T4 has been measured" in text
     assert "Nothing heavy" in export.cost_statement("01", records)
     # a chapter without the block gets one under its Colab link; a changed record makes it stale again

@@ -185,7 +185,7 @@ def _compact(stages: list[str]) -> list[str]:
     """bench_profile's stage names for a reader: one item per kind of per-layer stage, its layers listed."""
     out, layers = [], {}
     for stage in stages:
-        stage = re.sub(r" \(d_sae [^)]*\)", "", re.sub(r"^chapter \d\d: ", "", stage)).replace("harvest, ", "harvest of ")
+        stage = re.sub(r"^harvest, ", "harvest of ", re.sub(r" \(d_sae [^)]*\)", "", re.sub(r"^chapter \d\d: ", "", stage)))
         m = re.fullmatch(r"(training|feature statistics) (mixed\w+)", stage)
         if m and m[1] not in layers:
             layers[m[1]] = []

@@ -52,7 +52,6 @@ infinity, k above 128 and GPUs take the float32 path (``TopKSAE._select``).
 from __future__ import annotations
 
 import math
-import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -60,14 +59,10 @@ import torch
 
 LANES = 128  # strided blocks of a row: block l holds latents l, l + LANES, l + 2 LANES, ...
 U = 2.0 ** -8  # bf16's unit roundoff
-_ONE_AT_A_TIME = threading.Lock()
 MIN_ROWS = 256
 _FAST = {"nsz", "arcp", "contract", "reassoc", "afn"}  # no 'nnan'/'ninf': inputs are checked finite anyway
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba comes with umap-learn
-    numba = None
+from helpers.numba_threads import numba, numba_region
 
 
 def enabled(x_c: torch.Tensor, weight: torch.Tensor, k: int, mode: str = "auto") -> bool:
@@ -93,8 +88,7 @@ def topk_rows(pre: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Te
             or values.dtype != torch.float32 or indices.dtype != torch.int64:
         return False
     pre = pre.detach().contiguous()
-    with _ONE_AT_A_TIME:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    with numba_region():
         ok = _topk_rows(pre.numpy(), k, values.numpy(), indices.numpy())
     return bool(ok)
 
@@ -150,8 +144,7 @@ def screened_topk(x_c: torch.Tensor, weight: torch.Tensor, b_enc: torch.Tensor, 
     """``topk(x_c @ weight.T + b_enc, k)`` (unsorted) as (values, indices), or None where an input is not
     finite (the caller then takes the float32 path). x_c: [batch, d_in]; weight: [d_sae, d_in]. ``counts``
     ([batch] int64), if given, receives how many latents step 4 left for rescoring in each row."""
-    with _ONE_AT_A_TIME:  # Numba's fallback thread pool (workqueue) must not be entered from two threads
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    with numba_region():  # Numba's fallback thread pool (workqueue) must not be entered from two threads
         rounded = rounded_weight(weight)
         x_c, weight, b_enc = (t.detach().contiguous() for t in (x_c, weight, b_enc))
         x_b = x_c.to(torch.bfloat16)

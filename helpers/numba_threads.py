@@ -1,0 +1,26 @@
+"""Numba, where it is installed (it comes with umap-learn), and the one way into its parallel regions: Numba's
+fallback thread pool (workqueue) must not be entered from two threads at once, so every kernel with ``prange``
+(the screened TopK's, the local response norm's) runs inside ``numba_region()``, which holds this process's one
+lock and gives Numba as many threads as torch has."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba comes with umap-learn
+    numba = None
+
+_ONE_AT_A_TIME = threading.Lock()
+
+
+@contextlib.contextmanager
+def numba_region():
+    """Hold the lock every Numba parallel call of this package takes; inside, Numba uses torch's thread count."""
+    import torch
+
+    with _ONE_AT_A_TIME:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        yield

@@ -170,8 +170,8 @@ def main() -> None:
             needed_by=["10"] if len(profile.claim_seeds) > 1 else [])  # seed 1 is chapter 10's claim seed of mixed4c
         extra = len(profile.claim_seeds) - 1
         if extra:
-            add("chapter 10: the other claim seeds of every layer but mixed4c", (all_train - mixed4c) * extra
-                + mixed4c * (extra - 1), 1, "run", f"{extra} more SAE per layer, with statistics", chapter="10")
+            add("chapter 10: the other claim seeds of every layer but mixed4c", all_train * extra - mixed4c, 1, "run",
+                f"{extra} more SAE per layer, with statistics", chapter="10")  # mixed4c's first is chapter 09's
         add("chapter 10: the edges rows' attribution", attribution_s, 1, "run", "chapter 05's pass again", chapter="10")
         add("book build (jupyter-book)", a.book_seconds, 1, "build", "measured on the smoke book")
 

@@ -181,11 +181,15 @@ def _minutes(m: float) -> str:
     return "under a minute" if m < 1 else f"about {m:.0f} min" if m < 90 else f"about {m / 60:.1f} hours"
 
 
+READABLE = [(r"^chapter \d\d: ", ""), (r" \(d_sae [^)]*\)", ""), (r"^harvest, ", "harvest of ")]  # stage name -> text
+
+
 def _compact(stages: list[str]) -> list[str]:
     """bench_profile's stage names for a reader: one item per kind of per-layer stage, its layers listed."""
     out, layers = [], {}
     for stage in stages:
-        stage = re.sub(r"^harvest, ", "harvest of ", re.sub(r" \(d_sae [^)]*\)", "", re.sub(r"^chapter \d\d: ", "", stage)))
+        for pattern, text in READABLE:
+            stage = re.sub(pattern, text, stage)
         m = re.fullmatch(r"(training|feature statistics) (mixed\w+)", stage)
         if m and m[1] not in layers:
             layers[m[1]] = []

@@ -18,6 +18,7 @@ Random weights (speed only); images from ../shared/imagenet-sample.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import warnings
 import os
@@ -45,12 +46,25 @@ from helpers.sae.model import TopKSAE  # noqa: E402
 
 
 def lucent_model(model, device):
-    """Lucent's InceptionV1 as Lucent builds it (its own RedirectedReLU) with ``model``'s weights."""
+    """Lucent's InceptionV1 as Lucent builds it (its own RedirectedReLU and max pools) with ``model``'s weights."""
     from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1
 
     lucent = InceptionV1(pretrained=False, redirected_ReLU=True)
     lucent.load_state_dict(model.state_dict())
     return lucent.eval().requires_grad_(False).to(device)
+
+
+@contextlib.contextmanager
+def torch_functional():
+    """Lucent's InceptionV1 module calling torch's functions (``load_model`` gives it the fast local response norm)."""
+    import importlib
+
+    module = importlib.import_module("lucent.modelzoo.inceptionv1.InceptionV1")
+    ours, module.F = module.F, torch.nn.functional
+    try:
+        yield
+    finally:
+        module.F = ours
 
 
 def plain_render_vis(model, layer, directions, cfg):
@@ -91,8 +105,9 @@ def main() -> None:
     for i in range(a.features):
         render_directions(model, a.layer, directions[i:i + 1], cfg)
     single = (time.perf_counter() - t) / a.features
-    # against a plain batched render_vis: Lucent's own model (its RedirectedReLU's backward by boolean indexing) run
-    # whole on the same objectives, seeds and transforms; ours stops after the layer and redirects with one `where`
+    # against a plain batched render_vis: Lucent's own model (its RedirectedReLU's backward by boolean indexing, torch's
+    # max pool and local response norm) run whole on the same objectives, seeds and transforms; ours stops after the
+    # layer, redirects with one `where`, and pools and normalises by helpers/data/layers.py (the same gradients)
     lucent = lucent_model(model, dev)
     ours_s, plain_s, same = [], [], True
     for _ in range(2):
@@ -100,7 +115,8 @@ def main() -> None:
         ours_images = render_directions(model, a.layer, directions, cfg)
         ours_s.append((time.perf_counter() - t) / a.features)
         t = time.perf_counter()
-        plain_images = plain_render_vis(lucent, a.layer, directions, cfg)
+        with torch_functional():
+            plain_images = plain_render_vis(lucent, a.layer, directions, cfg)
         plain_s.append((time.perf_counter() - t) / a.features)
         same &= bool(np.array_equal(ours_images, plain_images))
     results["featviz"] = {"steps": a.steps, "size": a.size, "features": a.features,

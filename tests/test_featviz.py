@@ -57,25 +57,32 @@ def test_renders_are_cached_and_only_missing_ones_are_made(tmp_path, monkeypatch
     assert calls == [3, 2, 1, 1]  # other settings, other cache entry
 
 
-def test_the_redirected_relu_gives_lucents_gradients_and_images_bit_for_bit():
-    """load_model's redirected ReLU (one ``where``) against Lucent's own layer (boolean indexing): the same
-    gradient through the whole network, and the same rendered images."""
+def test_the_fast_layers_give_lucents_gradients_and_images_bit_for_bit(monkeypatch):
+    """load_model's redirected ReLU (one ``where``), max pools (the kept entry by whole-view comparisons) and local
+    response norms (the pool's backward as shifted adds) against Lucent's own network with torch's functions: the
+    same gradient through the whole network, and the same rendered images."""
+    import importlib
+
     from lucent.modelzoo.inceptionv1 import helper_layers
-    from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1
 
     ours = load_model("random", redirected_relu=True)[0]
     assert not [m for m in ours.modules() if isinstance(m, (helper_layers.RedirectedReluLayer, helper_layers.MaxPool2dLayer))]
-    lucents = InceptionV1(pretrained=False, redirected_ReLU=True).eval().requires_grad_(False)
+    lucent_module = importlib.import_module("lucent.modelzoo.inceptionv1.InceptionV1")
+    ours_f = lucent_module.F
+    monkeypatch.setattr(lucent_module, "F", torch.nn.functional)  # Lucent's network as Lucent has it
+    lucents = lucent_module.InceptionV1(pretrained=False, redirected_ReLU=True).eval().requires_grad_(False)
     lucents.load_state_dict(ours.state_dict())
     assert sum(isinstance(m, helper_layers.RedirectedReluLayer) for m in lucents.modules()) == 57
     x = torch.randn(2, 3, 64, 64) * 60
     grads = []
     for model in (ours, lucents):
+        monkeypatch.setattr(lucent_module, "F", ours_f if model is ours else torch.nn.functional)
         xi = x.clone().requires_grad_(True)
         out = LayerCapture(model, ["mixed4a"])(xi)["mixed4a"]
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads.append(xi.grad)
     assert torch.equal(*grads) and (grads[0] != 0).any()
+    monkeypatch.setattr(lucent_module, "F", ours_f)
     plain = load_model("random")[0]
     xi = x.clone().requires_grad_(True)
     out = LayerCapture(plain, ["mixed4a"])(xi)["mixed4a"]
@@ -85,6 +92,8 @@ def test_the_redirected_relu_gives_lucents_gradients_and_images_bit_for_bit():
     cfg = FeatvizConfig(steps=3, size=32)
     first = render_directions(ours, "mixed4a", direction, cfg)
     np.random.seed(12345)  # Lucent's jitter, scale and angle come from numpy's global generator: seeded by the render
-    assert np.array_equal(first, render_directions(lucents, "mixed4a", direction, cfg))
+    with monkeypatch.context() as m:
+        m.setattr(lucent_module, "F", torch.nn.functional)
+        assert np.array_equal(first, render_directions(lucents, "mixed4a", direction, cfg))
     assert not np.array_equal(first, render_directions(ours, "mixed4a", direction, FeatvizConfig(steps=3, size=32, seed=1)))
     assert np.random.randint(1 << 30) == np.random.RandomState(12345).randint(1 << 30)  # and its state restored

@@ -231,9 +231,23 @@ def test_the_fast_layers_give_lucents_numbers(random_model, monkeypatch):
         got, want = max_pool_3x3(t, stride), torch.nn.functional.max_pool2d(t, 3, stride)
         assert got.shape == want.shape and torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
         assert torch.equal(got.isnan(), want.isnan())
-    # with a gradient wanted, torch's pool (and its choice among tied inputs) is kept
-    t = torch.zeros(1, 1, 5, 5, requires_grad=True)
-    MaxPool2dLayer()(t).sum().backward()
-    t2 = torch.zeros(1, 1, 5, 5, requires_grad=True)
-    torch.nn.functional.max_pool2d(t2, 3, 1).sum().backward()
-    assert torch.equal(t.grad, t2.grad)
+    # with a gradient wanted: torch's gradients, its choice among tied inputs (rounded values, zeros) and its order
+    # of adding an input's gradients from overlapping windows included
+    F = torch.nn.functional
+    for shape, stride in [((1, 1, 5, 5), 1), ((2, 3, 9, 8), 2), ((2, 4, 10, 11), 1), ((1, 2, 7, 7), 2)]:
+        for t in (torch.zeros(shape), torch.randint(-2, 3, shape).float(), torch.randn(shape).clamp(min=0)):
+            t[0, 0, 0] = float("-inf")
+            a, b = t.clone().requires_grad_(True), t.clone().requires_grad_(True)
+            pools = MaxPool2dLayer()(a, stride=(stride, stride)), F.max_pool2d(b, 3, stride)
+            g = torch.randn(pools[1].shape)
+            (pools[0] * g).sum().backward(), (pools[1] * g).sum().backward()
+            assert torch.equal(*pools) and torch.equal(a.grad, b.grad)
+    for shape, size, beta in [((2, 5, 7, 3), 9, 0.5), ((1, 12, 4, 4), 4, 0.75), ((2, 64, 9, 9), 9, 0.5)]:
+        t = torch.randn(shape) * 30
+        t[-1, -1, 2, 0] = float("nan")
+        a, b = t.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        norms = local_response_norm(a, size, 1e-4, beta, 1.0), F.local_response_norm(b, size, 1e-4, beta, 1.0)
+        g = torch.randn(shape)
+        (norms[0] * g).sum().backward(), (norms[1] * g).sum().backward()
+        assert torch.equal(norms[0].nan_to_num(7.0), norms[1].nan_to_num(7.0))
+        assert torch.equal(a.grad.nan_to_num(7.0), b.grad.nan_to_num(7.0)) and torch.equal(a.grad.isnan(), b.grad.isnan())

@@ -237,12 +237,13 @@ def test_the_float32_paths_agree_with_and_without_the_kernel():
 
 
 def test_every_numba_parallel_kernel_takes_the_one_lock(monkeypatch):
-    """Numba's workqueue pool breaks when two threads enter it at once: the screened TopK, its float32 TopK and the
-    forward pass's local response norm all enter through the same lock (one per process, not one per module)."""
+    """Numba's workqueue pool breaks when two threads enter it at once: the screened TopK, its float32 TopK, the
+    local response norm (forward and backward) and the max pool of a feature visualisation (forward and backward)
+    all enter through the same lock (one per process, not one per module)."""
     import threading
 
     from helpers import numba_threads
-    from helpers.data.layers import local_response_norm
+    from helpers.data.layers import MaxPool2dLayer, local_response_norm
     from helpers.sae.screened_topk import screened_topk, topk_rows
 
     entered = []
@@ -258,9 +259,11 @@ def test_every_numba_parallel_kernel_takes_the_one_lock(monkeypatch):
     monkeypatch.setattr(numba_threads, "_ONE_AT_A_TIME", Recording())
     with torch.no_grad():
         local_response_norm(torch.rand(1, 12, 3, 3), 5)
+    t = torch.rand(1, 12, 5, 5, requires_grad=True)
+    local_response_norm(MaxPool2dLayer()(t), 5).sum().backward()
     x, w = torch.randn(300, 32), torch.randn(256, 32)
     pre = x @ w.T
     values, indices = torch.empty(300, 8), torch.empty(300, 8, dtype=torch.long)
     assert topk_rows(pre, 8, values, indices)
     assert screened_topk(x, w, torch.zeros(256), 8) is not None
-    assert len(entered) == 3
+    assert len(entered) == 7

@@ -1,7 +1,8 @@
 """Three of Lucent's InceptionV1 layers made fast on the CPU, with the same numbers, bit for bit: the redirected
-ReLU's backward, and the 3x3 max pools and local response norms of a forward pass that wants no gradient.
-``exact_fast_layers_`` swaps them into a model; ``load_model`` does. On 2 CPU cores a forward pass to mixed4e went
-from 55.6 to 35.5 ms per image: the harvest, the dataset examples and every evaluation are forward passes."""
+ReLU's backward, the 3x3 max pools and the local response norms (forward, and the backward a feature visualisation
+takes). ``exact_fast_layers_`` swaps them into a model; ``load_model`` does. On 2 CPU cores a forward pass to
+mixed4e went from 55.6 to about 29 ms per image (the harvest, the dataset examples and every evaluation are forward
+passes), and a feature-visualisation step to mixed4c is 1.8x plain ``render_vis`` (``bench/bench_seeing.py``)."""
 
 from __future__ import annotations
 
@@ -47,47 +48,158 @@ def max_pool_3x3(x: torch.Tensor, stride: int) -> torch.Tensor:
     return torch.maximum(torch.maximum(r[..., 0:cols:stride], r[..., 1:cols + 1:stride]), r[..., 2:cols + 2:stride])
 
 
+class _MaxPool3x3(torch.autograd.Function):
+    """``F.max_pool2d(x, 3, stride)`` with torch's gradient, bit for bit (``_pool_forward``, ``_pool_backward``):
+    each output keeps its window's first maximum in row-major order (a later entry only when strictly larger, or
+    NaN: torch's CPU kernel), and an input's gradients are added in the order of its outputs (torch's loop). The
+    same numbers as torch's kernel, with the window's entries compared a row of outputs at a time."""
+
+    @staticmethod
+    def forward(ctx, x, stride):
+        x = x.contiguous()
+        n, c, h, w = x.shape
+        out = x.new_empty(n, c, (h - 3) // stride + 1, (w - 3) // stride + 1)
+        entry = torch.empty(out.shape, dtype=torch.uint8)
+        with numba_region():
+            _pool_forward(x.view(n * c, h, w).numpy(), out.view(n * c, *out.shape[2:]).numpy(),
+                          entry.view(n * c, *out.shape[2:]).numpy(), stride)
+        ctx.save_for_backward(entry)
+        ctx.shape, ctx.stride = x.shape, stride
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        entry, = ctx.saved_tensors
+        grad = torch.zeros(ctx.shape, dtype=grad_output.dtype)
+        n, c, h, w = ctx.shape
+        with numba_region():
+            _pool_backward(grad_output.contiguous().view(n * c, *entry.shape[2:]).numpy(),
+                           entry.view(n * c, *entry.shape[2:]).numpy(), grad.view(n * c, h, w).numpy(), ctx.stride)
+        return grad, None
+
+
 class MaxPool2dLayer(nn.Module):
-    """Lucent's ``MaxPool2dLayer``; where no gradient is wanted, its 3x3 pools by ``max_pool_3x3`` (with a gradient
-    torch's kernel stays: among tied inputs it sends the gradient to one, which the feature visualisations keep)."""
+    """Lucent's ``MaxPool2dLayer``, its 3x3 pools by ``max_pool_3x3`` (no gradient wanted) or ``_MaxPool3x3``
+    (torch's gradient, on a CPU); others by torch's kernel."""
 
     def forward(self, tensor, kernel_size=(3, 3), stride=(1, 1), padding=0, ceil_mode=False):
         square = tuple(kernel_size) == (3, 3) and padding == 0 and not ceil_mode and stride[0] == stride[1]
-        if square and tensor.dim() == 4 and not (torch.is_grad_enabled() and tensor.requires_grad):
-            return max_pool_3x3(tensor, stride[0])
+        if square and tensor.dim() == 4:
+            if not (torch.is_grad_enabled() and tensor.requires_grad):
+                return max_pool_3x3(tensor, stride[0])
+            if numba is not None and tensor.device.type == "cpu" and tensor.dtype == torch.float32:
+                return _MaxPool3x3.apply(tensor, stride[0])
         return F.max_pool2d(tensor, kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode)
 
 
-def local_response_norm(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
-    """``F.local_response_norm`` where no gradient is wanted: the windowed sum of squares over channels, divided,
-    scaled and shifted in one pass (``_lrn_base``, in torch's order of float32 operations), then torch's ``pow`` and
-    division (torch's CPU square root is not the correctly rounded one, so numba's would differ in the last bit)."""
-    if numba is None or x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu" \
-            or (torch.is_grad_enabled() and x.requires_grad):
-        return F.local_response_norm(x, size, alpha, beta, k)
-    x = x.contiguous()
+def _lrn_base_of(x: torch.Tensor, size: int, alpha: float, k: float) -> torch.Tensor:
+    """The norm's base: the windowed mean of squares over channels, times ``alpha``, plus ``k`` (``_lrn_base``)."""
     base = torch.empty_like(x)
     n, c = x.shape[:2]
     with numba_region():  # the same lock as the screened TopK's: Numba's thread pool is entered one thread at a time
         _lrn_base(x.view(n, c, -1).numpy(), base.view(n, c, -1).numpy(), size, np.float32(alpha), np.float32(k))
-    return x / base.pow_(beta)
+    return base
+
+
+class _LocalResponseNorm(torch.autograd.Function):
+    """``F.local_response_norm`` with the gradient autograd gives torch's version, bit for bit: its steps'
+    backward formulas in the same order (division, power, scale, the average pool's sum over the window in
+    channel order, the square's two halves added after the division's), with the pool's backward as windowed
+    sums over channels (``_window_sum``) instead of torch's scalar loop over a padded 5-d tensor."""
+
+    @staticmethod
+    def forward(ctx, x, size, alpha, beta, k):
+        base = _lrn_base_of(x, size, alpha, k)
+        div = base.pow(beta)
+        ctx.save_for_backward(x, base, div)
+        ctx.size, ctx.alpha, ctx.beta = size, alpha, beta
+        return x / div
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, base, div = ctx.saved_tensors
+        size, c = ctx.size, x.shape[1]
+        direct = grad / div
+        pooled = (-grad * ((x / div) / div)) * (ctx.beta * base.pow(ctx.beta - 1)) * ctx.alpha / size
+        squares = torch.empty_like(x)  # channel j: the pooled gradients of channels j - (size-1)//2 .. j + size//2
+        n = x.shape[0]
+        with numba_region():
+            _window_sum(pooled.view(n, c, -1).numpy(), squares.view(n, c, -1).numpy(), (size - 1) // 2, size // 2)
+        half = squares * x
+        return direct + half + half, None, None, None, None
+
+
+def local_response_norm(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
+    """``F.local_response_norm``: the windowed sum of squares over channels, divided, scaled and shifted in one pass
+    (``_lrn_base``, in torch's order of float32 operations), then torch's ``pow`` and division (torch's CPU square
+    root is not the correctly rounded one, so numba's would differ in the last bit); where a gradient is wanted,
+    ``_LocalResponseNorm``'s, which is torch's."""
+    if numba is None or x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu":
+        return F.local_response_norm(x, size, alpha, beta, k)
+    x = x.contiguous()
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _LocalResponseNorm.apply(x, size, alpha, beta, k)
+    return x / _lrn_base_of(x, size, alpha, k).pow_(beta)
 
 
 if numba is not None:
     @numba.njit(parallel=True, cache=True, boundscheck=False)
     def _lrn_base(x, out, size, alpha, k):
         """out[b, c, p] = mean of x[b, j, p]^2 over the window j of ``size`` channels around c (zeros outside),
-        times ``alpha``, plus ``k``: the sum in channel order, as torch's padded average pool makes it."""
+        times ``alpha``, plus ``k``: the sum in channel order, as torch's padded average pool makes it (a row of
+        positions at a time)."""
         n, c, hw = x.shape
         before, after = size // 2, (size - 1) // 2
         for job in numba.prange(n * c):
             b, ch = job // c, job % c
-            for p in range(hw):
-                s = np.float32(0.0)
-                for j in range(max(ch - before, 0), min(ch + after + 1, c)):
+            s = np.zeros(hw, np.float32)
+            for j in range(max(ch - before, 0), min(ch + after + 1, c)):
+                for p in range(hw):
                     v = x[b, j, p]
-                    s += v * v
-                out[b, ch, p] = np.float32(np.float32(s / np.float32(size)) * alpha) + k
+                    s[p] += v * v
+            for p in range(hw):
+                out[b, ch, p] = np.float32(np.float32(s[p] / np.float32(size)) * alpha) + k
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _window_sum(q, out, before, after):
+        """out[b, c, p] = the sum of q[b, j, p] over channels j = c - before .. c + after (those there), from zero
+        in ascending j: the order torch's average-pool backward adds them."""
+        n, c, hw = q.shape
+        for job in numba.prange(n * c):
+            b, ch = job // c, job % c
+            for p in range(hw):
+                out[b, ch, p] = 0.0
+            for j in range(max(ch - before, 0), min(ch + after + 1, c)):
+                for p in range(hw):
+                    out[b, ch, p] += q[b, j, p]
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _pool_forward(x, out, entry, stride):
+        """Each plane's 3x3 maxima and the window entry (0-8, row-major) kept: torch's rule (the first maximum; a
+        NaN replaces what came before), an output row at a time."""
+        planes, rows, cols = out.shape
+        for p in numba.prange(planes):
+            for i in range(rows):
+                for j in range(cols):
+                    out[p, i, j] = -np.inf
+                    entry[p, i, j] = 0
+                for k in range(9):
+                    r, dc = i * stride + k // 3, k % 3
+                    for j in range(cols):
+                        v = x[p, r, j * stride + dc]
+                        if v > out[p, i, j] or v != v:
+                            out[p, i, j] = v
+                            entry[p, i, j] = k
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _pool_backward(grad_output, entry, grad, stride):
+        """Each output's gradient added to its kept input, outputs in row-major order (torch's loop)."""
+        planes, rows, cols = entry.shape
+        for p in numba.prange(planes):
+            for i in range(rows):
+                for j in range(cols):
+                    k = entry[p, i, j]
+                    grad[p, i * stride + k // 3, j * stride + k % 3] += grad_output[p, i, j]
 
 
 class _Functional:

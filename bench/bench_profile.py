@@ -143,7 +143,6 @@ def main() -> None:
         with torch.no_grad():
             sb.b_dec.copy_(acts["mixed4b"].mean(dim=(0, 2, 3)))
         s = timed(attribution, model, sb, sc, "mixed4b", acts["mixed4b"], sources=list(range(16)))
-        attribution_s = s / (16 * 2) * profile.circuit_sources * profile.circuit_images * 4
         add("circuit attribution", s / (16 * 2), profile.circuit_sources * profile.circuit_images * 4, "source-image",
             f"{profile.circuit_sources} sources x {profile.circuit_images} images x 4 layer pairs", chapter="05")
         with torch.no_grad():
@@ -172,7 +171,6 @@ def main() -> None:
         if extra:
             add("chapter 10: the other claim seeds of every layer but mixed4c", all_train * extra - mixed4c, 1, "run",
                 f"{extra} more SAE per layer, with statistics", chapter="10")  # mixed4c's first is chapter 09's
-        add("chapter 10: the edges rows' attribution", attribution_s, 1, "run", "chapter 05's pass again", chapter="10")
         add("book build (jupyter-book)", a.book_seconds, 1, "build", "measured on the smoke book")
 
     chapters = {}

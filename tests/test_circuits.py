@@ -147,3 +147,30 @@ def test_same_branch_share_against_chance():
     assert abs(unrelated["share_same"] - unrelated["chance"]) < 0.08 and unrelated["p_value"] > 0.01
     src[:100] = -1  # not specialised: left out
     assert same_branch_share(edges, src, dst)["edges"] == 200
+
+
+def test_the_run_keeps_chapter_05s_attribution_for_chapter_10(smoke_book, monkeypatch):
+    """Chapter 10's edges rows read the attribution matrices chapter 05 kept beside the SAEs: each is what
+    ``layer_attribution`` gives afresh on chapter 05's activations (all layers in one pass), and a new run object
+    reads it back without computing it."""
+    from helpers.analysis import circuits
+    from helpers.run import evaluations
+    from helpers.run.artifacts import open_run
+
+    run = open_run("smoke", run_dir=str(smoke_book["run"]))
+    layers, p = run.profile.layers, run.profile
+    acts = run.layer_activations(layers, p.circuit_images)
+    pairs = [(src, circuits.NEXT[src]) for src in layers if circuits.NEXT.get(src) in layers]
+    assert len(pairs) == 4
+    for src, dst in pairs:
+        assert len(list(run.sae_dir(src).glob(f"attribution-*-{dst}-*.safetensors"))) == 1, src
+        sources, effects = run.attribution(src)
+        fresh = circuits.layer_attribution(run.model(), run.sae(src), run.sae(dst), src, acts[src], p.circuit_sources)
+        assert np.array_equal(sources, fresh[0]) and np.array_equal(effects, fresh[1]) and len(sources)
+
+    def computed(*args):
+        raise AssertionError("the kept matrix was computed again")
+
+    monkeypatch.setattr(evaluations, "layer_attribution", computed)
+    again = open_run("smoke", run_dir=str(smoke_book["run"]))
+    assert np.array_equal(again.attribution(pairs[0][0])[1], run.attribution(pairs[0][0])[1])

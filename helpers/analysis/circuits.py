@@ -349,20 +349,25 @@ def same_branch_share(edges: np.ndarray, src_branch: np.ndarray, dst_branch: np.
             "p_value": float(((null >= observed).sum() + 1) / (n_perm + 1))}
 
 
-def cross_layer_share(model, saes: dict, acts: dict, analyses: dict, n_sources: int = 512,
-                      top: float = 0.01) -> list[dict]:
-    """``same_branch_share`` of the strongest attribution edges for every adjacent pair of ``analyses``'
-    layers (BranchAnalysis per layer), from the ``n_sources`` most active source features.
+def layer_attribution(model, sae_src, sae_dst, src: str, acts_src: torch.Tensor, n_sources: int = 512):
+    """``attribution`` from the ``n_sources`` most active source features to every feature of the next layer:
+    (sources, effects [n_sources, d_sae_dst]).
+
+    Defined in chapter 05, *Circuits between layers* (nbs/05_circuits.ipynb).
+    """
+    sources = active_features(sae_src, acts_src)[:n_sources]
+    return attribution(model, sae_src, sae_dst, src, acts_src, sources=sources)
+
+
+def cross_layer_share(attributions: dict, analyses: dict, top: float = 0.01) -> list[dict]:
+    """``same_branch_share`` of the strongest edges of each source layer's ``attributions`` ({layer: (sources,
+    effects)}, ``layer_attribution``'s) to the next layer, both in ``analyses`` (BranchAnalysis per layer).
 
     Defined in chapter 05, *Circuits between layers* (nbs/05_circuits.ipynb).
     """
     rows = []
-    for src in list(analyses)[:-1]:
-        dst = NEXT.get(src)
-        if dst not in analyses:
-            continue
-        sources = active_features(saes[src], acts[src])[:n_sources]
-        sources, effects = attribution(model, saes[src], saes[dst], src, acts[src], sources=sources)
+    for src, (sources, effects) in attributions.items():
+        dst = NEXT[src]
         share = same_branch_share(strong_edges(sources, effects, top), analyses[src].specialised_branch(),
                                   analyses[dst].specialised_branch())
         rows.append({"from": src, "to": dst, **{k: round(v, 3) if isinstance(v, float) else v for k, v in share.items()}})

@@ -136,14 +136,11 @@ def label_row(run, layer: str, label: str, claim: str) -> dict:
                run.random_weights)
 
 
-def edges_row(run, src: str, acts: dict, claim: str) -> dict:
+def edges_row(run, src: str, claim: str) -> dict:
     """Of the strongest attribution edges from ``src`` to the next layer between specialised features, the share
-    whose ends share a branch, against the targets' branches permuted (chapter 05's measure)."""
+    whose ends share a branch, against the targets' branches permuted (chapter 05's measure, on its matrix)."""
     dst = circuits.NEXT[src]
-    sae_src, sae_dst = run.sae(src), run.sae(dst)
-    sources = circuits.active_features(sae_src, acts[src])[:run.profile.circuit_sources]
-    sources, effects = circuits.attribution(run.model(), sae_src, sae_dst, src, acts[src], sources=sources)
-    edges = circuits.strong_edges(sources, effects)
+    edges = circuits.strong_edges(*run.attribution(src))
     s, t = run.branches(src).specialised_branch()[edges[:, 0]], run.branches(dst).specialised_branch()[edges[:, 1]]
     keep = (s >= 0) & (t >= 0)
     measured, null = verdicts.agreement(s[keep], t[keep])

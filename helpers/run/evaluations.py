@@ -12,7 +12,9 @@ import torch
 from safetensors.numpy import load_file, save
 
 from helpers.analysis.branches import analyse_branches
+from helpers.analysis.circuits import NEXT, layer_attribution
 from helpers.analysis.coherence import coherence_summary, spatial_coherence
+from helpers.analysis.featviz import sae_id
 from helpers.analysis.probing import absorption, max_pooled, probe_classes
 from helpers.analysis.spliced import spliced_evaluation
 from helpers.data.store import ActivationStore
@@ -29,6 +31,22 @@ PROBE_CHUNK = 64  # images per pass of the probing's max-pooling
 
 
 class Evaluations:
+    @made_once
+    def attribution(self, src: str) -> tuple[np.ndarray, np.ndarray]:
+        """Chapter 05's ``layer_attribution`` from ``src`` to the next layer: (sources, effects) from the profile's
+        ``circuit_sources`` most active features on its first ``circuit_images`` images, kept beside ``src``'s SAE
+        under both SAEs' ids (chapter 10's edges rows read it instead of computing it again)."""
+        dst, p = NEXT[src], self.profile
+        path = self.sae_dir(src) / (f"attribution-{sae_id(self.sae_dir(src))}-{dst}-{sae_id(self.sae_dir(dst))}-"
+                                    f"{p.circuit_images}-images-{p.circuit_sources}-sources.safetensors")
+        if not path.exists():
+            acts = self.layer_activations([src], p.circuit_images)[src]
+            sources, effects = layer_attribution(self.model(), self.sae(src), self.sae(dst), src, acts, p.circuit_sources)
+            atomic_write(path, lambda f: f.write(save({"sources": np.asarray(sources, np.int64),
+                                                       "effects": np.ascontiguousarray(effects)})))
+        kept = load_file(str(path))
+        return kept["sources"], kept["effects"]
+
     @made_once
     def spliced(self, layer: str) -> list[dict]:
         """Chapter 03's spliced-in evaluation of the layer's SAE, kept as ``spliced.json`` beside it (the model

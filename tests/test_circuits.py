@@ -164,7 +164,7 @@ def test_the_run_keeps_chapter_05s_attribution_for_chapter_10(smoke_book, monkey
     assert len(pairs) == 4
     for src, dst in pairs:
         assert len(list(run.sae_dir(src).glob(f"attribution-*-{dst}-*.safetensors"))) == 1, src
-        sources, effects = run.attribution(src)
+        sources, effects = run.layer_attribution(src)
         fresh = circuits.layer_attribution(run.model(), run.sae(src), run.sae(dst), src, acts[src], p.circuit_sources)
         assert np.array_equal(sources, fresh[0]) and np.array_equal(effects, fresh[1]) and len(sources)
 
@@ -173,4 +173,4 @@ def test_the_run_keeps_chapter_05s_attribution_for_chapter_10(smoke_book, monkey
 
     monkeypatch.setattr(evaluations, "layer_attribution", computed)
     again = open_run("smoke", run_dir=str(smoke_book["run"]))
-    assert np.array_equal(again.attribution(pairs[0][0])[1], run.attribution(pairs[0][0])[1])
+    assert np.array_equal(again.layer_attribution(pairs[0][0])[1], run.layer_attribution(pairs[0][0])[1])

@@ -120,7 +120,7 @@ class _LocalResponseNorm(torch.autograd.Function):
         x, base, div = ctx.saved_tensors
         size, c = ctx.size, x.shape[1]
         direct = grad / div
-        pooled = (-grad * ((x / div) / div)) * (ctx.beta * base.pow(ctx.beta - 1)) * ctx.alpha / size
+        pooled = ((-grad * ((x / div) / div)) * (ctx.beta * base.pow(ctx.beta - 1)) * ctx.alpha / size).contiguous()
         squares = torch.empty_like(x)  # channel j: the pooled gradients of channels j - (size-1)//2 .. j + size//2
         n = x.shape[0]
         with numba_region():

@@ -140,7 +140,7 @@ def edges_row(run, src: str, claim: str) -> dict:
     """Of the strongest attribution edges from ``src`` to the next layer between specialised features, the share
     whose ends share a branch, against the targets' branches permuted (chapter 05's measure, on its matrix)."""
     dst = circuits.NEXT[src]
-    edges = circuits.strong_edges(*run.attribution(src))
+    edges = circuits.strong_edges(*run.layer_attribution(src))
     s, t = run.branches(src).specialised_branch()[edges[:, 0]], run.branches(dst).specialised_branch()[edges[:, 1]]
     keep = (s >= 0) & (t >= 0)
     measured, null = verdicts.agreement(s[keep], t[keep])

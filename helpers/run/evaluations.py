@@ -32,7 +32,7 @@ PROBE_CHUNK = 64  # images per pass of the probing's max-pooling
 
 class Evaluations:
     @made_once
-    def attribution(self, src: str) -> tuple[np.ndarray, np.ndarray]:
+    def layer_attribution(self, src: str) -> tuple[np.ndarray, np.ndarray]:
         """Chapter 05's ``layer_attribution`` from ``src`` to the next layer: (sources, effects) from the profile's
         ``circuit_sources`` most active features on its first ``circuit_images`` images, kept beside ``src``'s SAE
         under both SAEs' ids (chapter 10's edges rows read it instead of computing it again)."""

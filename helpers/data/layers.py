@@ -93,11 +93,12 @@ class MaxPool2dLayer(nn.Module):
 
 
 def _lrn_base_of(x: torch.Tensor, size: int, alpha: float, k: float) -> torch.Tensor:
-    """The norm's base: the windowed mean of squares over channels, times ``alpha``, plus ``k`` (``_lrn_base``)."""
+    """The norm's base: the windowed mean of squares over channels (``_window_sum``), times ``alpha``, plus ``k``."""
     base = torch.empty_like(x)
     n, c = x.shape[:2]
     with numba_region():  # the same lock as the screened TopK's: Numba's thread pool is entered one thread at a time
-        _lrn_base(x.view(n, c, -1).numpy(), base.view(n, c, -1).numpy(), size, np.float32(alpha), np.float32(k))
+        _window_sum(x.view(n, c, -1).numpy(), base.view(n, c, -1).numpy(), size // 2, (size - 1) // 2, True)
+        _mean_scaled(base.view(-1).numpy(), np.float32(size), np.float32(alpha), np.float32(k))
     return base
 
 
@@ -124,14 +125,14 @@ class _LocalResponseNorm(torch.autograd.Function):
         squares = torch.empty_like(x)  # channel j: the pooled gradients of channels j - (size-1)//2 .. j + size//2
         n = x.shape[0]
         with numba_region():
-            _window_sum(pooled.view(n, c, -1).numpy(), squares.view(n, c, -1).numpy(), (size - 1) // 2, size // 2)
+            _window_sum(pooled.view(n, c, -1).numpy(), squares.view(n, c, -1).numpy(), (size - 1) // 2, size // 2, False)
         half = squares * x
         return direct + half + half, None, None, None, None
 
 
 def local_response_norm(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
-    """``F.local_response_norm``: the windowed sum of squares over channels, divided, scaled and shifted in one pass
-    (``_lrn_base``, in torch's order of float32 operations), then torch's ``pow`` and division (torch's CPU square
+    """``F.local_response_norm``: the windowed sum of squares over channels, divided, scaled and shifted
+    (``_lrn_base_of``, in torch's order of float32 operations), then torch's ``pow`` and division (torch's CPU square
     root is not the correctly rounded one, so numba's would differ in the last bit); where a gradient is wanted,
     ``_LocalResponseNorm``'s, which is torch's."""
     if numba is None or x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu":
@@ -144,26 +145,10 @@ def local_response_norm(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: f
 
 if numba is not None:
     @numba.njit(parallel=True, cache=True, boundscheck=False)
-    def _lrn_base(x, out, size, alpha, k):
-        """out[b, c, p] = mean of x[b, j, p]^2 over the window j of ``size`` channels around c (zeros outside),
-        times ``alpha``, plus ``k``: the sum in channel order, as torch's padded average pool makes it (a row of
-        positions at a time)."""
-        n, c, hw = x.shape
-        before, after = size // 2, (size - 1) // 2
-        for job in numba.prange(n * c):
-            b, ch = job // c, job % c
-            s = np.zeros(hw, np.float32)
-            for j in range(max(ch - before, 0), min(ch + after + 1, c)):
-                for p in range(hw):
-                    v = x[b, j, p]
-                    s[p] += v * v
-            for p in range(hw):
-                out[b, ch, p] = np.float32(np.float32(s[p] / np.float32(size)) * alpha) + k
-
-    @numba.njit(parallel=True, cache=True, boundscheck=False)
-    def _window_sum(q, out, before, after):
-        """out[b, c, p] = the sum of q[b, j, p] over channels j = c - before .. c + after (those there), from zero
-        in ascending j: the order torch's average-pool backward adds them."""
+    def _window_sum(q, out, before, after, square):
+        """out[b, c, p] = the sum of q[b, j, p] (squared, with ``square``) over channels j = c - before .. c + after
+        (those there), from zero in ascending j: the order torch's average pool adds them, forward and backward
+        (a row of positions at a time)."""
         n, c, hw = q.shape
         for job in numba.prange(n * c):
             b, ch = job // c, job % c
@@ -171,7 +156,15 @@ if numba is not None:
                 out[b, ch, p] = 0.0
             for j in range(max(ch - before, 0), min(ch + after + 1, c)):
                 for p in range(hw):
-                    out[b, ch, p] += q[b, j, p]
+                    v = q[b, j, p]
+                    out[b, ch, p] += v * v if square else v
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _mean_scaled(s, size, alpha, k):
+        """s = s / size * alpha + k in place, each step rounded to float32 (torch's average, ``mul``, ``add``)."""
+        flat = s.reshape(-1)
+        for i in numba.prange(flat.size):
+            flat[i] = np.float32(np.float32(flat[i] / size) * alpha) + k
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
     def _pool_forward(x, out, entry, stride):

@@ -187,6 +187,11 @@ class Run(Evaluations):
         with torch.no_grad():
             return LayerCapture(self.model(), layers)(self.model_inputs(n_images))
 
+    @made_once
+    def circuit_activations(self) -> dict[str, torch.Tensor]:
+        """The profile's layers' activations on its ``circuit_images`` images: what chapters 05 and 10 trace."""
+        return self.layer_activations(self.profile.layers, self.profile.circuit_images)
+
     # --- the network -----------------------------------------------------------------------------
     @made_once
     def model(self):

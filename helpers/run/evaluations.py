@@ -40,7 +40,7 @@ class Evaluations:
         path = self.sae_dir(src) / (f"attribution-{sae_id(self.sae_dir(src))}-{dst}-{sae_id(self.sae_dir(dst))}-"
                                     f"{p.circuit_images}-images-{p.circuit_sources}-sources.safetensors")
         if not path.exists():
-            acts = self.layer_activations([src], p.circuit_images)[src]
+            acts = self.circuit_activations()[src]
             sources, effects = layer_attribution(self.model(), self.sae(src), self.sae(dst), src, acts, p.circuit_sources)
             atomic_write(path, lambda f: f.write(save({"sources": np.asarray(sources, np.int64),
                                                        "effects": np.ascontiguousarray(effects)})))

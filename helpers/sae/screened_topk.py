@@ -57,12 +57,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from helpers.numba_threads import numba, numba_region
+
 LANES = 128  # strided blocks of a row: block l holds latents l, l + LANES, l + 2 LANES, ...
 U = 2.0 ** -8  # bf16's unit roundoff
 MIN_ROWS = 256
 _FAST = {"nsz", "arcp", "contract", "reassoc", "afn"}  # no 'nnan'/'ninf': inputs are checked finite anyway
-
-from helpers.numba_threads import numba, numba_region
 
 
 def enabled(x_c: torch.Tensor, weight: torch.Tensor, k: int, mode: str = "auto") -> bool:

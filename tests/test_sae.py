@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.sae.loss import fvu, geometric_median, normalized_mse, topk_sae, training_loss
+from helpers.sae import model
 from helpers.sae.model import TopKSAE
 
 
@@ -33,12 +34,16 @@ def dense_reference(W_enc, W_dec, b_enc, b_dec, x, k, dead=None, aux_k=0):
     return x_hat, aux
 
 
+@pytest.mark.parametrize("dense_aux,every", [(0, 3), (4, 3), (4, 11)])
 @pytest.mark.parametrize("tied,chunk", [("full", None), ("init", None), ("full", 7), ("init", 64)])
-def test_sparse_path_equals_dense_computation_values_and_gradients(tied, chunk):
+def test_sparse_path_equals_dense_computation_values_and_gradients(tied, chunk, dense_aux, every, monkeypatch):
+    """AuxK by the sparse gathers (dense_aux 0: 16 dead latents, the top 6 of each row) and by dense products over the
+    dead latents (16 dead, each row's top 6 kept; 5 dead, all kept) against the equation written out densely."""
+    monkeypatch.setattr(model, "DENSE_AUX", dense_aux)
     sae = _randomised(tied)
     sae.encode_chunk = chunk  # 7: the pre-activations in 10 chunks, the last one short
     x = torch.randn(64, 12, generator=torch.Generator().manual_seed(5)) * 2
-    dead = torch.arange(48) % 3 == 0
+    dead = torch.arange(48) % every == 0
     out = sae.forward_train(x, dead=dead, aux_k=6)
     loss = normalized_mse(out.x_hat, x) + 0.3 * out.aux_recon.pow(2).mean()
     loss.backward()
@@ -46,7 +51,8 @@ def test_sparse_path_equals_dense_computation_values_and_gradients(tied, chunk):
 
     params = {n: p.detach().clone().requires_grad_() for n, p in sae.named_parameters()}
     W_dec = params["encoder_weight"] if tied == "full" else params["decoder_weight"]
-    x_hat, aux = dense_reference(params["encoder_weight"].T, W_dec, params["b_enc"], params["b_dec"], x, 5, dead, 6)
+    x_hat, aux = dense_reference(params["encoder_weight"].T, W_dec, params["b_enc"], params["b_dec"], x, 5, dead,
+                                 min(6, int(dead.sum())))
     (normalized_mse(x_hat, x) + 0.3 * aux.pow(2).mean()).backward()
 
     torch.testing.assert_close(out.x_hat, x_hat, rtol=1e-5, atol=1e-5)

@@ -123,11 +123,15 @@ def test_when_the_screen_applies():
     assert not st.enabled(many[:-1], w, 32)  # too few rows to pay for rounding W
 
 
-def test_training_through_the_screen_equals_the_dense_equation(monkeypatch):
-    """The training step's values and gradients with the screen on (and AuxK among dead latents) equal autograd
-    through the dense SAE equation."""
+@pytest.mark.parametrize("dense_aux", [0, 8])
+def test_training_through_the_screen_equals_the_dense_equation(monkeypatch, dense_aux):
+    """The training step's values and gradients with the screen on (and AuxK among dead latents, by the sparse path
+    and by dense products) equal autograd through the dense SAE equation."""
+    from helpers.sae import model
     from helpers.sae.loss import normalized_mse
     from test_sae import dense_reference
+
+    monkeypatch.setattr(model, "DENSE_AUX", dense_aux)
 
     sae = TopKSAE(32, 384, 8, "init", seed=0, kernels=Kernels(screen="on"))
     g = _gen(4)

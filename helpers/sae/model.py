@@ -42,6 +42,7 @@ from helpers.sae.kernels import KeptPreacts, sparse_decode
 TIED = typing.get_args(Tied)
 ARCHITECTURES = typing.get_args(Architecture)
 ENCODE_CHUNK = 1024
+DENSE_AUX = 4  # AuxK by dense products while at most this many times aux_k latents are dead (forward_train)
 
 
 class SparseCode(NamedTuple):
@@ -198,10 +199,26 @@ class TopKSAE(nn.Module):
 
     def forward_train(self, x: torch.Tensor, dead: torch.Tensor | None = None, aux_k: int = 0) -> TrainOutput:
         """Reconstruction plus, when ``dead`` [d_sae] marks dead latents, the AuxK code."""
-        aux_k = min(aux_k, int(dead.sum())) if (aux_k and dead is not None) else 0
+        n_dead = int(dead.sum()) if (aux_k and dead is not None) else 0
+        aux_k = min(aux_k, n_dead)
+        if aux_k and n_dead <= DENSE_AUX * aux_k:
+            code = self._topk(x, self.k)[0]
+            return TrainOutput(self.decode_topk(code), code, self._dense_aux(x, dead, aux_k))
         code, aux = self._topk(x, self.k, dead, aux_k)
         aux_recon = self.decode_topk(aux, bias=False) if aux is not None else None
         return TrainOutput(self.decode_topk(code), code, aux_recon)
+
+    def _dense_aux(self, x, dead, aux_k):
+        """AuxK's reconstruction as dense products over the dead latents only: their pre-activations [batch, n_dead],
+        each row's top aux_k kept (all, where n_dead <= aux_k), ReLU, times their decoder rows; autograd's gradients.
+        Where few latents are dead (training's usual state) this is a few small products instead of the sparse
+        path's gathers of aux_k rows per vector (measured in bench/README)."""
+        ids = dead.nonzero().flatten()
+        pre = torch.addmm(self.b_enc[ids], x - self.b_dec, self.encoder_weight[ids].T)
+        code = F.relu(pre)
+        if aux_k < len(ids):
+            code = code * torch.zeros_like(pre).scatter_(1, pre.detach().topk(aux_k, dim=-1, sorted=False).indices, 1.0)
+        return code @ self.W_dec[ids]
 
     # --- Gao et al.'s decoder constraint (tied="init") ------------------------------------
     @torch.no_grad()

@@ -335,11 +335,15 @@ def branch_slices(model: nn.Module, layers=MIXED_LAYERS) -> dict[str, dict[str, 
     return slices
 
 
-@functools.lru_cache(maxsize=None)
 def architecture_slices(layer: str) -> dict[str, tuple[int, int]]:
     """``branch_slices`` of one layer when no model is at hand: the branch layout is the
-    architecture's, the same for any weights, so it is read off a random-weight model once."""
-    return branch_slices(load_model("random")[0], [layer])[layer]
+    architecture's, the same for any weights, so it is read off a random-weight model once (every layer's)."""
+    return _all_architecture_slices()[check_layers([layer])[0]]
+
+
+@functools.lru_cache(maxsize=None)
+def _all_architecture_slices() -> dict[str, dict[str, tuple[int, int]]]:
+    return branch_slices(load_model("random")[0], MIXED_LAYERS)
 
 
 def layer_width(slices: dict[str, tuple[int, int]]) -> int:

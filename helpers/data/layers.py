@@ -119,15 +119,19 @@ class _LocalResponseNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, base, div = ctx.saved_tensors
-        size, c = ctx.size, x.shape[1]
-        direct = grad / div
-        pooled = ((-grad * ((x / div) / div)) * (ctx.beta * base.pow(ctx.beta - 1)) * ctx.alpha / size).contiguous()
-        squares = torch.empty_like(x)  # channel j: the pooled gradients of channels j - (size-1)//2 .. j + size//2
-        n = x.shape[0]
+        size, (n, c) = ctx.size, x.shape[:2]
+        grad = grad.contiguous()
+        # autograd's steps, each rounded to float32 as torch rounds it, fused in two passes (``_norm_pooled_grad``,
+        # ``_norm_input_grad``); the power stays torch's (its CPU pow is not the correctly rounded one)
+        pooled, squares, out = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+        flat = lambda t: t.view(-1).numpy()
         with numba_region():
+            _norm_pooled_grad(flat(grad), flat(x), flat(div), flat(base.pow(ctx.beta - 1)), flat(pooled),
+                              np.float32(ctx.beta), np.float32(ctx.alpha), np.float32(size))
+            # channel j: the pooled gradients of channels j - (size-1)//2 .. j + size//2
             _window_sum(pooled.view(n, c, -1).numpy(), squares.view(n, c, -1).numpy(), (size - 1) // 2, size // 2, False)
-        half = squares * x
-        return direct + half + half, None, None, None, None
+            _norm_input_grad(flat(grad), flat(x), flat(div), flat(squares), flat(out))
+        return out, None, None, None, None
 
 
 def local_response_norm(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
@@ -165,6 +169,22 @@ if numba is not None:
         flat = s.reshape(-1)
         for i in numba.prange(flat.size):
             flat[i] = np.float32(np.float32(flat[i] / size) * alpha) + k
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _norm_pooled_grad(g, x, div, power, out, beta, alpha, size):
+        """The gradient reaching the norm's average pool: ((-g * ((x / div) / div)) * (beta * power)) * alpha / size,
+        power = base ** (beta - 1), each step rounded to float32 in torch's order."""
+        for i in numba.prange(g.size):
+            out[i] = np.float32(np.float32(np.float32(-g[i] * np.float32(np.float32(x[i] / div[i]) / div[i]))
+                                           * np.float32(beta * power[i])) * alpha) / size
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _norm_input_grad(g, x, div, squares, out):
+        """The norm's input gradient: (g / div + squares * x) + squares * x, in float32 (torch's ``direct + half +
+        half``)."""
+        for i in numba.prange(g.size):
+            half = np.float32(squares[i] * x[i])
+            out[i] = np.float32(np.float32(g[i] / div[i]) + half) + half
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
     def _pool_forward(x, out, entry, stride):

@@ -97,3 +97,18 @@ def test_the_fast_layers_give_lucents_gradients_and_images_bit_for_bit(monkeypat
         assert np.array_equal(first, render_directions(lucents, "mixed4a", direction, cfg))
     assert not np.array_equal(first, render_directions(ours, "mixed4a", direction, FeatvizConfig(steps=3, size=32, seed=1)))
     assert np.random.randint(1 << 30) == np.random.RandomState(12345).randint(1 << 30)  # and its state restored
+
+
+def test_a_runs_feature_visualisation_network_is_on_the_device_lucent_optimises_on(tmp_path, monkeypatch):
+    """Lucent puts the images it optimises (and its transforms' tensors) on its first GPU wherever there is one; the
+    run's network for feature visualisation goes there too (it was built on the CPU, so chapter 07 would have failed
+    on a GPU runtime with tensors on two devices)."""
+    from helpers.analysis import featviz
+    from helpers.run import artifacts
+
+    asked = []
+    monkeypatch.setattr(artifacts, "load_model", lambda weights, device="cpu", **kw: (asked.append(str(device)), None))
+    run = artifacts.open_run("smoke", run_dir=str(tmp_path / "run"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    run.featviz_model()
+    assert asked == ["cuda:0"] == [str(featviz.lucent_device())]

@@ -21,7 +21,7 @@ import torch
 
 from helpers.analysis import branches, circuits, embed, labels
 from helpers.analysis.examples import Examples, cell_colours, example_passes
-from helpers.analysis.featviz import cache_path, render_features, sae_id
+from helpers.analysis.featviz import cache_path, lucent_device, render_features, sae_id
 from helpers.analysis.image_features import ImageProbe
 from helpers.config import HarvestConfig
 from helpers.data.harvest import harvest
@@ -205,8 +205,8 @@ class Run(Evaluations):
     @made_once
     def featviz_model(self):
         """The same with Lucent's redirected ReLU, which helps feature visualisation start from noise
-        (it changes gradients only)."""
-        return load_model(self.profile.weights, redirected_relu=True)[0]
+        (it changes gradients only), on the device Lucent optimises its images on (a GPU where there is one)."""
+        return load_model(self.profile.weights, lucent_device(), redirected_relu=True)[0]
 
     @made_once
     def class_names(self) -> list[str] | None:

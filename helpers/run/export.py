@@ -221,8 +221,9 @@ def cost_statement(chapter: str, records: dict[str, dict]) -> str:
                      f"{_minutes(c['minutes'])} on 2 CPU cores after the chapters before it{alone}.")
     return (head + "**What running this chapter computes, and how long:**\n\n" + "\n".join(lines) + "\n\nProjected by "
             "`python bench/bench_profile.py --profile NAME` from rates measured on " + " and ".join(sorted(measured_on))
-            + ". Colab's CPU runtime has 2 cores too; no T4 has been measured yet: on a T4 runtime the network and "
-            "the SAEs run on its GPU, the image decoding and UMAP on its 2 CPU cores.\n<!-- /cost -->")
+            + ". Colab's CPU runtime has 2 cores too; no T4 has been measured yet: on a T4 runtime the harvest, the SAEs' "
+            "training and feature visualisation run on its GPU; the dataset-example pass, the circuits, the image "
+            "decoding and UMAP on its 2 CPU cores.\n<!-- /cost -->")
 
 
 def cost_records(results: Path = ROOT / "bench" / "results") -> dict[str, dict]:

@@ -174,3 +174,28 @@ def test_the_run_keeps_chapter_05s_attribution_for_chapter_10(smoke_book, monkey
     monkeypatch.setattr(evaluations, "layer_attribution", computed)
     again = open_run("smoke", run_dir=str(smoke_book["run"]))
     assert np.array_equal(again.layer_attribution(pairs[0][0])[1], run.layer_attribution(pairs[0][0])[1])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (3, 4, 7, 6), (2, 16, 14, 14)])
+def test_the_pool_tangent_is_the_largest_v_among_each_windows_tied_maxima(shape):
+    """The max pool's tangent (one Numba pass) against the whole-tensor formula (unfold, mask the entries that attain
+    the window's maximum, max) and, at a few positions, against the definition written out by hand: ReLU-like ties
+    (rounded values, zeros), a plane of -inf (every entry and the padding tied), NaN in x and in v."""
+    from helpers.data.layers import max_pool_tangent, max_pool_tangent_unfold
+
+    g = torch.Generator().manual_seed(sum(shape))
+    b, c, h, w = shape
+    x = torch.relu(torch.randn(shape, generator=g)).round()
+    x[0, 0, 0, 0], x[-1, -1, -1, -1], x[1, 1] = float("nan"), float("-inf"), float("-inf")
+    v = torch.randn(b, 3, c, h, w, generator=g)
+    v[0, 1, 1, 2, 2] = float("nan")
+    got, formula = max_pool_tangent(x, v), max_pool_tangent_unfold(x, v)
+    assert torch.equal(got.nan_to_num(7.0), formula.nan_to_num(7.0)) and torch.equal(got.isnan(), formula.isnan())
+    padded_x = torch.nn.functional.pad(x, (1, 1, 1, 1), value=float("-inf"))
+    padded_v = torch.nn.functional.pad(v, (1, 1, 1, 1))
+    for bi, si, ci, i, j in [(0, 0, 1, 2, 3), (1, 2, 1, 0, 0), (b - 1, 1, c - 1, h - 1, w - 1), (0, 1, 2, 1, 1)]:
+        window_x = padded_x[bi, ci, i:i + 3, j:j + 3].flatten()
+        window_v = padded_v[bi, si, ci, i:i + 3, j:j + 3].flatten()
+        top = window_x.max()
+        want = max((float(vk) for xk, vk in zip(window_x, window_v) if xk == top), default=float("-inf"))
+        assert got[bi, si, ci, i, j].item() == want or (torch.isnan(top) and got[bi, si, ci, i, j].item() == float("-inf"))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.data.inception import PAPER_LAYERS, branch_slices
+from helpers.data.layers import max_pool_tangent
 
 NEXT = dict(zip(PAPER_LAYERS[:-1], PAPER_LAYERS[1:]))
 PREVIOUS = {after: before for before, after in NEXT.items()}
@@ -184,11 +185,9 @@ def block_tangent(model, layer: str, x: torch.Tensor, v: torch.Tensor) -> torch.
         tb = relu_tangent(pre_b[:, None], per(lin(f"{name}_bottleneck", vv)))
         pre = m(name)(F.pad(F.relu(pre_b), (pad,) * 4))
         branches.append(relu_tangent(pre[:, None], per(lin(name, F.pad(flat(tb), (pad,) * 4)))))
-    # max-pool 3x3, stride 1, -inf padding: the tangent is the largest v among the tied maxima
-    xu = F.unfold(F.pad(x, (1, 1, 1, 1), value=float("-inf")), 3).reshape(b, c, 9, h * w)
-    tied = xu == xu.max(dim=2, keepdim=True).values
-    vu = F.unfold(F.pad(vv, (1, 1, 1, 1)), 3).reshape(b, s, c, 9, h * w)
-    tp = vu.masked_fill(~tied[:, None], float("-inf")).max(dim=3).values.reshape(b * s, c, h, w)
+    # max-pool 3x3, stride 1, -inf padding: the tangent is the largest v among the tied maxima (of each window's
+    # entries where x attains the window's maximum; one pass over v, helpers/data/layers.py)
+    tp = max_pool_tangent(x, v).reshape(b * s, c, h, w)
     pool = F.max_pool2d(F.pad(x, (1, 1, 1, 1), value=float("-inf")), kernel_size=3, stride=1)
     branches.append(relu_tangent(m("pool_reduce")(pool)[:, None], per(lin("pool_reduce", tp))))
     return torch.cat(branches, dim=2)

@@ -215,6 +215,59 @@ if numba is not None:
                     grad[p, i * stride + k // 3, j * stride + k % 3] += grad_output[p, i, j]
 
 
+def max_pool_tangent(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The one-sided tangent of the 3x3, stride-1, -inf-padded max pool (the mixed blocks' pool branch) at x
+    [B, C, H, W] along v [B, S, C, H, W]: at each output, the largest v among the window's entries where x attains
+    the window's maximum (chapter 05, *Circuits between layers*). On the CPU one Numba pass over v
+    (``_pool_tangent``); the unfold formula (``max_pool_tangent_unfold``) makes nine copies of v and two masks of
+    them, more than half of an attribution's time."""
+    if numba is None or x.device.type != "cpu" or x.dtype != torch.float32 or v.dtype != torch.float32:
+        return max_pool_tangent_unfold(x, v)
+    x, v = x.contiguous(), v.contiguous()
+    out = torch.empty_like(v)
+    with numba_region():
+        _pool_tangent(x.numpy(), v.numpy(), out.numpy())
+    return out
+
+
+def max_pool_tangent_unfold(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``max_pool_tangent`` by whole-tensor operations: each window unfolded, the tied maxima masked, the max taken."""
+    b, s, c, h, w = v.shape
+    xu = F.unfold(F.pad(x, (1, 1, 1, 1), value=float("-inf")), 3).reshape(b, c, 9, h * w)
+    tied = xu == xu.max(dim=2, keepdim=True).values
+    vu = F.unfold(F.pad(v.reshape(b * s, c, h, w), (1, 1, 1, 1)), 3).reshape(b, s, c, 9, h * w)
+    return vu.masked_fill(~tied[:, None], float("-inf")).max(dim=3).values.reshape(b, s, c, h, w)
+
+
+if numba is not None:
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _pool_tangent(x, v, out):
+        """out[b, s, c] = at each position, the largest v[b, s, c] over the 3x3 window's entries where x[b, c] attains
+        the window's maximum; outside the plane x is -inf and v is 0 (the padding); NaN wins, as torch's max."""
+        n, s_, c_, h, w = v.shape
+        for job in numba.prange(n * c_):
+            b, c = job // c_, job % c_
+            for i in range(h):
+                for j in range(w):
+                    top = -np.inf
+                    for k in range(9):
+                        r, q = i + k // 3 - 1, j + k % 3 - 1
+                        xv = x[b, c, r, q] if 0 <= r < h and 0 <= q < w else -np.inf
+                        if xv > top or xv != xv:
+                            top = xv
+                    for s in range(s_):
+                        best = -np.inf
+                        for k in range(9):
+                            r, q = i + k // 3 - 1, j + k % 3 - 1
+                            inside = 0 <= r < h and 0 <= q < w
+                            xv = x[b, c, r, q] if inside else -np.inf
+                            if xv == top:
+                                vv = v[b, s, c, r, q] if inside else np.float32(0.0)
+                                if vv > best or vv != vv:
+                                    best = vv
+                        out[b, s, c, i, j] = best
+
+
 class _Functional:
     """``torch.nn.functional`` with ``local_response_norm`` above: what Lucent's InceptionV1 module calls ``F``
     (it calls the norm as a function, not a layer that could be swapped)."""

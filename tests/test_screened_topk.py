@@ -242,12 +242,12 @@ def test_the_float32_paths_agree_with_and_without_the_kernel():
 
 def test_every_numba_parallel_kernel_takes_the_one_lock(monkeypatch):
     """Numba's workqueue pool breaks when two threads enter it at once: the screened TopK, its float32 TopK, the
-    local response norm (forward and backward) and the max pool of a feature visualisation (forward and backward)
-    all enter through the same lock (one per process, not one per module)."""
+    local response norm (forward and backward), the max pool of a feature visualisation (forward and backward) and the
+    attribution's pool tangent all enter through the same lock (one per process, not one per module)."""
     import threading
 
     from helpers import numba_threads
-    from helpers.data.layers import MaxPool2dLayer, local_response_norm
+    from helpers.data.layers import MaxPool2dLayer, local_response_norm, max_pool_tangent
     from helpers.sae.screened_topk import screened_topk, topk_rows
 
     entered = []
@@ -270,4 +270,5 @@ def test_every_numba_parallel_kernel_takes_the_one_lock(monkeypatch):
     values, indices = torch.empty(300, 8), torch.empty(300, 8, dtype=torch.long)
     assert topk_rows(pre, 8, values, indices)
     assert screened_topk(x, w, torch.zeros(256), 8) is not None
-    assert len(entered) == 7
+    max_pool_tangent(torch.rand(1, 3, 4, 4), torch.rand(1, 2, 3, 4, 4))
+    assert len(entered) == 8

@@ -2,7 +2,8 @@
 ReLU's backward, the 3x3 max pools and the local response norms (forward, and the backward a feature visualisation
 takes). ``exact_fast_layers_`` swaps them into a model; ``load_model`` does. On 2 CPU cores a forward pass to
 mixed4e went from 55.6 to about 29 ms per image (the harvest, the dataset examples and every evaluation are forward
-passes), and a feature-visualisation step to mixed4c is 1.8x plain ``render_vis`` (``bench/bench_seeing.py``)."""
+passes), and a feature-visualisation step to mixed4c is 2.1x plain ``render_vis`` (``bench/bench_seeing.py``). Also
+the max pool's tangent that chapter 05's attribution takes through a mixed block (``max_pool_tangent``)."""
 
 from __future__ import annotations
 

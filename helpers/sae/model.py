@@ -201,7 +201,7 @@ class TopKSAE(nn.Module):
         """Reconstruction plus, when ``dead`` [d_sae] marks dead latents, the AuxK code."""
         n_dead = int(dead.sum()) if (aux_k and dead is not None) else 0
         aux_k = min(aux_k, n_dead)
-        if aux_k and n_dead <= DENSE_AUX * aux_k:
+        if aux_k and n_dead <= DENSE_AUX * aux_k and not x.is_cuda:  # (CUDA keeps the sparse path its checks cover)
             code = self._topk(x, self.k)[0]
             return TrainOutput(self.decode_topk(code), code, self._dense_aux(x, dead, aux_k))
         code, aux = self._topk(x, self.k, dead, aux_k)

@@ -158,6 +158,7 @@ def main() -> None:
         sb, sc = TopKSAE(512, 8192, 32), TopKSAE(512, 8192, 32)
         with torch.no_grad():
             sb.b_dec.copy_(acts["mixed4b"].mean(dim=(0, 2, 3)))
+        attribution(model, sb, sc, "mixed4b", acts["mixed4b"], sources=[0])  # warm-up: Numba's kernel loaded (or compiled)
         s = timed(attribution, model, sb, sc, "mixed4b", acts["mixed4b"], sources=list(range(16)))
         add("circuit attribution", s / (16 * 2), profile.circuit_sources * profile.circuit_images * 4, "source-image",
             f"{profile.circuit_sources} sources x {profile.circuit_images} images x 4 layer pairs", chapter="05")

@@ -244,10 +244,12 @@ if numba is not None:
     @numba.njit(parallel=True, cache=True, boundscheck=False)
     def _pool_tangent(x, v, out):
         """out[b, s, c] = at each position, the largest v[b, s, c] over the 3x3 window's entries where x[b, c] attains
-        the window's maximum; outside the plane x is -inf and v is 0 (the padding); NaN wins, as torch's max."""
+        the window's maximum; outside the plane x is -inf and v is 0 (the padding); NaN wins, as torch's max. The
+        window's tied entries are found once per plane (a 9-bit mask per position), then read for every direction s."""
         n, s_, c_, h, w = v.shape
         for job in numba.prange(n * c_):
             b, c = job // c_, job % c_
+            tied = np.zeros((h, w), np.int32)
             for i in range(h):
                 for j in range(w):
                     top = -np.inf
@@ -256,14 +258,18 @@ if numba is not None:
                         xv = x[b, c, r, q] if 0 <= r < h and 0 <= q < w else -np.inf
                         if xv > top or xv != xv:
                             top = xv
-                    for s in range(s_):
+                    for k in range(9):
+                        r, q = i + k // 3 - 1, j + k % 3 - 1
+                        if (x[b, c, r, q] if 0 <= r < h and 0 <= q < w else -np.inf) == top:
+                            tied[i, j] |= 1 << k
+            for s in range(s_):
+                for i in range(h):
+                    for j in range(w):
                         best = -np.inf
                         for k in range(9):
-                            r, q = i + k // 3 - 1, j + k % 3 - 1
-                            inside = 0 <= r < h and 0 <= q < w
-                            xv = x[b, c, r, q] if inside else -np.inf
-                            if xv == top:
-                                vv = v[b, s, c, r, q] if inside else np.float32(0.0)
+                            if tied[i, j] >> k & 1:
+                                r, q = i + k // 3 - 1, j + k % 3 - 1
+                                vv = v[b, s, c, r, q] if 0 <= r < h and 0 <= q < w else np.float32(0.0)
                                 if vv > best or vv != vv:
                                     best = vv
                         out[b, s, c, i, j] = best

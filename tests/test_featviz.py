@@ -109,6 +109,8 @@ def test_a_runs_feature_visualisation_network_is_on_the_device_lucent_optimises_
     asked = []
     monkeypatch.setattr(artifacts, "load_model", lambda weights, device="cpu", **kw: (asked.append(str(device)), None))
     run = artifacts.open_run("smoke", run_dir=str(tmp_path / "run"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    from lucent.optvis.param import spatial
+
+    monkeypatch.setattr(spatial, "device", torch.device("cuda:0"))  # what Lucent picks on a machine with a GPU
     run.featviz_model()
     assert asked == ["cuda:0"] == [str(featviz.lucent_device())]

@@ -41,18 +41,23 @@ def _stop_after(model, layer: str):
     return getattr(model, f"{following}_1x1_pre_relu_conv").register_forward_pre_hook(stop)
 
 
+def _optvis():
+    """Lucent's ``optvis`` (objectives, param, render), imported without its transforms' torch.jit.script warning."""
+    with warnings.catch_warnings():  # Lucent's transforms use torch.jit.script, which torch now deprecates
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        from lucent.optvis import objectives, param, render
+    return objectives, param, render
+
+
 def lucent_device() -> torch.device:
-    """Where Lucent puts the images it optimises and its transforms' tensors: its first GPU where there is one
-    (``lucent.optvis.param.spatial.device``, chosen at its import); the network must be there too."""
-    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    """Where Lucent puts the images it optimises and its transforms' tensors (``param.spatial.device``: its first GPU
+    where there is one, chosen at its import); the network must be there too."""
+    return _optvis()[1].spatial.device
 
 
 def render_directions(model, layer: str, directions: torch.Tensor, cfg: FeatvizConfig = FeatvizConfig()) -> np.ndarray:
     """Optimise one image per direction [n, C], all in one batch: float images [n, size, size, 3]."""
-    with warnings.catch_warnings():  # Lucent's transforms use torch.jit.script, which torch now deprecates
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-        from lucent.optvis import objectives, param, render
-
+    objectives, param, render = _optvis()
     directions = directions.detach().float()
     device = next(model.parameters()).device
     n = len(directions)

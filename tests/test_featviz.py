@@ -58,9 +58,9 @@ def test_renders_are_cached_and_only_missing_ones_are_made(tmp_path, monkeypatch
 
 
 def test_the_fast_layers_give_lucents_gradients_and_images_bit_for_bit(monkeypatch):
-    """load_model's redirected ReLU (one ``where``), max pools (the kept entry by whole-view comparisons) and local
-    response norms (the pool's backward as shifted adds) against Lucent's own network with torch's functions: the
-    same gradient through the whole network, and the same rendered images."""
+    """load_model's redirected ReLU (one ``where``), max pools and local response norms (Numba kernels, forward and
+    backward) against Lucent's own network with torch's functions: the same gradient through the whole network, and
+    the same rendered images."""
     import importlib
 
     from lucent.modelzoo.inceptionv1 import helper_layers
@@ -103,14 +103,14 @@ def test_a_runs_feature_visualisation_network_is_on_the_device_lucent_optimises_
     """Lucent puts the images it optimises (and its transforms' tensors) on its first GPU wherever there is one; the
     run's network for feature visualisation goes there too (it was built on the CPU, so chapter 07 would have failed
     on a GPU runtime with tensors on two devices)."""
+    from lucent.optvis.param import spatial
+
     from helpers.analysis import featviz
     from helpers.run import artifacts
 
     asked = []
     monkeypatch.setattr(artifacts, "load_model", lambda weights, device="cpu", **kw: (asked.append(str(device)), None))
     run = artifacts.open_run("smoke", run_dir=str(tmp_path / "run"))
-    from lucent.optvis.param import spatial
-
     monkeypatch.setattr(spatial, "device", torch.device("cuda:0"))  # what Lucent picks on a machine with a GPU
     run.featviz_model()
     assert asked == ["cuda:0"] == [str(featviz.lucent_device())]

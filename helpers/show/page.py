@@ -131,26 +131,76 @@ def banner(ctx) -> None:
     display(HTML(f'<div style="background:{colour};padding:8px 12px;border-radius:4px">{body}</div>'))
 
 
+SAVE_TIMEOUT = 120  # seconds a figure's PNG and SVG may take before saving gives up (a browser that never answers)
+_BROWSER: dict = {}  # "state": "kept" (kaleido's one browser for this process), "one-shot" or "failed"
+
+
+def _browser() -> str:
+    """Kaleido's browser for this process's figures: one kept open (about 0.15 s a file after the first, against
+    about 1 s for a browser started per figure), once Chrome is known to be there; else one browser per call."""
+    if "state" not in _BROWSER:
+        import kaleido
+
+        try:
+            kaleido.Kaleido()  # finds Chrome without starting it (ChromeNotFoundError where there is none)
+            kaleido.start_sync_server(silence_warnings=True)  # closed by kaleido at exit
+            _BROWSER["state"] = "kept"
+        except Exception:  # no Chrome: each save says so (the interactive figure still stands)
+            _BROWSER["state"] = "one-shot"
+    return _BROWSER["state"]
+
+
+def _render(fig: go.Figure, formats: tuple[str, ...], height: int) -> list[bytes]:
+    """The figure as bytes in each format, in a thread watched for ``SAVE_TIMEOUT`` seconds."""
+    import threading
+    import warnings
+
+    import plotly.io as pio
+
+    out: dict = {}
+
+    def render():
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+                out["images"] = [pio.to_image(fig, format=f, width=900, height=height) for f in formats]
+        except Exception as e:
+            out["error"] = e
+
+    worker = threading.Thread(target=render, daemon=True)
+    worker.start()
+    worker.join(SAVE_TIMEOUT)
+    if worker.is_alive():
+        _BROWSER["state"] = "failed"
+        raise TimeoutError(f"kaleido did not answer in {SAVE_TIMEOUT} s; no more figures are saved in this process")
+    if "error" in out:
+        raise out["error"]
+    return out["images"]
+
+
 def save(fig: go.Figure, folder, stem: str) -> list:
     """Write ``stem``.png and .svg (needs kaleido and a Chrome/Chromium); returns the files written."""
     import logging
     from pathlib import Path
 
-    import plotly.io as pio
+    from helpers.files import atomic_write
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{stem}.png", folder / f"{stem}.svg"]
     quiet = logging.getLogger("choreographer")  # kaleido's browser channel logs harmless decoding errors
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
-    try:  # one browser session for both files
-        pio.write_images([fig, fig], paths, width=900, height=fig.layout.height or 450)
+    try:
+        if _browser() == "failed":
+            raise RuntimeError("an earlier figure's browser never answered")
+        images = _render(fig, ("png", "svg"), fig.layout.height or 450)
     except Exception as e:  # no kaleido or no browser: the interactive figure still stands
         logging.getLogger(__name__).warning("could not write %s.png/.svg: %s", stem, e)
         return []
     finally:
         quiet.setLevel(level)
+    for path, data in zip(paths, images):
+        atomic_write(path, lambda f, data=data: f.write(data))
     return paths
 
 

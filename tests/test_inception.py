@@ -197,6 +197,36 @@ def test_the_random_network_keeps_its_scale_and_tells_images_apart(image_dir):
     assert float(kl.mean()) > 0.05 and np.isfinite(float(kl.mean())) and not math.isnan(float(kl.mean()))
 
 
+def test_a_runs_random_network_is_standardised_once_and_the_same_in_every_chapter(tmp_path, monkeypatch):
+    """Each chapter's kernel loads the run's network: the classifier's standardisation is measured once (a forward
+    pass over 64 images, ~3 s) and kept in the run; a later kernel's network is the first one's bit for bit; a run
+    of other weights measures again."""
+    from helpers.data.inception import load_model, model_input_from_uint8, standardise_classifier_
+    from helpers.run import artifacts
+
+    g = torch.Generator().manual_seed(0)
+    x = model_input_from_uint8(torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8, generator=g))
+
+    def a_new_kernel():
+        run = artifacts.open_run("smoke", run_dir=str(tmp_path / "run"))
+        monkeypatch.setattr(run, "model_inputs", lambda n, start=0: x)
+        return run
+
+    fc = lambda model: (model.softmax2_pre_activation_matmul.weight, model.softmax2_pre_activation_matmul.bias)
+    first = a_new_kernel().model()
+    direct = standardise_classifier_(load_model("random", seed=0)[0], x)
+    assert all(torch.equal(a, b) for a, b in zip(fc(first), fc(direct)))
+    measured = []
+    stats = artifacts.classifier_stats
+    monkeypatch.setattr(artifacts, "classifier_stats", lambda *a: measured.append(1) or stats(*a))
+    again = a_new_kernel().model()
+    assert measured == [] and all(torch.equal(a, b) for a, b in zip(fc(again), fc(first)))
+    kept = tmp_path / "run" / artifacts.CLASSIFIER
+    kept.write_text(kept.read_text().replace("random(seed=0)", "random(seed=1)"))  # kept for other weights
+    a_new_kernel().model()
+    assert measured == [1]
+
+
 def test_the_fast_layers_give_lucents_numbers(random_model, monkeypatch):
     """load_model's max pools and local response norms (where no gradient is wanted) against Lucent's own network
     with the same weights and torch's functions: every mixed layer and the logits bit for bit; each layer alone

@@ -53,6 +53,9 @@ def umap_embedding(decoder, n_neighbors: int = 15, min_dist: float = 0.1, seed: 
     """
     import umap
 
+    from helpers.numba_threads import cache_umap_kernels
+
+    cache_umap_kernels()  # speed only: UMAP's compiled kernels kept on disk, not compiled again in each notebook
     d = np.asarray(decoder.detach().cpu() if hasattr(decoder, "detach") else decoder, np.float32)
     live = np.linalg.norm(d, axis=1) > 0
     k = min(n_neighbors, int(live.sum()) - 1)

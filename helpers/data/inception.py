@@ -120,10 +120,9 @@ def he_normal_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 @torch.no_grad()
-def standardise_classifier_(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Centre and scale a random network's classifier on images ``x`` (model inputs): each output's logit has mean
-    0 and the logits' spread over the images is 1, so different images get different outputs (a check of the
-    spliced-in and switch-off measures that moves when they are wrong) without any class winning them all."""
+def classifier_stats(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(each logit's mean [outputs], the logits' mean spread over the images) of the network on images ``x``
+    (model inputs): what ``standardise_classifier_`` centres and scales by."""
     fc = model.softmax2_pre_activation_matmul
     seen = {}
     hook = fc.register_forward_hook(lambda module, inputs, out: seen.__setitem__("z", out))
@@ -132,9 +131,19 @@ def standardise_classifier_(model: nn.Module, x: torch.Tensor) -> nn.Module:
     finally:
         hook.remove()
     z = seen["z"]
-    scale = float(z.std(dim=0).mean().clamp_min(1e-12))
+    return z.mean(dim=0), float(z.std(dim=0).mean().clamp_min(1e-12))
+
+
+def standardise_classifier_(model: nn.Module, x: torch.Tensor | None = None,
+                            stats: tuple[torch.Tensor, float] | None = None) -> nn.Module:
+    """Centre and scale a random network's classifier on images ``x`` (model inputs): each output's logit has mean
+    0 and the logits' spread over the images is 1, so different images get different outputs (a check of the
+    spliced-in and switch-off measures that moves when they are wrong) without any class winning them all.
+    ``stats``: ``classifier_stats`` measured before (a run keeps them), instead of ``x``."""
+    mean, scale = stats if stats is not None else classifier_stats(model, x)
+    fc = model.softmax2_pre_activation_matmul
     fc.weight.div_(scale)
-    fc.bias.copy_((fc.bias - z.mean(dim=0)) / scale)
+    fc.bias.copy_((fc.bias - mean) / scale)
     return model
 
 

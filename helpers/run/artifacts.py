@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save
 
 from helpers.analysis import branches, circuits, embed, labels
 from helpers.analysis.examples import Examples, cell_colours, example_passes
@@ -26,10 +27,11 @@ from helpers.analysis.image_features import ImageProbe
 from helpers.config import HarvestConfig
 from helpers.data.harvest import harvest
 from helpers.data.images import ImageList, load_image
-from helpers.data.inception import (LayerCapture, architecture_slices, class_names, is_stand_in, load_model,
-                                    model_input_from_uint8, standardise_classifier_)
+from helpers.data.inception import (LayerCapture, architecture_slices, class_names, classifier_stats, is_stand_in,
+                                    load_model, model_input_from_uint8, standardise_classifier_)
 from helpers.data.store import Manifest, read_manifest
-from helpers.files import CFG_FILE, CHECKPOINT, EXAMPLES, EXAMPLES_CHECKPOINT, MANIFEST, write_json, write_npy
+from helpers.files import (CFG_FILE, CHECKPOINT, EXAMPLES, EXAMPLES_CHECKPOINT, MANIFEST, atomic_write, write_json,
+                           write_npy)
 from helpers.run.author import AuthorSAEMissing, fetch_author_sae
 from helpers.run.evaluations import Evaluations
 from helpers.run.memo import made_once
@@ -40,6 +42,7 @@ from helpers.show import atlas, explorer
 
 LABEL_EXAMPLES = 8  # top examples a feature's automatic labels are read from
 CLASSIFIER_IMAGES = 64  # a random network's classifier is standardised on the run's first images
+CLASSIFIER = "classifier-standardisation.json"  # its statistics, kept in the run
 
 
 @dataclass(eq=False)
@@ -198,8 +201,15 @@ class Run(Evaluations):
         """The profile's InceptionV1 (true ReLU gradients); with random weights its classifier standardised on the
         run's first images (``standardise_classifier_``), so its outputs differ across images."""
         model = load_model(self.profile.weights)[0]
-        if self.random_weights:
-            standardise_classifier_(model, self.model_inputs(CLASSIFIER_IMAGES))
+        if self.random_weights:  # the standardisation's statistics kept in the run: each chapter's kernel reads them
+            path = self.run_dir / CLASSIFIER
+            kept = json.loads(path.read_text()) if path.exists() else {}
+            if kept.get("weights_id") != model.weights_id or kept.get("images") != CLASSIFIER_IMAGES:
+                mean, scale = classifier_stats(model, self.model_inputs(CLASSIFIER_IMAGES))
+                kept = {"weights_id": model.weights_id, "images": CLASSIFIER_IMAGES, "scale": scale,
+                        "mean": mean.tolist()}
+                write_json(path, kept)
+            standardise_classifier_(model, stats=(torch.tensor(kept["mean"], dtype=torch.float32), kept["scale"]))
         return model
 
     @made_once
@@ -316,8 +326,16 @@ class Run(Evaluations):
 
     @made_once
     def umap(self, layer: str) -> embed.Embedding:
-        """The UMAP fit of the layer's decoder vectors (chapter 06)."""
-        return embed.umap_embedding(self.sae(layer).decoder_directions)
+        """The UMAP fit of the layer's decoder vectors (chapter 06), kept beside the SAE under its id (chapter 08's
+        atlas reads chapter 06's fits instead of fitting again)."""
+        path = self.sae_dir(layer) / f"umap-{sae_id(self.sae_dir(layer))}.safetensors"
+        if not path.exists():
+            fit = embed.umap_embedding(self.sae(layer).decoder_directions)
+            atomic_write(path, lambda f: f.write(save({"coords": fit.coords, "live": fit.live.astype(np.uint8),
+                                                       "n_neighbors": np.asarray(fit.n_neighbors, np.int64)})))
+        kept = load_file(str(path))
+        vectors = self.sae(layer).decoder_directions.detach().cpu().float().numpy()
+        return embed.Embedding(kept["coords"], vectors, kept["live"].astype(bool), int(kept["n_neighbors"]))
 
     @made_once
     def probe(self, layer: str) -> ImageProbe:

@@ -5,8 +5,8 @@ import torch
 
 from helpers.config import MIXED_LAYERS
 from helpers.data.inception import (PAPER_LAYERS, LayerCapture, WeightsUnavailable, architecture_slices, branch_slices,
-                               check_layers, layer_width, load_model, lucent_cache_path, model_input,
-                               model_input_from_uint8)
+                               check_layers, clean_pass, layer_width, load_model, lucent_cache_path, model_input,
+                               model_input_from_uint8, spliced_log_probs)
 
 # widths per branch (1x1, 3x3, 5x5, pool) as listed in PAPER.md, read from the paper's sources
 PAPER_WIDTHS = {
@@ -65,6 +65,33 @@ def test_capture_equals_full_forward_and_stops_early(random_model):
         assert torch.equal(captured[name], reference[name])
     assert mixed5b_calls == []  # the forward pass stopped after mixed4e
     assert captured["mixed4e"].shape[1:] == (832, 14, 14)
+
+
+def test_the_network_from_a_layer_on_is_the_whole_network_with_that_output_replaced(random_model):
+    """Chapter 03's spliced-in cases run only the layers after the replaced one (``acts``): for every layer, the
+    log probabilities bit for bit those of the whole network with a hook that replaces the output (torch's own
+    forward), the clean output and an edited one; a network whose later layers read an earlier value is refused."""
+    from helpers.data.suffix import forward_from
+
+    x = model_input(torch.rand(3, 3, 224, 224))
+    for layer in ("conv2d0", "mixed3a", *MIXED_LAYERS):
+        clean, acts = clean_pass(random_model, layer, x)
+        edited = acts.flip(0) * 0.7 + 0.05
+        assert torch.equal(spliced_log_probs(random_model, layer, None, acts=acts), clean)
+        assert torch.equal(spliced_log_probs(random_model, layer, None, lambda a: a.flip(0) * 0.7 + 0.05, acts=acts),
+                           spliced_log_probs(random_model, layer, x, lambda _: edited))
+    assert not torch.equal(edited, acts)
+
+    class Skip(torch.nn.Module):  # a residual connection: the output after ``b`` reads ``a`` too
+        def forward(self, x):
+            a = x + 1
+            b = a * 2
+            return b + a
+
+    with pytest.raises(ValueError, match=r"reads \['a'\] after 'b'"):
+        forward_from(Skip(), "b", torch.ones(1))
+    with pytest.raises(ValueError, match="assigns 'c' 0 times"):
+        forward_from(Skip(), "c", torch.ones(1))
 
 
 def test_unknown_layer_lists_valid_ones():

@@ -19,15 +19,17 @@ def reconstruct_positions(sae, acts: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def spliced_evaluation(model, layer: str, sae, x: torch.Tensor, slices: dict, floors: list[dict] | None = None) -> list[dict]:
+def spliced_evaluation(model, layer: str, sae, x: torch.Tensor, slices: dict, floors: list[dict] | None = None,
+                       clean: tuple | None = None) -> list[dict]:
     """Top-1 agreement with the clean network and KL(clean || spliced) on ``x``, for the SAE's reconstruction
     spliced in at ``layer`` (all channels, then each branch of ``slices`` alone, the other channels kept) and
     for two floors: the layer zeroed and replaced by its mean vector (over ``x``'s images and positions).
-    ``floors``: the floors' rows, already measured on the same ``x`` (a sweep of many SAEs of one layer).
+    ``floors``: the floors' rows, already measured on the same ``x`` (a sweep of many SAEs of one layer);
+    ``clean``: ``clean_pass(model, layer, x)``, where the caller has it (the same sweep).
 
     Defined in chapter 03, *Training the TopK sparse autoencoders* (nbs/03_training.ipynb).
     """
-    clean, acts = clean_pass(model, layer, x)
+    clean, acts = clean or clean_pass(model, layer, x)
     rec = reconstruct_positions(sae, acts)  # once: every SAE case below splices from it
 
     def branch_only(channels):
@@ -44,7 +46,7 @@ def spliced_evaluation(model, layer: str, sae, x: torch.Tensor, slices: dict, fl
         del cases[name]
     for name, make in cases.items():
         replaced = make()
-        q = spliced_log_probs(model, layer, x, lambda _: replaced)
+        q = spliced_log_probs(model, layer, x, lambda _: replaced, acts=acts)  # the layers after it
         kl = (clean.exp() * (clean - q)).sum(dim=1).mean()
         rows.append({"layer": layer, "spliced in": name, "top-1 agreement": float((q.argmax(1) == clean.argmax(1)).float().mean()),
                      "KL": float(kl)})

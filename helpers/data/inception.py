@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 from helpers.config import BRANCHES, MIXED_LAYERS, PAPER_LAYERS, check_layers  # noqa: F401 (names of the model)
 from helpers.data.layers import exact_fast_layers_
+from helpers.data.suffix import forward_from
 from helpers.files import sha256_file
 
 # the module whose output is each branch's contribution to the concatenation
@@ -281,17 +282,22 @@ class LayerCapture:
 
 
 @torch.no_grad()
-def spliced_log_probs(model, layer: str, x: torch.Tensor, replace=None) -> torch.Tensor:
+def spliced_log_probs(model, layer: str, x: torch.Tensor | None, replace=None, acts=None) -> torch.Tensor:
     """The network's log class probabilities [B, classes] on input ``x``, with ``layer``'s output [B, C, H, W]
     replaced by ``replace(output)`` (None: the clean network). Taken from the logits in float64, so that the
-    KL of two nearly equal distributions is not lost to rounding."""
+    KL of two nearly equal distributions is not lost to rounding. ``acts``: ``layer``'s clean output on ``x``,
+    where a caller has it (``clean_pass``): then only the layers after ``layer`` run, on ``replace(acts)``, with
+    the same numbers (``x`` is not read)."""
     logits = {}
     hooks = [model.softmax2_pre_activation_matmul.register_forward_hook(
         lambda module, inputs, out: logits.__setitem__("z", out))]
-    if replace is not None:
+    if replace is not None and acts is None:
         hooks.append(getattr(model, layer).register_forward_hook(lambda module, inputs, out: replace(out)))
     try:
-        model(x)
+        if acts is None:
+            model(x)
+        else:
+            forward_from(model, layer, acts if replace is None else replace(acts))
     finally:
         for h in hooks:
             h.remove()

@@ -24,6 +24,7 @@ import typing
 from helpers.analysis.branches import BRANCHES, analyse_branches
 from helpers.analysis.spliced import spliced_evaluation
 from helpers.config import Architecture
+from helpers.data.inception import clean_pass
 from helpers.files import CFG_FILE, CHECKPOINT, write_json
 from helpers.progress import progress
 from helpers.run.artifacts import open_run
@@ -32,7 +33,7 @@ from helpers.sae.train import train
 
 FAMILIES = typing.get_args(Architecture)
 EVALUATION = "evaluation.json"
-_FLOORS: dict = {}  # (run folder, SAEs, layer, images) -> the spliced-in floors' rows, measured once
+_SHARED: dict = {}  # (run folder, SAEs, layer, images) -> the clean pass and the floors' rows, measured once
 FREQUENCY_VECTORS = 100_000  # harvested vectors each SAE's firing frequencies are counted on (dead features out)
 
 
@@ -78,8 +79,11 @@ def evaluate(run, layer: str, sae: TopKSAE) -> dict:
     held = sae.metadata.get("held_out") or {}
     x = run.model_inputs(run.profile.spliced_images)
     key = (str(run.run_dir.resolve()), run.saes, layer, run.profile.spliced_images)
-    rows = spliced_evaluation(run.model(), layer, sae, x, {}, _FLOORS.get(key))  # the whole layer only: no branches
-    _FLOORS[key] = [r for r in rows if r["spliced in"].endswith("(floor)")]  # the same for every SAE of the layer
+    shared = _SHARED.setdefault(key, {})  # the same for every SAE of the layer
+    if "clean" not in shared:
+        shared["clean"] = clean_pass(run.model(), layer, x)
+    rows = spliced_evaluation(run.model(), layer, sae, x, {}, shared.get("floors"), shared["clean"])  # no branches
+    shared["floors"] = [r for r in rows if r["spliced in"].endswith("(floor)")]
     spliced = {r["spliced in"]: r for r in rows}
     frequency = run.firing_frequency(layer, sae, FREQUENCY_VECTORS)
     table = analyse_branches(layer, sae.decoder_directions.detach(), run.slices(layer), frequency).table()

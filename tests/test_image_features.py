@@ -70,3 +70,21 @@ def test_class_moves_lists_the_top_classes_before_then_those_that_enter_after():
     assert [r["class"] for r in rows] == [0, 1, 4]  # class 4 enters the top 2
     assert np.isclose(rows[0]["change"], -0.3) and np.isclose(rows[2]["change"], 0.3)
     assert rows[2]["name"] == "output 4"  # no names: by index
+
+
+def test_an_images_switches_run_from_its_kept_layer_output_with_the_whole_networks_numbers(random_model):
+    """The atlas switches features off in images it has looked into (``found``): their kept layer outputs run only
+    the layers after the layer, with the class probabilities of the whole network run again, bit for bit."""
+    from helpers.data.inception import model_input
+
+    sae = TopKSAE(528, 2048, 16, seed=0)
+    with torch.no_grad():
+        x = model_input(torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(3)))
+        sae.b_dec.copy_(torch.zeros(528))
+    probe = ImageProbe(random_model, "mixed4d", sae, np.arange(2048) % 4, np.full(2048, -1))
+    found = probe.features(x)
+    assert all(f.acts is not None for f in found)
+    features = [f for f, _ in found[0].strongest[:3]] + [f for f, _ in found[1].strongest[:2]]
+    assert probe.switch(x, features, found=found) == probe.switch(x, features)
+    one = probe.features(x[1:])  # (a batch of one: the convolutions' rounding depends on the batch)
+    assert probe.switch(x[1:], features[:1], scale=2.0, found=one) == probe.switch(x[1:], features[:1], scale=2.0)

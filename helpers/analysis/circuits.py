@@ -373,10 +373,11 @@ def cross_layer_share(attributions: dict, analyses: dict, top: float = 0.01) -> 
     return rows
 
 
-def switch_features(model, layer: str, sae, x: torch.Tensor, features, scale: float = 0.0, clean=None):
+def switch_features(model, layer: str, sae, x: torch.Tensor, features, scale: float = 0.0, clean=None, acts=None):
     """(clean, edited) log class probabilities [B, classes] on input ``x``: in ``edited``, each feature of
     ``features`` has its contribution z_f(p) d_f scaled by ``scale`` at every position of ``layer`` (0: off).
-    ``clean``: the clean ones, where a caller already has them (one forward pass fewer).
+    ``clean``: the clean ones, where a caller already has them (one forward pass fewer); ``acts``: ``layer``'s
+    clean output on ``x``, where a caller has it (then only the layers after ``layer`` run: chapter 03).
 
     Defined in chapter 05, *Circuits between layers* (nbs/05_circuits.ipynb).
     """
@@ -392,7 +393,7 @@ def switch_features(model, layer: str, sae, x: torch.Tensor, features, scale: fl
         return (flat + change.to(flat)).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
     clean = spliced_log_probs(model, layer, x) if clean is None else clean
-    return clean, (spliced_log_probs(model, layer, x, edit) if len(ids) else clean)
+    return clean, (spliced_log_probs(model, layer, x, edit, acts=acts) if len(ids) else clean)
 
 
 def class_shifts(clean: torch.Tensor, edited: torch.Tensor, top: int = 5) -> list[dict]:

@@ -3,7 +3,7 @@
 """One image through one layer's SAE (chapter 08): the features firing at each grid position, grouped by
 their dominant branch, and the network's top classes when chosen features are switched off or scaled."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ class ImageFeatures:
     branch_maps: np.ndarray  # [branches, H, W]
     strongest: list[tuple[int, float]]  # the features with the largest sum of z_f(p) over the image, (id, sum)
     log_probs: np.ndarray  # [classes] the network's log class probabilities on the image
+    # [C, H, W] the layer's output on the image: an edit of it runs only the layers after the layer (chapter 03)
+    acts: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def features_at(self, y: int, x: int) -> list[tuple[int, float]]:
         """(feature, activation) of the features firing at grid position (y, x), strongest first."""
@@ -56,7 +58,7 @@ def image_features(model, layer: str, sae, x: torch.Tensor, dominant: np.ndarray
         sums, best = totals[i].topk(strongest)
         out.append(ImageFeatures(layer, ids.reshape(b, h, w, top)[i].numpy(), values.reshape(b, h, w, top)[i].numpy(),
                                  maps[i].numpy(), [(int(f), float(s)) for f, s in zip(best, sums) if s > 0],
-                                 log_probs[i].numpy()))
+                                 log_probs[i].numpy(), acts[i]))
     return out
 
 
@@ -109,7 +111,9 @@ class ImageProbe:
     def switch(self, x: torch.Tensor, features, scale: float = 0.0, k: int = 5, found=None) -> list[list[dict]]:
         """Per image of ``x``: ``class_moves`` when ``features`` are scaled by ``scale`` (0: off) at every position
         where they fire (chapter 05's ``switch_features``: the SAE's error stays in place). ``found``: the images'
-        ``ImageFeatures``, whose clean class probabilities save a forward pass."""
+        ``ImageFeatures``, whose clean class probabilities save a forward pass and whose layer outputs the layers
+        before the layer."""
         clean = None if found is None else torch.from_numpy(np.stack([f.log_probs for f in found]))
-        clean, edited = switch_features(self.model, self.layer, self.sae, x, features, scale, clean)
+        acts = None if found is None or any(f.acts is None for f in found) else torch.stack([f.acts for f in found])
+        clean, edited = switch_features(self.model, self.layer, self.sae, x, features, scale, clean, acts)
         return [class_moves(c, e, k, self.names) for c, e in zip(clean.numpy(), edited.numpy())]

@@ -71,6 +71,7 @@ def main() -> None:
     from helpers.data.inception import LayerCapture, architecture_slices, layer_width, load_model
     from helpers.analysis.circuits import attribution
     from helpers.sae.model import TopKSAE, firing_stats
+    from helpers.data.suffix import forward_from
     from helpers.sae.adam import Adam
     from helpers.sae.train import _State, _step
 
@@ -162,12 +163,15 @@ def main() -> None:
         s = timed(attribution, model, sb, sc, "mixed4b", acts["mixed4b"], sources=list(range(16)))
         add("circuit attribution", s / (16 * 2), profile.circuit_sources * profile.circuit_images * 4, "source-image",
             f"{profile.circuit_sources} sources x {profile.circuit_images} images x 4 layer pairs", chapter="05")
-        with torch.no_grad():
+        with torch.no_grad():  # per layer: one whole clean pass, then 7 cases through the layers after it
             xs = torch.randn(8, 3, 224, 224)
             model(xs)
             s = timed(model, xs)
-        add("spliced-in evaluation", s / 8, profile.spliced_images * 5 * 7, "image-forward",
-            f"{profile.spliced_images} images x 5 layers x 7 cases", chapter="03")
+            outputs = LayerCapture(model, list(profile.layers))(xs)
+            s += sum(timed(forward_from, model, layer, outputs[layer]) for layer in profile.layers) * 7 / len(profile.layers)
+        add("spliced-in evaluation", s / 8, profile.spliced_images * len(profile.layers), "image-layer",
+            f"{profile.spliced_images} images x {len(profile.layers)} layers (a clean pass, 7 cases after the layer)",
+            chapter="03")
         harvest_min = per_image * n_images / 60
         paper_train = sum(train_s[layer] + stats_s[layer] for layer in profile.layers)
         all_train = sum(train_s.values()) + sum(stats_s.values())

@@ -2,6 +2,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# The smoke book's kernels run beside the tests (``start_smoke_book``): OpenMP threads that wait sleep instead of
+# spinning, or the two processes' spinning threads take the two cores from each other (set before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
@@ -13,6 +16,55 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
     from helpers.data.images import generate_images
 
     return generate_images(folder, n, seed).paths
+
+
+SMOKE: dict = {}  # the smoke book's background build: "root", "process"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The smoke book's tests run last: the book is built in the background meanwhile (``pytest_collection_finish``)."""
+    book = [item for item in items if "smoke_book" in getattr(item, "fixturenames", ())]
+    for item in book:
+        item.add_marker(pytest.mark.smoke_book)
+    first = set(map(id, book))
+    items[:] = [item for item in items if id(item) not in first] + book
+
+
+def start_smoke_book() -> None:
+    """Start building the smoke book in a background process (once): its notebooks' kernels then run beside the rest
+    of the suite, so both cores are busy from the start."""
+    if "process" in SMOKE:
+        return
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="smoke-book-"))
+    log = open(root / "build.log", "w")
+    SMOKE.update(root=root, log=log, process=subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("smoke_book.py")), str(root)], stdout=log,
+        stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1]))
+
+
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly and any(item.get_closest_marker("smoke_book") for item in session.items):
+        start_smoke_book()
+
+
+def pytest_sessionfinish(session):
+    """The background build stopped if the session ends before it (an -x failure, ^C); its folder removed, unless a
+    test failed (then kept, for a look at the executed notebooks and the run)."""
+    import shutil
+
+    if "process" in SMOKE:
+        if SMOKE["process"].poll() is None:
+            SMOKE["process"].kill()
+            SMOKE["process"].wait()
+        SMOKE["log"].close()
+        if session.testsfailed:
+            print(f"\nthe smoke book (executed notebooks, run, build log) is kept at {SMOKE['root']}")
+        else:
+            shutil.rmtree(SMOKE["root"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -39,25 +91,18 @@ def harvest_run(tmp_path_factory, image_dir) -> Path:
                                  batch_size=3, shard_images=4, workers=0, device="cpu"))
 
 
-# what `make book` says offline (helpers.data.inception's message): the built book shows it in its banner
-FALLBACK = ("- could not download the pretrained InceptionV1 weights (offline). Download that file on a machine with "
-            "internet and put it at ~/.cache/torch/hub/checkpoints/inception5h.pth, or pass --weights PATH.pth")
-
-
 @pytest.fixture(scope="session")
-def smoke_book(tmp_path_factory):
-    """Every notebook executed in the smoke profile, and the book built from them (once)."""
-    from helpers.run import book
-    from helpers.run.artifacts import open_run
+def smoke_book():
+    """Every notebook executed in the smoke profile, and the book built from them (once, in the background)."""
+    import smoke_book as smoke
 
-    root = tmp_path_factory.mktemp("book")
-    env = {"SAE_PROFILE": "smoke", "SAE_BOOK_BUILD": "1", "SAE_FALLBACK_REASON": FALLBACK, "TQDM_DISABLE": "1",
-           "SAE_RUN_DIR": str(root / "run")}
-    executed = book.execute_notebooks(root / "executed", env, timeout=900)
-    os.environ.update({k: v for k, v in env.items() if k != "SAE_BOOK_BUILD"})
-    banner = open_run("smoke").banner()
-    html = book.build_html(book.stage(executed, banner, root / "src", root / "run" / "atlas"), root / "out")
-    return {"executed": {p.stem: p for p in executed}, "html": html, "run": root / "run"}
+    start_smoke_book()  # started already where collection showed a test that needs it
+    root = SMOKE["root"]
+    if SMOKE["process"].wait() != 0 or not (root / smoke.DONE).exists():
+        raise RuntimeError(f"the smoke book failed to build:\n{(root / 'build.log').read_text()[-6000:]}")
+    os.environ.update({k: v for k, v in smoke.environment(root).items() if k != "SAE_BOOK_BUILD"})
+    executed = [Path(p) for p in (root / smoke.DONE).read_text().splitlines()]
+    return {"executed": {p.stem: p for p in executed}, "html": root / "out" / "_build" / "html", "run": root / "run"}
 
 
 def stub_hub(monkeypatch, snapshot: Path, downloads: Path, dates: dict | None = None) -> None:

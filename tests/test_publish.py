@@ -1,10 +1,7 @@
 """Publishing an SAE: the upload set and model card from its records, checked offline; nothing is
 uploaded when anything is wrong, and a good SAE goes up in one commit (the hub client replaced here)."""
 
-import json
-
 import pytest
-import torch
 
 from helpers.run import publish
 from helpers.cli import main as cli

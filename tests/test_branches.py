@@ -60,3 +60,22 @@ def test_slices_of_another_layer_are_refused():
         fraction_in_branch(np.ones((3, 508)), SLICES)
     with pytest.raises(ValueError, match="width 512 do not fit branch slices of a 508-wide layer"):
         fraction_in_branch(np.ones((3, 512)), mixed4a)
+
+
+def test_the_gaussian_baseline_is_drawn_once_per_width_and_is_the_written_out_draw():
+    """Every SAE of a layer gets the same isotropic baseline (it does not read the decoder): kept after the first
+    draw, it is the draw written out, for any decoder of that width, and another width or seed draws anew."""
+    import torch
+
+    slices = {"1x1": (0, 3), "3x3": (3, 7), "5x5": (7, 9), "pool": (9, 12)}
+    rng = np.random.default_rng(5)
+    first = baseline(rng.standard_normal((40, 12)), slices, "gaussian", n=3000, seed=4)
+    again = baseline(torch.randn(7, 12), slices, "gaussian", n=3000, seed=4)
+    want = fraction_in_branch(np.random.default_rng(4).standard_normal((3000, 12), dtype=np.float32), slices)
+    assert np.array_equal(first.samples, want) and np.array_equal(again.samples, want)
+    assert np.array_equal(again.threshold, np.quantile(want, 0.99, axis=0)) and np.array_equal(again.mean, want.mean(0))
+    assert not np.array_equal(baseline(np.ones((2, 12)), slices, "gaussian", n=3000, seed=5).samples, want)
+    wide = {**slices, "pool": (9, 13)}
+    assert baseline(np.ones((2, 13)), wide, "gaussian", n=3000, seed=4).samples.shape == (3000, 4)
+    with pytest.raises(ValueError, match="width 12"):
+        baseline(np.ones((2, 12)), wide, "gaussian", n=3000, seed=4)

@@ -3,6 +3,7 @@
 """Branch specialization (chapter 04): how each SAE feature's decoder vector splits over a
 layer's 1x1 / 3x3 / 5x5 / pool branches, against the split that chance gives."""
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,12 +43,12 @@ class Baseline:
     samples: np.ndarray
     quantile: float
 
-    @property
+    @functools.cached_property  # (read for every feature: computed once)
     def threshold(self) -> np.ndarray:
         """[4] the ``quantile`` of each branch's fraction by chance."""
         return np.quantile(self.samples, self.quantile, axis=0)
 
-    @property
+    @functools.cached_property
     def mean(self) -> np.ndarray:
         """[4] each branch's mean fraction by chance."""
         return self.samples.mean(axis=0)
@@ -62,13 +63,25 @@ def baseline(decoder, slices: Slices, kind: str = "shuffled", positive: bool = T
     """
     d = np.asarray(decoder.detach().cpu() if isinstance(decoder, torch.Tensor) else decoder, dtype=np.float32)
     rng = np.random.default_rng(seed)
-    if kind == "gaussian":
-        random = rng.standard_normal((n, d.shape[1]), dtype=np.float32)
-    elif kind == "shuffled":
+    if kind == "gaussian":  # the same for every decoder of the layer's width: drawn once per process
+        return Baseline(kind, _gaussian_fractions(d.shape[1], tuple(sorted(slices.items())), positive, n, seed), quantile)
+    if kind == "shuffled":
         random = rng.permuted(d[rng.integers(0, len(d), n)], axis=1)  # each row's channels shuffled on its own
     else:
         raise ValueError(f"baseline kind {kind!r}; choose 'gaussian' or 'shuffled'")
     return Baseline(kind, fraction_in_branch(random, slices, positive), quantile)
+
+
+@functools.lru_cache(maxsize=32)
+def _gaussian_fractions(width: int, slices: tuple, positive: bool, n: int, seed: int) -> np.ndarray:
+    """``fraction_in_branch`` of ``n`` isotropic directions of the width, drawn from ``seed`` (read-only: shared).
+
+    Defined in chapter 04, *Branch specialization* (nbs/04_branch_specialization.ipynb).
+    """
+    random = np.random.default_rng(seed).standard_normal((n, width), dtype=np.float32)
+    fractions = fraction_in_branch(random, dict(slices), positive)
+    fractions.flags.writeable = False
+    return fractions
 
 
 def excess(fractions: np.ndarray, base: Baseline) -> np.ndarray:

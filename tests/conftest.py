@@ -22,12 +22,18 @@ SMOKE: dict = {}  # the smoke book's background build: "root", "process"
 
 
 def pytest_collection_modifyitems(config, items):
-    """The smoke book's tests run last: the book is built in the background meanwhile (``pytest_collection_finish``)."""
-    book = [item for item in items if "smoke_book" in getattr(item, "fixturenames", ())]
-    for item in book:
+    """The smoke book's tests run last, those that need only its chapter 03 (``smoke_run_after_03``) first among
+    them: the book is built in the background meanwhile (``pytest_collection_finish``), and those run while its
+    later chapters execute."""
+    def needs(item, fixture):
+        return fixture in getattr(item, "fixturenames", ())
+
+    early = [item for item in items if needs(item, "smoke_run_after_03")]
+    book = [item for item in items if needs(item, "smoke_book") and item not in early]
+    for item in early + book:
         item.add_marker(pytest.mark.smoke_book)
-    first = set(map(id, book))
-    items[:] = [item for item in items if id(item) not in first] + book
+    later = set(map(id, early + book))
+    items[:] = [item for item in items if id(item) not in later] + early + book
 
 
 def start_smoke_book() -> None:
@@ -44,6 +50,34 @@ def start_smoke_book() -> None:
     SMOKE.update(root=root, log=log, process=subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("smoke_book.py")), str(root)], stdout=log,
         stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1]))
+
+
+def smoke_book_through(chapter: str) -> Path:
+    """The smoke book's run once its notebooks up to chapter ``chapter`` ("03") have executed, while the later ones
+    go on: for tests that read only what those chapters make (later chapters add files beside them, never rewrite
+    them) and compute in a run of their own."""
+    import json
+    import time
+
+    import smoke_book as smoke
+
+    start_smoke_book()
+    root, finished = SMOKE["root"], False
+    while True:
+        log = root / "executed" / "execution.jsonl"
+        for line in (log.read_text().splitlines() if log.exists() else []):
+            try:
+                record = json.loads(line)
+            except ValueError:  # the line being written
+                continue
+            if record["notebook"].startswith(chapter) and record["status"] == "ok":
+                os.environ.update({k: v for k, v in smoke.environment(root).items() if k != "SAE_BOOK_BUILD"})
+                return root / "run"
+        if finished:
+            raise RuntimeError(f"the smoke book did not execute chapter {chapter}:\n"
+                               f"{(root / 'build.log').read_text()[-6000:]}")
+        finished = SMOKE["process"].poll() is not None  # one more look at the log after the process ended
+        time.sleep(0.5)
 
 
 def pytest_collection_finish(session):
@@ -89,6 +123,12 @@ def harvest_run(tmp_path_factory, image_dir) -> Path:
     out = tmp_path_factory.mktemp("runs") / "harvest"
     return harvest(HarvestConfig(images=str(image_dir), out=str(out), layers="mixed4a,mixed4c", weights="random",
                                  batch_size=3, shard_images=4, workers=0, device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def smoke_run_after_03() -> Path:
+    """The smoke book's run once chapter 03 (the harvest, every layer's SAE, the families sweep) has executed."""
+    return smoke_book_through("03")
 
 
 @pytest.fixture(scope="session")

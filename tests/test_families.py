@@ -194,8 +194,9 @@ def test_batchtopk_selection_is_exact_when_one_vector_needs_more_than_its_first_
 
 
 @pytest.mark.parametrize("architecture", ["batchtopk", "jumprelu"])
-def test_the_books_analyses_work_on_a_family_sae(smoke_book, tmp_path, architecture):
-    """A family's SAE in place of the smoke run's mixed4c SAE (from chapter 03's sweep): the branch analysis,
+def test_the_books_analyses_work_on_a_family_sae(smoke_run_after_03, tmp_path, architecture):
+    """A family's SAE in place of the smoke run's mixed4c SAE (from chapter 03's sweep, read while the book's later
+    chapters execute; everything is computed in a run of the test's own): the branch analysis,
     the dataset examples, the spliced-in evaluation, the spatial coherence and the atlas page are made from it,
     and its examples are what its own encoding of the network's activations gives."""
     import shutil
@@ -206,13 +207,13 @@ def test_the_books_analyses_work_on_a_family_sae(smoke_book, tmp_path, architect
     from helpers.run.profiles import get_profile
     from helpers.show import atlas
 
-    source = open_run("smoke", run_dir=str(smoke_book["run"]))
+    source = open_run("smoke", run_dir=str(smoke_run_after_03))
     root = tmp_path / "run"
     root.mkdir()
-    (root / "harvest").symlink_to(smoke_book["run"] / "harvest")
-    shutil.copy(smoke_book["run"] / CLASSIFIER, root / CLASSIFIER)  # the same network: its kept standardisation
+    (root / "harvest").symlink_to(smoke_run_after_03 / "harvest")
+    shutil.copy(smoke_run_after_03 / CLASSIFIER, root / CLASSIFIER)  # the same network: its kept standardisation
     for layer in source.profile.layers:  # every layer's SAE, as the example pass makes all layers' examples at once
-        found = smoke_book["run"] / "sweep" / "mixed4c" / f"{architecture}-k16-s0" if layer == "mixed4c" \
+        found = smoke_run_after_03 / "sweep" / "mixed4c" / f"{architecture}-k16-s0" if layer == "mixed4c" \
             else source.sae_dir(layer)
         (root / "saes" / layer).mkdir(parents=True)
         for name in ("cfg.json", "sae_weights.safetensors"):

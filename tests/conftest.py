@@ -71,7 +71,7 @@ def smoke_book_through(chapter: str) -> Path:
             except ValueError:  # the line being written
                 continue
             if record["notebook"].startswith(chapter) and record["status"] == "ok":
-                os.environ.update({k: v for k, v in smoke.environment(root).items() if k != "SAE_BOOK_BUILD"})
+                os.environ.update(smoke.reader_environment(root))
                 return root / "run"
         if finished:
             raise RuntimeError(f"the smoke book did not execute chapter {chapter}:\n"
@@ -140,7 +140,7 @@ def smoke_book():
     root = SMOKE["root"]
     if SMOKE["process"].wait() != 0 or not (root / smoke.DONE).exists():
         raise RuntimeError(f"the smoke book failed to build:\n{(root / 'build.log').read_text()[-6000:]}")
-    os.environ.update({k: v for k, v in smoke.environment(root).items() if k != "SAE_BOOK_BUILD"})
+    os.environ.update(smoke.reader_environment(root))
     executed = [Path(p) for p in (root / smoke.DONE).read_text().splitlines()]
     return {"executed": {p.stem: p for p in executed}, "html": root / "out" / "_build" / "html", "run": root / "run"}
 

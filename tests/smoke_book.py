@@ -21,13 +21,18 @@ def environment(root: Path) -> dict[str, str]:
             "SAE_RUN_DIR": str(root / "run")}
 
 
+def reader_environment(root: Path) -> dict[str, str]:
+    """What a process that reads the built book runs with: the notebooks' environment, not building the book."""
+    return {k: v for k, v in environment(root).items() if k != "SAE_BOOK_BUILD"}
+
+
 def build(root: Path) -> None:
     from helpers.run import book
     from helpers.run.artifacts import open_run
 
     env = environment(root)
     executed = book.execute_notebooks(root / "executed", env, timeout=900)
-    os.environ.update({k: v for k, v in env.items() if k != "SAE_BOOK_BUILD"})
+    os.environ.update(reader_environment(root))
     book.build_html(book.stage(executed, open_run("smoke").banner(), root / "src", root / "run" / "atlas"), root / "out")
     (root / DONE).write_text("\n".join(str(p) for p in executed))
 

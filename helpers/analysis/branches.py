@@ -62,13 +62,12 @@ def baseline(decoder, slices: Slices, kind: str = "shuffled", positive: bool = T
     Defined in chapter 04, *Branch specialization* (nbs/04_branch_specialization.ipynb).
     """
     d = np.asarray(decoder.detach().cpu() if isinstance(decoder, torch.Tensor) else decoder, dtype=np.float32)
-    rng = np.random.default_rng(seed)
     if kind == "gaussian":  # the same for every decoder of the layer's width: drawn once per process
         return Baseline(kind, _gaussian_fractions(d.shape[1], tuple(sorted(slices.items())), positive, n, seed), quantile)
-    if kind == "shuffled":
-        random = rng.permuted(d[rng.integers(0, len(d), n)], axis=1)  # each row's channels shuffled on its own
-    else:
+    if kind != "shuffled":
         raise ValueError(f"baseline kind {kind!r}; choose 'gaussian' or 'shuffled'")
+    rng = np.random.default_rng(seed)
+    random = rng.permuted(d[rng.integers(0, len(d), n)], axis=1)  # each row's channels shuffled on its own
     return Baseline(kind, fraction_in_branch(random, slices, positive), quantile)
 
 

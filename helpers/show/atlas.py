@@ -67,13 +67,13 @@ def _save_jpeg(img: Image.Image, path: Path) -> None:
 def layer_records(view: LayerView) -> list[dict]:
     """One JSON-ready record per live feature of the layer."""
     a, ex = view.analysis, view.examples
-    dom, chance = a.dominant(), a.shuffled.mean  # (the mean over 20,000 samples: once, not per feature)
+    dom = a.dominant()
     lo, hi = view.coords.min(0), view.coords.max(0)
     norm = (view.coords - lo) / np.where(hi > lo, hi - lo, 1)
     return [{
         "id": int(f), "branch": BRANCHES[dom[f]],
         "fractions": [round(float(v), 3) for v in a.fractions[f]],
-        "excess": [round(float(v), 3) for v in a.fractions[f] - chance],  # over chance, per branch
+        "excess": [round(float(v), 3) for v in a.fractions[f] - a.shuffled.mean],  # over chance, per branch
         "frequency": float(a.frequency[f]),
         "labels": {k: round(v, 2) for k, v in view.labels[f].get("labels", {}).items()},
         "top_class_share": view.labels[f].get("top_class_share"),

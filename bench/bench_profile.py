@@ -70,6 +70,7 @@ def main() -> None:
     from helpers.data.images import generate_images, list_images
     from helpers.data.inception import LayerCapture, architecture_slices, layer_width, load_model
     from helpers.analysis.circuits import attribution
+    from helpers.allocator import reuse_freed_memory
     from helpers.sae.model import TopKSAE, firing_stats
     from helpers.data.suffix import forward_from
     from helpers.sae.adam import Adam
@@ -121,8 +122,9 @@ def main() -> None:
                     state.since_fired.zero_()[: round(DEAD_SHARE * sae.d_sae)] = cfg.dead_after
                     _step(step_cfg, state, xs[i % len(xs)])
 
-            steps(1)  # warm-up
-            s = timed(steps, a.train_steps)
+            with reuse_freed_memory():  # as a training runs (helpers.sae.train._train)
+                steps(2)  # warm-up (the first steps' allocations grow the heap the later ones reuse)
+                s = timed(steps, a.train_steps)
             train_s[layer] = s / a.train_steps / cfg.batch_size * cfg.vectors_seen
             with torch.no_grad():
                 s = timed(firing_stats, sae, xs[:2])

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from helpers.allocator import reuse_freed_memory
 from helpers.data.inception import PAPER_LAYERS, branch_slices
 from helpers.data.layers import max_pool_tangent
 
@@ -193,6 +194,7 @@ def block_tangent(model, layer: str, x: torch.Tensor, v: torch.Tensor) -> torch.
     return torch.cat(branches, dim=2)
 
 
+@reuse_freed_memory()
 def attribution(model, sae_src, sae_dst, src_layer: str, acts_src: torch.Tensor, sources=None,
                 chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(sources, effects [len(sources), d_sae_dst]): effect[i, j] is the first-order drop of j's encoder

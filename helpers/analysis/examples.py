@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from helpers.allocator import reuse_freed_memory
 from helpers.files import atomic_write
 from helpers.data.images import ImageDataset, collate
 from helpers.data.inception import LayerCapture, model_input_from_uint8
@@ -85,6 +86,7 @@ def example_pass(model, sae, layer: str, images, top: int = 16, reservoir: int =
                           input_scale)[layer]
 
 
+@reuse_freed_memory()
 @torch.no_grad()
 def example_passes(model, saes: dict, images, top: int = 16, reservoir: int = 64, batch_size: int = 32,
                    device: str | torch.device = "cpu", seed: int = 0, workers: int = 0,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from helpers.allocator import reuse_freed_memory
 from helpers.config import FeatvizConfig
 from helpers.files import WEIGHTS_FILE, atomic_write, sha256_file
 from helpers.data.inception import MIXED_LAYERS
@@ -55,6 +56,7 @@ def lucent_device() -> torch.device:
     return _optvis()[1].spatial.device
 
 
+@reuse_freed_memory()
 def render_directions(model, layer: str, directions: torch.Tensor, cfg: FeatvizConfig = FeatvizConfig()) -> np.ndarray:
     """Optimise one image per direction [n, C], all in one batch: float images [n, size, size, 3]."""
     objectives, param, render = _optvis()

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from helpers import __version__
+from helpers.allocator import reuse_freed_memory
 from helpers.config import HarvestConfig
 from helpers.files import HARVEST_LOG, MANIFEST, append_jsonl, exclusive_lock
 from helpers.data.images import ImageDataset, collate, decode_on_device, list_images
@@ -89,6 +90,7 @@ def _open_run(out: Path, manifest: Manifest) -> Manifest:
     return manifest
 
 
+@reuse_freed_memory()
 def harvest(cfg: HarvestConfig, model: torch.nn.Module | None = None) -> Path:
     """Run (or resume) a harvest; returns the run directory. The steps: build the model and the
     manifest, open (or reopen) the run, then for each batch of images forward, select positions

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers.allocator import reuse_freed_memory
 from helpers.sae import screened_topk
 from helpers.config import Architecture, Kernels, Tied
 from helpers.files import CFG_FILE, WEIGHTS_FILE, atomic_write, write_json
@@ -377,6 +378,7 @@ def input_scale_for(sae: TopKSAE, asked: str | None, where: str = "the SAE") -> 
     return asked
 
 
+@reuse_freed_memory()
 @torch.no_grad()
 def firing_stats(sae: TopKSAE, batches) -> dict[str, torch.Tensor]:
     """Per latent over an iterable of [batch, d_in] tensors: how often it fires and how strongly.

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from helpers import __version__
+from helpers.allocator import reuse_freed_memory
 from helpers.config import TrainConfig
 from helpers.data.batches import ShuffledBatches, prefetch, random_rows
 from helpers.files import (CFG_FILE, CHECKPOINT, METRICS, TRAIN_RECORD, append_jsonl, atomic_write, exclusive_lock,
@@ -87,6 +88,7 @@ def train(cfg: TrainConfig) -> Path:
         return _train(cfg)
 
 
+@reuse_freed_memory()
 @torch.enable_grad()  # also when called inside torch.no_grad() (an evaluation that trains what it needs)
 def _train(cfg: TrainConfig) -> Path:
     """The steps: open the vectors, start (or resume) the SAE, then step, log and checkpoint until the budget is

@@ -1,7 +1,8 @@
 """Numba, where it is installed (it comes with umap-learn), and the one way into its parallel regions: Numba's
 fallback thread pool (workqueue) must not be entered from two threads at once, so every kernel with ``prange``
-(the screened TopK's, the local response norm's, feature visualisation's max pool, the attribution's pool tangent) runs inside ``numba_region()``, which holds this process's one
-lock and gives Numba as many threads as torch has."""
+(the screened TopK's, the local response norm's, feature visualisation's max pool, the attribution's pool tangent,
+the SAE's weight-gradient scatter) runs inside ``numba_region()``, which holds this process's one lock and gives
+Numba as many threads as torch has."""
 
 from __future__ import annotations
 

@@ -74,3 +74,31 @@ def test_kernels_that_fail_their_first_use_check_fall_back_with_a_warning(monkey
         out = sparse_decode(idx, vals, W)
     assert torch.allclose(out, W[1] - W[2])
     assert sparse_decode(idx, vals, W).shape == (1, 4)  # checked once: no second warning, no error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weight_gradient_scatter_equals_the_dense_product(dtype):
+    """``scatter_rows`` (the SAE's weight gradient on a CPU: the Numba kernel) against the dense equation
+    Z^T @ rows, Z the [batch, d_sae] matrix of the scattered coefficients, at an odd width, with latents
+    no row keeps (their gradient rows must be zero, not stale memory) and a latent every row keeps; and
+    against torch's sparse CSR product, which it replaced, entry for entry."""
+    from helpers.numba_threads import numba
+    from helpers.sae import kernels
+
+    g = torch.Generator().manual_seed(0)
+    batch, k, d_sae, d = 300, 7, 97, 45
+    idx = torch.stack([torch.randperm(d_sae - 10, generator=g)[:k] for _ in range(batch)])  # latents 87-96 unused
+    idx[:, 0] = 3  # one latent in every row
+    coef = torch.randn(batch, k, generator=g, dtype=dtype)
+    rows = torch.randn(batch, d, generator=g, dtype=dtype)
+    like = torch.full((d_sae, d), float("nan"), dtype=dtype)  # the output must not be read from here
+    out = kernels.scatter_rows(idx, coef, rows, like)
+    dense = torch.zeros(batch, d_sae, dtype=torch.float64).scatter_add_(1, idx, coef.double())  # repeats add
+    torch.testing.assert_close(out.double(), dense.T @ rows.double(), rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                               atol=1e-5 if dtype == torch.float32 else 1e-12)
+    assert (out[87:] == 0).all() and out.dtype == dtype and out.shape == like.shape
+    if numba is None:
+        pytest.skip("Numba is missing: scatter_rows took torch's product")
+    order, crow, col = kernels._csr_layout(idx, d_sae)
+    csr = torch.sparse_csr_tensor(crow, col, coef.flatten()[order], (d_sae, batch))
+    assert torch.equal(out, csr @ rows)

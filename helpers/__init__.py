@@ -3,9 +3,10 @@
 The folders are the layers, bottom to top; a module imports its own layer and those below it,
 never one above (``tests/test_layout.py``):
 
-``config``, ``files``, ``progress``, ``distributed``
+``config``, ``files``, ``progress``, ``distributed``, ``numba_threads``, ``allocator``
     the foundation: job configs (dataclasses, the CLI is generated from them), atomic writes and
-    on-disk names, progress bars, torch.distributed helpers.
+    on-disk names, progress bars, torch.distributed helpers, Numba's threads, and the memory policy
+    of long jobs (freed memory kept while they run).
 ``data/``
     images in, activation vectors out: ``images`` (sources, labels), ``inception`` (the model, its
     layers and branch slices, its input, forward hooks), ``sampling`` (chapter 02), ``harvest``,

@@ -12,7 +12,7 @@ from helpers.run.export import HEADER
 PACKAGE = Path(helpers.__file__).parent
 # bottom to top; a module may import its own layer and the layers below it, never one above
 LAYERS = {"foundation": 0, "data": 1, "sae": 2, "analysis": 3, "show": 4, "run": 5, "cli": 6}
-FOUNDATION = {"config", "files", "progress", "distributed", "numba_threads"}  # at the root: every layer may use them
+FOUNDATION = {"config", "files", "progress", "distributed", "numba_threads", "allocator"}  # at the root: every layer may use them
 TOP = {"cli", "__main__"}
 
 

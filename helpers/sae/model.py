@@ -3,9 +3,8 @@
     z  = TopK(W_enc (x - b_dec) + b_enc)      ReLU on the k kept values, 0 elsewhere
     x' = W_dec z + b_dec
 
-x: [batch, d_in]; z: [batch, d_sae]. Weights are kept in SAELens' layout: ``W_enc``
-[d_in, d_sae], ``W_dec`` [d_sae, d_in] (row i of ``W_dec`` is latent i's decoder
-direction, the vector whose split over InceptionV1's branches the paper measures).
+x: [batch, d_in]; z: [batch, d_sae]. Weights are kept in SAELens' layout: ``W_enc`` [d_in, d_sae], ``W_dec``
+[d_sae, d_in] (row i of ``W_dec`` is latent i's decoder direction, whose split over the branches the paper measures).
 
 tied="full": one matrix, W_dec = W_enc^T throughout training (the paper's released code).
 tied="init": W_dec starts as W_enc^T, then trains separately with unit-norm rows and the
@@ -34,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.allocator import reuse_freed_memory
 from helpers.sae import screened_topk
 from helpers.config import Architecture, Kernels, Tied
 from helpers.files import CFG_FILE, WEIGHTS_FILE, atomic_write, write_json
@@ -213,13 +211,14 @@ class TopKSAE(nn.Module):
         """AuxK's reconstruction as dense products over the dead latents only: their pre-activations [batch, n_dead],
         each row's top aux_k kept (all, where n_dead <= aux_k), ReLU, times their decoder rows; autograd's gradients.
         Where few latents are dead (training's usual state) this is a few small products instead of the sparse
-        path's gathers of aux_k rows per vector (measured in bench/README)."""
+        path's gathers of aux_k rows per vector (measured in bench/README). Tied, the rows are gathered once (a gather's
+        gradient is a whole [d_sae, d_in] matrix, mostly zeros)."""
         ids = dead.nonzero().flatten()
-        pre = torch.addmm(self.b_enc[ids], x - self.b_dec, self.encoder_weight[ids].T)
+        pre = torch.addmm(self.b_enc[ids], x - self.b_dec, (rows := self.encoder_weight[ids]).T)
         code = F.relu(pre)
         if aux_k < len(ids):
             code = code * torch.zeros_like(pre).scatter_(1, pre.detach().topk(aux_k, dim=-1, sorted=False).indices, 1.0)
-        return code @ self.W_dec[ids]
+        return code @ (rows if self.decoder_weight is None else self.W_dec[ids])
 
     # --- Gao et al.'s decoder constraint (tied="init") ------------------------------------
     @torch.no_grad()
@@ -378,7 +377,6 @@ def input_scale_for(sae: TopKSAE, asked: str | None, where: str = "the SAE") -> 
     return asked
 
 
-@reuse_freed_memory()
 @torch.no_grad()
 def firing_stats(sae: TopKSAE, batches) -> dict[str, torch.Tensor]:
     """Per latent over an iterable of [batch, d_in] tensors: how often it fires and how strongly.

@@ -4,19 +4,20 @@ glibc's ``malloc`` serves a block above its mmap threshold (at most 32 MiB) with
 unmaps them when the block is freed. A loop that makes the same large tensors in every step (a forward pass's
 activations of 32 images: 100 MB at the first convolution; a training step's [d_sae, d_in] gradients) therefore
 has the kernel fault in and zero every page of them again in every step. Measured on 2 cores of an AMD EPYC
-(``bench/bench_allocator.py``): a forward pass of 32 images to mixed4e and a feature-visualisation step spent
-a quarter of their time so.
+(``bench/bench_allocator.py``, a fresh process each, in turns): a forward pass of 32 images to mixed4e took 1.32x
+as long so, a training step at mixed4e's shape 1.37x.
 
 ``reuse_freed_memory()`` keeps freed memory in the process while a long job runs (no block is served by mmap, no
 free memory given back), so each step's tensors reuse the pages of the step before, and gives the free memory back
 to the kernel (``malloc_trim``) when the outermost job ends. The numbers computed are the same: only where memory
 comes from changes. The cost is memory: a job's first steps grow the heap (a freed block sits under the small
 allocations made after it, so the next request, a little larger for its alignment, comes from the top) until freed
-neighbours merge, so a job's peak resident memory is somewhat higher (``bench/bench_allocator.py`` prints both). After it, glibc is left as its own dynamic threshold leaves it once a block of its maximum was
-freed (blocks up to 32 MiB from the heap; free memory above 64 MiB at its top given back), since setting any of
-these options turns that adjustment off for the process. Elsewhere than glibc (macOS, Windows, musl) it does
-nothing. The harvest, the trainings, the example pass, feature visualisation and the circuit attribution run inside
-it; a caller's own loop can too (``with reuse_freed_memory(): ...``, or as a decorator).
+neighbours merge, so a job's peak resident memory is a few per cent higher (``bench/bench_allocator.py`` prints
+both). After it, glibc is left as its own dynamic threshold leaves it once a block of its maximum was freed (blocks
+up to 32 MiB from the heap; free memory above 64 MiB at its top given back), since setting any of these options
+turns that adjustment off for the process. Elsewhere than glibc (macOS, Windows, musl) it does nothing. The
+harvest, the trainings, the example pass, feature visualisation and the circuit attribution run inside it; a
+caller's own loop can too (``with reuse_freed_memory(): ...``, or as a decorator).
 """
 
 from __future__ import annotations

@@ -197,6 +197,19 @@ if numba is not None:
         return scratch[want]
 
     @numba.njit(cache=True, fastmath=_FAST, boundscheck=False)
+    def _block_max(bmax, seg):
+        """bmax[l] = max(bmax[l], seg[l]) (Python's max: seg[l] only where strictly larger, so a NaN is never taken),
+        and the sum of seg. Over a slice the loop vectorises; indexing the row at i * lanes + l in place kept it
+        scalar (1.9 against 4.5 us for a row of 8192 with its bf16 conversion, the same maxima, NaN and infinities
+        included)."""
+        total = np.float32(0.0)
+        for lane in range(seg.shape[0]):
+            v, m = seg[lane], bmax[lane]
+            bmax[lane] = v if v > m else m
+            total += v
+        return total
+
+    @numba.njit(cache=True, fastmath=_FAST, boundscheck=False)
     def _gather(s, bmax, thr, lanes, depth, tail, cand, cval):
         """The entries of row ``s`` at or above ``thr``, visiting only the strided blocks whose maximum ``bmax``
         reaches it: their latents into ``cand``, their values into ``cval``; returns how many."""
@@ -258,8 +271,7 @@ if numba is not None:
                 for lane in range(LANES):
                     bmax[lane] = s[lane]
                 for i in range(1, depth):
-                    for lane in range(LANES):
-                        bmax[lane] = max(bmax[lane], s[i * LANES + lane])
+                    _block_max(bmax, s[i * LANES:(i + 1) * LANES])
                 for lane in range(tail):
                     bmax[lane] = max(bmax[lane], s[depth * LANES + lane])
                 t = _kth_largest(bmax, k, scratch)
@@ -301,9 +313,7 @@ if numba is not None:
                     bmax[lane] = s[lane]
                     total += s[lane]
                 for i in range(1, depth):
-                    for lane in range(lanes):
-                        bmax[lane] = max(bmax[lane], s[i * lanes + lane])
-                        total += s[i * lanes + lane]
+                    total += _block_max(bmax, s[i * lanes:(i + 1) * lanes])
                 for lane in range(tail):
                     bmax[lane] = max(bmax[lane], s[depth * lanes + lane])
                     total += s[depth * lanes + lane]

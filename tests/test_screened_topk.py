@@ -272,3 +272,25 @@ def test_every_numba_parallel_kernel_takes_the_one_lock(monkeypatch):
     assert screened_topk(x, w, torch.zeros(256), 8) is not None
     max_pool_tangent(torch.rand(1, 3, 4, 4), torch.rand(1, 2, 3, 4, 4))
     assert len(entered) == 8
+
+
+def test_block_maxima_keep_pythons_max_with_nan_and_infinities():
+    """The kernels' running block maxima (``_block_max``, vectorised over a slice) against Python's ``max`` entry by
+    entry: a NaN is never taken (it is not larger), infinities are, and the returned sum is the slice's."""
+    import numpy as np
+
+    from helpers.sae import screened_topk
+
+    if screened_topk.numba is None:
+        pytest.skip("Numba is missing")
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(40, 128)).astype(np.float32)
+    rows[3, ::5], rows[7, ::3], rows[11, ::7], rows[13] = np.nan, np.inf, -np.inf, np.nan
+    bmax = rows[0].copy()
+    bmax[::9] = np.nan  # a NaN already held stays (nothing is larger than it)
+    expect = [float(v) for v in bmax]
+    for row in rows[1:]:
+        total = screened_topk._block_max(bmax, row)
+        expect = [max(m, float(v)) for m, v in zip(expect, row)]
+        assert np.array_equal(bmax, np.array(expect, np.float32), equal_nan=True)
+        assert np.isnan(total) if np.isnan(row).any() else total == pytest.approx(float(row.sum(dtype=np.float64)), rel=1e-4)

@@ -67,17 +67,17 @@ def _case(name: str):
     d, n = (512, 8192) if name == "train-4c" else (832, 13312)
     g = torch.Generator().manual_seed(0)
     xs = [torch.relu(torch.randn(cfg.batch_size, d, generator=g)) for _ in range(4)]
+    sae = TopKSAE(d, n, cfg.sae.k, cfg.sae.tied, seed=0, kernels=cfg.kernels)
+    state = _State(sae, Adam(sae.parameters(), 1e-4), torch.zeros(n, dtype=torch.long))
+    step_cfg = dataclasses.replace(cfg, vectors=None)
 
-    def steps():
-        torch.manual_seed(0)
-        sae = steps.sae = getattr(steps, "sae", None) or TopKSAE(d, n, cfg.sae.k, cfg.sae.tied, seed=0, kernels=cfg.kernels)
-        state = steps.state = getattr(steps, "state", None) or _State(
-            sae, Adam(sae.parameters(), 1e-4), torch.zeros(n, dtype=torch.long))
+    def steps():  # the same SAE on: the checksum is of the last call's weights, the same in every process
         for x in xs:  # 1% of latents dead (AuxK), as bench_profile times a training
             state.seen = cfg.dead_after
             state.since_fired.zero_()[: round(0.01 * n)] = cfg.dead_after
-            _step(dataclasses.replace(cfg, vectors=None), state, x)
-        return sae.W_dec.detach() if hasattr(sae, "W_dec") else next(sae.parameters()).detach()
+            _step(step_cfg, state, x)
+        return sae.W_dec.detach()
+
     return steps
 
 

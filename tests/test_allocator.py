@@ -1,5 +1,6 @@
 """helpers.allocator: inside ``reuse_freed_memory`` freed memory stays in the process and a large tensor made again
-reuses its pages (the kernel faults none in); when the outermost job ends, the free memory goes back to the kernel. Counted by the kernel's own counters (minor faults, resident pages), not by timing."""
+reuses its pages (the kernel faults none in); when the outermost job ends, the free memory goes back to the kernel.
+Counted by the kernel's own counters (minor faults, resident pages), not by timing."""
 
 import resource
 import threading

@@ -242,8 +242,8 @@ def test_the_float32_paths_agree_with_and_without_the_kernel():
 
 def test_every_numba_parallel_kernel_takes_the_one_lock(monkeypatch):
     """Numba's workqueue pool breaks when two threads enter it at once: the screened TopK, its float32 TopK, the
-    local response norm (forward and backward), the max pool of a feature visualisation (forward and backward) and the
-    attribution's pool tangent all enter through the same lock (one per process, not one per module)."""
+    local response norm (forward and backward), the max pool of a feature visualisation (forward and backward), the
+    attribution's pool tangent and the SAE's weight-gradient scatter all enter through the same lock (one per process, not one per module)."""
     import threading
 
     from helpers import numba_threads
@@ -272,6 +272,10 @@ def test_every_numba_parallel_kernel_takes_the_one_lock(monkeypatch):
     assert screened_topk(x, w, torch.zeros(256), 8) is not None
     max_pool_tangent(torch.rand(1, 3, 4, 4), torch.rand(1, 2, 3, 4, 4))
     assert len(entered) == 8
+    from helpers.sae.kernels import scatter_rows
+
+    scatter_rows(torch.randint(0, 16, (10, 3)), torch.randn(10, 3), torch.randn(10, 4), torch.empty(16, 4))
+    assert len(entered) == 9  # the SAE's weight-gradient scatter
 
 
 def test_block_maxima_keep_pythons_max_with_nan_and_infinities():

@@ -96,6 +96,7 @@ def sae_id(sae_dir: Path) -> str:
     return sha256_file(Path(sae_dir) / WEIGHTS_FILE)[:10]
 
 
+@reuse_freed_memory()  # a layer's batches are one job: the memory is given back once
 def render_features(model, layer: str, sae, sae_dir: Path, features, cache_dir: Path,
                     cfg: FeatvizConfig = FeatvizConfig()) -> dict[int, Path]:
     """PNG per feature (cached): renders the missing ones, ``cfg.batch`` at a time."""

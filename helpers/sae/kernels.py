@@ -127,17 +127,15 @@ def scatter_rows(idx, coef, rows_in, like, dense: bool = True):
     """
     if like.device.type == "cpu":
         order, crow, col = _csr_layout(idx, like.shape[0])
+        values, rows_in = coef.detach().flatten()[order].to(like.dtype), rows_in.detach().to(like.dtype)
         if numba is not None and like.dtype in (torch.float32, torch.float64):
             out = torch.empty(like.shape, dtype=like.dtype)
             with numba_region():
-                _scatter_csr(crow.numpy(), col.numpy(), coef.detach().flatten()[order].to(like.dtype).numpy(),
-                             rows_in.detach().to(like.dtype).contiguous().numpy(), out.numpy())
+                _scatter_csr(crow.numpy(), col.numpy(), values.numpy(), rows_in.contiguous().numpy(), out.numpy())
             return out
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore")
-            coefficients = torch.sparse_csr_tensor(crow, col, coef.flatten()[order].to(like.dtype),
-                                                   (like.shape[0], idx.shape[0]))
-            return coefficients @ rows_in.to(like.dtype)
+            return torch.sparse_csr_tensor(crow, col, values, (like.shape[0], idx.shape[0])) @ rows_in
     if like.is_cuda and dense:
         return _dense_scatter_rows(idx, coef, rows_in, like)
     w = like.detach().requires_grad_(True)

@@ -291,14 +291,16 @@ def test_the_fast_layers_give_lucents_numbers(random_model, monkeypatch):
     # with a gradient wanted: torch's gradients, its choice among tied inputs (rounded values, zeros) and its order
     # of adding an input's gradients from overlapping windows included
     F = torch.nn.functional
-    for shape, stride in [((1, 1, 5, 5), 1), ((2, 3, 9, 8), 2), ((2, 4, 10, 11), 1), ((1, 2, 7, 7), 2)]:
+    for shape, stride in [((1, 1, 5, 5), 1), ((2, 3, 9, 8), 2), ((2, 4, 10, 11), 1), ((1, 2, 7, 7), 2),
+                          ((2, 3, 40, 37), 1), ((1, 2, 41, 43), 2), ((1, 2, 11, 13), 3)]:
         for t in (torch.zeros(shape), torch.randint(-2, 3, shape).float(), torch.randn(shape).clamp(min=0)):
             t[0, 0, 0] = float("-inf")
+            t[-1, -1, 3, 2:4] = float("nan")  # two NaNs in one window: torch keeps the later
             a, b = t.clone().requires_grad_(True), t.clone().requires_grad_(True)
             pools = MaxPool2dLayer()(a, stride=(stride, stride)), F.max_pool2d(b, 3, stride)
             g = torch.randn(pools[1].shape)
             (pools[0] * g).sum().backward(), (pools[1] * g).sum().backward()
-            assert torch.equal(*pools) and torch.equal(a.grad, b.grad)
+            assert torch.equal(pools[0].nan_to_num(7.0), pools[1].nan_to_num(7.0)) and torch.equal(a.grad, b.grad)
     for shape, size, beta in [((2, 5, 7, 3), 9, 0.5), ((1, 12, 4, 4), 4, 0.75), ((2, 64, 9, 9), 9, 0.5)]:
         t = torch.randn(shape) * 30
         t[-1, -1, 2, 0] = float("nan")
@@ -308,3 +310,25 @@ def test_the_fast_layers_give_lucents_numbers(random_model, monkeypatch):
         (norms[0] * g).sum().backward(), (norms[1] * g).sum().backward()
         assert torch.equal(norms[0].nan_to_num(7.0), norms[1].nan_to_num(7.0))
         assert torch.equal(a.grad.nan_to_num(7.0), b.grad.nan_to_num(7.0)) and torch.equal(a.grad.isnan(), b.grad.isnan())
+
+
+def test_the_redirected_relus_gradient_is_lucents_where():
+    """The redirected ReLU's backward (one Numba pass on a CPU) against Lucent's formula as torch computes it, on a
+    tensor longer than one of the kernel's chunks and not a multiple of it: negative inputs scale the gradient by 0.1
+    (float32), zeros, -0.0, NaN and infinite inputs pass it, NaN gradients stay NaN."""
+    from helpers.data.layers import RedirectedReluLayer
+
+    x = torch.randn(2, 3, 77, 71) * 5
+    x.view(-1)[:6] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), float("-inf"), -1e-30])
+    g = torch.randn(x.shape) * 3
+    g.view(-1)[6:9] = torch.tensor([float("nan"), float("inf"), -0.0])
+    a = x.clone().requires_grad_(True)
+    out = RedirectedReluLayer()(a)
+    out.backward(g)
+    want = torch.where(x < 0, g * 1e-1, g)
+    assert torch.equal(out.nan_to_num(7.0), x.clamp(min=0).nan_to_num(7.0))
+    assert torch.equal(a.grad.nan_to_num(7.0), want.nan_to_num(7.0)) and torch.equal(a.grad.isnan(), want.isnan())
+    assert not torch.equal(a.grad, g) and (a.grad[x < 0] != 0).any()  # the negative inputs' gradients were scaled
+    b = x.clone().requires_grad_(True)
+    RedirectedReluLayer()(b).backward(g.t() if g.dim() == 2 else g.transpose(2, 3).contiguous().transpose(2, 3))
+    assert torch.equal(b.grad.nan_to_num(7.0), want.nan_to_num(7.0))  # a gradient in another memory layout

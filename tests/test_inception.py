@@ -313,9 +313,8 @@ def test_the_fast_layers_give_lucents_numbers(random_model, monkeypatch):
 
 
 def test_the_redirected_relus_gradient_is_lucents_where():
-    """The redirected ReLU's backward (one Numba pass on a CPU) against Lucent's formula as torch computes it, on a
-    tensor longer than one of the kernel's chunks and not a multiple of it: negative inputs scale the gradient by 0.1
-    (float32), zeros, -0.0, NaN and infinite inputs pass it, NaN gradients stay NaN."""
+    """The redirected ReLU's backward against Lucent's formula as torch computes it: negative inputs scale the
+    gradient by 0.1 (float32), zeros, -0.0, NaN and infinite inputs pass it, NaN gradients stay NaN."""
     from helpers.data.layers import RedirectedReluLayer
 
     x = torch.randn(2, 3, 77, 71) * 5

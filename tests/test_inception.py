@@ -301,6 +301,21 @@ def test_the_fast_layers_give_lucents_numbers(random_model, monkeypatch):
             g = torch.randn(pools[1].shape)
             (pools[0] * g).sum().backward(), (pools[1] * g).sum().backward()
             assert torch.equal(pools[0].nan_to_num(7.0), pools[1].nan_to_num(7.0)) and torch.equal(a.grad, b.grad)
+    # the -inf padding Lucent makes before a pool, given to it instead (fold_pool_pads_): torch's pool of the padded
+    # tensor, its choice among tied entries (a padded -inf first, then -inf inputs) and its gradient, the padded
+    # entries' share dropped
+    for shape, stride, pad in [((2, 3, 9, 8), 2, (0, 1, 0, 1)), ((2, 4, 10, 11), 1, (1, 1, 1, 1)), ((1, 1, 2, 2), 1, (1, 1, 1, 1)),
+                               ((1, 2, 40, 40), 2, (0, 1, 0, 1)), ((1, 2, 11, 13), 3, (2, 0, 1, 3))]:
+        for t in (torch.zeros(shape), torch.randint(-2, 3, shape).float(), torch.full(shape, float("-inf")), torch.randn(shape)):
+            t.view(-1)[0] = float("-inf")
+            t.view(-1)[-3:-1] = float("nan")
+            a, b = t.clone().requires_grad_(True), t.clone().requires_grad_(True)
+            pools = MaxPool2dLayer()(a, stride=(stride, stride), pad=pad), F.max_pool2d(F.pad(b, pad, value=float("-inf")), 3, stride)
+            g = torch.randn(pools[1].shape)
+            (pools[0] * g).sum().backward(), (pools[1] * g).sum().backward()
+            assert torch.equal(pools[0].nan_to_num(7.0), pools[1].nan_to_num(7.0)) and torch.equal(a.grad, b.grad)
+            with torch.no_grad():  # no gradient wanted: the pad made, then the pool
+                assert torch.equal(MaxPool2dLayer()(t, stride=(stride, stride), pad=pad).nan_to_num(7.0), pools[1].nan_to_num(7.0))
     for shape, size, beta in [((2, 5, 7, 3), 9, 0.5), ((1, 12, 4, 4), 4, 0.75), ((2, 64, 9, 9), 9, 0.5)]:
         t = torch.randn(shape) * 30
         t[-1, -1, 2, 0] = float("nan")

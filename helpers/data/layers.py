@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers.data.folded import fold_pool_pads_
 from helpers.numba_threads import numba, numba_region
 
 
@@ -51,22 +52,26 @@ def max_pool_3x3(x: torch.Tensor, stride: int) -> torch.Tensor:
 
 
 class _MaxPool3x3(torch.autograd.Function):
-    """``F.max_pool2d(x, 3, stride)`` with torch's gradient, bit for bit (``_pool_forward``, ``_pool_backward``):
-    each output keeps its window's first maximum in row-major order (a later entry only when strictly larger, or
-    NaN: torch's CPU kernel), and an input's gradients are added in the order of its outputs (torch's loop). The
-    same numbers as torch's kernel, with the window's entries compared a row of outputs at a time."""
+    """``F.max_pool2d(F.pad(x, pad, value=-inf), 3, stride)`` with torch's gradient, bit for bit (``_pool_forward``,
+    ``_pool_backward``): each output keeps its window's first maximum in row-major order (a later entry only when
+    strictly larger, or NaN: torch's CPU kernel), and an input's gradients are added in the order of its outputs
+    (torch's loop). ``pad`` (F.pad's order: left, right, top, bottom) is read, not made: the padded entries are -inf,
+    never taken after a real one, and a gradient an output sends to one is dropped (as the pad's backward drops it).
+    The same numbers as torch's kernel on the padded tensor, with the window's entries compared a row of outputs at a
+    time."""
 
     @staticmethod
-    def forward(ctx, x, stride):
+    def forward(ctx, x, stride, pad=(0, 0, 0, 0)):
         x = x.contiguous()
         n, c, h, w = x.shape
-        out = x.new_empty(n, c, (h - 3) // stride + 1, (w - 3) // stride + 1)
+        left, right, top, bottom = pad
+        out = x.new_empty(n, c, (h + top + bottom - 3) // stride + 1, (w + left + right - 3) // stride + 1)
         entry = torch.empty(out.shape, dtype=torch.uint8)
         with numba_region():
             _pool_forward(x.view(n * c, h, w).numpy(), out.view(n * c, *out.shape[2:]).numpy(),
-                          entry.view(n * c, *out.shape[2:]).numpy(), stride)
+                          entry.view(n * c, *out.shape[2:]).numpy(), stride, top, left)
         ctx.save_for_backward(entry)
-        ctx.shape, ctx.stride = x.shape, stride
+        ctx.shape, ctx.stride, ctx.top, ctx.left = x.shape, stride, top, left
         return out
 
     @staticmethod
@@ -76,21 +81,26 @@ class _MaxPool3x3(torch.autograd.Function):
         n, c, h, w = ctx.shape
         with numba_region():
             _pool_backward(grad_output.contiguous().view(n * c, *entry.shape[2:]).numpy(),
-                           entry.view(n * c, *entry.shape[2:]).numpy(), grad.view(n * c, h, w).numpy(), ctx.stride)
-        return grad, None
+                           entry.view(n * c, *entry.shape[2:]).numpy(), grad.view(n * c, h, w).numpy(), ctx.stride,
+                           ctx.top, ctx.left)
+        return grad, None, None
 
 
 class MaxPool2dLayer(nn.Module):
     """Lucent's ``MaxPool2dLayer``, its 3x3 pools by ``max_pool_3x3`` (no gradient wanted) or ``_MaxPool3x3``
-    (torch's gradient, on a CPU); others by torch's kernel."""
+    (torch's gradient, on a CPU); others by torch's kernel. ``pad``: the -inf padding Lucent's forward makes before
+    the pool (``F.pad(x, pad, value=-inf)``), given to the pool instead (``folded.fold_pool_pads_``): the gradient's
+    kernel reads it without a padded copy."""
 
-    def forward(self, tensor, kernel_size=(3, 3), stride=(1, 1), padding=0, ceil_mode=False):
+    def forward(self, tensor, kernel_size=(3, 3), stride=(1, 1), padding=0, ceil_mode=False, pad=None):
         square = tuple(kernel_size) == (3, 3) and padding == 0 and not ceil_mode and stride[0] == stride[1]
-        if square and tensor.dim() == 4:
-            if not (torch.is_grad_enabled() and tensor.requires_grad):
-                return max_pool_3x3(tensor, stride[0])
-            if numba is not None and tensor.device.type == "cpu" and tensor.dtype == torch.float32:
-                return _MaxPool3x3.apply(tensor, stride[0])
+        if square and tensor.dim() == 4 and torch.is_grad_enabled() and tensor.requires_grad and numba is not None \
+                and tensor.device.type == "cpu" and tensor.dtype == torch.float32 and min(pad or (0,)) >= 0:
+            return _MaxPool3x3.apply(tensor, stride[0], tuple(pad or (0, 0, 0, 0)))
+        if pad:
+            tensor = F.pad(tensor, pad, value=float("-inf"))
+        if square and tensor.dim() == 4 and not (torch.is_grad_enabled() and tensor.requires_grad):
+            return max_pool_3x3(tensor, stride[0])
         return F.max_pool2d(tensor, kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode)
 
 
@@ -189,51 +199,62 @@ if numba is not None:
             out[i] = np.float32(np.float32(g[i] / div[i]) + half) + half
 
     @numba.njit(inline="always")
-    def _pool_row(xr, dc, k, best, kept, cols, stride):
-        """One of the window's entries (column offset ``dc``, entry ``k``) compared with a row of outputs."""
-        for j in range(cols):
-            v, o = xr[j * stride + dc], best[j]
+    def _pool_row(xr, offset, k, best, kept, lo, hi, stride):
+        """One of the window's entries (input column ``j * stride + offset`` for output column j, entry ``k``)
+        compared with a row of outputs, over the output columns ``lo:hi`` whose entry lies inside the input."""
+        for j in range(lo, hi):
+            v, o = xr[j * stride + offset], best[j]
             take = (v > o) | (v != v)
             best[j] = v if take else o
             kept[j] = k if take else kept[j]
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
-    def _pool_forward(x, out, entry, stride):
+    def _pool_forward(x, out, entry, stride, top, left):
         """Each plane's 3x3 maxima and the window entry (0-8, row-major) kept: torch's rule (the first maximum; a
-        NaN replaces what came before), an output row at a time, each entry's comparison a select (no branch). The
-        row is kept in two float32 buffers of the plane's own (the entry as a float: lanes of one width) and the
-        stride is a constant in each loop, so the loops vectorise: 1.7x the same loop over the output arrays with
-        a uint8 entry (0.033 against 0.056 s for the pools of a feature-visualisation step of 8 images)."""
+        NaN replaces what came before), an output row at a time, each entry's comparison a select (no branch). An
+        entry in the padding (``top`` rows, ``left`` columns before the input; as many as the output's size asks
+        after it) is -inf: the row starts at -inf with entry 0, which is what entry 0 leaves whatever it is, and a
+        padded entry is never taken after it, so those are skipped. The row is kept in two float32 buffers of the
+        plane's own (the entry as a float: lanes of one width) and the stride is a constant in each loop, so the loops
+        vectorise: 1.7x the same loop over the output arrays with a uint8 entry (0.033 against 0.056 s for the pools of
+        a feature-visualisation step of 8 images)."""
         planes, rows, cols = out.shape
+        h, w = x.shape[1], x.shape[2]
         for p in numba.prange(planes):
             best, kept = np.empty(cols, np.float32), np.empty(cols, np.float32)
             for i in range(rows):
-                first = x[p, i * stride]
-                for j in range(cols):  # entry 0 kept whatever it is: -inf, NaN and all (nothing came before it)
-                    best[j] = first[j * stride]
+                for j in range(cols):
+                    best[j] = -np.inf
                     kept[j] = 0
-                for k in range(1, 9):
+                for k in range(9):
+                    r = i * stride + k // 3 - top
+                    if r < 0 or r >= h:
+                        continue
+                    offset = k % 3 - left
+                    lo, hi = max(0, (stride - 1 - offset) // stride), min(cols, (w - 1 - offset) // stride + 1)
                     if stride == 1:
-                        _pool_row(x[p, i + k // 3], k % 3, np.float32(k), best, kept, cols, 1)
+                        _pool_row(x[p, r], offset, np.float32(k), best, kept, lo, hi, 1)
                     elif stride == 2:
-                        _pool_row(x[p, 2 * i + k // 3], k % 3, np.float32(k), best, kept, cols, 2)
+                        _pool_row(x[p, r], offset, np.float32(k), best, kept, lo, hi, 2)
                     else:
-                        _pool_row(x[p, i * stride + k // 3], k % 3, np.float32(k), best, kept, cols, stride)
+                        _pool_row(x[p, r], offset, np.float32(k), best, kept, lo, hi, stride)
                 for j in range(cols):
                     out[p, i, j] = best[j]
                     entry[p, i, j] = np.uint8(kept[j])
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
-    def _pool_backward(grad_output, entry, grad, stride):
-        """Each output's gradient added to its kept input, outputs in row-major order (torch's loop)."""
+    def _pool_backward(grad_output, entry, grad, stride, top, left):
+        """Each output's gradient added to its kept input, outputs in row-major order (torch's loop); one whose kept
+        entry is in the padding is dropped."""
         planes, rows, cols = entry.shape
+        h, w = grad.shape[1], grad.shape[2]
         for p in numba.prange(planes):
             for i in range(rows):
                 for j in range(cols):
                     k = entry[p, i, j]
-                    grad[p, i * stride + k // 3, j * stride + k % 3] += grad_output[p, i, j]
-
-
+                    r, c = i * stride + k // 3 - top, j * stride + k % 3 - left
+                    if 0 <= r < h and 0 <= c < w:
+                        grad[p, r, c] += grad_output[p, i, j]
 
 def max_pool_tangent(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The one-sided tangent of the 3x3, stride-1, -inf-padded max pool (the mixed blocks' pool branch) at x
@@ -306,7 +327,8 @@ class _Functional:
 
 def exact_fast_layers_(model: nn.Module) -> nn.Module:
     """Lucent's redirected ReLUs and max pools of ``model`` (children of the same names) replaced by the fast ones
-    above, in place; its module's local response norms too (for every Lucent InceptionV1: the same numbers)."""
+    above, in place; its module's local response norms too (for every Lucent InceptionV1: the same numbers); and the
+    -inf pads its forward makes before the max pools given to them (``folded.fold_pool_pads_``)."""
     from lucent.modelzoo.inceptionv1 import helper_layers
 
     for name, module in list(model.named_children()):
@@ -317,4 +339,4 @@ def exact_fast_layers_(model: nn.Module) -> nn.Module:
     lucent_module = sys.modules[type(model).__module__]
     if getattr(lucent_module, "F", None) is F:
         lucent_module.F = _Functional()
-    return model
+    return fold_pool_pads_(model, MaxPool2dLayer)

@@ -15,16 +15,17 @@ import ast
 import functools
 import inspect
 import sys
-import textwrap
 
 from torch import nn
+
+from helpers.data.folded import forward_tree
 
 
 @functools.lru_cache(maxsize=None)
 def _suffix(cls: type, layer: str):
     """``cls.forward``'s statements after ``layer = ...``, compiled as ``f(self, layer_output)`` in the namespace of
     ``cls``'s module (so the functions it calls are those the whole forward calls, patched ones included)."""
-    forward = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
+    forward = forward_tree(cls)  # its forward's source (as rewritten, for a class fold_pool_pads_ made)
     made = [i for i, s in enumerate(forward.body) if isinstance(s, ast.Assign)
             and any(isinstance(t, ast.Name) and t.id == layer for t in s.targets)]
     if len(made) != 1:

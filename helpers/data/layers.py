@@ -199,11 +199,12 @@ if numba is not None:
             out[i] = np.float32(np.float32(g[i] / div[i]) + half) + half
 
     @numba.njit(inline="always")
-    def _pool_row(xr, offset, k, best, kept, lo, hi, stride):
-        """One of the window's entries (input column ``j * stride + offset`` for output column j, entry ``k``)
-        compared with a row of outputs, over the output columns ``lo:hi`` whose entry lies inside the input."""
-        for j in range(lo, hi):
-            v, o = xr[j * stride + offset], best[j]
+    def _pool_row(xr, dc, k, best, kept, cols, stride):
+        """One of the window's entries (column offset ``dc``, entry ``k``) compared with a row of outputs. Every
+        index counts up from 0: one Numba cannot prove non-negative gets a wraparound test per entry, and the loop
+        stops vectorising (several times slower)."""
+        for j in range(cols):
+            v, o = xr[j * stride + dc], best[j]
             take = (v > o) | (v != v)
             best[j] = v if take else o
             kept[j] = k if take else kept[j]
@@ -213,31 +214,38 @@ if numba is not None:
         """Each plane's 3x3 maxima and the window entry (0-8, row-major) kept: torch's rule (the first maximum; a
         NaN replaces what came before), an output row at a time, each entry's comparison a select (no branch). An
         entry in the padding (``top`` rows, ``left`` columns before the input; as many as the output's size asks
-        after it) is -inf: the row starts at -inf with entry 0, which is what entry 0 leaves whatever it is, and a
-        padded entry is never taken after it, so those are skipped. The row is kept in two float32 buffers of the
-        plane's own (the entry as a float: lanes of one width) and the stride is a constant in each loop, so the loops
-        vectorise: 1.7x the same loop over the output arrays with a uint8 entry (0.033 against 0.056 s for the pools of
-        a feature-visualisation step of 8 images)."""
+        after it) is -inf: a row of outputs starts at -inf with entry 0 (what entry 0 leaves, whatever it is), a
+        padded row is skipped (never taken after that), and an input row read with padded columns is copied into a
+        buffer with -inf around it. The row is kept in two float32 buffers of the plane's own (the entry as a float:
+        lanes of one width) and the stride is a constant in each loop, so the loops vectorise: 1.7x the same loop
+        over the output arrays with a uint8 entry (0.033 against 0.056 s for the pools of a feature-visualisation
+        step of 8 images)."""
         planes, rows, cols = out.shape
         h, w = x.shape[1], x.shape[2]
+        width = (cols - 1) * stride + 3  # the (padded) columns the windows read
         for p in numba.prange(planes):
             best, kept = np.empty(cols, np.float32), np.empty(cols, np.float32)
+            padded = np.full(width, -np.inf, np.float32)
             for i in range(rows):
                 for j in range(cols):
                     best[j] = -np.inf
                     kept[j] = 0
-                for k in range(9):
-                    r = i * stride + k // 3 - top
+                for kr in range(3):
+                    r = i * stride + kr - top
                     if r < 0 or r >= h:
                         continue
-                    offset = k % 3 - left
-                    lo, hi = max(0, (stride - 1 - offset) // stride), min(cols, (w - 1 - offset) // stride + 1)
-                    if stride == 1:
-                        _pool_row(x[p, r], offset, np.float32(k), best, kept, lo, hi, 1)
-                    elif stride == 2:
-                        _pool_row(x[p, r], offset, np.float32(k), best, kept, lo, hi, 2)
-                    else:
-                        _pool_row(x[p, r], offset, np.float32(k), best, kept, lo, hi, stride)
+                    row = x[p, r]
+                    if left or width > w:
+                        for c in range(width):
+                            padded[c] = row[c - left] if left <= c < w + left else -np.inf
+                        row = padded
+                    for dc in range(3):
+                        if stride == 1:
+                            _pool_row(row, dc, np.float32(3 * kr + dc), best, kept, cols, 1)
+                        elif stride == 2:
+                            _pool_row(row, dc, np.float32(3 * kr + dc), best, kept, cols, 2)
+                        else:
+                            _pool_row(row, dc, np.float32(3 * kr + dc), best, kept, cols, stride)
                 for j in range(cols):
                     out[p, i, j] = best[j]
                     entry[p, i, j] = np.uint8(kept[j])

@@ -327,22 +327,27 @@ def test_the_fast_layers_give_lucents_numbers(random_model, monkeypatch):
         assert torch.equal(a.grad.nan_to_num(7.0), b.grad.nan_to_num(7.0)) and torch.equal(a.grad.isnan(), b.grad.isnan())
 
 
-def test_the_redirected_relus_gradient_is_lucents_where():
-    """The redirected ReLU's backward against Lucent's formula as torch computes it: negative inputs scale the
-    gradient by 0.1 (float32), zeros, -0.0, NaN and infinite inputs pass it, NaN gradients stay NaN."""
+def test_the_redirected_relus_gradient_is_lucents():
+    """The redirected ReLU (load_model's, its backward one ``where``) against Lucent's own (boolean indexing): the
+    same values and gradients, negative inputs scaling the gradient by 0.1 (float32); zeros, -0.0, NaN and infinite
+    inputs passing it; NaN gradients staying NaN; a gradient in another memory layout."""
+    from lucent.modelzoo.inceptionv1.helper_layers import RedirectedReLU
+
     from helpers.data.layers import RedirectedReluLayer
 
     x = torch.randn(2, 3, 77, 71) * 5
     x.view(-1)[:6] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), float("-inf"), -1e-30])
     g = torch.randn(x.shape) * 3
     g.view(-1)[6:9] = torch.tensor([float("nan"), float("inf"), -0.0])
-    a = x.clone().requires_grad_(True)
+    a, lucents = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     out = RedirectedReluLayer()(a)
     out.backward(g)
-    want = torch.where(x < 0, g * 1e-1, g)
-    assert torch.equal(out.nan_to_num(7.0), x.clamp(min=0).nan_to_num(7.0))
+    want_out = RedirectedReLU.apply(lucents)
+    want_out.backward(g)
+    want = lucents.grad
+    assert torch.equal(out.nan_to_num(7.0), want_out.nan_to_num(7.0))
     assert torch.equal(a.grad.nan_to_num(7.0), want.nan_to_num(7.0)) and torch.equal(a.grad.isnan(), want.isnan())
     assert not torch.equal(a.grad, g) and (a.grad[x < 0] != 0).any()  # the negative inputs' gradients were scaled
     b = x.clone().requires_grad_(True)
-    RedirectedReluLayer()(b).backward(g.t() if g.dim() == 2 else g.transpose(2, 3).contiguous().transpose(2, 3))
+    RedirectedReluLayer()(b).backward(g.transpose(2, 3).contiguous().transpose(2, 3))
     assert torch.equal(b.grad.nan_to_num(7.0), want.nan_to_num(7.0))  # a gradient in another memory layout

@@ -29,6 +29,15 @@ def forward_tree(cls: type) -> ast.FunctionDef:
     return ast.parse(source).body[0]
 
 
+def compile_in_module(cls: type, function: ast.FunctionDef, filename: str):
+    """``function`` (a syntax tree) compiled in the namespace of ``cls``'s module: the functions it calls are those
+    ``cls.forward`` calls, patched ones included."""
+    code = compile(ast.fix_missing_locations(ast.Module([function], type_ignores=[])), filename, "exec")
+    namespace: dict = {}
+    exec(code, vars(sys.modules[cls.__module__]), namespace)
+    return namespace[function.name]
+
+
 def _inf_pad(stmt) -> tuple[str, ast.expr, ast.expr] | None:
     """``t = F.pad(s, sides, value=float('-inf'))`` -> (t, s, sides)."""
     if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
@@ -76,12 +85,10 @@ def _rewritten(cls: type) -> tuple[type, tuple[str, ...]] | None:
         return None
     forward.body = [s for s in forward.body if not (_inf_pad(s) and _inf_pad(s)[0] in given)]
     forward.decorator_list = []
-    source = ast.unparse(ast.fix_missing_locations(forward))
-    namespace: dict = {}
-    exec(compile(source, f"<{cls.__name__} with its pools' pads given to them>", "exec"),
-         vars(sys.modules[cls.__module__]), namespace)
-    made = type(cls.__name__, (cls,), {"forward": namespace["forward"], "forward_source": source,
-                                      "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    made = type(cls.__name__, (cls,), {
+        "forward": compile_in_module(cls, forward, f"<{cls.__name__} with its pools' pads given to them>"),
+        "forward_source": ast.unparse(ast.fix_missing_locations(forward)),
+        "__module__": cls.__module__, "__qualname__": cls.__qualname__})
     return made, tuple(given.values())
 
 

@@ -92,14 +92,16 @@ class MaxPool2dLayer(nn.Module):
     the pool (``F.pad(x, pad, value=-inf)``), given to the pool instead (``folded.fold_pool_pads_``): the gradient's
     kernel reads it without a padded copy."""
 
-    def forward(self, tensor, kernel_size=(3, 3), stride=(1, 1), padding=0, ceil_mode=False, pad=None):
-        square = tuple(kernel_size) == (3, 3) and padding == 0 and not ceil_mode and stride[0] == stride[1]
-        if square and tensor.dim() == 4 and torch.is_grad_enabled() and tensor.requires_grad and numba is not None \
-                and tensor.device.type == "cpu" and tensor.dtype == torch.float32 and min(pad or (0,)) >= 0:
-            return _MaxPool3x3.apply(tensor, stride[0], tuple(pad or (0, 0, 0, 0)))
-        if pad:
+    def forward(self, tensor, kernel_size=(3, 3), stride=(1, 1), padding=0, ceil_mode=False, pad=(0, 0, 0, 0)):
+        square = tuple(kernel_size) == (3, 3) and padding == 0 and not ceil_mode and stride[0] == stride[1] \
+            and tensor.dim() == 4
+        grad = torch.is_grad_enabled() and tensor.requires_grad
+        if square and grad and numba is not None and tensor.device.type == "cpu" and tensor.dtype == torch.float32 \
+                and min(pad) >= 0:
+            return _MaxPool3x3.apply(tensor, stride[0], tuple(pad))
+        if any(pad):
             tensor = F.pad(tensor, pad, value=float("-inf"))
-        if square and tensor.dim() == 4 and not (torch.is_grad_enabled() and tensor.requires_grad):
+        if square and not grad:
             return max_pool_3x3(tensor, stride[0])
         return F.max_pool2d(tensor, kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode)
 

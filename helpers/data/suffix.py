@@ -14,11 +14,10 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
-import sys
 
 from torch import nn
 
-from helpers.data.folded import forward_tree
+from helpers.data.folded import compile_in_module, forward_tree
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,10 +41,7 @@ def _suffix(cls: type, layer: str):
     forward.name, forward.decorator_list, forward.body = f"forward_from_{layer}", [], rest
     forward.args = ast.arguments(posonlyargs=[], args=[ast.arg("self"), ast.arg(layer)], kwonlyargs=[],
                                  kw_defaults=[], defaults=[])
-    code = compile(ast.fix_missing_locations(ast.Module([forward], type_ignores=[])), inspect.getsourcefile(cls), "exec")
-    namespace: dict = {}
-    exec(code, vars(sys.modules[cls.__module__]), namespace)
-    return namespace[forward.name]
+    return compile_in_module(cls, forward, inspect.getsourcefile(cls))
 
 
 def forward_from(model: nn.Module, layer: str, output):

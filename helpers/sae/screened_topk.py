@@ -210,6 +210,19 @@ if numba is not None:
         return total
 
     @numba.njit(cache=True, fastmath=_FAST, boundscheck=False)
+    def _block_maxima(s, bmax, lanes, depth, tail):
+        """bmax[l] = the maximum of row ``s``'s strided block l (entries l, l + lanes, ...; ``depth`` whole rounds of
+        ``lanes``, then ``tail`` more), Python's max taken in order (NaN never taken after the first entry); returns
+        the row's sum (NaN where the row holds one, or both infinities)."""
+        total = np.float32(0.0)
+        for lane in range(lanes):
+            bmax[lane] = s[lane]
+            total += s[lane]
+        for i in range(1, depth):
+            total += _block_max(bmax, s[i * lanes:(i + 1) * lanes])
+        return total + _block_max(bmax[:tail], s[depth * lanes:depth * lanes + tail])
+
+    @numba.njit(cache=True, fastmath=_FAST, boundscheck=False)
     def _gather(s, bmax, thr, lanes, depth, tail, cand, cval):
         """The entries of row ``s`` at or above ``thr``, visiting only the strided blocks whose maximum ``bmax``
         reaches it: their latents into ``cand``, their values into ``cval``; returns how many."""
@@ -268,12 +281,7 @@ if numba is not None:
                     bits[j] = np.uint32(np.uint16(screen_bits[r, j])) << np.uint32(16)
                 for j in range(n):
                     s[j] += b_enc[j]
-                for lane in range(LANES):
-                    bmax[lane] = s[lane]
-                for i in range(1, depth):
-                    _block_max(bmax, s[i * LANES:(i + 1) * LANES])
-                for lane in range(tail):
-                    bmax[lane] = max(bmax[lane], s[depth * LANES + lane])
+                _block_maxima(s, bmax, LANES, depth, tail)
                 t = _kth_largest(bmax, k, scratch)
                 low = t - err[r] - rho * abs(t)  # every latent of the screen's top k is at least this
                 need = low - err[r]  # a candidate's s must reach this with its own margin added
@@ -308,16 +316,8 @@ if numba is not None:
             cval = np.empty(n, np.float32)
             for r in range(g * per, min(rows, (g + 1) * per)):
                 s = pre[r]
-                total = np.float32(0.0)  # NaN if the row holds one (or both infinities): then torch decides
-                for lane in range(lanes):
-                    bmax[lane] = s[lane]
-                    total += s[lane]
-                for i in range(1, depth):
-                    total += _block_max(bmax, s[i * lanes:(i + 1) * lanes])
-                for lane in range(tail):
-                    bmax[lane] = max(bmax[lane], s[depth * lanes + lane])
-                    total += s[depth * lanes + lane]
-                if total != total:
+                total = _block_maxima(s, bmax, lanes, depth, tail)  # NaN if the row holds one (or both infinities)
+                if total != total:  # then torch decides
                     bad += 1
                     continue
                 t = _kth_largest(bmax, k, scratch)

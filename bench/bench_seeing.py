@@ -107,7 +107,7 @@ def main() -> None:
     single = (time.perf_counter() - t) / a.features
     # against a plain batched render_vis: Lucent's own model (its RedirectedReLU's backward by boolean indexing, torch's
     # max pool and local response norm) run whole on the same objectives, seeds and transforms; ours stops after the
-    # layer, redirects with one `where`, and pools and normalises by helpers/data/layers.py (the same gradients)
+    # layer, redirects with one `where`, and pools and normalises by helpers/data/layers.py and pools.py (the same gradients)
     lucent = lucent_model(model, dev)
     ours_s, plain_s, same = [], [], True
     for _ in range(2):

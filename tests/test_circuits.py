@@ -181,7 +181,7 @@ def test_the_pool_tangent_is_the_largest_v_among_each_windows_tied_maxima(shape)
     """The max pool's tangent (one Numba pass) against the whole-tensor formula (unfold, mask the entries that attain
     the window's maximum, max) and, at a few positions, against the definition written out by hand: ReLU-like ties
     (rounded values, zeros), a plane of -inf (every entry and the padding tied), NaN in x and in v."""
-    from helpers.data.layers import max_pool_tangent, max_pool_tangent_unfold
+    from helpers.data.pools import max_pool_tangent, max_pool_tangent_unfold
 
     g = torch.Generator().manual_seed(sum(shape))
     b, c, h, w = shape

@@ -262,7 +262,8 @@ def test_the_fast_layers_give_lucents_numbers(random_model, monkeypatch):
 
     from lucent.modelzoo.inceptionv1 import helper_layers
 
-    from helpers.data.layers import MaxPool2dLayer, local_response_norm, max_pool_3x3
+    from helpers.data.layers import local_response_norm
+    from helpers.data.pools import MaxPool2dLayer, max_pool_3x3
 
     lucent_module = importlib.import_module("lucent.modelzoo.inceptionv1.InceptionV1")
     assert sum(isinstance(m, MaxPool2dLayer) for m in random_model.modules()) == 13

@@ -247,7 +247,8 @@ def test_every_numba_parallel_kernel_takes_the_one_lock(monkeypatch):
     import threading
 
     from helpers import numba_threads
-    from helpers.data.layers import MaxPool2dLayer, local_response_norm, max_pool_tangent
+    from helpers.data.layers import local_response_norm
+    from helpers.data.pools import MaxPool2dLayer, max_pool_tangent
     from helpers.sae.screened_topk import screened_topk, topk_rows
 
     entered = []

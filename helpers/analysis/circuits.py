@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from helpers.allocator import reuse_freed_memory
 from helpers.data.inception import PAPER_LAYERS, branch_slices
-from helpers.data.layers import max_pool_tangent
+from helpers.data.pools import max_pool_tangent
 
 NEXT = dict(zip(PAPER_LAYERS[:-1], PAPER_LAYERS[1:]))
 PREVIOUS = {after: before for before, after in NEXT.items()}
@@ -187,7 +187,7 @@ def block_tangent(model, layer: str, x: torch.Tensor, v: torch.Tensor) -> torch.
         pre = m(name)(F.pad(F.relu(pre_b), (pad,) * 4))
         branches.append(relu_tangent(pre[:, None], per(lin(name, F.pad(flat(tb), (pad,) * 4)))))
     # max-pool 3x3, stride 1, -inf padding: the tangent is the largest v among the tied maxima (of each window's
-    # entries where x attains the window's maximum; one pass over v, helpers/data/layers.py)
+    # entries where x attains the window's maximum; one pass over v, helpers/data/pools.py)
     tp = max_pool_tangent(x, v).reshape(b * s, c, h, w)
     pool = F.max_pool2d(F.pad(x, (1, 1, 1, 1), value=float("-inf")), kernel_size=3, stride=1)
     branches.append(relu_tangent(m("pool_reduce")(pool)[:, None], per(lin("pool_reduce", tp))))

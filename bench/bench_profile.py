@@ -12,7 +12,11 @@ smoke book (pass ``--book-seconds``). Each stage belongs to the first chapter th
 also gives each chapter's cost after the chapters before it and opened alone (``NEEDS``: what it makes first);
 ``python -m helpers export`` writes those into each chapter's top from the ``colab`` and ``cpu`` records.
 
-    python bench/bench_profile.py [--profile cpu] [--images 200] [--book-seconds 150]
+    python bench/bench_profile.py [--profile cpu] [--images 200] [--book-seconds 150] [--repeats 3]
+
+The harvest, the dataset-example pass and the feature visualisations are each timed as the difference of a
+small and a larger run (their own set-up cost taken out), ``--repeats`` times in turns, and their median kept:
+on a shared 2-core machine one such difference moved by 15-40% between runs of the same code.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -53,12 +58,18 @@ def timed(fn, *args, **kw) -> float:
     return time.perf_counter() - t
 
 
+def median_difference(small, large, repeats: int) -> float:
+    """The median over ``repeats`` of ``large()``'s time minus ``small()``'s (each call gets its repeat's index)."""
+    return statistics.median(timed(large, i) - timed(small, i) for i in range(repeats))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", default="cpu")
     p.add_argument("--images", type=int, default=200, help="images the harvest and example pass are timed on")
     p.add_argument("--train-steps", type=int, default=8)
     p.add_argument("--book-seconds", type=float, default=150.0, help="the jupyter-book build (from the smoke book)")
+    p.add_argument("--repeats", type=int, default=3, help="differences timed per stage timed as one (the median kept)")
     a = p.parse_args()
     profile = PROFILES[a.profile]
     n_images = IMAGES.get(profile.harvest.images, profile.harvest.max_images or 0)
@@ -100,8 +111,9 @@ def main() -> None:
         # a harvest's own cost (the model, its workers, the manifest: about a second) is paid once per 26,394 images,
         # not once per 200: the rate is the difference of a quarter's harvest and the whole one's
         few = a.images // 4
-        s = -timed(harvest, dataclasses.replace(h, max_images=few, out=str(Path(tmp) / "harvest-few")))
-        s = (s + timed(harvest, h)) * a.images / (a.images - few)
+        s = median_difference(lambda i: harvest(dataclasses.replace(h, max_images=few, out=f"{h.out}-few-{i}")),
+                              lambda i: harvest(dataclasses.replace(h, out=f"{h.out}-{i}")),
+                              a.repeats) * a.images / (a.images - few)
         harvested = f"harvest, {', '.join(h.layers)}"
         add(harvested + (" (the author's convention)" if author else ""), s / a.images, n_images, "image", chapter="02")
         per_image = s / a.images
@@ -140,8 +152,8 @@ def main() -> None:
                 "not timed here (no internet): seconds on Colab", chapter="03")
         n_ex, few = min(a.images, 64), min(a.images, 64) // 4  # the pass's own cost (hashing the SAEs...) taken out
         paper_saes = {layer: saes[layer] for layer in profile.layers}
-        s = -timed(example_passes, model, paper_saes, images.head(few))
-        s = (s + timed(example_passes, model, paper_saes, images.head(n_ex))) * n_ex / (n_ex - few)
+        s = median_difference(lambda i: example_passes(model, paper_saes, images.head(few)),
+                              lambda i: example_passes(model, paper_saes, images.head(n_ex)), a.repeats) * n_ex / (n_ex - few)
         add("dataset examples, mixed4a-4e", s / n_ex, n_images, "image", "one forward pass for all layers", chapter="04")
         fv = profile.featviz
         directions = torch.randn(fv.batch, 512)
@@ -149,8 +161,9 @@ def main() -> None:
         render_directions(model, "mixed4c", directions[:2], dataclasses.replace(fv, steps=1))  # warm-up: imports, jit
         # a render's own cost (Lucent's setup, its first steps' allocations, the memory given back at its end) is paid
         # once per 512 steps, not once per 16: the rate is the difference of a render of 8 steps and one of 8 + 16
-        s = -timed(render_directions, model, "mixed4c", directions, dataclasses.replace(fv, steps=8))
-        s += timed(render_directions, model, "mixed4c", directions, dataclasses.replace(fv, steps=8 + steps))
+        s = median_difference(lambda i: render_directions(model, "mixed4c", directions, dataclasses.replace(fv, steps=8)),
+                              lambda i: render_directions(model, "mixed4c", directions,
+                                                          dataclasses.replace(fv, steps=8 + steps)), a.repeats)
         n_features = 5 * (profile.figure1_per_layer + 4 * profile.figure1_per_branch)
         add("feature visualisation (figure 1)", s / steps / fv.batch, n_features * fv.steps, "feature-step",
             f"{n_features} features x {fv.steps} steps", chapter="07", needed_by=[])

@@ -6,6 +6,7 @@ same harvest and training code runs on a laptop and across GPUs.
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -32,10 +33,19 @@ def setup(device: str | torch.device) -> tuple[int, int, torch.device]:
     rank, size = world()
     if size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_leave)
     if size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     return rank, size, device
+
+
+def _leave() -> None:
+    """The process group destroyed at exit, while the interpreter is whole: left to the interpreter's teardown, gloo's
+    worker threads still held tensors and a rank sometimes died with "terminate called without an active exception"
+    (SIGABRT; seen once in the torchrun tests; pytorch/pytorch#190489)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -137,3 +137,31 @@ def test_killing_a_multi_layer_training_stops_its_children(tmp_path, harvest_run
     for c in left:
         os.kill(c, signal.SIGKILL)
     assert left == [], "children kept training after their parent was killed"
+
+
+def test_a_rank_leaves_its_process_group_at_exit(monkeypatch):
+    """The process group a torchrun rank joins is destroyed by an exit handler, while the interpreter is whole (left
+    to its teardown, gloo's threads sometimes aborted a rank: "terminate called without an active exception"). A real
+    gloo group of one process, joined as setup joins one."""
+    import socket
+
+    import torch.distributed as dist
+
+    from helpers import distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))  # as under torchrun; the group itself has one rank
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    handlers = []
+    monkeypatch.setattr(distributed.atexit, "register", handlers.append)
+    distributed.setup("cpu")
+    try:
+        assert dist.is_initialized() and len(handlers) == 1
+        handlers[0]()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

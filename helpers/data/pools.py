@@ -75,20 +75,18 @@ class _MaxPool3x3(torch.autograd.Function):
 
 class MaxPool2dLayer(nn.Module):
     """Lucent's ``MaxPool2dLayer``, its 3x3 pools on a CPU by ``max_pool_3x3_padded`` (no gradient wanted) or
-    ``_MaxPool3x3`` (torch's gradient), elsewhere by ``max_pool_3x3``; others by torch's kernel. ``pad``: the -inf padding Lucent's forward makes before
-    the pool (``F.pad(x, pad, value=-inf)``), given to the pool instead (``folded.fold_pool_pads_``): the gradient's
-    kernel reads it without a padded copy."""
+    ``_MaxPool3x3`` (torch's gradient), elsewhere by ``max_pool_3x3``; others by torch's kernel. ``pad``: the -inf
+    padding Lucent's forward makes before the pool (``F.pad(x, pad, value=-inf)``), given to the pool instead
+    (``folded.fold_pool_pads_``): on a CPU it is read, never made."""
 
     def forward(self, tensor, kernel_size=(3, 3), stride=(1, 1), padding=0, ceil_mode=False, pad=(0, 0, 0, 0)):
         square = tuple(kernel_size) == (3, 3) and padding == 0 and not ceil_mode and stride[0] == stride[1] \
             and tensor.dim() == 4
         grad = torch.is_grad_enabled() and tensor.requires_grad
-        if square and grad and numba is not None and tensor.device.type == "cpu" and tensor.dtype == torch.float32 \
+        if square and numba is not None and tensor.device.type == "cpu" and tensor.dtype == torch.float32 \
                 and min(pad) >= 0:
-            return _MaxPool3x3.apply(tensor, stride[0], tuple(pad))
-        if square and not grad and numba is not None and tensor.device.type == "cpu" \
-                and tensor.dtype == torch.float32 and min(pad) >= 0:
-            return max_pool_3x3_padded(tensor, stride[0], tuple(pad))
+            return _MaxPool3x3.apply(tensor, stride[0], tuple(pad)) if grad else \
+                max_pool_3x3_padded(tensor, stride[0], tuple(pad))
         if any(pad):
             tensor = F.pad(tensor, pad, value=float("-inf"))
         if square and not grad:

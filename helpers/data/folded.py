@@ -4,11 +4,11 @@ Lucent's ``forward`` pads before every 3x3 max pool: ``t_pad = F.pad(t, sides, v
 ``self.pool(t_pad, kernel_size=(3, 3), ...)``. With a gradient wanted, that copy of the pool's input (the first one is
 8 x 64 x 125 x 125 floats in a feature-visualisation step of 8 images), its filling and its backward's copy cost about
 as much as the pool itself. ``fold_pool_pads_`` rewrites the forward's source (as ``suffix`` reads it): each such
-pair becomes ``self.pool(t, kernel_size=(3, 3), ..., pad=sides)``, and ``layers.MaxPool2dLayer`` hands the sides to
-its Numba kernel, which reads the padded entries as -inf without making them: the same numbers, forward and
-backward, bit for bit (tests/test_featviz.py and tests/test_inception.py compare the whole network with Lucent's own).
-Where no gradient is wanted the pool pads as before. Zero pads before convolutions are left alone: a convolution
-with its padding built in gave the same numbers but no faster whole pass here (bench/README).
+pair becomes ``self.pool(t, kernel_size=(3, 3), ..., pad=sides)``, and ``pools.MaxPool2dLayer`` hands the sides to
+its Numba kernels (with a gradient wanted and without), which read the padded entries as -inf without making them:
+the same numbers, forward and backward, bit for bit (tests/test_featviz.py and tests/test_inception.py compare the
+whole network with Lucent's own). Off the CPU the pool pads as before. Zero pads before convolutions are left
+alone: a convolution with its padding built in gave the same numbers but no faster whole pass here (bench/README).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _rewritten(cls: type) -> tuple[type, tuple[str, ...]] | None:
 
 def fold_pool_pads_(model: nn.Module, pool_type: type) -> nn.Module:
     """``model`` (in place) with its forward's -inf pads given to the pools that read them (``_rewritten``), where
-    every such module is a ``pool_type`` (``layers.MaxPool2dLayer``, which takes them); else unchanged."""
+    every such module is a ``pool_type`` (``pools.MaxPool2dLayer``, which takes them); else unchanged."""
     found = _rewritten(type(model))
     if found is None:
         return model

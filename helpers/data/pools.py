@@ -15,8 +15,9 @@ from helpers.numba_threads import numba, numba_region
 
 def max_pool_3x3(x: torch.Tensor, stride: int) -> torch.Tensor:
     """``F.max_pool2d(x, 3, stride)`` (no padding, floor mode) as the maximum over rows, then over columns, of
-    strided views: the same values (a maximum is exact, NaN kept), without the indices torch's CPU kernel always
-    computes, and 2-10x faster there."""
+    strided views: the same values (a maximum is exact, NaN kept), without the indices torch's kernel computes. Where
+    ``max_pool_3x3_padded``'s Numba kernel does not apply (a GPU, another dtype); on a CPU 2-10x torch's pool, and
+    a third of the speed of that kernel."""
     h, w = x.shape[-2:]
     rows, cols = stride * ((h - 3) // stride) + 1, stride * ((w - 3) // stride) + 1
     r = torch.maximum(torch.maximum(x[..., 0:rows:stride, :], x[..., 1:rows + 1:stride, :]), x[..., 2:rows + 2:stride, :])
@@ -29,13 +30,20 @@ def max_pool_3x3_padded(x: torch.Tensor, stride: int, pad=(0, 0, 0, 0)) -> torch
     columns, NaN kept; the padding read as -inf, never made. The pools of a forward pass to mixed4e take 1.1
     against 3.3 ms per image as ``F.pad`` and ``max_pool_3x3`` (batch 16, freed memory reused as a harvest reuses it;
     ``bench/README.md``)."""
+    planes, out = _planes_and_output(x, stride, pad)
+    with numba_region():
+        _pool_max(planes, out.view(-1, *out.shape[2:]).numpy(), stride, pad[2], pad[0])
+    return out
+
+
+def _planes_and_output(x: torch.Tensor, stride: int, pad) -> tuple[np.ndarray, torch.Tensor]:
+    """x's planes as one array [n * c, h, w] for the kernels, and the pool's output tensor [n, c, rows, cols] of x
+    padded by ``pad`` (F.pad's order: left, right, top, bottom), uninitialised."""
     x = x.contiguous()
     n, c, h, w = x.shape
     left, right, top, bottom = pad
     out = x.new_empty(n, c, (h + top + bottom - 3) // stride + 1, (w + left + right - 3) // stride + 1)
-    with numba_region():
-        _pool_max(x.view(n * c, h, w).numpy(), out.view(n * c, *out.shape[2:]).numpy(), stride, top, left)
-    return out
+    return x.view(n * c, h, w).numpy(), out
 
 
 class _MaxPool3x3(torch.autograd.Function):
@@ -49,14 +57,12 @@ class _MaxPool3x3(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, stride, pad=(0, 0, 0, 0)):
-        x = x.contiguous()
-        n, c, h, w = x.shape
-        left, right, top, bottom = pad
-        out = x.new_empty(n, c, (h + top + bottom - 3) // stride + 1, (w + left + right - 3) // stride + 1)
+        planes, out = _planes_and_output(x, stride, pad)
         entry = torch.empty(out.shape, dtype=torch.uint8)
+        top, left = pad[2], pad[0]
         with numba_region():
-            _pool_forward(x.view(n * c, h, w).numpy(), out.view(n * c, *out.shape[2:]).numpy(),
-                          entry.view(n * c, *out.shape[2:]).numpy(), stride, top, left)
+            _pool_forward(planes, out.view(-1, *out.shape[2:]).numpy(), entry.view(-1, *out.shape[2:]).numpy(),
+                          stride, top, left)
         ctx.save_for_backward(entry)
         ctx.shape, ctx.stride, ctx.top, ctx.left = x.shape, stride, top, left
         return out

@@ -36,6 +36,21 @@ def test_preprocessing_is_resize256_centercrop224(tmp_path):
     assert got.shape == (3, 224, 224) and torch.equal(got, reference)
 
 
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (256, 256), (257, 256), (224, 224), (300, 299), (299, 300),
+                                  (513, 257), (1000, 333), (80, 56), (56, 80), (3, 5)])
+@pytest.mark.parametrize("resize,crop", [(256, 224), (224, 224), (200, 224), (64, 100)])
+def test_pil_resize_and_crop_are_torchvisions_pixel_for_pixel(size, resize, crop):
+    """``resize_and_crop`` does in PIL what torchvision's Resize and CenterCrop do (no torchvision import in a
+    process that reads images): the same pixels at every shape, upsampled, odd-sized, and where the crop is larger
+    than the resized image (torchvision pads with zeros)."""
+    from helpers.data.images import resize_and_crop
+
+    img = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+    reference = T.CenterCrop(crop)(T.Resize(resize)(img))
+    got = resize_and_crop(img, resize, crop)
+    assert got.size == reference.size == (crop, crop) and np.array_equal(np.asarray(got), np.asarray(reference))
+
+
 def _odd_images(tmp_path):
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)

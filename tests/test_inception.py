@@ -355,3 +355,29 @@ def test_the_redirected_relus_gradient_is_lucents():
     b = x.clone().requires_grad_(True)
     RedirectedReluLayer()(b).backward(g.transpose(2, 3).contiguous().transpose(2, 3))
     assert torch.equal(b.grad.nan_to_num(7.0), want.nan_to_num(7.0))  # a gradient in another memory layout
+
+
+def test_building_the_network_and_reading_images_import_no_torchvision_and_lucent_stays_whole(tmp_path):
+    """A process that builds the network and reads an image (every chapter's kernel, every harvest) does not import
+    torchvision (1.3 s: lucent.modelzoo's ``__init__`` imports all its models); Lucent's package still answers as
+    its own ``__init__`` does afterwards: ``inceptionv1`` is the class, and torchvision's models are there."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(tmp_path / "x.jpg")
+    code = f"""
+import sys
+from helpers.data.images import load_image
+from helpers.data.inception import load_model
+model, _ = load_model("random")
+assert load_image({str(tmp_path / "x.jpg")!r}).shape == (224, 224, 3)
+print("torchvision" in sys.modules)
+from lucent.modelzoo import inceptionv1
+from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1
+import lucent.modelzoo
+print(inceptionv1 is InceptionV1, isinstance(model, InceptionV1), callable(lucent.modelzoo.resnet18))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["False", "True True True"], out

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms import functional as TF
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 WNID = re.compile(r"(?<![0-9a-z])(n\d{8})(?![0-9])")
@@ -213,10 +212,23 @@ def load_image(path, resize: int = RESIZE, crop: int = CROP) -> np.ndarray:
             long = MAX_ASPECT * min(w, h)
             left, top = (w - min(w, long)) // 2, (h - min(h, long)) // 2
             img = img.crop((left, top, left + min(w, long), top + min(h, long)))
-        img = to_rgb(img)
-        # torchvision Resize(256): shorter side to 256; then CenterCrop(224)
-        img = TF.center_crop(TF.resize(img, resize), crop)
-        return np.array(img, dtype=np.uint8)
+        return np.array(resize_and_crop(to_rgb(img), resize, crop), dtype=np.uint8)
+
+
+def resize_and_crop(img: Image.Image, resize: int = RESIZE, crop: int = CROP) -> Image.Image:
+    """torchvision's ``CenterCrop(crop)(Resize(resize)(img))`` of a PIL image, pixel for pixel, in PIL alone: the
+    shorter side bilinearly to ``resize`` (the longer one in proportion, truncated), then the centre ``crop`` x
+    ``crop`` (zero-padded where the image is smaller). Importing torchvision for these two calls cost every process
+    that reads an image 1.3 s (it imports all its models and, with them, ``torch._dynamo``)."""
+    w, h = img.size
+    size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    if size != (w, h):
+        img = img.resize(size, Image.BILINEAR)
+    w, h = img.size
+    pad_w, pad_h = max(crop - w, 0), max(crop - h, 0)  # torchvision pads (pad // 2 before), then crops the centre
+    left = int(round((w + pad_w - crop) / 2.0)) - pad_w // 2
+    top = int(round((h + pad_h - crop) / 2.0)) - pad_h // 2
+    return img.crop((left, top, left + crop, top + crop))  # PIL fills outside the image with zeros
 
 
 class ImageDataset(Dataset):
@@ -294,6 +306,8 @@ def decode_on_device(items: list[torch.Tensor], device: torch.device, resize: in
 
 def _fit(img: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
     """Resize (shorter side, antialiased, as PIL does) and centre-crop a [3, H, W] tensor."""
+    from torchvision.transforms import functional as TF
+
     return TF.center_crop(TF.resize(img, resize, antialias=True), crop)
 
 

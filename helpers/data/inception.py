@@ -47,12 +47,42 @@ STAND_IN_KEY = "_stand_in_random_weights"
 
 def stand_in_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """Random InceptionV1 weights under Lucent's key names and shapes, marked as a stand-in."""
-    from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1
+    InceptionV1 = lucent_inceptionv1()
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         state = he_normal_(InceptionV1(pretrained=False), seed).state_dict()
     return {**state, STAND_IN_KEY: torch.tensor(seed)}
+
+
+def lucent_inceptionv1() -> type[nn.Module]:
+    """Lucent's InceptionV1 class, imported without running ``lucent.modelzoo``'s ``__init__`` until something
+    else of that package is asked for. That ``__init__`` does ``from torchvision.models import *``, which imports
+    every torchvision model and ``torch._dynamo`` with them: 1.3 s of every process that builds the network (each
+    chapter's kernel, each harvest). The package is registered unexecuted (PEP 562: its ``__getattr__`` runs the
+    real ``__init__`` on the first name it lacks), with ``inceptionv1`` bound as its ``__init__`` binds it."""
+    import importlib.util
+    import sys
+
+    if "lucent.modelzoo" not in sys.modules:
+        import lucent
+
+        spec = importlib.util.find_spec("lucent.modelzoo")
+        package = importlib.util.module_from_spec(spec)
+
+        def __getattr__(name):  # noqa: N807 (a module's __getattr__, PEP 562)
+            del package.__dict__["__getattr__"]
+            spec.loader.exec_module(package)  # the package's own __init__, once
+            return getattr(package, name)
+
+        package.__getattr__ = __getattr__
+        sys.modules["lucent.modelzoo"] = lucent.modelzoo = package
+        from lucent.modelzoo.inceptionv1 import InceptionV1
+
+        package.inceptionv1 = InceptionV1  # as lucent.modelzoo's __init__ binds it
+    from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1
+
+    return InceptionV1
 
 
 class WeightsUnavailable(RuntimeError):
@@ -74,7 +104,7 @@ def load_model(weights: str = "lucent", device: str | torch.device = "cpu", *,
     from a random start; leave it off for attribution (it changes gradients, not values).
     The ``weights_id`` names the weights in every artifact made with them.
     """
-    from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1
+    InceptionV1 = lucent_inceptionv1()
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

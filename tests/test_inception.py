@@ -360,7 +360,7 @@ def test_the_redirected_relus_gradient_is_lucents():
 def test_building_the_network_and_reading_images_import_no_torchvision_and_lucent_stays_whole(tmp_path):
     """A process that builds the network and reads an image (every chapter's kernel, every harvest) does not import
     torchvision (1.3 s: lucent.modelzoo's ``__init__`` imports all its models); Lucent's package still answers as
-    its own ``__init__`` does afterwards: ``inceptionv1`` is the class, and torchvision's models are there."""
+    its own ``__init__`` does afterwards: ``inceptionv1`` is the class, and torchvision's models are there, by name and by a star import."""
     import subprocess
     import sys
 
@@ -378,6 +378,9 @@ from lucent.modelzoo import inceptionv1
 from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1
 import lucent.modelzoo
 print(inceptionv1 is InceptionV1, isinstance(model, InceptionV1), callable(lucent.modelzoo.resnet18))
+star = {{}}
+exec("from lucent.modelzoo import *", star)
+print(star["inceptionv1"] is InceptionV1 and callable(star["resnet18"]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert out[:2] == ["False", "True True True"], out
+    assert out[:3] == ["False", "True True True", "True"], out

@@ -360,7 +360,8 @@ def test_the_redirected_relus_gradient_is_lucents():
 def test_building_the_network_and_reading_images_import_no_torchvision_and_lucent_stays_whole(tmp_path):
     """A process that builds the network and reads an image (every chapter's kernel, every harvest) does not import
     torchvision (1.3 s: lucent.modelzoo's ``__init__`` imports all its models); Lucent's package still answers as
-    its own ``__init__`` does afterwards: ``inceptionv1`` is the class, and torchvision's models are there, by name and by a star import."""
+    its own ``__init__`` does afterwards: ``inceptionv1`` is the class, and torchvision's models are there, by name
+    and by a star import."""
     import subprocess
     import sys
 

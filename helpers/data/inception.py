@@ -77,8 +77,11 @@ def lucent_inceptionv1() -> type[nn.Module]:
 
         package.__getattr__ = __getattr__
         sys.modules["lucent.modelzoo"] = lucent.modelzoo = package
-        from lucent.modelzoo.inceptionv1 import InceptionV1
-
+        try:
+            from lucent.modelzoo.inceptionv1 import InceptionV1
+        except BaseException:  # no half-made package left behind: the next import tries the usual way
+            del sys.modules["lucent.modelzoo"], lucent.modelzoo
+            raise
         package.inceptionv1 = InceptionV1  # as lucent.modelzoo's __init__ binds it
     from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1
 

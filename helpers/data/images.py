@@ -219,7 +219,7 @@ def resize_and_crop(img: Image.Image, resize: int = RESIZE, crop: int = CROP) ->
     """torchvision's ``CenterCrop(crop)(Resize(resize)(img))`` of a PIL image, pixel for pixel, in PIL alone: the
     shorter side bilinearly to ``resize`` (the longer one in proportion, truncated), then the centre ``crop`` x
     ``crop`` (zero-padded where the image is smaller). Importing torchvision for these two calls cost every process
-    that reads an image 1.3 s (it imports all its models and, with them, ``torch._dynamo``)."""
+    that reads an image 1.3-1.8 s (it imports all its models and, with them, ``torch._dynamo``)."""
     w, h = img.size
     size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
     if size != (w, h):

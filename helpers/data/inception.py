@@ -58,9 +58,10 @@ def stand_in_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 def lucent_inceptionv1() -> type[nn.Module]:
     """Lucent's InceptionV1 class, imported without running ``lucent.modelzoo``'s ``__init__`` until something
     else of that package is asked for. That ``__init__`` does ``from torchvision.models import *``, which imports
-    every torchvision model and ``torch._dynamo`` with them: 1.3 s of every process that builds the network (each
+    every torchvision model and ``torch._dynamo`` with them: 1.3-1.8 s of every process that builds the network (each
     chapter's kernel, each harvest). The package is registered unexecuted (PEP 562: its ``__getattr__`` runs the
     real ``__init__`` on the first name it lacks), with ``inceptionv1`` bound as its ``__init__`` binds it."""
+    import importlib
     import importlib.util
     import sys
 
@@ -77,15 +78,12 @@ def lucent_inceptionv1() -> type[nn.Module]:
 
         package.__getattr__ = __getattr__
         sys.modules["lucent.modelzoo"] = lucent.modelzoo = package
-        try:
-            from lucent.modelzoo.inceptionv1 import InceptionV1
+        try:  # bound as the package's __init__ binds it
+            package.inceptionv1 = importlib.import_module("lucent.modelzoo.inceptionv1").InceptionV1
         except BaseException:  # no half-made package left behind: the next import tries the usual way
             del sys.modules["lucent.modelzoo"], lucent.modelzoo
             raise
-        package.inceptionv1 = InceptionV1  # as lucent.modelzoo's __init__ binds it
-    from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1
-
-    return InceptionV1
+    return importlib.import_module("lucent.modelzoo.inceptionv1").InceptionV1
 
 
 class WeightsUnavailable(RuntimeError):

@@ -5,8 +5,8 @@ The stages of ``make book PROFILE=NAME`` (cpu by default): the harvest (the prof
 and mixed3a and mixed3b for chapter 10's Distill rows), one SAE per layer, each layer's feature statistics
 and dataset-example pass, the feature visualisations
 of figure 1, the UMAP maps, the circuit analyses, and the book build. Each is run here on a small
-share of its work (random weights and the ImageNet sample or generated images: speed does not
-depend on what the weights are), and the profile's total is projected from the measured rates.
+share of its work (random weights and the ImageNet sample, its images resized as the profile's download has
+them, or generated images: speed does not depend on what the weights are), and the profile's total is projected from the measured rates.
 The table says which work each projection multiplies; the book build's time is taken from the
 smoke book (pass ``--book-seconds``). Each stage belongs to the first chapter that makes it, so the record
 also gives each chapter's cost after the chapters before it and opened alone (``NEEDS``: what it makes first);
@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,25 @@ NEEDS = {"02": (), "03": ("02",), "04": ("02", "03"), "05": ("02", "03", "04"), 
 # ImageNet sample (d_sae 8192, aux_k 256) had 1.8% dead after 41k vectors, 0.5% at 450k, 0.04% at 1M
 DEAD_SHARE = 0.01
 AUTHOR_SAE_MB = 4 * sum((16 * d) * d for d in (508, 512, 512, 528, 832))  / 2**20  # tied [16 d, d] float32, mixed4a-4e
+
+
+# the short side of a download's JPEGs (fastai's imagenette2-320 and imagewoof2-320): decoding a JPEG costs about
+# its pixels, and the ImageNet sample's images are larger (full size, about 500 x 375: 2.8 against 1.9 ms an image)
+SHORT_SIDE = {"imagenette+imagewoof": 320, "imagenette": 320}
+
+
+def as_downloaded(images, side: int, folder: Path) -> Path:
+    """The sample's images as the profile's download has them: resized to ``side`` px on the short side (PIL's
+    bicubic), saved as JPEG at PIL's default quality; untimed."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for p in images.paths:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            scale = side / min(im.size)
+            im.resize((round(im.width * scale), round(im.height * scale)), Image.BICUBIC).save(folder / f"{p.stem}.jpg")
+    return folder
 
 
 def timed(fn, *args, **kw) -> float:
@@ -78,6 +98,8 @@ def main() -> None:
     from helpers.analysis.examples import example_passes
     from helpers.analysis.featviz import render_directions
     from helpers.data.harvest import harvest
+    from helpers.data.kept import KeptInputs
+    from helpers.data.store import read_manifest
     from helpers.data.images import generate_images, list_images
     from helpers.data.inception import LayerCapture, architecture_slices, layer_width, load_model
     from helpers.analysis.circuits import attribution
@@ -100,7 +122,10 @@ def main() -> None:
     author = profile.name == "colab"  # the colab profile shows the author's SAEs: none trained before chapter 09
 
     with tempfile.TemporaryDirectory() as tmp:
-        if SAMPLE.is_dir():
+        if SAMPLE.is_dir() and profile.harvest.images in SHORT_SIDE:
+            source = str(as_downloaded(list_images(str(SAMPLE)).head(a.images), SHORT_SIDE[profile.harvest.images],
+                                       Path(tmp) / "images"))
+        elif SAMPLE.is_dir():
             source = str(SAMPLE)
         else:
             generate_images(Path(tmp) / "images", a.images)
@@ -111,12 +136,19 @@ def main() -> None:
         # a harvest's own cost (the model, its workers, the manifest: about a second) is paid once per 26,394 images,
         # not once per 200: the rate is the difference of a quarter's harvest and the whole one's
         few = a.images // 4
-        s = median_difference(lambda i: harvest(dataclasses.replace(h, max_images=few, out=f"{h.out}-few-{i}")),
-                              lambda i: harvest(dataclasses.replace(h, out=f"{h.out}-{i}")),
-                              a.repeats) * a.images / (a.images - few)
+
+        def harvest_rate(cfg):  # seconds per image
+            return median_difference(lambda i: harvest(dataclasses.replace(cfg, max_images=few, out=f"{cfg.out}-few-{i}")),
+                                     lambda i: harvest(dataclasses.replace(cfg, out=f"{cfg.out}-{i}")),
+                                     a.repeats) / (a.images - few)
+
+        per_image = harvest_rate(h)
         harvested = f"harvest, {', '.join(h.layers)}"
-        add(harvested + (" (the author's convention)" if author else ""), s / a.images, n_images, "image", chapter="02")
-        per_image = s / a.images
+        add(harvested + (" (the author's convention)" if author else ""), per_image, n_images, "image",
+            f"keeps {h.keep_input_of}'s input for the example pass" if h.keep_input_of else "", chapter="02")
+        # the untrained control's harvest keeps none (it runs no example pass)
+        plain_per_image = harvest_rate(dataclasses.replace(h, keep_input_of=None, out=f"{h.out}-plain")) \
+            if h.keep_input_of and profile.untrained_control else per_image
         model = load_model("random")[0]
         widths = {layer: layer_width(architecture_slices(layer)) for layer in h.layers}
         cfg = profile.train
@@ -152,9 +184,22 @@ def main() -> None:
                 "not timed here (no internet): seconds on Colab", chapter="03")
         n_ex, few = min(a.images, 64), min(a.images, 64) // 4  # the pass's own cost (hashing the SAEs...) taken out
         paper_saes = {layer: saes[layer] for layer in profile.layers}
-        s = median_difference(lambda i: example_passes(model, paper_saes, images.head(few)),
-                              lambda i: example_passes(model, paper_saes, images.head(n_ex)), a.repeats) * n_ex / (n_ex - few)
-        add("dataset examples, mixed4a-4e", s / n_ex, n_images, "image", "one forward pass for all layers", chapter="04")
+        kept = {}  # as chapter 04 runs it: from the layer input its harvest kept, where the profile keeps one
+        if h.keep_input_of:
+            for n in (few, n_ex):
+                out = harvest(dataclasses.replace(h, max_images=n, out=f"{h.out}-examples-{n}"))
+                kept[n] = KeptInputs.find(out, read_manifest(out))
+                assert kept[n] is not None, f"the harvest of {out} kept no input of {h.keep_input_of}"
+
+        def examples(n):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                example_passes(model, paper_saes, images.head(n), kept=kept.get(n))
+            assert not [w for w in caught if "kept input" in str(w.message)], [str(w.message) for w in caught]
+
+        s = median_difference(lambda i: examples(few), lambda i: examples(n_ex), a.repeats) * n_ex / (n_ex - few)
+        add("dataset examples, mixed4a-4e", s / n_ex, n_images, "image", "one forward pass for all layers" + (
+            f", from {h.keep_input_of}'s input kept by the harvest" if kept else ""), chapter="04")
         fv = profile.featviz
         directions = torch.randn(fv.batch, 512)
         steps = 16
@@ -196,7 +241,7 @@ def main() -> None:
         paper_train = sum(train_s[layer] + stats_s[layer] for layer in profile.layers)
         all_train = sum(train_s.values()) + sum(stats_s.values())
         if profile.untrained_control:
-            add("untrained control: its harvest, SAEs, statistics", per_image * n_images + paper_train, 1, "run",
+            add("untrained control: its harvest, SAEs, statistics", plain_per_image * n_images + paper_train, 1, "run",
                 "the sum of those stages above", chapter="04", needed_by=["10"])
             add("untrained control of mixed3a and mixed3b", all_train - paper_train, 1, "run", chapter="10")
         # chapter 09's SAEs of ours on mixed4c: seed 0 (the colab profile trains none before) and seed 1 (which is

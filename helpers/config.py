@@ -106,10 +106,17 @@ class HarvestConfig:
         "lucent: RGB in [0,1] mapped by x*255-117, as Lucent's render_vis feeds the model; unit: [0,1] as is, "
         "the paper author's harvest (ToTensor() images into Lucent's forward, which does no preprocessing), "
         "which the author's published SAEs were trained on"))
+    keep_input_of: str | None = field(default=None, metadata=_help(
+        "a harvested layer whose input (mixed4a: the pooled mixed3b output, 376 KB an image) is kept beside the store "
+        "for the example pass, which then runs only the layers from it on, to the same numbers (helpers/data/kept.py; "
+        "not under --amp on CUDA or --decode device; not where the disk lacks the room)"))
 
     def __post_init__(self):
         self.layers = check_layers(self.layers)  # a comma string from the CLI becomes a tuple, once
         _validate(self)
+        if self.keep_input_of is not None and self.keep_input_of not in self.layers:
+            raise ValueError(f"--keep-input-of {self.keep_input_of!r} is not among the harvested layers "
+                             f"({', '.join(self.layers)}); name one of them, or leave it out")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from helpers.allocator import reuse_freed_memory
 from helpers.files import atomic_write
 from helpers.data.images import ImageDataset, collate
 from helpers.data.inception import LayerCapture, model_input_from_uint8
+from helpers.data.kept import InputWatch, KeptInputs
 from helpers.progress import progress
 from helpers.analysis.selection import activation_bands
 from helpers.sae.model import InputScaleMismatch, input_scale_for
@@ -91,16 +92,18 @@ def example_pass(model, sae, layer: str, images, top: int = 16, reservoir: int =
 def example_passes(model, saes: dict, images, top: int = 16, reservoir: int = 64, batch_size: int = 32,
                    device: str | torch.device = "cpu", seed: int = 0, workers: int = 0,
                    input_scale: str | None = None, checkpoint: str | Path | None = None,
-                   checkpoint_seconds: float = 300.0) -> dict[str, Examples]:
+                   checkpoint_seconds: float = 300.0, kept: KeptInputs | None = None) -> dict[str, Examples]:
     """``example_pass`` for several layers ({layer: sae}) from one forward pass per batch of images: the
     network runs once, not once per layer (on a CPU the forward pass is most of the work). Each layer's
     result is the one its own ``example_pass`` gives (its reservoir draws from its own generator).
 
     With ``checkpoint`` (a file path) the state is saved there every ``checkpoint_seconds``; a pass started
     again after an interruption goes on from the last save, to the result an uninterrupted pass gives, and
-    removes the file when done. A checkpoint of other SAEs, images or settings is ignored, with a warning."""
-    from torch.utils.data import DataLoader, Subset
+    removes the file when done. A checkpoint of other SAEs, images or settings is ignored, with a warning.
 
+    ``kept``: the harvest's kept input of a layer at or before these (``helpers.data.kept``): the network then runs
+    from it, to the same numbers (checked bit for bit on the first images; where they differ, or the kept tensors
+    are of another input convention, the whole network runs, with a warning)."""
     dev = torch.device(device)
     scales = {input_scale_for(sae, input_scale, f"the SAE of {layer}") for layer, sae in saes.items()}
     if len(scales) > 1:
@@ -111,20 +114,19 @@ def example_passes(model, saes: dict, images, top: int = 16, reservoir: int = 64
     what = _fingerprint(saes, images, top, reservoir, batch_size, seed, input_scale)
     done = _resume(Path(checkpoint), what, running, len(images)) if checkpoint is not None else 0
     capture = LayerCapture(model, list(saes))
-    dataset = ImageDataset(images)
-    loader = DataLoader(Subset(dataset, range(done, len(dataset))) if done else dataset, batch_size=batch_size,
-                        collate_fn=collate, num_workers=workers)
+    if kept is not None and not _kept_fits(kept, model, capture.layers[0], images, done, dev, input_scale):
+        kept = None
+    batches = _activations(model, capture, images, done, batch_size, workers, dev, input_scale, kept)
     saved = time.monotonic()
-    for idx, pixels, _bad in progress(loader, desc=f"examples {', '.join(saes)}", unit="batch",
-                                      initial=done // batch_size, total=-(-len(dataset) // batch_size)):
-        done = min(done + batch_size, len(dataset))
-        if pixels is not None:
-            acts = capture(model_input_from_uint8(pixels.to(dev), input_scale))  # {layer: [B, C, H, W]}
+    for idx, acts in progress(batches, desc=f"examples {', '.join(saes)}", unit="batch",
+                              initial=done // batch_size, total=-(-len(images) // batch_size)):
+        done = min(done + batch_size, len(images))
+        if acts is not None:  # {layer: [B, C, H, W]}
             for layer, sae in saes.items():
                 # per image and feature: the strongest position, from dense codes a few images at a time
                 value, position = _image_maxima(sae, acts[layer].flatten(2).transpose(1, 2))
                 running[layer].add(idx.to(dev), value, position, acts[layer].shape[2] * acts[layer].shape[3])
-        if checkpoint is not None and done < len(dataset) and time.monotonic() - saved >= checkpoint_seconds:
+        if checkpoint is not None and done < len(images) and time.monotonic() - saved >= checkpoint_seconds:
             try:
                 _save(Path(checkpoint), what, running, done)
             except OSError as e:  # a read-only folder, a folder in the file's place: the pass goes on without
@@ -136,6 +138,51 @@ def example_passes(model, saes: dict, images, top: int = 16, reservoir: int = 64
     if checkpoint is not None and Path(checkpoint).is_file():
         Path(checkpoint).unlink()
     return found
+
+
+def _activations(model, capture, images, done: int, batch_size: int, workers: int, dev, input_scale: str, kept):
+    """``(indices, {layer: output} or None)`` for each batch of ``batch_size`` images from image ``done`` on (the
+    files that cannot be read left out): from the kept layer input where there is one, else from the images."""
+    if kept is not None:
+        for idx, x in kept.batches(done, len(images), batch_size):
+            yield idx, None if x is None else capture(None, start=(kept.name, x.to(dev)))
+        return
+    from torch.utils.data import DataLoader, Subset
+
+    dataset = ImageDataset(images)
+    loader = DataLoader(Subset(dataset, range(done, len(dataset))) if done else dataset, batch_size=batch_size,
+                        collate_fn=collate, num_workers=workers)
+    for idx, pixels, _bad in loader:
+        yield idx, None if pixels is None else capture(model_input_from_uint8(pixels.to(dev), input_scale))
+
+
+def _kept_fits(kept: KeptInputs, model, first_layer: str, images, start: int, dev, input_scale: str,
+               n: int = 2) -> bool:
+    """Whether the pass may start from ``kept``: of this input convention, at or before ``first_layer``, of these
+    images, and, for the first ``n`` readable images from ``start`` on, bit for bit what the network makes of them
+    now (the same weights and decoder)."""
+    from helpers.config import MIXED_LAYERS
+    from helpers.data.kept import paths_sha256
+
+    if kept.input_scale != input_scale or MIXED_LAYERS.index(kept.layer) > MIXED_LAYERS.index(first_layer):
+        return False  # another convention (the author's SAEs) or a later layer: not for this pass
+    why = None
+    if kept.images_sha256 != paths_sha256(images.paths):
+        why = "they were kept for other images"
+    else:
+        first = [i for i in range(start, len(images)) if i not in kept.skipped][:n]
+        idx, pixels, bad = collate([ImageDataset(images)[i] for i in first])
+        if bad:
+            why = f"image {bad[0][0]} cannot be read now ({bad[0][1]})"
+        elif len(idx):
+            with torch.no_grad(), InputWatch(model, kept.layer, stop=True) as watch:
+                now = watch.run(model_input_from_uint8(pixels.to(dev), input_scale)).cpu()
+            if not torch.equal(now, torch.cat([kept.rows(i, i + 1) for i in first])):
+                why = "they differ from what the network computes now (other weights or another image decoder)"
+    if why is not None:
+        warnings.warn(f"not using the harvest's kept input of {kept.layer} ({kept.folder}): {why}; the example pass "
+                      "runs the whole network")
+    return why is None
 
 
 def _fingerprint(saes: dict, images, *settings) -> str:

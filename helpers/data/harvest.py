@@ -35,6 +35,7 @@ from helpers.allocator import reuse_freed_memory
 from helpers.config import HarvestConfig
 from helpers.files import HARVEST_LOG, MANIFEST, append_jsonl, exclusive_lock
 from helpers.data.images import ImageDataset, collate, decode_on_device, list_images
+from helpers.data.kept import InputWatch, KeptWriter
 from helpers.data.inception import (RANDOM_WARNING, LayerCapture, branch_slices, check_layers, is_random, layer_width, load_model,
                         model_input_from_uint8)
 from helpers.progress import progress
@@ -175,7 +176,7 @@ def _check_settings(cfg: HarvestConfig, manifest: Manifest) -> None:
 def _harvest_shards(cfg, out: Path, manifest: Manifest, images, capture, device, use_amp, rank, ranks) -> None:
     """This rank's shards that are not finished (or are damaged, their bytes included, or were made under
     another configuration: those are redone), batch by batch, each committed when its last image is in."""
-    layers, n_images, n_shards = manifest.layers, len(images), manifest.n_shards
+    n_images, n_shards = len(images), manifest.n_shards
     shard_len = lambda k: min((k + 1) * cfg.shard_images, n_images) - k * cfg.shard_images
     mine = [k for k in range(n_shards) if k % ranks == rank]  # under torchrun, shards by rank
     done = set()
@@ -193,6 +194,44 @@ def _harvest_shards(cfg, out: Path, manifest: Manifest, images, capture, device,
                         persistent_workers=False)
     bar = progress(total=sum(map(shard_len, mine)), initial=sum(map(shard_len, done)), unit="img",
                desc=f"harvest {out.name}" + (f" rank {rank}" if ranks > 1 else ""))
+    kept = _kept_writer(cfg, out, capture.model, manifest, sum(map(shard_len, todo)), use_amp) if todo else None
+    with InputWatch(capture.model, cfg.keep_input_of) if kept else contextlib.nullcontext() as watch:
+        try:
+            _harvest_loop(cfg, out, manifest, images, capture, device, use_amp, loader, bar, shard_len, kept, watch)
+        except BaseException:
+            if kept is not None:
+                kept.discard_unfinished()
+            raise
+    bar.close()
+
+
+def _kept_writer(cfg, out: Path, model, manifest: Manifest, n_images: int, use_amp: bool) -> KeptWriter | None:
+    """Where ``cfg.keep_input_of`` asks for it and the pass computes what the example pass computes (float32,
+    images decoded by PIL), the writer of the kept layer input; else None (said why)."""
+    if cfg.keep_input_of is None:
+        return None
+    if use_amp or cfg.decode != "workers":
+        log.warning("harvest %s: not keeping %s's input: under %s it is not the float32 tensor of PIL-decoded images "
+                    "the example pass computes", out, cfg.keep_input_of, "bf16 autocast" if use_amp else "--decode device")
+        return None
+    return KeptWriter.open(out, model, cfg.keep_input_of, manifest, n_images)
+
+
+def _keep(kept: KeptWriter, buffer: "_ShardBuffer", rows: torch.Tensor, values) -> KeptWriter | None:
+    """The batch's layer inputs appended to its shard's kept file (committed with the shard's last images); on a
+    full disk the kept inputs are given up (None), and the harvest goes on."""
+    try:
+        if len(rows):
+            kept.add(buffer.shard, buffer.n_images, rows, values)
+        if buffer.complete:
+            kept.commit(buffer.shard, buffer.n_images)
+        return kept
+    except OSError as e:
+        kept.abandon(f"{type(e).__name__}: {e}")
+        return None
+
+
+def _harvest_loop(cfg, out, manifest, images, capture, device, use_amp, loader, bar, shard_len, kept, watch) -> None:
     pending: dict[int, _ShardBuffer] = {}
     for idx, pixels, bad in loader:
         if isinstance(pixels, list):  # JPEG bytes: decode on the device
@@ -201,16 +240,17 @@ def _harvest_shards(cfg, out: Path, manifest: Manifest, images, capture, device,
             idx = idx[keep]
         shard = (int(idx[0]) if len(idx) else bad[0][0]) // cfg.shard_images
         buffer = pending.setdefault(shard, _ShardBuffer(shard, shard * cfg.shard_images, shard_len(shard),
-                                                        _shard_uniforms(cfg, shard, layers)))
+                                                        _shard_uniforms(cfg, shard, manifest.layers)))
         buffer.skipped += [[i, str(images.paths[i]), err] for i, err in bad]
         buffer.seen += len(idx) + len(bad)
         if len(idx):
             _harvest_batch(capture, pixels, idx - buffer.first_image, cfg, device, use_amp, buffer)
+        if kept is not None:
+            kept = _keep(kept, buffer, idx - buffer.first_image, watch.value)
         bar.update(len(idx) + len(bad))
         if buffer.complete:
             record = _commit_shard(out, pending.pop(shard), manifest, cfg.per_image)
             append_jsonl(out / HARVEST_LOG, record)
-    bar.close()
 
 
 def _manifest(cfg: HarvestConfig, images, weights_id: str, slices, capture, device) -> Manifest:

@@ -290,7 +290,9 @@ class LayerCapture:
         self.model = model
         self.layers = check_layers(layers)
 
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, x: torch.Tensor | None, start: tuple[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The layers' outputs on input ``x``; or, with ``start`` = (a tensor's name in the model's ``forward``,
+        its value), from that tensor on (``suffix.forward_from``: the same numbers; ``x`` is not read)."""
         out: dict[str, torch.Tensor] = {}
         last = self.layers[-1]
 
@@ -303,7 +305,7 @@ class LayerCapture:
 
         handles = [getattr(self.model, name).register_forward_hook(hook_for(name)) for name in self.layers]
         try:
-            self.model(x)
+            self.model(x) if start is None else forward_from(self.model, *start)
         except _StopForward:
             pass
         finally:

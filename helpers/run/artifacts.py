@@ -27,6 +27,7 @@ from helpers.analysis.image_features import ImageProbe
 from helpers.config import HarvestConfig
 from helpers.data.harvest import harvest
 from helpers.data.images import ImageList, load_image
+from helpers.data.kept import KeptInputs
 from helpers.data.inception import (LayerCapture, architecture_slices, class_names, classifier_stats, is_stand_in,
                                     load_model, model_input_from_uint8, standardise_classifier_)
 from helpers.data.store import Manifest, read_manifest
@@ -40,6 +41,7 @@ from helpers.sae.model import TopKSAE, check_input_scale
 from helpers.sae.train import train
 from helpers.show import atlas, explorer
 
+log = logging.getLogger(__name__)
 LABEL_EXAMPLES = 8  # top examples a feature's automatic labels are read from
 CLASSIFIER_IMAGES = 64  # a random network's classifier is standardised on the run's first images
 CLASSIFIER = "classifier-standardisation.json"  # its statistics, kept in the run
@@ -126,7 +128,8 @@ class Run(Evaluations):
         """The same profile on the untrained network: random weights, the same images and SAE settings,
         in the run's ``untrained/`` folder (chapter 04's control: what the pipeline finds without training)."""
         p = self.profile
-        return dataclasses.replace(self, profile=dataclasses.replace(p, harvest=dataclasses.replace(p.harvest, weights="random")),
+        harvest = dataclasses.replace(p.harvest, weights="random", keep_input_of=None)  # it runs no example pass
+        return dataclasses.replace(self, profile=dataclasses.replace(p, harvest=harvest),
                                    run_dir=self.run_dir / "untrained", saes="train", _made={})
 
     # --- the harvest (chapter 02) --------------------------------------------------------------
@@ -299,10 +302,14 @@ class Run(Evaluations):
         path = self.sae_dir(layer) / EXAMPLES
         if not path.exists():
             missing = [other for other in self.profile.layers if not (self.sae_dir(other) / EXAMPLES).exists()]
+            kept = KeptInputs.find(self.harvest(), self.manifest())  # the harvest's, where it kept a layer's input
             found = example_passes(self.model(), {other: self.sae(other) for other in missing}, self.images(),
-                                   input_scale=self.input_scale, checkpoint=self.run_dir / EXAMPLES_CHECKPOINT)
+                                   input_scale=self.input_scale, checkpoint=self.run_dir / EXAMPLES_CHECKPOINT,
+                                   kept=kept)
             for other, examples in found.items():
                 examples.save(self.sae_dir(other) / EXAMPLES)
+            if kept is not None and self.saes == "train":  # the one pass they were kept for is done
+                log.info("examples: removed the harvest's kept input of %s (%.1f GB)", kept.layer, kept.remove() / 1e9)
         return Examples.load(path)
 
     @made_once

@@ -78,7 +78,7 @@ def _train(vectors_seen: int, batch_size: int = 4096, points: int = 40, **kw) ->
 PROFILES = {
     "smoke": Profile("smoke", "CI and a first look: random weights, 64 images, tiny SAEs; minutes on 2 CPU cores",
                      HarvestConfig(images="sample-or-generated", weights="random", max_images=64, batch_size=16,
-                                   layers=WITH_DISTILL),
+                                   layers=WITH_DISTILL, keep_input_of="mixed4a"),
                      _train(24_576, batch_size=1024, sae=SaeConfig(expansion=4, k=16)), FeatvizConfig(steps=4, size=64),
                      circuit_images=4, circuit_sources=48, figure1_per_branch=1,
                      figure1_per_layer=4, spliced_images=8, probe_images=64, sweep_l0=(8, 16, 32), sweep_seeds=(0,),
@@ -92,7 +92,9 @@ PROFILES = {
     "cpu": Profile("cpu", "about 2.2 hours on 2 CPU cores (bench/bench_profile.py): real weights, Imagenette and "
                           "Imagewoof (26,394 images of 20 classes, 12 of them animals), 2M vectors per SAE",
                    # 16 images per forward pass: 1.4-1.7x the images per second of 64 on 2 cores, the same store bit for bit
-                   HarvestConfig(images="imagenette+imagewoof", weights="lucent", batch_size=16, layers=WITH_DISTILL),
+                   # mixed4a's input kept for chapter 04's example pass (9.9 GB, deleted after it): 6-7 min less
+                   HarvestConfig(images="imagenette+imagewoof", weights="lucent", batch_size=16, layers=WITH_DISTILL,
+                                 keep_input_of="mixed4a"),
                    _train(2_000_000, sae=AUXK),
                    # 8 images per optimisation: 1.3x the feature-steps per second of 16 on 2 cores (bench/README)
                    FeatvizConfig(batch=8)),

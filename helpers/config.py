@@ -114,9 +114,11 @@ class HarvestConfig:
     def __post_init__(self):
         self.layers = check_layers(self.layers)  # a comma string from the CLI becomes a tuple, once
         _validate(self)
-        if self.keep_input_of is not None and self.keep_input_of not in self.layers:
-            raise ValueError(f"--keep-input-of {self.keep_input_of!r} is not among the harvested layers "
-                             f"({', '.join(self.layers)}); name one of them, or leave it out")
+        keep = self.keep_input_of
+        if keep is not None and (keep not in MIXED_LAYERS or MIXED_LAYERS.index(keep) > MIXED_LAYERS.index(self.layers[-1])):
+            raise ValueError(f"--keep-input-of {keep!r} is not a mixed layer the harvest's pass reaches (it stops after "
+                             f"{self.layers[-1]}); name one of {', '.join(MIXED_LAYERS[:MIXED_LAYERS.index(self.layers[-1]) + 1])}, "
+                             "or leave it out")
 
 
 @dataclass(frozen=True)

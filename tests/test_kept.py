@@ -163,6 +163,9 @@ def test_a_disk_that_fills_while_keeping_gives_them_up_and_the_harvest_finishes(
     assert read_manifest(run).complete and not list(run.glob("kept-*"))
 
 
-def test_the_option_names_a_harvested_layer():
-    with pytest.raises(ValueError, match="--keep-input-of 'mixed3a' is not among the harvested layers"):
-        HarvestConfig(layers="mixed4a,mixed4c", keep_input_of="mixed3a")
+def test_the_option_names_a_layer_the_pass_reaches():
+    assert HarvestConfig(layers="mixed4b,mixed4c", keep_input_of="mixed4a").keep_input_of == "mixed4a"
+    with pytest.raises(ValueError, match="--keep-input-of 'mixed4d' is not a mixed layer the harvest's pass reaches"):
+        HarvestConfig(layers="mixed4a,mixed4c", keep_input_of="mixed4d")
+    with pytest.raises(ValueError, match="name one of mixed3a, mixed3b, mixed4a"):
+        HarvestConfig(layers="mixed4a", keep_input_of="4a")

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from helpers.allocator import reuse_freed_memory
+from helpers.config import MIXED_LAYERS
 from helpers.files import atomic_write
 from helpers.data.images import ImageDataset, collate
 from helpers.data.inception import LayerCapture, model_input_from_uint8
-from helpers.data.kept import InputWatch, KeptInputs
+from helpers.data.kept import InputWatch, KeptInputs, paths_sha256
 from helpers.progress import progress
 from helpers.analysis.selection import activation_bands
 from helpers.sae.model import InputScaleMismatch, input_scale_for
@@ -161,9 +162,6 @@ def _kept_fits(kept: KeptInputs, model, first_layer: str, images, start: int, de
     """Whether the pass may start from ``kept``: of this input convention, at or before ``first_layer``, of these
     images, and, for the first ``n`` readable images from ``start`` on, bit for bit what the network makes of them
     now (the same weights and decoder)."""
-    from helpers.config import MIXED_LAYERS
-    from helpers.data.kept import paths_sha256
-
     if kept.input_scale != input_scale or MIXED_LAYERS.index(kept.layer) > MIXED_LAYERS.index(first_layer):
         return False  # another convention (the author's SAEs) or a later layer: not for this pass
     why = None

@@ -35,7 +35,7 @@ from helpers.allocator import reuse_freed_memory
 from helpers.config import HarvestConfig
 from helpers.files import HARVEST_LOG, MANIFEST, append_jsonl, exclusive_lock
 from helpers.data.images import ImageDataset, collate, decode_on_device, list_images
-from helpers.data.kept import InputWatch, KeptWriter
+from helpers.data.kept import InputWatch, KeptWriter, paths_sha256
 from helpers.data.inception import (RANDOM_WARNING, LayerCapture, branch_slices, check_layers, is_random, layer_width, load_model,
                         model_input_from_uint8)
 from helpers.progress import progress
@@ -53,11 +53,6 @@ INPUT = {"lucent": "Resize(256) CenterCrop(224), RGB in [0,1] -> x*255-117",
 def _uniforms(seed: int, shard: int, layer: str, n_images: int, per_image: int) -> torch.Tensor:
     key = int.from_bytes(hashlib.sha256(f"{seed}/{shard}/{layer}".encode()).digest()[:8], "little")
     return torch.rand(n_images, per_image, generator=torch.Generator().manual_seed(key))
-
-
-def _sha256_lines(lines) -> str:
-    # file names need not be UTF-8: undecodable bytes travel as surrogates and go back to bytes here
-    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 class _ShardBatches:
@@ -268,7 +263,7 @@ def _manifest(cfg: HarvestConfig, images, weights_id: str, slices, capture, devi
         grid={name: list(t.shape[2:]) for name, t in probe.items()},
         per_image=cfg.per_image, sampling=cfg.sampling, seed=cfg.seed, shard_images=cfg.shard_images,
         n_shards=math.ceil(len(images) / cfg.shard_images), images=images.to_record(),
-        images_sha256=_sha256_lines(str(p) for p in images.paths), config=asdict(cfg),
+        images_sha256=paths_sha256(images.paths), config=asdict(cfg),
         random_weights=is_random(weights_id), warning=RANDOM_WARNING if is_random(weights_id) else None,
         helpers_version=__version__, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 

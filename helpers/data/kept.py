@@ -87,7 +87,8 @@ class InputWatch:
 
 
 def paths_sha256(paths) -> str:
-    """The hash a manifest keeps of its images' paths (``harvest._sha256_lines``)."""
+    """The hash a harvest's manifest keeps of its images' paths (file names need not be UTF-8: undecodable bytes
+    travel as surrogates and go back to bytes here)."""
     return hashlib.sha256("\n".join(str(p) for p in paths).encode("utf-8", "surrogateescape")).hexdigest()
 
 

@@ -308,7 +308,7 @@ class Run(Evaluations):
                                    kept=kept)
             for other, examples in found.items():
                 examples.save(self.sae_dir(other) / EXAMPLES)
-            if kept is not None and self.saes == "train":  # the one pass they were kept for is done
+            if kept is not None:  # the one pass over this harvest they were kept for is done
                 log.info("examples: removed the harvest's kept input of %s (%.1f GB)", kept.layer, kept.remove() / 1e9)
         return Examples.load(path)
 

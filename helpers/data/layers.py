@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers.data.conv_input_grad import fast_first_conv_
 from helpers.data.folded import fold_pool_pads_
 from helpers.data.pools import MaxPool2dLayer
 from helpers.numba_threads import numba, numba_region
@@ -150,8 +151,9 @@ class _Functional:
 
 def exact_fast_layers_(model: nn.Module) -> nn.Module:
     """Lucent's redirected ReLUs and max pools of ``model`` (children of the same names) replaced by the fast ones
-    above, in place; its module's local response norms too (for every Lucent InceptionV1: the same numbers); and the
-    -inf pads its forward makes before the max pools given to them (``folded.fold_pool_pads_``)."""
+    above, in place; its module's local response norms too (for every Lucent InceptionV1: the same numbers); the
+    -inf pads its forward makes before the max pools given to them (``folded.fold_pool_pads_``); and its first
+    convolution's input gradient (``conv_input_grad``)."""
     from lucent.modelzoo.inceptionv1 import helper_layers
 
     for name, module in list(model.named_children()):
@@ -159,6 +161,7 @@ def exact_fast_layers_(model: nn.Module) -> nn.Module:
             setattr(model, name, RedirectedReluLayer())
         elif isinstance(module, helper_layers.MaxPool2dLayer):
             setattr(model, name, MaxPool2dLayer())
+    fast_first_conv_(model)
     lucent_module = sys.modules[type(model).__module__]
     if getattr(lucent_module, "F", None) is F:
         lucent_module.F = _Functional()

@@ -1,6 +1,7 @@
 """Three of Lucent's InceptionV1 layers made fast on the CPU, with the same numbers, bit for bit: the redirected
 ReLU's backward, the 3x3 max pools (``pools``) and the local response norms (forward, and the backward a feature
-visualisation takes). ``exact_fast_layers_`` swaps them into a model; ``load_model`` does. On 2 CPU cores a forward
+visualisation takes). ``exact_fast_layers_`` swaps them into a model, with the first convolution's input gradient
+(``conv_input_grad``); ``load_model`` does. On 2 CPU cores a forward
 pass to mixed4e went from 55.6 to about 25 ms per image (the harvest, the dataset examples and every evaluation are
 forward passes; ``bench/README.md``), and a feature-visualisation step to mixed4c is 2.5x plain ``render_vis``
 (``bench/bench_seeing.py``)."""

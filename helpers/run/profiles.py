@@ -89,7 +89,7 @@ PROFILES = {
                      HarvestConfig(images="imagenet-sample", weights="lucent", batch_size=128),
                      # ours are trained only for chapter 09's comparison: 100 passes over the sample's 10,000 vectors
                      _train(1_000_000, sae=AUXK), FeatvizConfig(steps=256), claim_seeds=(0,), untrained_control=False),
-    "cpu": Profile("cpu", "about 2.1 hours on 2 CPU cores (bench/bench_profile.py): real weights, Imagenette and "
+    "cpu": Profile("cpu", "about 2 hours on 2 CPU cores (bench/bench_profile.py): real weights, Imagenette and "
                           "Imagewoof (26,394 images of 20 classes, 12 of them animals), 2M vectors per SAE",
                    # 16 images per forward pass: 1.4-1.7x the images per second of 64 on 2 cores, the same store bit for bit
                    # mixed4a's input kept for chapter 04's example pass (9.9 GB, deleted after it): 6-7 min less

@@ -17,6 +17,7 @@ about 100 px, as the author used), with the feature's map as an overlay.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 import warnings
@@ -168,7 +169,7 @@ def _kept_fits(kept: KeptInputs, model, first_layer: str, images, start: int, de
     if kept.images_sha256 != paths_sha256(images.paths):
         why = "they were kept for other images"
     else:
-        first = [i for i in range(start, len(images)) if i not in kept.skipped][:n]
+        first = list(itertools.islice((i for i in range(start, len(images)) if i not in kept.skipped), n))
         idx, pixels, bad = collate([ImageDataset(images)[i] for i in first])
         if bad:
             why = f"image {bad[0][0]} cannot be read now ({bad[0][1]})"

@@ -138,7 +138,7 @@ class FirstConv2d(nn.Conv2d):
     the image requires a gradient, the weights do not); otherwise the module as it was."""
 
     def forward(self, x):
-        if (numba is None or _CHECKED["off"] or not torch.is_grad_enabled() or not x.requires_grad or x.shape[1] != 3
+        if (numba is None or _CHECKED["off"] or not torch.is_grad_enabled() or not x.requires_grad
                 or self.weight.requires_grad or x.device.type != "cpu" or x.dtype != torch.float32):
             return super().forward(x)
         return _FirstConv.apply(x, self.weight, self.bias, tuple(x.shape) not in _CHECKED["shapes"])

@@ -35,7 +35,7 @@ from helpers.allocator import reuse_freed_memory
 from helpers.config import HarvestConfig
 from helpers.files import HARVEST_LOG, MANIFEST, append_jsonl, exclusive_lock
 from helpers.data.images import ImageDataset, collate, decode_on_device, list_images
-from helpers.data.kept import InputWatch, KeptWriter, paths_sha256
+from helpers.data.kept import KeptWriter, paths_sha256
 from helpers.data.inception import (RANDOM_WARNING, LayerCapture, branch_slices, check_layers, is_random, layer_width, load_model,
                         model_input_from_uint8)
 from helpers.progress import progress
@@ -190,13 +190,26 @@ def _harvest_shards(cfg, out: Path, manifest: Manifest, images, capture, device,
     bar = progress(total=sum(map(shard_len, mine)), initial=sum(map(shard_len, done)), unit="img",
                desc=f"harvest {out.name}" + (f" rank {rank}" if ranks > 1 else ""))
     kept = _kept_writer(cfg, out, capture.model, manifest, sum(map(shard_len, todo)), use_amp) if todo else None
-    with InputWatch(capture.model, cfg.keep_input_of) if kept else contextlib.nullcontext() as watch:
-        try:
-            _harvest_loop(cfg, out, manifest, images, capture, device, use_amp, loader, bar, shard_len, kept, watch)
-        except BaseException:
+    pending: dict[int, _ShardBuffer] = {}
+    with kept or contextlib.nullcontext():
+        for idx, pixels, bad in loader:
+            if isinstance(pixels, list):  # JPEG bytes: decode on the device
+                keep, pixels, errors = decode_on_device(pixels, device)
+                bad = bad + [(int(idx[j]), err) for j, err in errors]
+                idx = idx[keep]
+            shard = (int(idx[0]) if len(idx) else bad[0][0]) // cfg.shard_images
+            buffer = pending.setdefault(shard, _ShardBuffer(shard, shard * cfg.shard_images, shard_len(shard),
+                                                            _shard_uniforms(cfg, shard, manifest.layers)))
+            buffer.skipped += [[i, str(images.paths[i]), err] for i, err in bad]
+            buffer.seen += len(idx) + len(bad)
+            if len(idx):
+                _harvest_batch(capture, pixels, idx - buffer.first_image, cfg, device, use_amp, buffer)
             if kept is not None:
-                kept.discard_unfinished()
-            raise
+                kept = _keep(kept, buffer, idx - buffer.first_image)
+            bar.update(len(idx) + len(bad))
+            if buffer.complete:
+                record = _commit_shard(out, pending.pop(shard), manifest, cfg.per_image)
+                append_jsonl(out / HARVEST_LOG, record)
     bar.close()
 
 
@@ -212,40 +225,18 @@ def _kept_writer(cfg, out: Path, model, manifest: Manifest, n_images: int, use_a
     return KeptWriter.open(out, model, cfg.keep_input_of, manifest, n_images)
 
 
-def _keep(kept: KeptWriter, buffer: "_ShardBuffer", rows: torch.Tensor, values) -> KeptWriter | None:
+def _keep(kept: KeptWriter, buffer: "_ShardBuffer", rows: torch.Tensor) -> KeptWriter | None:
     """The batch's layer inputs appended to its shard's kept file (committed with the shard's last images); on a
     full disk the kept inputs are given up (None), and the harvest goes on."""
     try:
         if len(rows):
-            kept.add(buffer.shard, buffer.n_images, rows, values)
+            kept.add(buffer.shard, buffer.n_images, rows)
         if buffer.complete:
             kept.commit(buffer.shard, buffer.n_images)
         return kept
     except OSError as e:
         kept.abandon(f"{type(e).__name__}: {e}")
         return None
-
-
-def _harvest_loop(cfg, out, manifest, images, capture, device, use_amp, loader, bar, shard_len, kept, watch) -> None:
-    pending: dict[int, _ShardBuffer] = {}
-    for idx, pixels, bad in loader:
-        if isinstance(pixels, list):  # JPEG bytes: decode on the device
-            keep, pixels, errors = decode_on_device(pixels, device)
-            bad = bad + [(int(idx[j]), err) for j, err in errors]
-            idx = idx[keep]
-        shard = (int(idx[0]) if len(idx) else bad[0][0]) // cfg.shard_images
-        buffer = pending.setdefault(shard, _ShardBuffer(shard, shard * cfg.shard_images, shard_len(shard),
-                                                        _shard_uniforms(cfg, shard, manifest.layers)))
-        buffer.skipped += [[i, str(images.paths[i]), err] for i, err in bad]
-        buffer.seen += len(idx) + len(bad)
-        if len(idx):
-            _harvest_batch(capture, pixels, idx - buffer.first_image, cfg, device, use_amp, buffer)
-        if kept is not None:
-            kept = _keep(kept, buffer, idx - buffer.first_image, watch.value)
-        bar.update(len(idx) + len(bad))
-        if buffer.complete:
-            record = _commit_shard(out, pending.pop(shard), manifest, cfg.per_image)
-            append_jsonl(out / HARVEST_LOG, record)
 
 
 def _manifest(cfg: HarvestConfig, images, weights_id: str, slices, capture, device) -> Manifest:

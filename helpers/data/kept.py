@@ -93,10 +93,13 @@ def paths_sha256(paths) -> str:
 
 
 class KeptWriter:
-    """The harvest's side: each shard's rows appended in image order as its batches come, then committed."""
+    """The harvest's side: each shard's rows appended in image order as its batches come, then committed. Within
+    ``with``, it watches the model's passes for the layer's input (``InputWatch``); leaving on an exception discards
+    the files of shards not committed (the interrupted harvest redoes them)."""
 
-    def __init__(self, out: Path, name: str, layer: str, shape: tuple[int, ...], manifest):
-        self.folder, self.shape = Path(out) / f"kept-{name}", tuple(shape)
+    def __init__(self, out: Path, model, layer: str, shape: tuple[int, ...], manifest):
+        name = input_name(type(model), layer)
+        self.folder, self.shape, self.watch = Path(out) / f"kept-{name}", tuple(shape), InputWatch(model, layer)
         self.files: dict[int, tuple] = {}  # shard -> (file, rows written, rows it holds)
         self.folder.mkdir(exist_ok=True)
         write_json(self.folder / RECORD, {"layer": layer, "name": name, "shape": list(shape), "dtype": "float32",
@@ -106,7 +109,6 @@ class KeptWriter:
     @classmethod
     def open(cls, out: Path, model, layer: str, manifest, images_to_do: int) -> "KeptWriter | None":
         """A writer, or None (with the reason logged) where the disk lacks the room for ``images_to_do`` images."""
-        name = input_name(type(model), layer)
         with torch.no_grad(), InputWatch(model, layer, stop=True) as watch:
             shape = tuple(watch.run(torch.zeros(1, 3, 224, 224, device=next(model.parameters()).device)).shape[1:])
         need, free = images_to_do * 4 * int(np.prod(shape)), shutil.disk_usage(out).free
@@ -115,11 +117,21 @@ class KeptWriter:
                         "free (with %.0f GB to spare); that pass will run the whole network", out, layer, need / 1e9,
                         free / 1e9, SPARE_BYTES / 2**30)
             return None
-        return cls(out, name, layer, shape, manifest)
+        return cls(out, model, layer, shape, manifest)
 
-    def add(self, shard: int, n_rows: int, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Rows ``rows`` (ascending, of the shard's ``n_rows``) of shard ``shard`` are ``values``; rows skipped
-        before them (unreadable files) are zeros."""
+    def __enter__(self) -> "KeptWriter":
+        self.watch.__enter__()
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.watch.__exit__()
+        if exc_type is not None:
+            self.discard_unfinished()
+
+    def add(self, shard: int, n_rows: int, rows: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Rows ``rows`` (ascending, of the shard's ``n_rows``) of shard ``shard`` are ``values`` (None: the layer
+        input of the model's latest pass); rows skipped before them (unreadable files) are zeros."""
+        values = self.watch.value if values is None else values
         if shard not in self.files:
             f = open(self.folder / f".{shard:06d}.npy.tmp", "wb")
             np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,

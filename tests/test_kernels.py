@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from helpers.sae.kernels import sparse_decode, torch_decode, triton_enabled
+from helpers.sae.kernels import scatter_rows as kernels_scatter_rows, sparse_decode, torch_decode, triton_enabled
 
 CHECK = textwrap.dedent("""
     import torch
@@ -102,3 +102,33 @@ def test_weight_gradient_scatter_equals_the_dense_product(dtype):
     order, crow, col = kernels._csr_layout(idx, d_sae)
     csr = torch.sparse_csr_tensor(crow, col, coef.flatten()[order], (d_sae, batch))
     assert torch.equal(out, csr @ rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_cpu_decoders_gradients_are_the_dense_products(dtype):
+    """The sparse decoder's backward pass on a CPU (``_CpuDecode``: the values' gradient by ``row_dots``, the weight's
+    by ``scatter_rows``) against autograd's through the dense equation z @ W, at an odd width, with a latent kept
+    twice in one row (its two values get the same gradient, the weight's row the sum of both)."""
+    from helpers.sae.kernels import row_dots
+
+    g = torch.Generator().manual_seed(1)
+    batch, k, n, d = 37, 6, 50, 83
+    W = torch.randn(n, d, generator=g, dtype=dtype, requires_grad=True)
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(batch)])
+    idx[5, 1] = idx[5, 0]
+    vals = torch.rand(batch, k, generator=g, dtype=dtype, requires_grad=True)
+    grad = torch.randn(batch, d, generator=g, dtype=dtype)
+    (torch_decode(idx, vals, W) * grad).sum().backward()
+    W2, vals2 = W.detach().double().requires_grad_(True), vals.detach().double().requires_grad_(True)
+    z = torch.zeros(batch, n, dtype=torch.float64).scatter_add(1, idx, vals2)  # repeats add
+    ((z @ W2) * grad.double()).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vals.grad.double(), vals2.grad, **tol)
+    torch.testing.assert_close(W.grad.double(), W2.grad, **tol)
+    assert vals.grad[5, 0] == vals.grad[5, 1]
+    assert torch.equal(W.grad, kernels_scatter_rows(idx, vals.detach(), grad, W))  # one pass or two: the same sums
+    # the values alone (a frozen dictionary: attribution), and the fallback's form of the same dots
+    v = vals.detach().requires_grad_(True)
+    (torch_decode(idx, v, W.detach()) * grad).sum().backward()
+    torch.testing.assert_close(v.grad, vals.grad, **tol)
+    torch.testing.assert_close(row_dots(grad, W.detach(), idx), torch.linalg.vecdot(W.detach()[idx], grad[:, None]), **tol)

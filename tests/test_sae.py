@@ -81,6 +81,25 @@ def test_the_gradient_reaches_the_input_and_b_dec_as_the_dense_equation_gives(ti
     assert x.grad.abs().sum() > 0 and sae.b_dec.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dense_aux", [0, 4])
+def test_the_input_gradient_through_auxk_is_the_dense_equations(dense_aux, monkeypatch):
+    """Where x needs a gradient, AuxK's part of it (dense products over the dead latents, or the sparse gathers) is
+    autograd's through the equation written out densely, as b_dec's is."""
+    monkeypatch.setattr(model, "DENSE_AUX", dense_aux)
+    sae = _randomised("full", seed=4)
+    x = (torch.randn(40, 12, generator=torch.Generator().manual_seed(7)) * 2).requires_grad_()
+    dead = torch.arange(48) % 3 == 0
+    out = sae.forward_train(x, dead=dead, aux_k=6)
+    (out.x_hat.pow(2).sum() + 0.5 * out.aux_recon.pow(2).sum()).backward()
+    params = {n: p.detach().clone().requires_grad_() for n, p in sae.named_parameters()}
+    x2 = x.detach().clone().requires_grad_()
+    w = params["encoder_weight"]
+    x_hat, aux = dense_reference(w.T, w, params["b_enc"], params["b_dec"], x2, 5, dead, 6)
+    (x_hat.pow(2).sum() + 0.5 * aux.pow(2).sum()).backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sae.b_dec.grad, params["b_dec"].grad, rtol=1e-4, atol=1e-5)
+
+
 def test_public_encode_decode_match_saelens_math():
     sae = _randomised("init")
     x = torch.randn(10, 12)

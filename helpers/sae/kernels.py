@@ -20,6 +20,7 @@ import os
 import warnings
 import weakref
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,28 +43,62 @@ def triton_enabled(weight: torch.Tensor, allowed: bool = True) -> bool:
 
 
 def torch_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, dense_scatter: bool = True) -> torch.Tensor:
-    """The reference: ``embedding_bag`` with per-sample weights, [batch, d]. On a CPU the weight's
-    gradient is taken by ``scatter_rows`` (a sparse matrix product) instead of embedding_bag's."""
-    if weight.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled():
-        out = F.embedding_bag(indices, weight.detach(), per_sample_weights=values.to(weight.dtype), mode="sum")
-        return _WithWeightGrad.apply(out, indices, values.detach(), weight, dense_scatter)
-    return F.embedding_bag(indices, weight, per_sample_weights=values.to(weight.dtype), mode="sum")
+    """The reference: ``embedding_bag`` with per-sample weights, [batch, d]. On a CPU its gradients are
+    ``_CpuDecode``'s: the values' by ``row_dots`` and the weight's by ``scatter_rows`` (a sparse matrix product)."""
+    values = values.to(weight.dtype)
+    if weight.device.type == "cpu" and torch.is_grad_enabled() and (weight.requires_grad or values.requires_grad):
+        return _CpuDecode.apply(indices, values, weight, dense_scatter)
+    return F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
 
 
-class _WithWeightGrad(torch.autograd.Function):
-    """Passes ``out`` (the decoder's output, already differentiable in the values) through, and gives
-    ``weight`` the decoder's weight gradient, ``scatter_rows(indices, values, grad)``."""
+class _CpuDecode(torch.autograd.Function):
+    """``embedding_bag``'s sum on a CPU, with the backward pass of the sparse decoder: the values' gradient
+    ``grad[b] . W[indices[b, j]]`` (``row_dots``: 2.5-3x torch's per-sample-weights backward here, which it
+    replaced) and the weight's ``scatter_rows(indices, values, grad)``."""
 
     @staticmethod
-    def forward(ctx, out, indices, values, weight, dense_scatter):
+    def forward(ctx, indices, values, weight, dense_scatter):
         ctx.save_for_backward(indices, values, weight)
         ctx.dense_scatter = dense_scatter
-        return out.view_as(out)
+        return F.embedding_bag(indices, weight.detach(), per_sample_weights=values.detach(), mode="sum")
 
     @staticmethod
     def backward(ctx, grad):
         indices, values, weight = ctx.saved_tensors
-        return grad, None, None, scatter_rows(indices, values, grad, weight, ctx.dense_scatter), None
+        if ctx.needs_input_grad[1] and ctx.needs_input_grad[2] and numba is not None \
+                and grad.dtype == weight.dtype == values.dtype == torch.float32:
+            return None, *_scatter_with_dots(indices, values, grad.contiguous(), weight.detach()), None
+        grad_values = row_dots(grad, weight.detach(), indices) if ctx.needs_input_grad[1] else None
+        grad_weight = scatter_rows(indices, values, grad, weight, ctx.dense_scatter) if ctx.needs_input_grad[2] else None
+        return None, grad_values, grad_weight, None
+
+
+def _scatter_with_dots(indices, values, grad, weight):
+    """Both of the decoder's gradients in one pass over the kept latents in latent order: latent r's weight row is
+    read once, in order, and each of its entries' rows of ``grad`` serves its value's gradient (a dot with the row)
+    and the weight's (``scatter_rows``' sum). ``row_dots`` alone reads the weight's rows in the batch's order,
+    from memory where the weight outgrows the cache (mixed4e's 44 MB)."""
+    order, crow, col = _csr_layout(indices, weight.shape[0])
+    grad_weight, grad_values = torch.empty(weight.shape), torch.empty(indices.shape)
+    with numba_region():
+        _scatter_csr_dots(crow.numpy(), col.numpy(), order.numpy(), values.detach().flatten()[order].numpy(),
+                          grad.numpy(), weight.contiguous().numpy(), grad_weight.numpy(), grad_values.view(-1).numpy())
+    return grad_values, grad_weight
+
+
+def row_dots(rows: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``out[b, j] = rows[b] . weight[indices[b, j]]``, [batch, k]: the sparse decoder's values' gradient (and
+    ``KeptPreacts``'s forward form), one thread per row of ``rows`` (Numba, float32 or float64; torch's gather and
+    product elsewhere)."""
+    rows = rows.contiguous()
+    if numba is not None and rows.device.type == "cpu" and rows.dtype == weight.dtype \
+            and rows.dtype in (torch.float32, torch.float64):
+        out = torch.empty(indices.shape, dtype=rows.dtype)
+        with numba_region():
+            _row_dots(rows.numpy(), weight.contiguous().numpy(), indices.contiguous().numpy(), out.numpy(),
+                      out.numpy().dtype.type(0))
+        return out
+    return torch.linalg.vecdot(weight[indices], rows[:, None, :].to(weight.dtype))
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, *, use_triton: bool = True,
@@ -112,6 +147,26 @@ class KeptPreacts(torch.autograd.Function):
             grad_b = per_latent if ctx.needs_input_grad[3] else None
             grad_b_dec = -(per_latent @ weight) if ctx.needs_input_grad[1] else None
         return grad_x, grad_b_dec, grad_w, grad_b, None, None, None, None
+
+
+class CenteredPreacts(torch.autograd.Function):
+    """``pre = (x - b_dec) rows^T + bias`` for a few latents' ``rows`` [m, d_in] (AuxK's dead ones, densely). b_dec's
+    gradient is ``-(sum_b g_b) @ rows``; autograd's would be the [batch, d_in] product ``g @ rows`` summed over the
+    batch, which is made here only where x itself needs a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, b_dec, rows, bias):
+        x_c = x - b_dec
+        ctx.save_for_backward(x_c, rows)
+        return torch.addmm(bias, x_c, rows.T)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_c, rows = ctx.saved_tensors
+        per_latent = grad.sum(0)
+        grad_x = grad @ rows if ctx.needs_input_grad[0] else None
+        grad_rows = grad.T @ x_c if ctx.needs_input_grad[2] else None
+        return grad_x, -(per_latent @ rows) if ctx.needs_input_grad[1] else None, grad_rows, per_latent
 
 
 def scatter_rows(idx, coef, rows_in, like, dense: bool = True):
@@ -164,6 +219,37 @@ def _csr_layout(idx: torch.Tensor, n_rows: int):
 
 
 if numba is not None:
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False, fastmath={"nsz", "arcp", "contract", "reassoc"})
+    def _row_dots(rows, weight, indices, out, zero):
+        """out[b, j] = rows[b] . weight[indices[b, j]], each dot summed by one thread in one order (a vectorised
+        reduction: the same bits at any thread count)."""
+        batch, k = indices.shape
+        for b in numba.prange(batch):
+            r = rows[b]
+            for j in range(k):
+                w = weight[indices[b, j]]
+                acc = zero
+                for c in range(r.shape[0]):
+                    acc += r[c] * w[c]
+                out[b, j] = acc
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False, fastmath={"nsz", "arcp", "reassoc"})  # no FMA: scatter_rows' sums
+    def _scatter_csr_dots(crow, col, order, coef, rows_in, weight, out, dots):
+        """``_scatter_csr`` (out[r]: coef-weighted sum of rows_in's rows in entry order), and for each entry e of
+        latent r, dots[order[e]] = rows_in[col[e]] . weight[r] (a vectorised reduction in one order)."""
+        d = out.shape[1]
+        for r in numba.prange(out.shape[0]):
+            o, w = out[r], weight[r]
+            for c in range(d):
+                o[c] = 0.0
+            for e in range(crow[r], crow[r + 1]):
+                x, v = rows_in[col[e]], coef[e]
+                acc = np.float32(0.0)
+                for c in range(d):
+                    acc += x[c] * w[c]
+                    o[c] += v * x[c]
+                dots[order[e]] = acc
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
     def _scatter_csr(crow, col, coef, rows_in, out):

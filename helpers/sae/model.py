@@ -36,7 +36,7 @@ from torch import nn
 from helpers.sae import screened_topk
 from helpers.config import Architecture, Kernels, Tied
 from helpers.files import CFG_FILE, WEIGHTS_FILE, atomic_write, write_json
-from helpers.sae.kernels import KeptPreacts, sparse_decode
+from helpers.sae.kernels import CenteredPreacts, KeptPreacts, sparse_decode
 
 TIED = typing.get_args(Tied)
 ARCHITECTURES = typing.get_args(Architecture)
@@ -214,7 +214,7 @@ class TopKSAE(nn.Module):
         path's gathers of aux_k rows per vector (measured in bench/README). Tied, the rows are gathered once (a gather's
         gradient is a whole [d_sae, d_in] matrix, mostly zeros)."""
         ids = dead.nonzero().flatten()
-        pre = torch.addmm(self.b_enc[ids], x - self.b_dec, (rows := self.encoder_weight[ids]).T)
+        pre = CenteredPreacts.apply(x, self.b_dec, rows := self.encoder_weight[ids], self.b_enc[ids])
         code = F.relu(pre)
         if aux_k < len(ids):
             code = code * torch.zeros_like(pre).scatter_(1, pre.detach().topk(aux_k, dim=-1, sorted=False).indices, 1.0)

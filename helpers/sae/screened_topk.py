@@ -62,6 +62,7 @@ from helpers.numba_threads import numba, numba_region
 LANES = 128  # strided blocks of a row: block l holds latents l, l + LANES, l + 2 LANES, ...
 U = 2.0 ** -8  # bf16's unit roundoff
 MIN_ROWS = 256
+CAP = 256  # candidates a row may leave for the rescoring by latent (``_rescore_by_latent``); a row with more rescores its own
 _FAST = {"nsz", "arcp", "contract", "reassoc", "afn"}  # no 'nnan'/'ninf': inputs are checked finite anyway
 
 
@@ -157,11 +158,15 @@ def screened_topk(x_c: torch.Tensor, weight: torch.Tensor, b_enc: torch.Tensor, 
         x_np, w_np, b_np, e_np = x_c.numpy(), weight.numpy(), b_enc.numpy(), err.astype(np.float32)
         v_np, i_np = values.numpy(), indices.numpy()
         c_np = (counts if counts is not None else torch.empty(n, dtype=torch.long)).numpy()
+        rows = min(chunk, n)
+        cand, cval = np.empty((rows, CAP), np.int64), np.empty((rows, CAP), np.float32)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             screen = torch.mm(x_b[s:e], rounded.bits.T, out=buf[: e - s])
-            _select(screen.view(torch.int16).numpy(), b_np, x_np[s:e], w_np, e_np[s:e], np.float32(RHO), k,
-                    v_np[s:e], i_np[s:e], c_np[s:e])
+            _candidates(screen.view(torch.int16).numpy(), b_np, x_np[s:e], w_np, e_np[s:e], np.float32(RHO), k,
+                        cand, v_np[s:e], i_np[s:e], c_np[s:e])
+            _rescore_by_latent(cand, c_np[s:e], x_np[s:e], w_np, b_np, cval)
+            _keep_rows(cand, cval, c_np[s:e], k, v_np[s:e], i_np[s:e])
     return values, indices
 
 
@@ -262,9 +267,11 @@ if numba is not None:
         return acc
 
     @numba.njit(parallel=True, cache=True, fastmath=_FAST, boundscheck=False)
-    def _select(screen_bits, b_enc, x, w, err, rho, k, out_val, out_idx, out_count):
-        """Steps 3-5 for each row: screen_bits [rows, d_sae] (the bf16 screen's bits), x [rows, d_in] (x_c),
-        w [d_sae, d_in], err [rows] (E) -> out_val, out_idx [rows, k] and out_count [rows] (candidates)."""
+    def _candidates(screen_bits, b_enc, x, w, err, rho, k, cand_out, out_val, out_idx, out_count):
+        """Steps 3-4 for each row: screen_bits [rows, d_sae] (the bf16 screen's bits), x [rows, d_in] (x_c),
+        w [d_sae, d_in], err [rows] (E) -> out_count [rows] (how many candidates), and the candidates' latents in
+        cand_out [rows, CAP]. A row with more than CAP (or, where the screen overflowed to infinity, fewer than k: then
+        all n) is rescored and ranked here, into out_val, out_idx [rows, k], and its cand_out row starts with -1."""
         rows, n = screen_bits.shape
         depth = n // LANES
         tail = n - depth * LANES
@@ -289,6 +296,11 @@ if numba is not None:
                 thr -= 2.0 ** -20 * (abs(thr) + err[r])  # against this float32 arithmetic's own rounding
                 c = _gather(s, bmax, thr, LANES, depth, tail, cand, cval)
                 out_count[r] = c
+                if k <= c <= CAP:
+                    for i in range(c):
+                        cand_out[r, i] = cand[i]
+                    continue
+                cand_out[r, 0] = -1  # ranked here
                 if c < k:  # only where the screen overflowed to infinity: rescore the whole row
                     c = n
                     for j in range(n):
@@ -296,6 +308,42 @@ if numba is not None:
                 for i in range(c):
                     cval[i] = _dot(x[r], w[cand[i]]) + b_enc[cand[i]]
                 _keep_top(cval, cand, c, k, scratch, out_val[r], out_idx[r])
+
+    @numba.njit(parallel=True, cache=True, fastmath=_FAST, boundscheck=False)
+    def _rescore_by_latent(cand, count, x, w, b_enc, cval):
+        """Step 5 for the rows ``_candidates`` left: cval[r, i] = x[r] . w[cand[r, i]] + b_enc[cand[r, i]], computed
+        latent by latent (each of w's rows read once, in order, for all the rows that kept it as a candidate; row by
+        row, the rows of w came in random order from memory, the bf16 screen just made having pushed w out of the
+        cache: twice as long here). Each value is the same ``_dot`` as a row's own rescoring."""
+        rows, n = count.shape[0], w.shape[0]
+        start = np.zeros(n + 1, np.int64)
+        for r in range(rows):
+            if cand[r, 0] >= 0:
+                for i in range(count[r]):
+                    start[cand[r, i] + 1] += 1
+        for j in range(n):
+            start[j + 1] += start[j]
+        fill = start[:n].copy()
+        pair = np.empty(start[n], np.int64)  # r * CAP + i, grouped by latent
+        for r in range(rows):
+            if cand[r, 0] >= 0:
+                for i in range(count[r]):
+                    j = cand[r, i]
+                    pair[fill[j]] = r * CAP + i
+                    fill[j] += 1
+        flat = cval.reshape(-1)
+        for j in numba.prange(n):
+            for p in range(start[j], start[j + 1]):
+                flat[pair[p]] = _dot(x[pair[p] // CAP], w[j]) + b_enc[j]
+
+    @numba.njit(parallel=True, cache=True, fastmath=_FAST, boundscheck=False)
+    def _keep_rows(cand, cval, count, k, out_val, out_idx):
+        """Each row's k largest rescored candidates (rows ``_candidates`` ranked itself are left)."""
+        rows = count.shape[0]
+        for r in numba.prange(rows):
+            if cand[r, 0] >= 0:
+                scratch = np.empty(count[r], np.float32)
+                _keep_top(cval[r], cand[r], count[r], k, scratch, out_val[r], out_idx[r])
 
     @numba.njit(parallel=True, cache=True, fastmath=_FAST, boundscheck=False)
     def _topk_rows(pre, k, out_val, out_idx):

@@ -62,6 +62,7 @@ from helpers.numba_threads import numba, numba_region
 LANES = 128  # strided blocks of a row: block l holds latents l, l + LANES, l + 2 LANES, ...
 U = 2.0 ** -8  # bf16's unit roundoff
 MIN_ROWS = 256
+SUB = 8  # rounds of a strided block whose maximum the gather looks at before their entries (``_gather_sub``)
 CAP = 256  # candidates a row may leave for the rescoring by latent (``_rescore_by_latent``); a row with more rescores its own
 _FAST = {"nsz", "arcp", "contract", "reassoc", "afn"}  # no 'nnan'/'ninf': inputs are checked finite anyway
 
@@ -215,31 +216,46 @@ if numba is not None:
         return total
 
     @numba.njit(cache=True, fastmath=_FAST, boundscheck=False)
-    def _block_maxima(s, bmax, lanes, depth, tail):
-        """bmax[l] = the maximum of row ``s``'s strided block l (entries l, l + lanes, ...; ``depth`` whole rounds of
-        ``lanes``, then ``tail`` more), Python's max taken in order (NaN never taken after the first entry); returns
-        the row's sum (NaN where the row holds one, or both infinities)."""
+    def _sub_maxima(s, smax, bmax, lanes, depth, tail):
+        """bmax[l] = the maximum of row ``s``'s strided block l (entries l, l + lanes, ...: ``depth`` whole rounds of
+        ``lanes``, then a partial round of ``tail``, round ``depth``), from the maxima of its runs of SUB rounds:
+        smax[q, l] = the maximum of block l's entries in rounds SUB q .. SUB q + SUB - 1 (-inf where it holds none).
+        NaN is never taken. Returns the row's sum (NaN where the row holds one, or both infinities)."""
         total = np.float32(0.0)
-        for lane in range(lanes):
-            bmax[lane] = s[lane]
-            total += s[lane]
-        for i in range(1, depth):
-            total += _block_max(bmax, s[i * lanes:(i + 1) * lanes])
-        return total + _block_max(bmax[:tail], s[depth * lanes:depth * lanes + tail])
+        for q in range(smax.shape[0]):
+            m = smax[q]
+            for lane in range(lanes):
+                m[lane] = -np.inf
+            for i in range(q * SUB, min(q * SUB + SUB, depth)):
+                total += _block_max(m, s[i * lanes:(i + 1) * lanes])
+            if tail and depth // SUB == q:
+                total += _block_max(m[:tail], s[depth * lanes:depth * lanes + tail])
+            for lane in range(lanes):
+                v = m[lane]
+                bmax[lane] = v if (q == 0 or v > bmax[lane]) else bmax[lane]
+        return total
 
     @numba.njit(cache=True, fastmath=_FAST, boundscheck=False)
-    def _gather(s, bmax, thr, lanes, depth, tail, cand, cval):
-        """The entries of row ``s`` at or above ``thr``, visiting only the strided blocks whose maximum ``bmax``
-        reaches it: their latents into ``cand``, their values into ``cval``; returns how many."""
+    def _gather_sub(s, smax, bmax, thr, lanes, depth, tail, cand, cval):
+        """The entries of row ``s`` at or above ``thr`` (block by block, each in order), visiting only the strided
+        blocks whose maximum ``bmax`` reaches it and in them only the runs of SUB rounds whose maximum ``smax`` does:
+        their latents into ``cand``, their values into ``cval``; returns how many. About 900 entries and run maxima
+        of a row of 8192 are read, against 3,100 entries with the blocks' maxima alone (1.1 against 1.7 ms for 1024
+        rows at the paper's shape)."""
         c = 0
+        rounds = depth + (1 if tail else 0)
         for lane in range(lanes):
             if bmax[lane] >= thr:
-                for i in range(depth + (1 if lane < tail else 0)):
-                    j = i * lanes + lane
-                    if s[j] >= thr:
-                        cand[c] = j
-                        cval[c] = s[j]
-                        c += 1
+                for q in range(smax.shape[0]):
+                    if smax[q, lane] >= thr:
+                        for i in range(q * SUB, min(q * SUB + SUB, rounds)):
+                            if i == depth and lane >= tail:
+                                break
+                            j = i * lanes + lane
+                            if s[j] >= thr:
+                                cand[c] = j
+                                cval[c] = s[j]
+                                c += 1
         return c
 
     @numba.njit(cache=True, fastmath=_FAST, boundscheck=False)
@@ -280,6 +296,7 @@ if numba is not None:
             bits = np.empty(n, np.uint32)
             s = bits.view(np.float32)
             bmax = np.empty(LANES, np.float32)
+            smax = np.empty(((depth + (1 if tail else 0) + SUB - 1) // SUB, LANES), np.float32)
             scratch = np.empty(n, np.float32)
             cand = np.empty(n, np.int64)
             cval = np.empty(n, np.float32)
@@ -288,13 +305,13 @@ if numba is not None:
                     bits[j] = np.uint32(np.uint16(screen_bits[r, j])) << np.uint32(16)
                 for j in range(n):
                     s[j] += b_enc[j]
-                _block_maxima(s, bmax, LANES, depth, tail)
+                _sub_maxima(s, smax, bmax, LANES, depth, tail)
                 t = _kth_largest(bmax, k, scratch)
                 low = t - err[r] - rho * abs(t)  # every latent of the screen's top k is at least this
                 need = low - err[r]  # a candidate's s must reach this with its own margin added
                 thr = need / (1 + rho) if need >= 0 else need / (1 - rho)
                 thr -= 2.0 ** -20 * (abs(thr) + err[r])  # against this float32 arithmetic's own rounding
-                c = _gather(s, bmax, thr, LANES, depth, tail, cand, cval)
+                c = _gather_sub(s, smax, bmax, thr, LANES, depth, tail, cand, cval)
                 out_count[r] = c
                 if k <= c <= CAP:
                     for i in range(c):
@@ -359,17 +376,18 @@ if numba is not None:
         bad = 0
         for g in numba.prange((rows + per - 1) // per):
             bmax = np.empty(lanes, np.float32)
+            smax = np.empty(((depth + (1 if tail else 0) + SUB - 1) // SUB, lanes), np.float32)
             scratch = np.empty(n, np.float32)
             cand = np.empty(n, np.int64)
             cval = np.empty(n, np.float32)
             for r in range(g * per, min(rows, (g + 1) * per)):
                 s = pre[r]
-                total = _block_maxima(s, bmax, lanes, depth, tail)  # NaN if the row holds one (or both infinities)
+                total = _sub_maxima(s, smax, bmax, lanes, depth, tail)  # NaN if the row holds one (or both infinities)
                 if total != total:  # then torch decides
                     bad += 1
                     continue
                 t = _kth_largest(bmax, k, scratch)
-                c = _gather(s, bmax, t, lanes, depth, tail, cand, cval)
+                c = _gather_sub(s, smax, bmax, t, lanes, depth, tail, cand, cval)
                 _keep_top(cval, cand, c, k, scratch, out_val[r], out_idx[r])
         return bad == 0
 

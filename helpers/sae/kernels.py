@@ -1,6 +1,9 @@
 """The SAE's sparse decoder, ``out[b] = sum_j values[b, j] * W[indices[b, j]]``, two ways.
 
-* pure torch: ``F.embedding_bag`` (CPU and GPU; the reference);
+* torch's ``F.embedding_bag`` (CPU and GPU; the reference). On a CPU, where a gradient is wanted, its backward
+  pass is ours (``_CpuDecode``): both gradients in one pass over the kept latents in latent order (Numba), each
+  row of the weight read once, in order, against embedding_bag's per-value dots in the batch's order and its
+  scatter (9.4 against 18.2 ms for 4096 x 32 of 8192 x 512; 43 against 65 ms at mixed4e's 13312 x 832);
 * Triton, on CUDA when Triton is installed: one program per (vector, column block)
   accumulates its k rows in float32, and the backward pass computes the values'
   gradient (k dot products per vector) in one kernel. The weight's gradient is a scatter

@@ -29,7 +29,8 @@ bounded, though, and the bound lets us keep exactly the float32 TopK:
    ``s_j + E + rho |s_j| >= L`` (the threshold on s this gives is lowered by ``2^-20`` of itself
    against the rounding of its own float32 arithmetic). About 60 of 8192 pass here (32 of them
    the answer).
-5. **Rescore** the candidates in float32 (``x_c . w_j + b_enc_j``) and keep the top k.
+5. **Rescore** the candidates in float32 (``x_c . w_j + b_enc_j``), latent by latent over a chunk of rows (each row
+   of W read once, in order), and keep the top k.
 
 No latent left out in step 4 can be in the top k (k latents are above it for sure), so the
 result is the float32 TopK, up to ties within float32 rounding, and the kept values are
@@ -157,17 +158,15 @@ def screened_topk(x_c: torch.Tensor, weight: torch.Tensor, b_enc: torch.Tensor, 
         values, indices = torch.empty(n, k), torch.empty(n, k, dtype=torch.long)
         buf = torch.empty(min(chunk, n), weight.shape[0], dtype=torch.bfloat16)
         x_np, w_np, b_np, e_np = x_c.numpy(), weight.numpy(), b_enc.numpy(), err.astype(np.float32)
-        v_np, i_np = values.numpy(), indices.numpy()
-        c_np = (counts if counts is not None else torch.empty(n, dtype=torch.long)).numpy()
-        rows = min(chunk, n)
-        cand, cval = np.empty((rows, CAP), np.int64), np.empty((rows, CAP), np.float32)
+        counts = counts if counts is not None else torch.empty(n, dtype=torch.long)
+        v_np, i_np, c_np = values.numpy(), indices.numpy(), counts.numpy()
+        cand, cval = np.empty((min(chunk, n), CAP), np.int64), np.empty((min(chunk, n), CAP), np.float32)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             screen = torch.mm(x_b[s:e], rounded.bits.T, out=buf[: e - s])
             _candidates(screen.view(torch.int16).numpy(), b_np, x_np[s:e], w_np, e_np[s:e], np.float32(RHO), k,
                         cand, v_np[s:e], i_np[s:e], c_np[s:e])
-            _rescore_by_latent(cand, c_np[s:e], x_np[s:e], w_np, b_np, cval)
-            _keep_rows(cand, cval, c_np[s:e], k, v_np[s:e], i_np[s:e])
+            _rescore_and_keep(cand, c_np[s:e], x_np[s:e], w_np, b_np, k, cval, v_np[s:e], i_np[s:e])
     return values, indices
 
 
@@ -189,9 +188,7 @@ if numba is not None:
                 while scratch[j] < pivot:
                     j -= 1
                 if i <= j:
-                    tmp = scratch[i]
-                    scratch[i] = scratch[j]
-                    scratch[j] = tmp
+                    scratch[i], scratch[j] = scratch[j], scratch[i]
                     i += 1
                     j -= 1
             if want <= j:
@@ -314,8 +311,7 @@ if numba is not None:
                 c = _gather_sub(s, smax, bmax, thr, LANES, depth, tail, cand, cval)
                 out_count[r] = c
                 if k <= c <= CAP:
-                    for i in range(c):
-                        cand_out[r, i] = cand[i]
+                    cand_out[r, :c] = cand[:c]
                     continue
                 cand_out[r, 0] = -1  # ranked here
                 if c < k:  # only where the screen overflowed to infinity: rescore the whole row
@@ -327,19 +323,19 @@ if numba is not None:
                 _keep_top(cval, cand, c, k, scratch, out_val[r], out_idx[r])
 
     @numba.njit(parallel=True, cache=True, fastmath=_FAST, boundscheck=False)
-    def _rescore_by_latent(cand, count, x, w, b_enc, cval):
+    def _rescore_and_keep(cand, count, x, w, b_enc, k, cval, out_val, out_idx):
         """Step 5 for the rows ``_candidates`` left: cval[r, i] = x[r] . w[cand[r, i]] + b_enc[cand[r, i]], computed
         latent by latent (each of w's rows read once, in order, for all the rows that kept it as a candidate; row by
         row, the rows of w came in random order from memory, the bf16 screen just made having pushed w out of the
-        cache: twice as long here). Each value is the same ``_dot`` as a row's own rescoring."""
+        cache: twice as long here), each value the same ``_dot`` as a row's own rescoring; then each row's k
+        largest into out_val, out_idx."""
         rows, n = count.shape[0], w.shape[0]
         start = np.zeros(n + 1, np.int64)
         for r in range(rows):
             if cand[r, 0] >= 0:
                 for i in range(count[r]):
                     start[cand[r, i] + 1] += 1
-        for j in range(n):
-            start[j + 1] += start[j]
+        start = np.cumsum(start)
         fill = start[:n].copy()
         pair = np.empty(start[n], np.int64)  # r * CAP + i, grouped by latent
         for r in range(rows):
@@ -352,15 +348,9 @@ if numba is not None:
         for j in numba.prange(n):
             for p in range(start[j], start[j + 1]):
                 flat[pair[p]] = _dot(x[pair[p] // CAP], w[j]) + b_enc[j]
-
-    @numba.njit(parallel=True, cache=True, fastmath=_FAST, boundscheck=False)
-    def _keep_rows(cand, cval, count, k, out_val, out_idx):
-        """Each row's k largest rescored candidates (rows ``_candidates`` ranked itself are left)."""
-        rows = count.shape[0]
         for r in numba.prange(rows):
             if cand[r, 0] >= 0:
-                scratch = np.empty(count[r], np.float32)
-                _keep_top(cval[r], cand[r], count[r], k, scratch, out_val[r], out_idx[r])
+                _keep_top(cval[r], cand[r], count[r], k, np.empty(count[r], np.float32), out_val[r], out_idx[r])
 
     @numba.njit(parallel=True, cache=True, fastmath=_FAST, boundscheck=False)
     def _topk_rows(pre, k, out_val, out_idx):

@@ -35,6 +35,7 @@ from helpers.data.inception import LayerCapture, model_input_from_uint8
 from helpers.data.kept import InputWatch, KeptInputs, paths_sha256
 from helpers.progress import progress
 from helpers.analysis.selection import activation_bands
+from helpers.analysis.streaming import merge_top
 from helpers.sae.model import InputScaleMismatch, input_scale_for
 
 CELL = 16  # pixels per grid cell at 224 px input (224 / 14)
@@ -274,15 +275,10 @@ class _Running:
         """A batch: its images' indices [B], each feature's maximum per image [B, n] and its position."""
         self.hw = hw
         loc = idx[:, None] * hw + position  # global (image, position) id
-        # merge into the running top: [top + B, n] -> top
-        cand_v, cand_i = torch.cat([self.best_v, value]).topk(self.top, dim=0)
-        self.best_loc = torch.cat([self.best_loc, loc]).gather(0, cand_i)
-        self.best_v = cand_v
+        merge_top(self.best_v, self.best_loc, value, loc)  # the running top: the m largest so far, sorted
         # reservoir: keep the images with the largest random keys among those where it fires
         key = torch.rand(value.shape, generator=self.gen).to(value.device).masked_fill(value <= 0, -1.0)
-        self.res_key, keep = torch.cat([self.res_key, key]).topk(self.reservoir, dim=0)
-        self.res_v = torch.cat([self.res_v, value]).gather(0, keep)
-        self.res_loc = torch.cat([self.res_loc, loc]).gather(0, keep)
+        merge_top(self.res_key, self.res_loc, key, loc, self.res_v, value)
 
     def examples(self, images_seen: int) -> Examples:
         hw = self.hw or 196

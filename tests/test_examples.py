@@ -225,10 +225,16 @@ def test_a_checkpoint_that_cannot_be_written_is_skipped_with_a_warning(random_mo
     assert np.array_equal(got.top_image, whole.top_image) and (tmp_path / "ckpt").is_dir()
 
 
-def test_image_maxima_from_the_kept_latents_are_the_dense_maxima():
+@pytest.mark.parametrize("kernel", [True, False])
+def test_image_maxima_from_the_kept_latents_are_the_dense_maxima(kernel, monkeypatch):
     """The per-image maximum and its first position, read from the kept latents, against the dense codes' max(dim=1)
-    (ties included: a position repeated holds the same maximum twice; features that never fire sit at position 0)."""
+    (ties included: a position repeated holds the same maximum twice; features that never fire sit at position 0),
+    by the Numba pass and by torch's scatter-reductions (a GPU's)."""
+    from helpers.analysis import streaming
     from helpers.analysis.examples import _image_maxima
+
+    if not kernel:
+        monkeypatch.setattr(streaming, "numba", None)
 
     sae = TopKSAE(16, 96, 4, "full", seed=3)
     positions = torch.relu(torch.randn(5, 12, 16))

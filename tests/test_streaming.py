@@ -8,15 +8,15 @@ from helpers.analysis import streaming
 
 @pytest.mark.parametrize("kernel", [True, False])
 def test_the_running_top_is_the_largest_seen_with_their_ids_and_carried_values(kernel, monkeypatch):
-    """Batches of values (many ties: rounded, and zeros) merged one after another keep, per column, the m largest of
+    """Batches of values (many ties: rounded, and zeros) merged one after another keep, per feature, the m largest of
     all seen, in descending order, each with its own id and carried value; of equal values the first seen ranks first
     (the Numba kernel; torch's fallback keeps the same values)."""
     if not kernel:
         monkeypatch.setattr(streaming, "numba", None)
     g = torch.Generator().manual_seed(0)
     m, n, batches, b = 5, 37, 9, 4
-    best, best_loc = torch.full((m, n), -1.0), torch.full((m, n), -1, dtype=torch.long)
-    carried = torch.zeros(m, n)
+    best, best_loc = torch.full((n, m), -1.0), torch.full((n, m), -1, dtype=torch.long)
+    carried = torch.zeros(n, m)
     seen_v, seen_id = [], []
     for i in range(batches):
         new = (torch.rand(b, n, generator=g) * 6).round() * (torch.rand(b, n, generator=g) < 0.7)
@@ -28,11 +28,11 @@ def test_the_running_top_is_the_largest_seen_with_their_ids_and_carried_values(k
     for col in range(n):
         order = sorted(range(len(values)), key=lambda r: (-float(values[r, col]), r))[:m]  # first seen first
         want = values[order, col]
-        assert torch.equal(best[:, col], want)
-        assert torch.equal(carried[:, col], -best[:, col])
+        assert torch.equal(best[col], want)
+        assert torch.equal(carried[col], -best[col])
         if kernel:
-            assert best_loc[:, col].tolist() == ids[order, col].tolist()
+            assert best_loc[col].tolist() == ids[order, col].tolist()
         else:  # ties may be kept otherwise: each id holds its value
-            for v, loc in zip(best[:, col].tolist(), best_loc[:, col].tolist()):
+            for v, loc in zip(best[col].tolist(), best_loc[col].tolist()):
                 r = loc // 100
                 assert float(values[r, col]) == v and loc % 100 == col

@@ -35,7 +35,7 @@ from helpers.data.inception import LayerCapture, model_input_from_uint8
 from helpers.data.kept import InputWatch, KeptInputs, paths_sha256
 from helpers.progress import progress
 from helpers.analysis.selection import activation_bands
-from helpers.analysis.streaming import merge_top
+from helpers.analysis.streaming import image_maxima, merge_top
 from helpers.sae.model import InputScaleMismatch, input_scale_for
 
 CELL = 16  # pixels per grid cell at 224 px input (224 / 14)
@@ -231,20 +231,21 @@ def _resume(path: Path, what: str, running: dict, n_images: int) -> int:
 
 
 class _Running:
-    """One layer's examples so far: the top ``top`` and a reservoir of ``reservoir`` images per feature."""
+    """One layer's examples so far: the top ``top`` and a reservoir of ``reservoir`` images per feature, a row per
+    feature ([n, top]: ``merge_top`` inserts along it); a checkpoint's state holds them as [top, n]."""
 
     def __init__(self, n: int, top: int, reservoir: int, dev: torch.device, seed: int):
         self.top, self.reservoir, self.hw = top, reservoir, None
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
-        self.best_v = torch.zeros(top, n, device=dev)
-        self.best_loc = torch.full((top, n), -1, dtype=torch.long, device=dev)
-        self.res_key = torch.full((reservoir, n), -1.0, device=dev)
-        self.res_v = torch.zeros(reservoir, n, device=dev)
-        self.res_loc = torch.full((reservoir, n), -1, dtype=torch.long, device=dev)
+        self.best_v = torch.zeros(n, top, device=dev)
+        self.best_loc = torch.full((n, top), -1, dtype=torch.long, device=dev)
+        self.res_key = torch.full((n, reservoir), -1.0, device=dev)
+        self.res_v = torch.zeros(n, reservoir, device=dev)
+        self.res_loc = torch.full((n, reservoir), -1, dtype=torch.long, device=dev)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"best_v": self.best_v, "best_loc": self.best_loc, "res_key": self.res_key, "res_v": self.res_v,
-                "res_loc": self.res_loc, "gen": self.gen.get_state(), "hw": torch.tensor(self.hw or 0)}
+        return {"best_v": self.best_v.T, "best_loc": self.best_loc.T, "res_key": self.res_key.T, "res_v": self.res_v.T,
+                "res_loc": self.res_loc.T, "gen": self.gen.get_state(), "hw": torch.tensor(self.hw or 0)}
 
     def check(self, state: dict[str, torch.Tensor], n_images: int, layer: str) -> None:
         """A ValueError unless ``state`` fits this pass: the same shapes and kinds, finite values, grid positions
@@ -267,7 +268,7 @@ class _Running:
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         for k in ("best_v", "best_loc", "res_key", "res_v", "res_loc"):
-            setattr(self, k, state[k].to(getattr(self, k).device))
+            setattr(self, k, state[k].T.contiguous().to(getattr(self, k).device))
         self.gen.set_state(state["gen"])
         self.hw = int(state["hw"]) or None
 
@@ -285,7 +286,7 @@ class _Running:
         side = int(round(hw ** 0.5))
 
         def split(v, loc):
-            v, loc = v.T.cpu().numpy(), loc.T.cpu().numpy()
+            v, loc = v.cpu().numpy(), loc.cpu().numpy()
             image = np.where(loc >= 0, loc // hw, -1)
             pos = np.where(loc >= 0, loc % hw, 0)
             return v, image, pos // side, pos % side
@@ -304,14 +305,9 @@ def _image_maxima(sae, positions: torch.Tensor, budget: int = 1 << 26):
     values, where = [], []
     for s in range(0, b, step):
         code = sae.encode_topk(positions[s:s + step].reshape(-1, c))
-        m = len(code.values) // hw
-        v, idx = code.values.reshape(m, -1), code.indices.reshape(m, -1)  # [images, HW * kept], position-major
-        best = torch.zeros(m, sae.d_sae, dtype=v.dtype, device=v.device).scatter_reduce_(1, idx, v, "amax")
-        pos = torch.arange(hw, device=v.device).repeat_interleave(code.values.shape[1]).expand(m, -1)
-        first = torch.where((v > 0) & (v == best.gather(1, idx)), pos, hw)
-        at = torch.full((m, sae.d_sae), hw, dtype=torch.long, device=v.device).scatter_reduce_(1, idx, first, "amin")
+        best, at = image_maxima(code.values, code.indices, hw, sae.d_sae)
         values.append(best)
-        where.append(at.masked_fill_(at == hw, 0))
+        where.append(at)
     return torch.cat(values), torch.cat(where)
 
 

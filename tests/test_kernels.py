@@ -105,12 +105,16 @@ def test_weight_gradient_scatter_equals_the_dense_product(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_cpu_decoders_gradients_are_the_dense_products(dtype):
-    """The sparse decoder's backward pass on a CPU (``_CpuDecode``: the values' gradient by ``row_dots``, the weight's
-    by ``scatter_rows``) against autograd's through the dense equation z @ W, at an odd width, with a latent kept
-    twice in one row (its two values get the same gradient, the weight's row the sum of both)."""
-    from helpers.sae.kernels import row_dots
+@pytest.mark.parametrize("kernel", [True, False])
+def test_the_cpu_decoders_gradients_are_the_dense_products(dtype, kernel, monkeypatch):
+    """The sparse decoder's backward pass on a CPU (``_CpuDecode``: both gradients in one Numba pass, or, without
+    Numba, torch's gather and product and ``scatter_rows``) against autograd's through the dense equation z @ W, at an
+    odd width, with a latent kept twice in one row (its two values get the same gradient, the weight's row the sum of
+    both)."""
+    from helpers.sae import kernels
 
+    if not kernel:
+        monkeypatch.setattr(kernels, "numba", None)
     g = torch.Generator().manual_seed(1)
     batch, k, n, d = 37, 6, 50, 83
     W = torch.randn(n, d, generator=g, dtype=dtype, requires_grad=True)
@@ -127,8 +131,8 @@ def test_the_cpu_decoders_gradients_are_the_dense_products(dtype):
     torch.testing.assert_close(W.grad.double(), W2.grad, **tol)
     assert vals.grad[5, 0] == vals.grad[5, 1]
     assert torch.equal(W.grad, kernels_scatter_rows(idx, vals.detach(), grad, W))  # one pass or two: the same sums
-    # the values alone (a frozen dictionary: attribution), and the fallback's form of the same dots
+    # the values alone (a frozen dictionary: attribution): embedding_bag's own gradient, the same dots
     v = vals.detach().requires_grad_(True)
     (torch_decode(idx, v, W.detach()) * grad).sum().backward()
     torch.testing.assert_close(v.grad, vals.grad, **tol)
-    torch.testing.assert_close(row_dots(grad, W.detach(), idx), torch.linalg.vecdot(W.detach()[idx], grad[:, None]), **tol)
+    torch.testing.assert_close(v.grad, torch.linalg.vecdot(W.detach()[idx], grad[:, None]), **tol)

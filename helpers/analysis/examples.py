@@ -235,7 +235,7 @@ class _Running:
     feature ([n, top]: ``merge_top`` inserts along it); a checkpoint's state holds them as [top, n]."""
 
     def __init__(self, n: int, top: int, reservoir: int, dev: torch.device, seed: int):
-        self.top, self.reservoir, self.hw = top, reservoir, None
+        self.hw = None
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
         self.best_v = torch.zeros(n, top, device=dev)
         self.best_loc = torch.full((n, top), -1, dtype=torch.long, device=dev)

@@ -1,8 +1,8 @@
 """The SAE's sparse decoder, ``out[b] = sum_j values[b, j] * W[indices[b, j]]``, two ways.
 
-* torch's ``F.embedding_bag`` (CPU and GPU; the reference). On a CPU, where a gradient is wanted, its backward
-  pass is ours (``_CpuDecode``): both gradients in one pass over the kept latents in latent order (Numba), each
-  row of the weight read once, in order, against embedding_bag's per-value dots in the batch's order and its
+* torch's ``F.embedding_bag`` (CPU and GPU; the reference). On a CPU, where the weight needs a gradient, its
+  backward pass is ours (``_CpuDecode``): both gradients in one pass over the kept latents in latent order (Numba),
+  each row of the weight read once, in order, against embedding_bag's per-value dots in the batch's order and its
   scatter (9.4 against 18.2 ms for 4096 x 32 of 8192 x 512; 43 against 65 ms at mixed4e's 13312 x 832);
 * Triton, on CUDA when Triton is installed: one program per (vector, column block)
   accumulates its k rows in float32, and the backward pass computes the values'
@@ -23,7 +23,6 @@ import os
 import warnings
 import weakref
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,20 +45,21 @@ def triton_enabled(weight: torch.Tensor, allowed: bool = True) -> bool:
 
 
 def torch_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, dense_scatter: bool = True) -> torch.Tensor:
-    """The reference: ``embedding_bag`` with per-sample weights, [batch, d]. On a CPU its gradients are
-    ``_CpuDecode``'s: both in one pass over the kept latents where both are wanted, else the values' by ``row_dots``
-    and the weight's by ``scatter_rows`` (a sparse matrix product)."""
+    """The reference: ``embedding_bag`` with per-sample weights, [batch, d]. On a CPU, where the weight needs a
+    gradient, both gradients are ``_CpuDecode``'s (one pass over the kept latents)."""
     values = values.to(weight.dtype)
-    if weight.device.type == "cpu" and torch.is_grad_enabled() and (weight.requires_grad or values.requires_grad):
+    if weight.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled():
         return _CpuDecode.apply(indices, values, weight, dense_scatter)
     return F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
 
 
 class _CpuDecode(torch.autograd.Function):
     """``embedding_bag``'s sum on a CPU, with the backward pass of the sparse decoder: the values' gradient
-    ``grad[b] . W[indices[b, j]]`` and the weight's ``scatter_rows(indices, values, grad)``, in one pass where both
-    are wanted (``_scatter_with_dots``; torch's per-sample-weights backward and a scatter, which it replaced, took
-    twice as long), else each alone (``row_dots``, ``scatter_rows``)."""
+    ``grad[b] . W[indices[b, j]]`` and the weight's ``scatter_rows(indices, values, grad)`` in one pass over the
+    kept latents in latent order (``_scatter_csr_dots``, Numba): latent r's weight row is read once, in order, and
+    each of its entries' rows of ``grad`` serves both its value's gradient (a dot with the row) and the weight's
+    (``scatter_rows``' sum, the same numbers). torch's per-sample-weights backward, which it replaced, read the
+    weight's rows in the batch's order, from memory where the weight outgrows the cache (mixed4e's 44 MB)."""
 
     @staticmethod
     def forward(ctx, indices, values, weight, dense_scatter):
@@ -70,40 +70,17 @@ class _CpuDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         indices, values, weight = ctx.saved_tensors
-        if ctx.needs_input_grad[1] and ctx.needs_input_grad[2] and numba is not None \
-                and grad.dtype == weight.dtype == values.dtype == torch.float32:
-            return None, *_scatter_with_dots(indices, values, grad.contiguous(), weight.detach()), None
-        grad_values = row_dots(grad, weight.detach(), indices) if ctx.needs_input_grad[1] else None
-        grad_weight = scatter_rows(indices, values, grad, weight, ctx.dense_scatter) if ctx.needs_input_grad[2] else None
-        return None, grad_values, grad_weight, None
-
-
-def _scatter_with_dots(indices, values, grad, weight):
-    """Both of the decoder's gradients in one pass over the kept latents in latent order: latent r's weight row is
-    read once, in order, and each of its entries' rows of ``grad`` serves its value's gradient (a dot with the row)
-    and the weight's (``scatter_rows``' sum). ``row_dots`` alone reads the weight's rows in the batch's order,
-    from memory where the weight outgrows the cache (mixed4e's 44 MB)."""
-    order, crow, col = _csr_layout(indices, weight.shape[0])
-    grad_weight, grad_values = torch.empty(weight.shape), torch.empty(indices.shape)
-    with numba_region():
-        _scatter_csr_dots(crow.numpy(), col.numpy(), order.numpy(), values.detach().flatten()[order].numpy(),
-                          grad.numpy(), weight.contiguous().numpy(), grad_weight.numpy(), grad_values.view(-1).numpy())
-    return grad_values, grad_weight
-
-
-def row_dots(rows: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``out[b, j] = rows[b] . weight[indices[b, j]]``, [batch, k]: the sparse decoder's values' gradient where the
-    weight needs none, one thread per row of ``rows`` (Numba, float32 or float64; torch's gather and product
-    elsewhere)."""
-    rows = rows.contiguous()
-    if numba is not None and rows.device.type == "cpu" and rows.dtype == weight.dtype \
-            and rows.dtype in (torch.float32, torch.float64):
-        out = torch.empty(indices.shape, dtype=rows.dtype)
+        grad, weight = grad.contiguous(), weight.detach()
+        if numba is None or weight.dtype not in (torch.float32, torch.float64):  # torch's gather and product
+            grad_values = torch.linalg.vecdot(weight[indices], grad[:, None, :].to(weight.dtype))
+            return None, grad_values, scatter_rows(indices, values, grad, weight, ctx.dense_scatter), None
+        order, crow, col = _csr_layout(indices, weight.shape[0])
+        grad_weight, grad_values = torch.empty_like(weight), torch.empty(indices.shape, dtype=weight.dtype)
         with numba_region():
-            _row_dots(rows.numpy(), weight.contiguous().numpy(), indices.contiguous().numpy(), out.numpy(),
-                      out.numpy().dtype.type(0))
-        return out
-    return torch.linalg.vecdot(weight[indices], rows[:, None, :].to(weight.dtype))
+            _scatter_csr_dots(crow.numpy(), col.numpy(), order.numpy(), values.detach().flatten()[order].numpy(),
+                              grad.to(weight.dtype).numpy(), weight.contiguous().numpy(), grad_weight.numpy(),
+                              grad_values.view(-1).numpy(), grad_values.numpy().dtype.type(0))
+        return None, grad_values if ctx.needs_input_grad[1] else None, grad_weight, None
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, *, use_triton: bool = True,
@@ -225,22 +202,8 @@ def _csr_layout(idx: torch.Tensor, n_rows: int):
 
 if numba is not None:
 
-    @numba.njit(parallel=True, cache=True, boundscheck=False, fastmath={"nsz", "arcp", "contract", "reassoc"})
-    def _row_dots(rows, weight, indices, out, zero):
-        """out[b, j] = rows[b] . weight[indices[b, j]], each dot summed by one thread in one order (a vectorised
-        reduction: the same bits at any thread count)."""
-        batch, k = indices.shape
-        for b in numba.prange(batch):
-            r = rows[b]
-            for j in range(k):
-                w = weight[indices[b, j]]
-                acc = zero
-                for c in range(r.shape[0]):
-                    acc += r[c] * w[c]
-                out[b, j] = acc
-
     @numba.njit(parallel=True, cache=True, boundscheck=False, fastmath={"nsz", "arcp", "reassoc"})  # no FMA: scatter_rows' sums
-    def _scatter_csr_dots(crow, col, order, coef, rows_in, weight, out, dots):
+    def _scatter_csr_dots(crow, col, order, coef, rows_in, weight, out, dots, zero):
         """``_scatter_csr`` (out[r]: coef-weighted sum of rows_in's rows in entry order), and for each entry e of
         latent r, dots[order[e]] = rows_in[col[e]] . weight[r] (a vectorised reduction in one order)."""
         d = out.shape[1]
@@ -250,7 +213,7 @@ if numba is not None:
                 o[c] = 0.0
             for e in range(crow[r], crow[r + 1]):
                 x, v = rows_in[col[e]], coef[e]
-                acc = np.float32(0.0)
+                acc = zero
                 for c in range(d):
                     acc += x[c] * w[c]
                     o[c] += v * x[c]

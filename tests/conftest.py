@@ -21,19 +21,87 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 SMOKE: dict = {}  # the smoke book's background build: "root", "process"
 
 
-def pytest_collection_modifyitems(config, items):
-    """The smoke book's tests run last, those that need only its chapter 03 (``smoke_run_after_03``) first among
-    them: the book is built in the background meanwhile (``pytest_collection_finish``), and those run while its
-    later chapters execute."""
-    def needs(item, fixture):
-        return fixture in getattr(item, "fixturenames", ())
+AFTER = {f"smoke_run_after_{c}": c for c in ("03", "05", "08", "10")}  # fixture: the chapter it waits for
 
-    early = [item for item in items if needs(item, "smoke_run_after_03")]
-    book = [item for item in items if needs(item, "smoke_book") and item not in early]
-    for item in early + book:
+
+def _needs(item, fixture) -> bool:
+    return fixture in getattr(item, "fixturenames", ())
+
+
+def _chapter(item) -> str | None:
+    """The smoke book's chapter a test waits for ("03"; "book": the whole book built), or None if it needs none."""
+    found = [chapter for fixture, chapter in AFTER.items() if _needs(item, fixture)]
+    return "book" if _needs(item, "smoke_book") else max(found) if found else None
+
+
+def pytest_collection_modifyitems(config, items):
+    """The smoke book's tests (marked ``smoke_book``) last: those that need only its first chapters
+    (``smoke_run_after_03``, ...) first among them, by chapter. The book is built in the background meanwhile
+    (``pytest_collection_finish``); ``pytest_runtestloop`` runs each of those as soon as its chapter has executed."""
+    waiting = sorted((item for item in items if _chapter(item)), key=lambda item: _chapter(item))  # stable
+    for item in waiting:
         item.add_marker(pytest.mark.smoke_book)
-    later = set(map(id, early + book))
-    items[:] = [item for item in items if id(item) not in later] + early + book
+    later = set(map(id, waiting))
+    items[:] = [item for item in items if id(item) not in later] + waiting
+
+
+def executed(chapter: str) -> bool:
+    """Whether the background smoke book has executed chapter ``chapter`` ("05") without error."""
+    import json
+
+    log = SMOKE["root"] / "executed" / "execution.jsonl"
+    for line in (log.read_text().splitlines() if log.exists() else []):
+        try:
+            record = json.loads(line)
+        except ValueError:  # the line being written
+            continue
+        if record["notebook"].startswith(chapter) and record["status"] == "ok":
+            return True
+    return False
+
+
+class Schedule:
+    """The session's tests in their collected order, except that the tests waiting for a chapter of the smoke book
+    run as soon as it has executed (looked at where one test file ends and the next begins, so a module's fixtures
+    are made once), not after all the others: on 2 cores they then run beside the book's last chapters instead of
+    after it (issue 25)."""
+
+    def __init__(self, items):
+        self.plain = [item for item in items if not _chapter(item)][::-1]  # popped from the end
+        self.waiting = {}  # chapter -> its tests
+        for item in items:
+            if _chapter(item) and _chapter(item) != "book":
+                self.waiting.setdefault(_chapter(item), []).append(item)
+        self.rest = [item for item in items if _chapter(item) == "book"][::-1]
+        self.group, self.last = [], None
+
+    def next(self):
+        if not self.group:
+            boundary = self.last is None or not self.plain or self.plain[-1].path != self.last.path
+            ready = [c for c in sorted(self.waiting) if boundary and (not self.plain or executed(c))]
+            if ready:
+                self.group = self.waiting.pop(ready[0])[::-1]
+        queue = self.group or self.plain or self.rest
+        self.last = queue.pop() if queue else None
+        return self.last
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    """pytest's own loop over ``Schedule``'s order, where the smoke book is being built (else pytest's loop)."""
+    if "process" not in SMOKE or session.testsfailed or session.config.option.collectonly:
+        return None
+    schedule = Schedule(session.items)
+    item = schedule.next()
+    while item is not None:
+        nextitem = schedule.next()
+        item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        if session.shouldfail:
+            raise session.Failed(session.shouldfail)
+        if session.shouldstop:
+            raise session.Interrupted(session.shouldstop)
+        item = nextitem
+    return True
 
 
 def start_smoke_book() -> None:
@@ -55,29 +123,21 @@ def start_smoke_book() -> None:
 def smoke_book_through(chapter: str) -> Path:
     """The smoke book's run once its notebooks up to chapter ``chapter`` ("03") have executed, while the later ones
     go on: for tests that read only what those chapters make (later chapters add files beside them, never rewrite
-    them) and compute in a run of their own."""
-    import json
+    them) and compute in a run of their own or write only what the book writes the same."""
     import time
 
     import smoke_book as smoke
 
     start_smoke_book()
-    root, finished = SMOKE["root"], False
-    while True:
-        log = root / "executed" / "execution.jsonl"
-        for line in (log.read_text().splitlines() if log.exists() else []):
-            try:
-                record = json.loads(line)
-            except ValueError:  # the line being written
-                continue
-            if record["notebook"].startswith(chapter) and record["status"] == "ok":
-                os.environ.update(smoke.reader_environment(root))
-                return root / "run"
+    finished = False
+    while not executed(chapter):
         if finished:
             raise RuntimeError(f"the smoke book did not execute chapter {chapter}:\n"
-                               f"{(root / 'build.log').read_text()[-6000:]}")
+                               f"{(SMOKE['root'] / 'build.log').read_text()[-6000:]}")
         finished = SMOKE["process"].poll() is not None  # one more look at the log after the process ended
         time.sleep(0.5)
+    os.environ.update(smoke.reader_environment(SMOKE["root"]))
+    return SMOKE["root"] / "run"
 
 
 def pytest_collection_finish(session):
@@ -129,6 +189,24 @@ def harvest_run(tmp_path_factory, image_dir) -> Path:
 def smoke_run_after_03() -> Path:
     """The smoke book's run once chapter 03 (the harvest, every layer's SAE, the families sweep) has executed."""
     return smoke_book_through("03")
+
+
+@pytest.fixture(scope="session")
+def smoke_run_after_05() -> Path:
+    """The smoke book's run once chapter 05 (the circuits: each layer's attribution matrix kept) has executed."""
+    return smoke_book_through("05")
+
+
+@pytest.fixture(scope="session")
+def smoke_run_after_08() -> Path:
+    """The smoke book's run once chapter 08 (the explorer and the atlas: every layer's view) has executed."""
+    return smoke_book_through("08")
+
+
+@pytest.fixture(scope="session")
+def smoke_run_after_10() -> Path:
+    """The smoke book's run once every notebook has executed (the book's pages still being built)."""
+    return smoke_book_through("10")
 
 
 @pytest.fixture(scope="session")

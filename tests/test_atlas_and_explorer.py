@@ -7,8 +7,8 @@ from helpers.run.artifacts import open_run
 from helpers.show.explorer import Explorer
 
 
-def test_explorer_sorts_filters_and_shows_a_feature(smoke_book):
-    run = open_run("smoke", run_dir=str(smoke_book["run"]))
+def test_explorer_sorts_filters_and_shows_a_feature(smoke_run_after_08):
+    run = open_run("smoke", run_dir=str(smoke_run_after_08))
     ex = Explorer(["mixed4c"], lambda layer: run.view(layer),
                   lambda layer, features: run.featviz(layer, features))
     a = run.branches("mixed4c")
@@ -47,7 +47,7 @@ def test_activation_histogram_and_feature_density_against_counts_by_hand():
     assert sum(h > 0 for h in heights) == 3  # three occupied bins: 1e-3, 1e-2 (twice) and 0.5
 
 
-def test_the_explorer_image_tab_lists_each_positions_features_and_switches_them(smoke_book):
+def test_the_explorer_image_tab_lists_each_positions_features_and_switches_them(smoke_run_after_08):
     """The image tab, driven as a user would: the features it lists at a position are the SAE's equation on the
     network's own activations there; an uploaded file is the same image as picking it; switching at scale 1
     moves nothing, and the branch option switches exactly the features specialised to that branch."""
@@ -56,7 +56,7 @@ def test_the_explorer_image_tab_lists_each_positions_features_and_switches_them(
     from helpers.data.inception import LayerCapture
     from helpers.sae.loss import topk_sae
 
-    run = open_run("smoke", run_dir=str(smoke_book["run"]))
+    run = open_run("smoke", run_dir=str(smoke_run_after_08))
     ex = Explorer(["mixed4c"], lambda layer: run.view(layer), None,
                   lambda layer: run.probe(layer))
     tab, probe = ex.image, run.probe("mixed4c")
@@ -89,7 +89,7 @@ def test_the_explorer_image_tab_lists_each_positions_features_and_switches_them(
 HOSTILE = '"><img src=x onerror="window.pwned = (window.pwned || 0) + 1"><!--<script>'
 
 
-def test_text_from_the_data_never_runs_as_script_in_the_atlas(smoke_book, tmp_path):
+def test_text_from_the_data_never_runs_as_script_in_the_atlas(smoke_run_after_08, tmp_path):
     """Class names (a file downloaded into the torch hub cache), label keys, the note and the SAE's origin are
     text: written into the atlas as hostile HTML they show as written and run nothing; a note holding a template
     marker stays a note; a layer name that is a path is refused."""
@@ -101,7 +101,7 @@ def test_text_from_the_data_never_runs_as_script_in_the_atlas(smoke_book, tmp_pa
     from browser import chromium, js_errors
     from helpers.show.atlas import write_atlas
 
-    run = open_run("smoke", run_dir=str(smoke_book["run"]))
+    run = open_run("smoke", run_dir=str(smoke_run_after_08))
     view = run.view("mixed4c")
     labels = [{**entry, "labels": {HOSTILE: 0.9, **entry.get("labels", {})}} for entry in view.labels]
     records = json.loads(json.dumps(view.image_records))
@@ -136,14 +136,14 @@ def test_text_from_the_data_never_runs_as_script_in_the_atlas(smoke_book, tmp_pa
         browser.quit()
 
 
-def test_an_upload_that_is_not_an_image_is_said_in_the_tab(smoke_book):
+def test_an_upload_that_is_not_an_image_is_said_in_the_tab(smoke_run_after_08):
     """Zero bytes, text, an SVG, a truncated JPEG and a 20000x20000 PNG once raised PIL's errors out of the widget's
     callback: each now leaves the current image in place and says why in the tab."""
     import io
 
     from PIL import Image
 
-    run = open_run("smoke", run_dir=str(smoke_book["run"]))
+    run = open_run("smoke", run_dir=str(smoke_run_after_08))
     tab = Explorer(["mixed4c"], lambda layer: run.view(layer), None, lambda layer: run.probe(layer)).image
     before = tab.pixels.copy()
     jpeg = io.BytesIO()

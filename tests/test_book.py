@@ -101,7 +101,7 @@ def test_the_banner_says_what_a_reader_needs_and_folds_the_rest(smoke_book, brow
     away (on a phone the banner once filled more than a screen)."""
     browser.set_window_size(390, 844)
     try:
-        browser.get((smoke_book["html"] / "nbs" / "04_branch_specialization.html").as_uri())
+        browser.get((smoke_book["html"] / "nbs" / "01_inceptionv1_branches.html").as_uri())  # a light page: 0.5 s
         box = browser.find_element("css selector", ".admonition.warning")
         shown = box.text  # what is rendered: the folded part is not
         assert "Not a result" in shown and "make book PROFILE=cpu" in shown
@@ -161,7 +161,7 @@ def test_wide_figures_fit_the_page_from_a_phone_to_a_desktop(smoke_book, browser
 def test_the_contents_open_on_a_phone_and_a_desktop_has_one_search_box(smoke_book, browser):
     """The toggle a reader sees on a phone or tablet once opened nothing (the theme wired only a hidden one); a
     desktop showed two search boxes and an empty band above the page."""
-    page = (smoke_book["html"] / "nbs" / "04_branch_specialization.html").as_uri()
+    page = (smoke_book["html"] / "nbs" / "01_inceptionv1_branches.html").as_uri()  # every page's contents; 0.5 s
     try:
         for width in (390, 800):
             browser.set_window_size(width, 900)

@@ -149,7 +149,7 @@ def test_same_branch_share_against_chance():
     assert same_branch_share(edges, src, dst)["edges"] == 200
 
 
-def test_the_run_keeps_chapter_05s_attribution_for_chapter_10(smoke_book, monkeypatch):
+def test_the_run_keeps_chapter_05s_attribution_for_chapter_10(smoke_run_after_05, monkeypatch):
     """Chapter 10's edges rows read the attribution matrices chapter 05 kept beside the SAEs: each is what
     ``layer_attribution`` gives afresh on chapter 05's activations (all layers in one pass), and a new run object
     reads it back without computing it."""
@@ -157,7 +157,7 @@ def test_the_run_keeps_chapter_05s_attribution_for_chapter_10(smoke_book, monkey
     from helpers.run import evaluations
     from helpers.run.artifacts import open_run
 
-    run = open_run("smoke", run_dir=str(smoke_book["run"]))
+    run = open_run("smoke", run_dir=str(smoke_run_after_05))
     layers, p = run.profile.layers, run.profile
     acts = run.layer_activations(layers, p.circuit_images)
     pairs = [(src, circuits.NEXT[src]) for src in layers if circuits.NEXT.get(src) in layers]
@@ -172,7 +172,7 @@ def test_the_run_keeps_chapter_05s_attribution_for_chapter_10(smoke_book, monkey
         raise AssertionError("the kept matrix was computed again")
 
     monkeypatch.setattr(evaluations, "layer_attribution", computed)
-    again = open_run("smoke", run_dir=str(smoke_book["run"]))
+    again = open_run("smoke", run_dir=str(smoke_run_after_05))
     assert np.array_equal(again.layer_attribution(pairs[0][0])[1], run.layer_attribution(pairs[0][0])[1])
 
 

@@ -158,7 +158,7 @@ def test_the_chapters_table_in_the_smoke_book(smoke_book):
         assert any(claim in line for line in rows), claim
 
 
-def test_with_real_weights_a_network_that_is_its_own_untrained_control_does_not_hold(smoke_book, monkeypatch):
+def test_with_real_weights_a_network_that_is_its_own_untrained_control_does_not_hold(smoke_run_after_10, monkeypatch):
     """The smoke run read as if its weights were real: its untrained control is then the same random network on the
     same images, trained the same way, so no claim held against it can clear it: every such row reads 'does not
     hold', with the untrained network named as the control."""
@@ -166,7 +166,7 @@ def test_with_real_weights_a_network_that_is_its_own_untrained_control_does_not_
     from helpers.run.artifacts import Run, open_run
 
     monkeypatch.setattr(Run, "random_weights", property(lambda self: self.run_dir.name == "untrained"))
-    run = open_run("smoke", run_dir=str(smoke_book["run"]))
+    run = open_run("smoke", run_dir=str(smoke_run_after_10))
     assert not run.random_weights and run.untrained_control().random_weights
     rows = [claims.specialisation_row(run, "mixed4c", "5x5", "5x5"), claims.grouping_row(run, "mixed4c", "UMAP"),
             *claims.distill_rows(run)]

@@ -22,12 +22,8 @@ from PIL import Image
 from helpers.allocator import reuse_freed_memory
 from helpers.config import FeatvizConfig
 from helpers.files import WEIGHTS_FILE, atomic_write, sha256_file
-from helpers.data.inception import MIXED_LAYERS
+from helpers.data.inception import MIXED_LAYERS, StopForward
 from helpers.progress import progress
-
-
-class _StopAfterLayer(RuntimeError):
-    """Raised after the target layer; Lucent's render loop tolerates a RuntimeError here."""
 
 
 def _stop_after(model, layer: str):
@@ -37,7 +33,7 @@ def _stop_after(model, layer: str):
         return None
 
     def stop(module, args):
-        raise _StopAfterLayer(f"stopped after {layer}")
+        raise StopForward(f"stopped after {layer}")
 
     return getattr(model, f"{following}_1x1_pre_relu_conv").register_forward_pre_hook(stop)
 

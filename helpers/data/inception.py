@@ -273,8 +273,10 @@ def model_input_from_uint8(pixels: torch.Tensor, input_scale: str = "lucent") ->
     return model_input(pixels.float() / 255.0, input_scale)
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(RuntimeError):
+    """Raised by a hook to end a forward pass where what it needs is computed: nothing after the hook's module runs
+    (``LayerCapture``, ``kept.InputWatch``, feature visualisation; Lucent's render loop takes a RuntimeError for a
+    layer it could not compute and goes on)."""
 
 
 class LayerCapture:
@@ -300,13 +302,13 @@ class LayerCapture:
             def hook(module, inputs, output):
                 out[name] = output
                 if name == last:
-                    raise _StopForward
+                    raise StopForward
             return hook
 
         handles = [getattr(self.model, name).register_forward_hook(hook_for(name)) for name in self.layers]
         try:
             self.model(x) if start is None else forward_from(self.model, *start)
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             for h in handles:

@@ -35,6 +35,7 @@ import torch
 
 from helpers.files import read_json, write_json
 from helpers.data.folded import forward_tree
+from helpers.data.inception import StopForward
 
 log = logging.getLogger(__name__)
 RECORD = "kept.json"
@@ -54,10 +55,6 @@ def input_name(cls: type, layer: str) -> str:
     raise ValueError(f"{cls.__name__}.forward has no statement applying self.{conv} to a named tensor")
 
 
-class _Stop(Exception):
-    pass
-
-
 class InputWatch:
     """Within ``with``: ``watch.value`` is ``layer``'s input in the model's latest forward pass (a pre-hook on its
     1x1 convolution); with ``stop=True`` the pass stops there (nothing after it is computed)."""
@@ -69,7 +66,7 @@ class InputWatch:
         def hook(module, args):
             self.value = args[0]
             if self.stop:
-                raise _Stop
+                raise StopForward
 
         self.handle = getattr(self.model, f"{self.layer}_1x1_pre_relu_conv").register_forward_pre_hook(hook)
         return self
@@ -81,7 +78,7 @@ class InputWatch:
         """``layer``'s input on ``x`` (with ``stop=True``: the layers after it are not run)."""
         try:
             self.model(x)
-        except _Stop:
+        except StopForward:
             pass
         return self.value
 

@@ -115,6 +115,19 @@ def test_a_kept_file_missing_or_cut_short_means_none(kept_run, tmp_path):
     assert KeptInputs.find(run, read_manifest(run)) is None
 
 
+def test_two_passes_over_one_harvest_each_remove_the_kept_input_once(kept_run, tmp_path):
+    """Two example passes over the same harvest at once (a chapter and a test, two readers' kernels): the first to end
+    deletes the kept files and counts their bytes; the other reads its rows on, then removes nothing, without error."""
+    run = tmp_path / "run"
+    shutil.copytree(kept_run, run)
+    first, second = (KeptInputs.find(run, read_manifest(run)) for _ in range(2))
+    want = second.rows(0, 3).clone()
+    size = sum(p.stat().st_size for p in (run / "kept-maxpool4").iterdir())
+    assert first.remove() == size > 0 and not (run / "kept-maxpool4").exists()
+    torch.testing.assert_close(second.rows(0, 3), want, rtol=0, atol=0)
+    assert second.remove() == 0
+
+
 def test_an_interrupted_harvest_resumes_to_the_same_kept_files(images, kept_run, tmp_path, monkeypatch):
     real_add, calls = kept_module.KeptWriter.add, []
 

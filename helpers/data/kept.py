@@ -238,8 +238,14 @@ class KeptInputs:
             yield idx, x[idx - idx[0]] if len(idx) < len(x) else x
 
     def remove(self) -> int:
-        """Delete the kept files; the bytes freed."""
-        freed = sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+        """Delete the kept files; the bytes freed (none where another pass over the same harvest deleted them first:
+        this pass's maps of them stay readable until it ends)."""
+        freed = 0
+        for p in (self.folder.iterdir() if self.folder.is_dir() else ()):
+            try:
+                freed += p.stat().st_size if p.is_file() else 0
+            except FileNotFoundError:  # deleted meanwhile by that other pass
+                pass
         self.shards = []
         shutil.rmtree(self.folder, ignore_errors=True)
         return freed

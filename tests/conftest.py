@@ -19,9 +19,7 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 SMOKE: dict = {}  # the smoke book's background build: "root", "process"
-
-
-AFTER = {f"smoke_run_after_{c}": c for c in ("03", "05", "08", "10")}  # fixture: the chapter it waits for
+AFTER = "smoke_run_after_"  # + a chapter ("05"): the fixtures of tests that wait for that chapter (_smoke_run_after)
 
 
 def _needs(item, fixture) -> bool:
@@ -30,7 +28,7 @@ def _needs(item, fixture) -> bool:
 
 def _chapter(item) -> str | None:
     """The smoke book's chapter a test waits for ("03"; "book": the whole book built), or None if it needs none."""
-    found = [chapter for fixture, chapter in AFTER.items() if _needs(item, fixture)]
+    found = [name.removeprefix(AFTER) for name in getattr(item, "fixturenames", ()) if name.startswith(AFTER)]
     return "book" if _needs(item, "smoke_book") else max(found) if found else None
 
 
@@ -193,14 +191,13 @@ def _smoke_run_after(chapter: str, made: str):
         return smoke_book_through(chapter)
 
     fixture.__doc__ = f"The smoke book's run once chapter {chapter} ({made}) has executed."
-    return pytest.fixture(scope="session", name=f"smoke_run_after_{chapter}")(fixture)
+    return pytest.fixture(scope="session", name=AFTER + chapter)(fixture)
 
 
 smoke_run_after_03 = _smoke_run_after("03", "the harvest, every layer's SAE, the families sweep")
 smoke_run_after_05 = _smoke_run_after("05", "the circuits: each layer's attribution matrix kept")
 smoke_run_after_08 = _smoke_run_after("08", "the explorer and the atlas: every layer's view")
 smoke_run_after_10 = _smoke_run_after("10", "the last notebook; the book's pages still being built")
-assert set(AFTER) == {name for name in globals() if name.startswith("smoke_run_after_")}
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ deleted by the run once that pass is done (``KeptInputs.remove``).
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import hashlib
 import logging
@@ -241,11 +242,9 @@ class KeptInputs:
         """Delete the kept files; the bytes freed (none where another pass over the same harvest deleted them first:
         this pass's maps of them stay readable until it ends)."""
         freed = 0
-        for p in (self.folder.iterdir() if self.folder.is_dir() else ()):
-            try:
-                freed += p.stat().st_size if p.is_file() else 0
-            except FileNotFoundError:  # deleted meanwhile by that other pass
-                pass
+        for p in self.folder.glob("*"):  # nothing where the folder is gone
+            with contextlib.suppress(FileNotFoundError):  # a file deleted meanwhile by that other pass
+                freed += p.stat().st_size
         self.shards = []
         shutil.rmtree(self.folder, ignore_errors=True)
         return freed

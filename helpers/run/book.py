@@ -104,14 +104,6 @@ def _start_kernel():
     return km
 
 
-def _stop_kernel(km, client=None) -> None:
-    if client is not None and client.kc is not None:
-        client.kc.stop_channels()
-    if km.has_kernel:
-        km.shutdown_kernel()  # asked to end, as nbclient does: its exit handlers run (the figures' browser closed)
-    km.cleanup_resources()
-
-
 def execute_notebooks(out_dir: Path, env: dict[str, str], paths: list[Path] | None = None,
                       timeout: int | None = None) -> list[Path]:
     """Run each notebook top to bottom in a fresh kernel with ``env`` set; save it executed. Each notebook's kernel
@@ -133,6 +125,7 @@ def execute_notebooks(out_dir: Path, env: dict[str, str], paths: list[Path] | No
             km, upcoming = upcoming, (_start_kernel() if i + 1 < len(paths) else None)
             client = NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3",
                                     resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+            client.owns_km = True  # nbclient ends the kernel after the notebook, as one it started (exit handlers run)
             status = "ok"
             try:
                 client.execute()
@@ -140,14 +133,13 @@ def execute_notebooks(out_dir: Path, env: dict[str, str], paths: list[Path] | No
                 status = f"{type(e).__name__}: {str(e)[-2000:]}"
                 raise RuntimeError(f"notebook {path.name} failed in profile {env.get('SAE_PROFILE')}:\n{status}") from e
             finally:
-                _stop_kernel(km, client)
                 nbformat.write(nb, out_dir / path.name)
                 append_jsonl(out_dir / "execution.jsonl", {"notebook": path.name, "status": status,
                                                            "seconds": round(time.perf_counter() - t, 2), **env})
             done.append(out_dir / path.name)
     finally:
-        if upcoming is not None:
-            _stop_kernel(upcoming)
+        if upcoming is not None:  # a notebook failed before the next one's turn
+            upcoming.shutdown_kernel(now=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -72,7 +72,8 @@ class _CpuDecode(torch.autograd.Function):
         indices, values, weight = ctx.saved_tensors
         grad, weight = grad.contiguous(), weight.detach()
         if numba is None or weight.dtype not in (torch.float32, torch.float64):  # torch's gather and product
-            grad_values = torch.linalg.vecdot(weight[indices], grad[:, None, :].to(weight.dtype))
+            grad_values = torch.linalg.vecdot(weight[indices], grad[:, None, :].to(weight.dtype)) \
+                if ctx.needs_input_grad[1] else None
             return None, grad_values, scatter_rows(indices, values, grad, weight, ctx.dense_scatter), None
         order, crow, col = _csr_layout(indices, weight.shape[0])
         grad_weight, grad_values = torch.empty_like(weight), torch.empty(indices.shape, dtype=weight.dtype)

@@ -20,6 +20,8 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 SMOKE: dict = {}  # the smoke book's background build: "root", "process"
 AFTER = "smoke_run_after_"  # + a chapter ("05"): the fixtures of tests that wait for that chapter (_smoke_run_after)
+BUILT = "SAE_TEST_SMOKE_BOOK"  # the built smoke book's folder, given to the second pytest process (PageTests)
+REPORTS = "SAE_TEST_REPORTS"  # where that process writes its tests' reports (JSON lines)
 
 
 def _needs(item, fixture) -> bool:
@@ -34,7 +36,7 @@ def _chapter(item) -> str | None:
 
 def pytest_collection_modifyitems(config, items):
     """The smoke book's tests (marked ``smoke_book``) last: those that need only its first chapters
-    (``smoke_run_after_03``, ...) first among them, by chapter. The book is built in the background meanwhile
+    (``smoke_run_after_05``, ...) first among them, by chapter. The book is built in the background meanwhile
     (``pytest_collection_finish``); ``pytest_runtestloop`` runs each of those as soon as its chapter has executed."""
     waiting = sorted((item for item in items if _chapter(item)), key=lambda item: _chapter(item))  # stable
     for item in waiting:
@@ -58,11 +60,96 @@ def executed(chapter: str) -> bool:
     return False
 
 
+class PageTests:
+    """The tests that drive Chromium over the built book (those with the ``browser`` fixture), run by a second
+    pytest process started as soon as the book is built, beside this process's remaining tests (issue 25: they once
+    took the run's last 40-50 s on about one core). Each stands in this session as an ``Elsewhere`` item: it waits
+    for that process and reports the outcome the test had there (its traceback and output, where it failed)."""
+
+    def __init__(self, items):
+        self.nodeids = [item.nodeid for item in items]
+        self.process, self.results = None, None
+
+    def start_if_built(self) -> None:
+        import subprocess
+        import sys
+
+        import smoke_book as smoke
+
+        if self.process is not None or not self.nodeids or not (SMOKE["root"] / smoke.DONE).exists():
+            return
+        root = SMOKE["root"]
+        env = {**os.environ, BUILT: str(root), REPORTS: str(root / "page-tests.jsonl")}
+        self.log = open(root / "page-tests.log", "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.nodeids], stdout=self.log,
+                                        stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[1])
+
+    def outcome(self, nodeid: str) -> dict:
+        """The test's outcome there ({"outcome", "text"}), once that process has ended."""
+        import json
+
+        if self.results is None:
+            if self.process is None:  # the book not built yet: wait for it
+                if SMOKE["process"].wait() == 0:
+                    self.start_if_built()
+                if self.process is None:
+                    raise RuntimeError(f"the smoke book failed to build:\n{(SMOKE['root'] / 'build.log').read_text()[-6000:]}")
+            self.process.wait()
+            self.log.close()
+            self.results = {}
+            path = SMOKE["root"] / "page-tests.jsonl"
+            for line in (path.read_text().splitlines() if path.exists() else []):
+                r = json.loads(line)
+                if r["outcome"] != "passed" or r["nodeid"] not in self.results:  # a failed phase outranks a pass
+                    self.results[r["nodeid"]] = r
+        found = self.results.get(nodeid)
+        if found is None:
+            raise RuntimeError(f"the page tests' pytest process gave no result for {nodeid}:\n"
+                               f"{(SMOKE['root'] / 'page-tests.log').read_text()[-6000:]}")
+        return found
+
+
+class FailedElsewhere(Exception):
+    """A test that failed in the page tests' pytest process: its report there."""
+
+
+class Elsewhere(pytest.Item):
+    """A test that ``PageTests`` runs in its pytest process: this item reports the outcome it had there."""
+
+    def runtest(self):
+        found = SMOKE["pages"].outcome(self.nodeid)
+        if found["outcome"] == "skipped":
+            pytest.skip(found["text"])
+        if found["outcome"] == "failed":
+            raise FailedElsewhere(found["text"])
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, FailedElsewhere):
+            return f"(run in the page tests' pytest process)\n{excinfo.value}"
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, self.name
+
+
+def pytest_runtest_logreport(report):
+    """In the page tests' pytest process: each test's outcome written for the session that started it."""
+    if os.environ.get(REPORTS) and (report.when == "call" or report.outcome != "passed"):
+        import json
+
+        text = report.longreprtext if report.outcome == "failed" else \
+            report.longrepr[2] if report.outcome == "skipped" and isinstance(report.longrepr, tuple) else ""
+        text += "".join(f"\n--- {title} ---\n{content}" for title, content in report.sections)
+        with open(os.environ[REPORTS], "a") as f:
+            f.write(json.dumps({"nodeid": report.nodeid, "outcome": report.outcome, "text": text}) + "\n")
+
+
 class Schedule:
     """The session's tests in their collected order, except that the tests waiting for a chapter of the smoke book
     run as soon as it has executed (looked at where one test file ends and the next begins, so a module's fixtures
     are made once), not after all the others: on 2 cores they then run beside the book's last chapters instead of
-    after it (issue 25)."""
+    after it (issue 25). The page tests (``PageTests``) run in a second process once the book is built, where this
+    session has other tests to run beside them."""
 
     def __init__(self, items):
         self.plain = [item for item in items if not _chapter(item)][::-1]  # popped from the end
@@ -70,10 +157,15 @@ class Schedule:
         for item in items:
             if _chapter(item) and _chapter(item) != "book":
                 self.waiting.setdefault(_chapter(item), []).append(item)
-        self.rest = [item for item in items if _chapter(item) == "book"][::-1]
+        book = [item for item in items if _chapter(item) == "book"]
+        pages = [item for item in book if _needs(item, "browser")] if self.plain else []
+        SMOKE["pages"] = PageTests(pages)
+        self.rest = ([item for item in book if item not in pages]
+                     + [Elsewhere.from_parent(item.parent, name=item.name) for item in pages])[::-1]
         self.group, self.last = [], None
 
     def next(self):
+        SMOKE["pages"].start_if_built()
         if not self.group:
             boundary = self.last is None or not self.plain or self.plain[-1].path != self.last.path
             ready = [c for c in sorted(self.waiting) if boundary and (not self.plain or executed(c))]
@@ -105,7 +197,10 @@ def pytest_runtestloop(session):
 def start_smoke_book() -> None:
     """Start building the smoke book in a background process (once): its notebooks' kernels then run beside the rest
     of the suite, so both cores are busy from the start."""
-    if "process" in SMOKE:
+    if "root" in SMOKE:
+        return
+    if os.environ.get(BUILT):  # the page tests' pytest process: the session that started it built the book
+        SMOKE["root"] = Path(os.environ[BUILT])
         return
     import subprocess
     import sys
@@ -119,7 +214,7 @@ def start_smoke_book() -> None:
 
 
 def smoke_book_through(chapter: str) -> Path:
-    """The smoke book's run once its notebooks up to chapter ``chapter`` ("03") have executed, while the later ones
+    """The smoke book's run once its notebooks up to chapter ``chapter`` ("05") have executed, while the later ones
     go on: for tests that read only what those chapters make (later chapters add files beside them, never rewrite
     them) and compute in a run of their own or write only what the book writes the same. One thing a later chapter
     deletes: the harvest's kept input of mixed4a, after chapter 04's example pass (a run of a test's own links the
@@ -134,7 +229,7 @@ def smoke_book_through(chapter: str) -> Path:
         if finished:
             raise RuntimeError(f"the smoke book did not execute chapter {chapter}:\n"
                                f"{(SMOKE['root'] / 'build.log').read_text()[-6000:]}")
-        finished = SMOKE["process"].poll() is not None  # one more look at the log after the process ended
+        finished = "process" not in SMOKE or SMOKE["process"].poll() is not None  # one more look after it ended
         time.sleep(0.5)
     os.environ.update(smoke.reader_environment(SMOKE["root"]))
     return SMOKE["root"] / "run"
@@ -151,9 +246,11 @@ def pytest_sessionfinish(session):
     import shutil
 
     if "process" in SMOKE:
-        if SMOKE["process"].poll() is None:
-            SMOKE["process"].kill()
-            SMOKE["process"].wait()
+        pages = SMOKE.get("pages") and SMOKE["pages"].process
+        for process in (SMOKE["process"], pages):
+            if process and process.poll() is None:
+                process.kill()
+                process.wait()
         SMOKE["log"].close()
         if session.testsfailed:
             print(f"\nthe smoke book (executed notebooks, run, build log) is kept at {SMOKE['root']}")
@@ -194,8 +291,8 @@ def _smoke_run_after(chapter: str, made: str):
     return pytest.fixture(scope="session", name=AFTER + chapter)(fixture)
 
 
-smoke_run_after_03 = _smoke_run_after("03", "the harvest, every layer's SAE, the families sweep")
-smoke_run_after_05 = _smoke_run_after("05", "the circuits: each layer's attribution matrix kept")
+smoke_run_after_05 = _smoke_run_after("05", "the harvest, every layer's SAE, the families sweep (03), every layer's "
+                                            "examples (04) and attribution matrix")
 smoke_run_after_08 = _smoke_run_after("08", "the explorer and the atlas: every layer's view")
 smoke_run_after_10 = _smoke_run_after("10", "the last notebook; the book's pages still being built")
 
@@ -207,7 +304,7 @@ def smoke_book():
 
     start_smoke_book()  # started already where collection showed a test that needs it
     root = SMOKE["root"]
-    if SMOKE["process"].wait() != 0 or not (root / smoke.DONE).exists():
+    if ("process" in SMOKE and SMOKE["process"].wait() != 0) or not (root / smoke.DONE).exists():
         raise RuntimeError(f"the smoke book failed to build:\n{(root / 'build.log').read_text()[-6000:]}")
     os.environ.update(smoke.reader_environment(root))
     executed = [Path(p) for p in (root / smoke.DONE).read_text().splitlines()]

@@ -1,6 +1,7 @@
 """Chapter 03's measures of an SAE against known answers: the held-out reconstruction measures by hand, Moran's I
 against a brute-force double sum and on planted maps, and the spatial coherence of planted features."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -175,3 +176,35 @@ def test_the_atlas_header_line_of_probing_and_absorption():
     line = probing_line(rows, [{"absorption rate": 0.2}, {"absorption rate": 0.4}])
     assert "SAE features 0.80" in line and "neurons 0.60" in line and "2 parent concepts: mean rate 0.30" in line
     assert probing_line([], None) == ""
+
+
+def test_a_kept_branch_analysis_is_the_analysis_of_the_sae_in_its_folder(tmp_path, monkeypatch):
+    """Each chapter's kernel reads a layer's branch analysis from beside its SAE instead of drawing the chance
+    baselines again: what it reads is the analysis of that SAE, computed afresh (every array, both baselines);
+    another SAE written into the folder gets its own."""
+    from helpers.analysis.branches import analyse_branches
+    from helpers.run import evaluations
+    from helpers.sae.model import TopKSAE
+
+    slices = {"1x1": (0, 3), "3x3": (3, 7), "5x5": (7, 9), "pool": (9, 12)}
+    frequency = np.linspace(0, 0.5, 40)
+    folder = tmp_path / "mixed4c"
+
+    def same(a, b):
+        arrays = lambda x: (x.fractions, x.plain, x.frequency, x.shuffled.samples, x.gaussian.samples,
+                            x.shuffled.threshold, x.gaussian.threshold)
+        return all(np.array_equal(p, q) for p, q in zip(arrays(a), arrays(b))) and a.slices == b.slices
+
+    sae = TopKSAE(12, 40, 3, seed=0)
+    sae.save(folder)
+    want = analyse_branches("mixed4c", sae.decoder_directions.detach(), slices, frequency)
+    assert same(evaluations.kept_branches("mixed4c", folder, sae, slices, frequency), want)  # made, and kept
+    assert len(list(folder.glob("branches-*.safetensors"))) == 1
+    with monkeypatch.context() as m:
+        m.setattr(evaluations, "analyse_branches", lambda *a: pytest.fail("drawn again, not read"))
+        assert same(evaluations.kept_branches("mixed4c", folder, TopKSAE.load(folder), slices, frequency), want)
+    other = TopKSAE(12, 40, 3, seed=1)
+    other.save(folder)
+    got = evaluations.kept_branches("mixed4c", folder, other, slices, frequency)
+    assert same(got, analyse_branches("mixed4c", other.decoder_directions.detach(), slices, frequency))
+    assert not np.array_equal(got.fractions, want.fractions)

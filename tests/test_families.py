@@ -194,34 +194,33 @@ def test_batchtopk_selection_is_exact_when_one_vector_needs_more_than_its_first_
 
 
 @pytest.mark.parametrize("architecture", ["batchtopk", "jumprelu"])
-def test_the_books_analyses_work_on_a_family_sae(smoke_run_after_03, tmp_path, architecture):
+def test_the_books_analyses_work_on_a_family_sae(smoke_run_after_05, tmp_path, architecture):
     """A family's SAE in place of the smoke run's mixed4c SAE (from chapter 03's sweep, read while the book's later
-    chapters execute; everything is computed in a run of the test's own): the branch analysis,
+    chapters execute; everything of mixed4c is computed in a run of the test's own): the branch analysis,
     the dataset examples, the spliced-in evaluation, the spatial coherence and the atlas page are made from it,
     and its examples are what its own encoding of the network's activations gives."""
     import shutil
 
     from helpers.analysis.branches import fraction_in_branch
     from helpers.data.inception import LayerCapture
+    from helpers.files import EXAMPLES
     from helpers.run.artifacts import CLASSIFIER, open_run
     from helpers.run.profiles import get_profile
     from helpers.show import atlas
 
-    source = open_run("smoke", run_dir=str(smoke_run_after_03))
+    source = open_run("smoke", run_dir=str(smoke_run_after_05))
     root = tmp_path / "run"
     root.mkdir()
-    # the book's harvest without its kept input of mixed4a: chapter 04's example pass reads it meanwhile and deletes
-    # it after (this run's pass runs the whole network)
     (root / "harvest").mkdir()
-    for entry in (smoke_run_after_03 / "harvest").iterdir():
+    for entry in (smoke_run_after_05 / "harvest").iterdir():  # (the kept input of mixed4a: deleted by chapter 04)
         if not entry.name.startswith("kept-"):
             (root / "harvest" / entry.name).symlink_to(entry)
-    shutil.copy(smoke_run_after_03 / CLASSIFIER, root / CLASSIFIER)  # the same network: its kept standardisation
-    for layer in source.profile.layers:  # every layer's SAE, as the example pass makes all layers' examples at once
-        found = smoke_run_after_03 / "sweep" / "mixed4c" / f"{architecture}-k16-s0" if layer == "mixed4c" \
+    shutil.copy(smoke_run_after_05 / CLASSIFIER, root / CLASSIFIER)  # the same network: its kept standardisation
+    for layer in source.profile.layers:  # the other layers' SAEs and their examples (chapter 04's) as the book's
+        found = smoke_run_after_05 / "sweep" / "mixed4c" / f"{architecture}-k16-s0" if layer == "mixed4c" \
             else source.sae_dir(layer)
         (root / "saes" / layer).mkdir(parents=True)
-        for name in ("cfg.json", "sae_weights.safetensors"):
+        for name in ("cfg.json", "sae_weights.safetensors") + ((EXAMPLES,) if layer != "mixed4c" else ()):
             shutil.copy(found / name, root / "saes" / layer / name)
     run = open_run("smoke", run_dir=str(root))
     sae = run.sae("mixed4c")

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save
 
-from helpers.analysis import branches, circuits, embed, labels
+from helpers.analysis import circuits, embed, labels
+from helpers.analysis.branches import BranchAnalysis
 from helpers.analysis.examples import Examples, cell_colours, example_passes
 from helpers.analysis.featviz import cache_path, lucent_device, render_features, sae_id
 from helpers.analysis.image_features import ImageProbe
@@ -34,7 +35,7 @@ from helpers.data.store import Manifest, read_manifest
 from helpers.files import (CFG_FILE, CHECKPOINT, EXAMPLES, EXAMPLES_CHECKPOINT, MANIFEST, atomic_write, write_json,
                            write_npy)
 from helpers.run.author import AuthorSAEMissing, fetch_author_sae
-from helpers.run.evaluations import Evaluations
+from helpers.run.evaluations import Evaluations, kept_branches
 from helpers.run.memo import made_once
 from helpers.run.profiles import Profile, Settings, get_profile, runs_root, smoke_images
 from helpers.sae.model import TopKSAE, check_input_scale
@@ -272,12 +273,16 @@ class Run(Evaluations):
         check_input_scale(sae, self.input_scale, directory)
         return sae
 
+    def seed_dir(self, layer: str, seed: int) -> Path:
+        """Where the layer's SAE trained from another ``seed`` is kept."""
+        return self.run_dir / f"saes-seed{seed}" / self._layer(layer)
+
     def sae_with_seed(self, layer: str, seed: int) -> TopKSAE:
         """The layer's SAE trained again from another ``seed`` (same vectors and settings), for chapter 09's
         yardstick; the profile's own seed gives the layer's SAE."""
         if seed == self.profile.train.seed:
             return self.sae(layer)
-        directory = self.run_dir / f"saes-seed{seed}" / self._layer(layer)
+        directory = self.seed_dir(layer, seed)
         if not (directory / CFG_FILE).exists():
             self._train_into(layer, directory, seed)
         return TopKSAE.load(directory)
@@ -290,10 +295,10 @@ class Run(Evaluations):
 
     # --- what the features are (chapters 04-08) ------------------------------------------------------
     @made_once
-    def branches(self, layer: str) -> branches.BranchAnalysis:
-        """The layer's branch analysis (chapter 04)."""
-        return branches.analyse_branches(layer, self.sae(layer).decoder_directions, self.slices(layer),
-                                         self.feature_stats(layer)["frequency"])
+    def branches(self, layer: str) -> BranchAnalysis:
+        """The layer's branch analysis (chapter 04), kept beside its SAE (``evaluations.kept_branches``)."""
+        return kept_branches(layer, self.sae_dir(layer), self.sae(layer), self.slices(layer),
+                             self.feature_stats(layer)["frequency"])
 
     @made_once
     def examples(self, layer: str) -> Examples:

@@ -152,18 +152,24 @@ def image_records(probe: ImageProbe, images: list[np.ndarray], top: int = 5, swi
 
 
 def thumbnails(view: LayerView, features) -> tuple[dict, dict]:
-    """Per feature: a thumbnail (visualisation if rendered, else top crop) and its top crops."""
-    ex, cache = view.examples, {}
+    """Per feature: a thumbnail (visualisation if rendered, else top crop) and its top crops (a window that several
+    features share is one array)."""
+    ex, cache, windows = view.examples, {}, {}
 
     def image(i):
         if i not in cache:
             cache[i] = load_image(view.images.paths[i])
         return cache[i]
 
+    def window(i, y, x):
+        if (i, y, x) not in windows:
+            windows[i, y, x] = crop(image(i), y, x)
+        return windows[i, y, x]
+
     thumbs, crops = {}, {}
     for f in features:
-        crops[f] = [crop(image(i), y, x) for i, y, x in zip(ex.top_image[f, :CROPS], ex.top_y[f, :CROPS],
-                                                             ex.top_x[f, :CROPS]) if i >= 0]
+        crops[f] = [window(i, y, x) for i, y, x in zip(ex.top_image[f, :CROPS], ex.top_y[f, :CROPS],
+                                                        ex.top_x[f, :CROPS]) if i >= 0]
         if f in view.featviz and Path(view.featviz[f]).exists():
             thumbs[f] = np.asarray(Image.open(view.featviz[f]).convert("RGB"))
         elif crops[f]:
@@ -197,7 +203,15 @@ def write_layer_atlas(folder: Path, view: LayerView, note: str = "") -> Path:
     per_row, strips_per_row = 40, 4
     _save_jpeg(grid([thumbs.get(f) for f in order], THUMB, per_row, gap=GAP), out / "thumbs.jpg")
     # each feature's crops side by side in a strip, the strips with a gap between them
-    strips = [np.asarray(grid((crops[f][:CROPS] + [None] * CROPS)[:CROPS], CROP, CROPS)) for f in order]
+    sized = {}  # a window's array id -> the window at the sheet's size: one shared by several features resized once
+
+    def small(window):
+        if id(window) not in sized:
+            sized[id(window)] = np.asarray(grid([window], CROP, 1))
+        return sized[id(window)]
+
+    strips = [np.asarray(grid([small(c) for c in crops[f]] + [None] * (CROPS - len(crops[f])), CROP, CROPS))
+              for f in order]
     sheet = grid(strips, CROP, strips_per_row, gap=GAP, width=CROP * CROPS)
     _save_jpeg(sheet, out / "crops.jpg")
     if view.image_pixels:  # the images the atlas looks into, side by side

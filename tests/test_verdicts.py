@@ -121,12 +121,15 @@ def test_the_distill_scores_against_hand_computed_activations(random_model):
 
     strokes = stroke_images(size=224, radii=(32,), angles=4)
     pixels = torch.cat([strokes["curve"], grey(torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8))])
-    sae = TopKSAE(256, 512, k=8, seed=0)
-    got = feature_maxima(random_model, "mixed3a", sae, pixels, batch=3)
+    saes = [TopKSAE(256, 512, k=8, seed=0), TopKSAE(256, 384, k=4, seed=1)]  # two SAEs from one pass
+    got = feature_maxima(random_model, "mixed3a", saes, pixels, batch=3)
     with torch.no_grad():
         acts = LayerCapture(random_model, ["mixed3a"])(model_input_from_uint8(pixels))["mixed3a"]
-        want = torch.stack([sae.encode(a.reshape(256, -1).T).max(dim=0).values for a in acts]).numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert len(got) == 2
+    for found, sae in zip(got, saes):
+        with torch.no_grad():
+            want = torch.stack([sae.encode(a.reshape(256, -1).T).max(dim=0).values for a in acts]).numpy()
+        np.testing.assert_allclose(found, want, rtol=1e-5, atol=1e-6)
     assert torch.equal(pixels[4:, 0], pixels[4:, 1]) and torch.equal(pixels[4:, 1], pixels[4:, 2])
     assert selectivity(np.array([[3.0, 0.0]]), np.array([[1.0, 0.0]])).tolist() == [0.5, 0.0]
 

@@ -161,19 +161,20 @@ def neighbour_agreement(neighbours, labels):
 
 
 @torch.no_grad()
-def feature_maxima(model, layer: str, sae, pixels: torch.Tensor, input_scale: str = "lucent",
-                   batch: int = 8) -> np.ndarray:
-    """[images, features]: each SAE feature's largest activation over the grid of each image (``pixels``: uint8
-    [images, 3, H, W]).
+def feature_maxima(model, layer: str, saes, pixels: torch.Tensor, input_scale: str = "lucent",
+                   batch: int = 8) -> list[np.ndarray]:
+    """[images, features] for each SAE of the layer in ``saes``: each feature's largest activation over the grid of
+    each image (``pixels``: uint8 [images, 3, H, W]); one pass of the network serves them all.
 
     Defined in chapter 10, *What holds* (nbs/10_what_holds.ipynb).
     """
-    out = []
+    out = [[] for _ in saes]
     for start in range(0, len(pixels), batch):
         acts = LayerCapture(model, [layer])(model_input_from_uint8(pixels[start:start + batch], input_scale))[layer]
-        z = sae.encode(positions(acts).reshape(-1, acts.shape[1]).float())
-        out.append(z.reshape(acts.shape[0], -1, z.shape[-1]).amax(dim=1))
-    return torch.cat(out).numpy()
+        for found, sae in zip(out, saes):
+            z = sae.encode(positions(acts).reshape(-1, acts.shape[1]).float())
+            found.append(z.reshape(acts.shape[0], -1, z.shape[-1]).amax(dim=1))
+    return [torch.cat(found).numpy() for found in out]
 
 
 def grey(pixels: torch.Tensor) -> torch.Tensor:

@@ -277,6 +277,7 @@ class Run(Evaluations):
         """Where the layer's SAE trained from another ``seed`` is kept."""
         return self.run_dir / f"saes-seed{seed}" / self._layer(layer)
 
+    @made_once
     def sae_with_seed(self, layer: str, seed: int) -> TopKSAE:
         """The layer's SAE trained again from another ``seed`` (same vectors and settings), for chapter 09's
         yardstick; the profile's own seed gives the layer's SAE."""

@@ -215,8 +215,14 @@ def distill_rows(run) -> list[dict]:
         else:
             strokes = verdicts.stroke_images()
             pair = (strokes["curve"], strokes["line"])
-        def measure(of, sae, a, layer=layer, pair=pair):
-            a_, b_ = (verdicts.feature_maxima(of.model(), layer, sae, p, of.input_scale) for p in pair)
+        maxima = {}  # id(SAE) -> its maxima on the pair: one pass of a network serves all its SAEs of the layer
+
+        def measure(of, sae, a, layer=layer, pair=pair, maxima=maxima):
+            if id(sae) not in maxima:
+                saes = [s for _, s, _ in _saes(of, layer)] if of is run else [sae]
+                found = [verdicts.feature_maxima(of.model(), layer, saes, p, of.input_scale) for p in pair]
+                maxima.update({id(s): m for s, m in zip(saes, zip(*found))})
+            a_, b_ = maxima[id(sae)]
             score = verdicts.selectivity(a_, b_)[a.alive]
             score = np.abs(score) if layer == "mixed3a" else score
             return verdicts.concentration(_hits(a, FIVE), score)

@@ -29,6 +29,8 @@ def test_every_page_is_built_with_the_profile_banner(smoke_book):
         if page != "book/references":
             assert "Not a result" in text and "smoke" in text, page
         assert "plotly.js v" not in text and len(text) < 5_000_000, f"{page}: plotly.js inlined?"
+        # plotly.js loaded by the pages that draw a figure, and only by them (3.5 MB of script on every load)
+        assert ("_static/plotly.min.js" in text) == (FIGURES.get(page, 0) > 0), page
     assert (html / "_static" / "plotly.min.js").stat().st_size > 1_000_000
     assert (html / "book" / "references.html").read_text().count("Bozoukov") >= 1
 

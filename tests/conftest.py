@@ -81,8 +81,9 @@ class PageTests:
         root = SMOKE["root"]
         env = {**os.environ, BUILT: str(root), REPORTS: str(root / "page-tests.jsonl")}
         self.log = open(root / "page-tests.log", "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.nodeids], stdout=self.log,
-                                        stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[1])
+        self.process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.nodeids],
+                                        stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                        cwd=Path(__file__).resolve().parents[1])
 
     def outcome(self, nodeid: str) -> dict:
         """The test's outcome there ({"outcome", "text"}), once that process has ended."""
@@ -93,7 +94,8 @@ class PageTests:
                 if SMOKE["process"].wait() == 0:
                     self.start_if_built()
                 if self.process is None:
-                    raise RuntimeError(f"the smoke book failed to build:\n{(SMOKE['root'] / 'build.log').read_text()[-6000:]}")
+                    raise RuntimeError("the smoke book failed to build:\n"
+                                       f"{(SMOKE['root'] / 'build.log').read_text()[-6000:]}")
             self.process.wait()
             self.log.close()
             self.results = {}

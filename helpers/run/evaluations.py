@@ -172,7 +172,8 @@ def kept_branches(layer: str, sae_dir, sae, slices, frequency) -> BranchAnalysis
     if path.exists():
         k = load_file(str(path))
         q = k["quantiles"]
-        return BranchAnalysis(layer, slices, k["fractions"], k["plain"], Baseline("shuffled", k["shuffled"], float(q[0])),
+        return BranchAnalysis(layer, slices, k["fractions"], k["plain"],
+                              Baseline("shuffled", k["shuffled"], float(q[0])),
                               Baseline("gaussian", k["gaussian"], float(q[1])), np.asarray(frequency))
     a = analyse_branches(layer, sae.decoder_directions.detach(), slices, frequency)
     data = save({"fractions": a.fractions, "plain": a.plain, "shuffled": a.shuffled.samples,

@@ -68,7 +68,7 @@ class PageTests:
 
     def __init__(self, items):
         self.nodeids = [item.nodeid for item in items]
-        self.process, self.results = None, None
+        self.process, self.results, self.log = None, None, None
 
     def start_if_built(self) -> None:
         import subprocess
@@ -91,11 +91,8 @@ class PageTests:
 
         if self.results is None:
             if self.process is None:  # the book not built yet: wait for it
-                if SMOKE["process"].wait() == 0:
-                    self.start_if_built()
-                if self.process is None:
-                    raise RuntimeError("the smoke book failed to build:\n"
-                                       f"{(SMOKE['root'] / 'build.log').read_text()[-6000:]}")
+                built_book()
+                self.start_if_built()
             self.process.wait()
             self.log.close()
             self.results = {}
@@ -106,8 +103,7 @@ class PageTests:
                     self.results[r["nodeid"]] = r
         found = self.results.get(nodeid)
         if found is None:
-            raise RuntimeError(f"the page tests' pytest process gave no result for {nodeid}:\n"
-                               f"{(SMOKE['root'] / 'page-tests.log').read_text()[-6000:]}")
+            raise failed(f"the page tests' pytest process gave no result for {nodeid}", "page-tests.log")
         return found
 
 
@@ -215,12 +211,27 @@ def start_smoke_book() -> None:
         stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1]))
 
 
+def failed(what: str, log: str = "build.log") -> RuntimeError:
+    """``what`` went wrong, with the end of the smoke book's ``log`` to say why."""
+    return RuntimeError(f"{what}:\n{(SMOKE['root'] / log).read_text()[-6000:]}")
+
+
+def built_book() -> Path:
+    """The smoke book's folder once it is built (waiting for this session's background build)."""
+    import smoke_book as smoke
+
+    start_smoke_book()  # started already where collection showed a test that needs it
+    root = SMOKE["root"]
+    if ("process" in SMOKE and SMOKE["process"].wait() != 0) or not (root / smoke.DONE).exists():
+        raise failed("the smoke book failed to build")
+    return root
+
+
 def smoke_book_through(chapter: str) -> Path:
     """The smoke book's run once its notebooks up to chapter ``chapter`` ("05") have executed, while the later ones
     go on: for tests that read only what those chapters make (later chapters add files beside them, never rewrite
     them) and compute in a run of their own or write only what the book writes the same. One thing a later chapter
-    deletes: the harvest's kept input of mixed4a, after chapter 04's example pass (a run of a test's own links the
-    harvest without it: tests/test_families.py)."""
+    deletes: the harvest's kept input of mixed4a, after chapter 04's example pass."""
     import time
 
     import smoke_book as smoke
@@ -229,8 +240,7 @@ def smoke_book_through(chapter: str) -> Path:
     finished = False
     while not executed(chapter):
         if finished:
-            raise RuntimeError(f"the smoke book did not execute chapter {chapter}:\n"
-                               f"{(SMOKE['root'] / 'build.log').read_text()[-6000:]}")
+            raise failed(f"the smoke book did not execute chapter {chapter}")
         finished = "process" not in SMOKE or SMOKE["process"].poll() is not None  # one more look after it ended
         time.sleep(0.5)
     os.environ.update(smoke.reader_environment(SMOKE["root"]))
@@ -304,10 +314,7 @@ def smoke_book():
     """Every notebook executed in the smoke profile, and the book built from them (once, in the background)."""
     import smoke_book as smoke
 
-    start_smoke_book()  # started already where collection showed a test that needs it
-    root = SMOKE["root"]
-    if ("process" in SMOKE and SMOKE["process"].wait() != 0) or not (root / smoke.DONE).exists():
-        raise RuntimeError(f"the smoke book failed to build:\n{(root / 'build.log').read_text()[-6000:]}")
+    root = built_book()
     os.environ.update(smoke.reader_environment(root))
     executed = [Path(p) for p in (root / smoke.DONE).read_text().splitlines()]
     return {"executed": {p.stem: p for p in executed}, "html": root / "out" / "_build" / "html", "run": root / "run"}

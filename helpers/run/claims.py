@@ -219,7 +219,7 @@ def distill_rows(run) -> list[dict]:
 
         def measure(of, sae, a, layer=layer, pair=pair, maxima=maxima):
             if id(sae) not in maxima:
-                saes = [s for _, s, _ in _saes(of, layer)] if of is run else [sae]
+                saes = [s for _, s, _ in _saes(of, layer)] if of is run else [sae]  # the control: its one SAE
                 found = [verdicts.feature_maxima(of.model(), layer, saes, p, of.input_scale) for p in pair]
                 maxima.update({id(s): m for s, m in zip(saes, zip(*found))})
             a_, b_ = maxima[id(sae)]

@@ -67,8 +67,12 @@ class PageTests:
     for that process and reports the outcome the test had there (its traceback and output, where it failed)."""
 
     def __init__(self, items):
+        import threading
+
         self.nodeids = [item.nodeid for item in items]
-        self.process, self.results, self.log = None, None, None
+        self.process, self.results, self.log, self.lock = None, None, None, threading.Lock()
+        if self.nodeids and "process" in SMOKE:  # started the moment the book is, not at the next test's end
+            threading.Thread(target=lambda: SMOKE["process"].wait() == 0 and self.start_if_built(), daemon=True).start()
 
     def start_if_built(self) -> None:
         import subprocess
@@ -76,14 +80,15 @@ class PageTests:
 
         import smoke_book as smoke
 
-        if self.process is not None or not self.nodeids or not (SMOKE["root"] / smoke.DONE).exists():
-            return
-        root = SMOKE["root"]
-        env = {**os.environ, BUILT: str(root), REPORTS: str(root / "page-tests.jsonl")}
-        self.log = open(root / "page-tests.log", "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.nodeids],
-                                        stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                        cwd=Path(__file__).resolve().parents[1])
+        with self.lock:
+            if self.process is not None or not self.nodeids or not (SMOKE["root"] / smoke.DONE).exists():
+                return
+            root = SMOKE["root"]
+            env = {**os.environ, BUILT: str(root), REPORTS: str(root / "page-tests.jsonl")}
+            self.log = open(root / "page-tests.log", "w")
+            self.process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                             *self.nodeids], stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                            cwd=Path(__file__).resolve().parents[1])
 
     def outcome(self, nodeid: str) -> dict:
         """The test's outcome there ({"outcome", "text"}), once that process has ended."""
@@ -163,7 +168,6 @@ class Schedule:
         self.group, self.last = [], None
 
     def next(self):
-        SMOKE["pages"].start_if_built()
         if not self.group:
             boundary = self.last is None or not self.plain or self.plain[-1].path != self.last.path
             ready = [c for c in sorted(self.waiting) if boundary and (not self.plain or executed(c))]
@@ -247,6 +251,20 @@ def smoke_book_through(chapter: str) -> Path:
     return SMOKE["root"] / "run"
 
 
+def whole_suite(config) -> bool:
+    """Whether the session runs every test (``make test``: no paths, no selection), so surely the smoke book's too."""
+    option = config.option
+    return (config.args_source is pytest.Config.ArgsSource.TESTPATHS and not option.keyword and not option.markexpr
+            and not option.collectonly and not getattr(option, "lf", False) and not getattr(option, "stepwise", False)
+            and not option.deselect)
+
+
+def pytest_sessionstart(session):
+    """Where the session runs every test, the smoke book starts before collection (which takes 5-7 s of one core)."""
+    if whole_suite(session.config) and not os.environ.get(BUILT):
+        start_smoke_book()
+
+
 def pytest_collection_finish(session):
     if not session.config.option.collectonly and any(item.get_closest_marker("smoke_book") for item in session.items):
         start_smoke_book()
@@ -258,7 +276,11 @@ def pytest_sessionfinish(session):
     import shutil
 
     if "process" in SMOKE:
-        pages = SMOKE.get("pages") and SMOKE["pages"].process
+        pages = SMOKE.get("pages")
+        if pages:
+            with pages.lock:
+                pages.nodeids = []  # none started from now on (by the thread waiting for the book)
+            pages = pages.process
         for process in (SMOKE["process"], pages):
             if process and process.poll() is None:
                 process.kill()

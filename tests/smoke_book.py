@@ -31,7 +31,8 @@ def build(root: Path) -> None:
     from helpers.run.artifacts import open_run
 
     env = environment(root)
-    executed = book.execute_notebooks(root / "executed", env, timeout=900)
+    with book.saving_figures(root / "run" / "figures"):
+        executed = book.execute_notebooks(root / "executed", env, timeout=900)
     os.environ.update(reader_environment(root))
     book.build_html(book.stage(executed, open_run("smoke").banner(), root / "src", root / "run" / "atlas"), root / "out")
     (root / DONE).write_text("\n".join(str(p) for p in executed))

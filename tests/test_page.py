@@ -3,11 +3,14 @@ plotly's own one-shot export, and a missing or silent browser costing a warning,
 
 import io
 import logging
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import plotly.graph_objects as go
 import pytest
 
+from helpers.run import book
 from helpers.show import page
 from browser import CHROMIUM
 
@@ -44,6 +47,20 @@ def test_saved_figures_are_plotlys_own_images_from_one_kept_browser(fresh_browse
         assert Image.open(io.BytesIO(paths[0].read_bytes())).size == (900, 300)
         assert paths[1].read_text().startswith("<svg") and "</svg>" in paths[1].read_text()
     assert page._BROWSER["state"] == "kept" and kaleido._global_server.is_running()
+    # in a book build the chapter keeps the figure (no browser in its kernel); the build writes the same image later,
+    # one kept while the notebooks run (a second one here) and the rest at the end
+    run = SimpleNamespace(random_weights=False, book_build=True, run_dir=tmp_path / "run")
+    folder = run.run_dir / "figures"
+    page.show(figs[1], run, save_as="later")
+    assert [p.name for p in folder.rglob("*")] == ["deferred", "later.json"]
+    with book.saving_figures(folder, every=0.05):
+        page.show(figs[0], run, save_as="meanwhile")
+        deadline = time.monotonic() + 60
+        while not (folder / "meanwhile.svg").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (folder / "meanwhile.png").read_bytes() == expected[0]
+    assert (folder / "later.png").read_bytes() == expected[1]
+    assert sorted(p.name for p in folder.iterdir()) == ["later.png", "later.svg", "meanwhile.png", "meanwhile.svg"]
 
 
 def test_without_chrome_a_save_warns_and_writes_nothing(fresh_browser, tmp_path, monkeypatch, caplog):

@@ -17,11 +17,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -222,6 +224,34 @@ def build_html(src: Path, out: Path) -> Path:
     return out / "_build" / "html"
 
 
+@contextlib.contextmanager
+def saving_figures(folder: Path, every: float = 1.0):
+    """While the body runs (the notebooks executing), the figures their kernels defer (``page.defer``) are written
+    into ``folder`` by one browser in this process, each about a second after its chapter made it: one browser for
+    the whole book instead of one started in every chapter's kernel (about 2 s of CPU each)."""
+    from helpers.show.page import save_deferred
+
+    stop, failed = threading.Event(), []
+
+    def loop():
+        try:
+            while not stop.wait(every):
+                save_deferred(folder)
+        except Exception as e:  # (a figure that cannot be written only warns: this is a bug, said at the end)
+            failed.append(e)
+
+    worker = threading.Thread(target=loop, daemon=True)
+    worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join()
+    if failed:
+        raise failed[0]
+    save_deferred(folder)
+
+
 def build(profile: str | None = None, run_dir: str | None = None, timeout: int | None = None) -> Path:
     """The whole book; returns the folder holding ``index.html``."""
     t = time.perf_counter()
@@ -231,8 +261,9 @@ def build(profile: str | None = None, run_dir: str | None = None, timeout: int |
            "SAE_SAES": choose_saes(name)}
     if run_dir:
         env["SAE_RUN_DIR"] = str(Path(run_dir).resolve())
-    executed = execute_notebooks(ROOT / "_build" / "executed", env, timeout=timeout)
-    run = open_run(settings=Settings.from_environment({**os.environ, **env}))  # the run the chapters used
+    run = open_run(settings=Settings.from_environment({**os.environ, **env}))  # the run the chapters use
+    with saving_figures(run.run_dir / "figures"):
+        executed = execute_notebooks(ROOT / "_build" / "executed", env, timeout=timeout)
     html = build_html(stage(executed, run.banner(), ROOT / "_build" / "src", run.run_dir / "atlas"), ROOT)
     print(f"book ({name} profile) built in {time.perf_counter() - t:.0f} s: {html / 'index.html'}")
     return html

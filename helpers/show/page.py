@@ -2,7 +2,8 @@
 
 ``show`` labels every figure made with random weights, and in a book build (``run.book_build``)
 emits plain HTML (plotly.js is served once by the book itself), since myst-nb drops plotly's own
-output type; ``save`` writes PNG and SVG copies into the run's ``figures/`` folder. ``run`` is
+output type; ``save`` writes PNG and SVG copies into the run's ``figures/`` folder (in a book build,
+``defer`` keeps the figure and the build's ``save_deferred`` writes them all with one browser). ``run`` is
 anything with ``random_weights``, ``book_build`` and ``run_dir`` (the run layer's ``Run``).
 """
 
@@ -25,7 +26,7 @@ def show(fig: go.Figure, ctx=None, save_as: str | None = None) -> None:
         fig.add_annotation(text=NOT_A_RESULT, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False,
                            font=dict(size=28, color="rgba(200,0,0,0.25)"), textangle=-15)
     if save_as and ctx is not None:
-        save(fig, ctx.run_dir / "figures", save_as)
+        (defer if ctx.book_build else save)(fig, ctx.run_dir / "figures", save_as)
     if ctx is not None and ctx.book_build:
         import json
 
@@ -202,6 +203,35 @@ def save(fig: go.Figure, folder, stem: str) -> list:
     for path, data in zip(paths, images):
         atomic_write(path, lambda f, data=data: f.write(data))
     return paths
+
+
+DEFERRED = "deferred"  # the sub-folder of figures/ where a book build's kernels leave their figures to save
+
+
+def defer(fig: go.Figure, folder, stem: str) -> None:
+    """Keep ``fig`` as ``folder``/deferred/``stem``.json for ``save_deferred``: in a book build each chapter's
+    kernel would otherwise start a browser of its own for its PNGs and SVGs (about 2 s of CPU each)."""
+    from pathlib import Path
+
+    from helpers.files import atomic_write
+
+    atomic_write(Path(folder) / DEFERRED / f"{stem}.json", lambda f: f.write(fig.to_json()), mode="w")
+
+
+def save_deferred(folder) -> list:
+    """Write the PNG and SVG of every figure ``defer`` kept in ``folder``, with one browser (``save``; a figure
+    that cannot be written is warned about, as there), and forget them; returns the files written."""
+    from pathlib import Path
+
+    import plotly.io as pio
+
+    kept, written = Path(folder) / DEFERRED, []
+    for path in sorted(kept.glob("*.json")):
+        written += save(pio.from_json(path.read_text()), folder, path.stem)
+        path.unlink()
+    if kept.is_dir() and not any(kept.iterdir()):
+        kept.rmdir()
+    return written
 
 
 def show_image(img, ctx=None, save_as: str | None = None) -> None:

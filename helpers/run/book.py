@@ -231,14 +231,14 @@ def saving_figures(folder: Path, every: float = 1.0):
     the whole book instead of one started in every chapter's kernel (about 2 s of CPU each)."""
     from helpers.show.page import save_deferred
 
-    stop, failed = threading.Event(), []
+    stop, errors = threading.Event(), []
 
     def loop():
         try:
             while not stop.wait(every):
                 save_deferred(folder)
-        except Exception as e:  # (a figure that cannot be written only warns: this is a bug, said at the end)
-            failed.append(e)
+        except Exception as e:  # save() only warns of a figure it cannot write: anything else is a bug, raised below
+            errors.append(e)
 
     worker = threading.Thread(target=loop, daemon=True)
     worker.start()
@@ -247,8 +247,8 @@ def saving_figures(folder: Path, every: float = 1.0):
     finally:
         stop.set()
         worker.join()
-    if failed:
-        raise failed[0]
+    if errors:
+        raise errors[0]
     save_deferred(folder)
 
 

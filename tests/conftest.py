@@ -280,8 +280,7 @@ def pytest_sessionfinish(session):
         if pages:
             with pages.lock:
                 pages.nodeids = []  # none started from now on (by the thread waiting for the book)
-            pages = pages.process
-        for process in (SMOKE["process"], pages):
+        for process in (SMOKE["process"], pages and pages.process):
             if process and process.poll() is None:
                 process.kill()
                 process.wait()
